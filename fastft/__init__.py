@@ -1,0 +1,23 @@
+"""fastft: fine-tune pretrained networks by running the frozen layers once per sample.
+
+Replace the output layer, add or remove hidden layers, freeze what did not change: fastft
+runs the frozen part once, caches its output, and trains only the new layers on the cache.
+"""
+
+from __future__ import annotations
+
+from fastft._native import build_info, has_cuda, has_native
+from fastft.errors import *  # noqa: F401,F403
+from fastft.errors import __all__ as _error_names
+from fastft import ops
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "has_cuda",
+    "has_native",
+    "ops",
+    *_error_names,
+]

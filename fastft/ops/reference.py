@@ -1,0 +1,95 @@
+"""Pure-PyTorch reference of the fastft ops: the fallback path and the tests' oracle.
+
+Semantics (every native kernel must match them):
+
+``cache_write(src[B, L, D], rows[B], dst[N, D], scales[N], pool, mask)``
+    1. ``x = src.float()``; pool over L: ``none``/``first`` take ``x[:, 0]``, ``mean`` the
+       mean, ``max`` the maximum (NaN propagates), ``masked_mean`` the mean over positions
+       where ``mask != 0`` (a row whose mask is all zero pools to 0).
+    2. Cast to ``dst.dtype`` with round-to-nearest-even, or, for int8, quantize each row
+       symmetrically: ``scale = max|x| / 127`` (float32), ``q = round_half_even(x / scale)``
+       clamped to [-127, 127]; an all-zero row gets ``scale = 0`` and ``q = 0``. The
+       dequantized value ``q * scale`` is within half a step (``scale / 2``) of ``x``.
+    3. Write into ``dst[rows[b]]`` (and ``scales[rows[b]]``). Rows must be in range and
+       distinct.
+
+``cache_gather(src[N, D], scales[N], rows[B], out_dtype)``
+    ``src[rows].float()`` (times ``scales[rows]`` for int8), cast to ``out_dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastft.ops._schemas import (
+    check_cache_gather,
+    check_cache_write,
+    duplicate_row,
+    row_out_of_range,
+)
+
+
+def check_rows(op: str, rows: torch.Tensor, n: int, unique: bool) -> None:
+    """Raise a FastFTIndexError when a row is out of [0, n) (or repeated, if ``unique``)."""
+    if rows.numel() == 0:
+        return
+    bad = ((rows < 0) | (rows >= n)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise row_out_of_range(op, i, int(rows[i]), n)
+    if unique:
+        values, counts = torch.unique(rows, return_counts=True)
+        if bool((counts > 1).any()):
+            raise duplicate_row(op, int(values[counts > 1][0]))
+
+
+def pool_rows(src: torch.Tensor, pool: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce ``src[B, L, D]`` over L in float32, as ``cache_write`` does."""
+    x = src.to(torch.float32)
+    if pool in ("none", "first"):
+        return x[:, 0]
+    if pool == "mean":
+        return x.mean(dim=1)
+    if pool == "max":
+        return x.amax(dim=1)
+    if pool == "masked_mean":
+        m = (mask != 0).to(torch.float32)
+        return (x * m.unsqueeze(-1)).sum(dim=1) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+    raise AssertionError(pool)  # rejected by check_cache_write
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantization of float32 ``x[B, D]`` → (q int8, scale float32)."""
+    scale = x.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / safe.unsqueeze(1)).clamp_(-127, 127)
+    q = torch.where(scale.unsqueeze(1) > 0, q, torch.zeros_like(q))
+    return q.to(torch.int8), scale
+
+
+def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
+    check_cache_write(src, rows, dst, scales, pool, mask)
+    check_rows("cache_write", rows, dst.shape[0], unique=True)
+    if src.shape[0] == 0:
+        return
+    pooled = pool_rows(src, pool, mask)
+    if dst.dtype == torch.int8:
+        q, s = quantize_int8(pooled)
+        dst[rows] = q.to(dst.device)
+        scales[rows] = s.to(scales.device)
+    else:
+        dst[rows] = pooled.to(dst.dtype).to(dst.device)
+
+
+def cache_gather(src, scales, rows, out_dtype):
+    check_cache_gather(src, scales, rows, out_dtype)
+    check_rows("cache_gather", rows, src.shape[0], unique=False)
+    x = src[rows].to(torch.float32)
+    if src.dtype == torch.int8:
+        x = x * scales[rows].unsqueeze(1)
+    return x.to(out_dtype)
+
+
+# The reference is the default kernel for every device; native kernels override it per device.
+torch.library.register_kernel("fastft::cache_write", None, cache_write)
+torch.library.register_kernel("fastft::cache_gather", None, cache_gather)
