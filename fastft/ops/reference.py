@@ -43,9 +43,12 @@ def check_rows(op: str, rows: torch.Tensor, n: int, unique: bool) -> None:
             raise duplicate_row(op, int(values[counts > 1][0]))
 
 
-def pool_rows(src: torch.Tensor, pool: str, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Reduce ``src[B, L, D]`` over L in float32, as ``cache_write`` does."""
-    x = src.to(torch.float32)
+def pool_rows(
+    src: torch.Tensor, pool: str, mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Reduce ``src[B, L, D]`` over L in ``dtype`` (float32 as ``cache_write`` does; tests
+    pass float64 for an exact oracle)."""
+    x = src.to(dtype)
     if pool in ("none", "first"):
         return x[:, 0]
     if pool == "mean":
@@ -53,7 +56,7 @@ def pool_rows(src: torch.Tensor, pool: str, mask: torch.Tensor | None = None) ->
     if pool == "max":
         return x.amax(dim=1)
     if pool == "masked_mean":
-        m = (mask != 0).to(torch.float32)
+        m = (mask != 0).to(dtype)
         return (x * m.unsqueeze(-1)).sum(dim=1) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
     raise AssertionError(pool)  # rejected by check_cache_write
 

@@ -1,0 +1,84 @@
+// pybind11 module fastft._C: the torch-free native kernels.
+//
+// Tensors cross this boundary as raw data pointers (uintptr_t), sizes, strides in
+// elements and dtype codes (common/codes.h); fastft/ops/*.py validates them first. The GIL
+// is released while a kernel runs.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "common/codes.h"
+#include "kernels/cpu/kernels.h"
+#include "kernels/cpu/rows.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using fastft::Status;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+std::pair<int, int64_t> as_pair(Status s) { return {s.code, s.index}; }
+
+std::pair<int, int64_t> cache_write_cpu(uintptr_t src, int src_dtype, int64_t B, int64_t L,
+                                        int64_t D, int64_t sb, int64_t sl, int64_t sd,
+                                        uintptr_t rows, uintptr_t dst, int dst_dtype, int64_t N,
+                                        uintptr_t scales, int pool, uintptr_t mask,
+                                        int mask_dtype, int64_t mb, int64_t ml, int threads) {
+  return as_pair(fastft::cpu::cache_write(ptr<const void>(src), src_dtype, B, L, D, sb, sl, sd,
+                                          ptr<const int64_t>(rows), ptr<void>(dst), dst_dtype, N,
+                                          ptr<float>(scales), pool, ptr<const void>(mask),
+                                          mask_dtype, mb, ml, threads));
+}
+
+std::pair<int, int64_t> cache_gather_cpu(uintptr_t src, int src_dtype, int64_t N, int64_t D,
+                                         uintptr_t scales, uintptr_t rows, int64_t B,
+                                         uintptr_t out, int out_dtype, int threads) {
+  return as_pair(fastft::cpu::cache_gather(ptr<const void>(src), src_dtype, N, D,
+                                           ptr<const float>(scales), ptr<const int64_t>(rows), B,
+                                           ptr<void>(out), out_dtype, threads));
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = FASTFT_VERSION;
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+  info["openmp_version"] = _OPENMP;
+#else
+  info["openmp"] = false;
+#endif
+  info["cpu_f16c"] = fastft::cpu::has_f16c();
+  info["cpu_avx2"] = fastft::cpu::has_avx2();
+  info["cuda"] = false;
+  info["cuda_archs"] = py::list();
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastft native kernels (CPU; CUDA when built with nvcc). Torch-free.";
+  m.def("cache_write_cpu", &cache_write_cpu, py::call_guard<py::gil_scoped_release>(),
+        "Pool, cast or quantize, and scatter a [B, L, D] batch into cache rows.");
+  m.def("cache_gather_cpu", &cache_gather_cpu, py::call_guard<py::gil_scoped_release>(),
+        "Gather cache rows and dequantize them into a [B, D] buffer.");
+  m.def("build_info", &build_info, "How this module was built.");
+}
