@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine:
+#   make test   — .venv, torch (only if none is importable), fastft with its extras, all tests
+#   make demo   — the same set-up, then `fastft demo`
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Keep a GPU machine's own torch: the venv sees the system site-packages, and torch is
+# installed (the CPU build pinned here) only when none is importable.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup test bench clean
+
+$(PY):
+	python3 -m venv --system-site-packages $(VENV)
+
+setup: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[dev,demo]"
+	@$(PY) -c "import fastft, json; print('fastft', fastft.__version__, json.dumps(fastft.build_info()))"
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) -m pytest benchmarks --benchmark-only -q
+
+clean:
+	rm -rf build $(VENV) .pytest_cache .benchmarks
