@@ -1,0 +1,714 @@
+"""FineTuner: the drop-in trainer that runs the frozen part once and trains the new layers.
+
+``FineTuner(model, num_classes=5, hidden=[256])`` does the three operations of transfer
+learning on ``model`` (in place): it replaces the output layer (or, for an encoder with no
+classifier, appends one), puts the ``hidden`` layers before it, and freezes everything
+that is not new. ``fit`` then splits the edited model at the frozen frontier, runs the
+frozen prefix once per sample into a :class:`~fastft.FeatureCache`, and trains only the
+tail on the cache: each epoch draws ``torch.randperm(N, generator=g)`` and gathers batches
+of rows, with no DataLoader.
+
+With ``cache_dtype="fp32"``, ``views=1`` and the same seed, the trained weights equal those
+of a naive loop that runs the frozen layers (in eval mode, under no_grad) every epoch with
+the same batch order and optimizer: that is the package's correctness oracle.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastft import data as fdata
+from fastft import surgery
+from fastft.cache import FeatureCache
+from fastft.checkpoint import load_checked, save_atomic
+from fastft.errors import DataError, FastFTValueError, NotFittedError, SurgeryError
+from fastft.heads import build_head
+from fastft.metrics import classification_metrics, multilabel_metrics
+from fastft.objectives import LOSSES, check_labels, make_loss, prepare_targets
+from fastft.split import split
+
+CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = (None, "cosine", "onecycle")
+
+
+@dataclass
+class FitConfig:
+    """Hyper-parameters of one ``fit`` (also what a checkpoint records)."""
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scheduler: str | None = None
+    loss: str = "ce"
+    label_smoothing: float = 0.0
+    class_weights: list[float] | None = None
+    amp: str | None = None
+
+    def validate(self) -> None:
+        if int(self.epochs) < 1:
+            raise FastFTValueError(f"epochs must be ≥ 1, got {self.epochs}.")
+        if int(self.batch_size) <= 0:
+            raise FastFTValueError(f"batch_size must be a positive integer, got {self.batch_size}.")
+        if not self.lr > 0:
+            raise FastFTValueError(f"lr must be > 0, got {self.lr}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise FastFTValueError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
+        if self.scheduler not in SCHEDULERS:
+            raise FastFTValueError(f"unknown scheduler {self.scheduler!r}; use None, 'cosine' or 'onecycle'.")
+        if self.loss not in LOSSES:
+            raise FastFTValueError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}.")
+        if self.amp not in (None, "bf16"):
+            raise FastFTValueError(f"amp must be None or 'bf16', got {self.amp!r}.")
+
+
+@dataclass
+class _HeadSpec:
+    """How the new output layer was attached, so ``load`` can rebuild it without data."""
+
+    mode: str  # "replace" (an existing head was swapped) or "append" (encoder + new head)
+    name: str | None
+    in_features: int
+    output_key: str | None = None
+
+
+class History(list):
+    """Per-epoch records of a fit (a list of dicts) with a few conveniences."""
+
+    def column(self, key: str) -> list[Any]:
+        return [r.get(key) for r in self]
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        key = "val_loss" if self and "val_loss" in self[-1] else "loss"
+        return min(self, key=lambda r: r[key]) if self else None
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
+
+    patience: int = 3
+    monitor: str = "val_loss"
+    min_delta: float = 0.0
+    restore_best: bool = True
+    _best: float = field(default=math.inf, init=False)
+    _bad: int = field(default=0, init=False)
+    _state: dict | None = field(default=None, init=False)
+
+    def step(self, record: dict, module: nn.Module) -> bool:
+        """Record an epoch; True when training should stop."""
+        if self.monitor not in record:
+            raise FastFTValueError(
+                f"early stopping monitors {self.monitor!r}, which this fit does not report "
+                f"(it reports {', '.join(sorted(record))}); pass val= or monitor='loss'."
+            )
+        value = record[self.monitor]
+        if value < self._best - self.min_delta:
+            self._best, self._bad = value, 0
+            if self.restore_best:
+                self._state = copy.deepcopy(module.state_dict())
+        else:
+            self._bad += 1
+        return self._bad >= self.patience
+
+
+class FineTuner:
+    """Fine-tune ``model`` by training only its new layers on cached frozen features.
+
+    Args:
+        model: the pretrained network. It is edited **in place** (pass a deep copy to keep
+            the original). Called as ``model(x)`` with one tensor or a dict of tensors.
+        num_classes: size of the new output layer. With ``None`` and no ``head``, the model
+            is used as edited by the caller (e.g. with :mod:`fastft.surgery`).
+        hidden: widths of new hidden layers put before the new output layer
+            (``[256]`` → Linear+ReLU, then the output Linear).
+        head: a ready-made module to use as the new output layer instead.
+        freeze: ``"auto"`` freezes everything that is not new; a list of module names or
+            glob patterns freezes those on top; ``None`` leaves ``requires_grad`` as is.
+        cache: the cache tier: ``"auto"``, ``"device"``, ``"host"`` or ``"disk"``.
+        cache_dtype: storage dtype of the cached features: fp32, bf16, fp16 or int8.
+        views: augmented views per sample cached when ``transform`` is random.
+        transform: a callable applied to each batch of inputs before the frozen part.
+        device: where training runs (default: CUDA when available, else CPU).
+        seed: seeds the new layers' initialisation and the batch order.
+        head_name: qualified name of the output layer to replace, when not found automatically.
+        output_key: for encoders returning a dict (SentenceTransformer), the entry fed to
+            the new head.
+        activation, dropout: of the new hidden layers.
+        pool: how the cache reduces sequence/spatial axes of the frozen output
+            (``"none"`` keeps it whole; see :func:`fastft.ops.cache_write`).
+        cache_dir: folder of disk caches (default ``$FASTFT_CACHE_DIR`` or ``~/.cache/fastft``).
+        extract_batch_size: batch size of the one frozen pass.
+        verbose: progress bars and messages.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int | None = None,
+        hidden: Sequence[int] | None = None,
+        head: nn.Module | None = None,
+        freeze: str | Sequence[str] | None = "auto",
+        cache: str = "auto",
+        cache_dtype: str = "fp16",
+        views: int = 1,
+        transform: Callable | None = None,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        *,
+        head_name: str | None = None,
+        output_key: str = "sentence_embedding",
+        activation: str = "relu",
+        dropout: float = 0.0,
+        pool: str = "none",
+        cache_dir: str | None = None,
+        max_memory: int | None = None,
+        extract_batch_size: int = 256,
+        verbose: bool = True,
+    ):
+        if num_classes is not None and int(num_classes) < 2 and head is None:
+            raise FastFTValueError(
+                f"num_classes must be ≥ 2 for a classifier, got {num_classes}; for one regression "
+                "output pass head=nn.Linear(in_features, 1) and loss='mse'."
+            )
+        if cache_dtype not in CACHE_DTYPES:
+            raise FastFTValueError(f"unknown cache_dtype {cache_dtype!r}; use one of {', '.join(CACHE_DTYPES)}.")
+        if int(views) < 1:
+            raise FastFTValueError(f"views must be ≥ 1, got {views}.")
+        if views > 1 and transform is None:
+            raise FastFTValueError("views > 1 caches augmented views: pass the random transform= that makes them.")
+        self.model = model
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.hidden = list(hidden or [])
+        self.head = head
+        self.freeze = freeze
+        self.cache_tier = cache
+        self.cache_dtype = cache_dtype
+        self.views = int(views)
+        self.transform = transform
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.seed = int(seed)
+        self.head_name = head_name
+        self.output_key = output_key
+        self.activation = activation
+        self.dropout = float(dropout)
+        self.pool = pool
+        self.cache_dir = cache_dir
+        self.max_memory = max_memory
+        self.extract_batch_size = int(extract_batch_size)
+        self.verbose = verbose
+
+        self.prefix: nn.Module | None = None
+        self.tail: nn.Module | None = None
+        self.cache: FeatureCache | None = None
+        self.history = History()
+        self._head_spec: _HeadSpec | None = None
+        self._edited = False
+        self._fitted = False
+        self._fit_config: FitConfig | None = None
+        # Heads of the usual layouts can be attached right away; encoders need a probe batch.
+        if self.head is not None or self.num_classes is not None:
+            try:
+                self._edit(example=None)
+            except _NeedsProbe:
+                pass
+        else:
+            self._edit(example=None)
+
+    # ------------------------------------------------------------------ surgery and split
+    def _new_head(self, in_features: int) -> nn.Module:
+        if self.head is not None:
+            return self.head
+        return build_head(
+            in_features, self.num_classes, self.hidden,
+            activation=self.activation, dropout=self.dropout, seed=self.seed,
+        )
+
+    def _edit(self, example: Any | None, spec: _HeadSpec | None = None) -> None:
+        """Attach the new layers (once) and freeze what is not new."""
+        if self._edited:
+            return
+        if self.head is not None or self.num_classes is not None:
+            spec = spec or self._locate_head(example)
+            new = self._new_head(spec.in_features)
+            if spec.mode == "replace":
+                surgery.replace_head(self.model, module=new, name=spec.name)
+            else:
+                self.model = surgery.append_head(self.model, [new], output_key=spec.output_key)
+            self._head_spec = spec
+        if self.freeze == "auto":
+            surgery.freeze(self.model, except_new=True)
+        elif self.freeze is not None:
+            names = [self.freeze] if isinstance(self.freeze, str) else list(self.freeze)
+            surgery.freeze(self.model, patterns=names)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise SurgeryError(
+                "nothing to train: every parameter is frozen. Pass num_classes= (a new output "
+                "layer), hidden=, or unfreeze some layers with fastft.surgery.unfreeze."
+            )
+        self.model.to(self.device)
+        self._edited = True
+
+    def _locate_head(self, example: Any | None) -> _HeadSpec:
+        try:
+            name, old = (self.head_name, self.model.get_submodule(self.head_name)) if self.head_name \
+                else surgery.find_head(self.model)
+        except (SurgeryError, AttributeError) as exc:
+            if self.head_name:
+                raise SurgeryError(f"head_name={self.head_name!r}: {exc}") from exc
+            name, old = None, None
+        if old is not None and getattr(old, "in_features", None) is not None:
+            return _HeadSpec("replace", name, int(old.in_features))
+        if old is not None and self.head is not None:
+            return _HeadSpec("replace", name, -1)
+        # No classifier to replace (an encoder): append a head after its output.
+        if example is None:
+            raise _NeedsProbe()
+        self.model.eval()
+        with torch.no_grad():
+            out = self.model(fdata.to_device(example, _model_device(self.model)))
+        key = None
+        if isinstance(out, dict):
+            if self.output_key not in out:
+                raise SurgeryError(
+                    f"the model returns a dict without {self.output_key!r} (keys: {', '.join(out)}); "
+                    "pass output_key= naming the embedding to train on."
+                )
+            key, out = self.output_key, out[self.output_key]
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise SurgeryError(
+                "no output layer found to replace, and the model's output is not a [batch, features] "
+                f"tensor to append one to (got {type(out).__name__} {getattr(out, 'shape', '')}). "
+                "Pass head_name= naming the layer to replace."
+            )
+        return _HeadSpec("append", None, int(out.shape[1]), key)
+
+    def _prepare(self, example_inputs: Any) -> None:
+        """Edit (if a probe was needed) and split the model at the frozen frontier."""
+        self._edit(example_inputs)
+        if self.prefix is None:
+            probe = fdata.to_device(example_inputs, self.device)
+            self.prefix, self.tail = split(self.model, probe)
+
+    # ------------------------------------------------------------------ caches
+    def _build_cache(self, data: Any, *, train: bool, dataset_id: str | None = None) -> FeatureCache:
+        return FeatureCache.build(
+            self.prefix,
+            data,
+            dtype=self.cache_dtype,
+            tier=self.cache_tier,
+            views=self.views if train else 1,
+            transform=self.transform if train else None,
+            pool=self.pool,
+            batch_size=self.extract_batch_size,
+            cache_dir=self.cache_dir,
+            dataset_id=dataset_id,
+            max_memory=self.max_memory,
+            progress=self.verbose,
+            seed=self.seed,
+            device=self.device,
+        )
+
+    def build_cache(self, data: Any, *, dataset_id: str | None = None) -> FeatureCache:
+        """Run the frozen part once over ``data`` (or reuse a matching cache) and return it."""
+        self._prepare(_example(data))
+        self.cache = self._build_cache(data, train=True, dataset_id=dataset_id)
+        return self.cache
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        train: Any,
+        val: Any = None,
+        epochs: int = 10,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        optimizer: str = "adamw",
+        weight_decay: float = 0.0,
+        scheduler: str | None = None,
+        loss: str = "ce",
+        label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | None = None,
+        early_stopping: int | EarlyStopping | None = None,
+        callbacks: Iterable[Callable[["FineTuner", dict], Any]] = (),
+        amp: str | None = None,
+        *,
+        momentum: float = 0.9,
+        checkpoint: str | None = None,
+        resume: bool = False,
+        dataset_id: str | None = None,
+    ) -> History:
+        """Train the new layers for ``epochs`` epochs on the cached frozen features.
+
+        Returns the :class:`History` (one dict per epoch: ``loss``, ``seconds``, ``lr`` and,
+        with ``val``, ``val_loss`` / ``val_accuracy`` / ``val_macro_f1``). With
+        ``checkpoint=path`` a checkpoint is written atomically after every epoch, and
+        ``resume=True`` continues from it, giving the same final weights as an
+        uninterrupted run. A callback returning ``False`` stops training.
+        """
+        cfg = FitConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+            weight_decay=weight_decay, momentum=momentum, scheduler=scheduler, loss=loss,
+            label_smoothing=label_smoothing,
+            class_weights=None if class_weights is None else [float(w) for w in class_weights],
+            amp=amp,
+        )
+        cfg.validate()
+        if isinstance(early_stopping, int) and not isinstance(early_stopping, bool):
+            early_stopping = EarlyStopping(patience=early_stopping, monitor="val_loss" if val is not None else "loss")
+        self.build_cache(train, dataset_id=dataset_id)
+        val_cache = self._build_cache(val, train=False) if val is not None else None
+        labels = self.cache.labels.to(self.device)
+        n_out = self._num_outputs()
+        check_labels(labels, loss, n_out)
+
+        engine = _Engine(self, cfg, [self.tail], n_rows=self.cache.num_rows)
+        start_epoch = 0
+        if resume and checkpoint is not None and _exists(checkpoint):
+            start_epoch = self._restore(checkpoint, engine)
+        self._fit_config = cfg
+        epochs_bar = tqdm(
+            range(start_epoch, cfg.epochs), desc="fastft fit", unit="epoch",
+            disable=not self.verbose or not sys.stderr.isatty(), leave=False,
+        )
+        for epoch in epochs_bar:
+            t0 = time.perf_counter()
+            losses = engine.run_epoch(self.cache, labels)
+            record = {"epoch": epoch + 1, "loss": losses[0], "lr": engine.current_lrs()[0]}
+            if val_cache is not None:
+                record.update({f"val_{k}": v for k, v in self._evaluate_cache(val_cache, cfg).items()})
+            record["seconds"] = time.perf_counter() - t0
+            self.history.append(record)
+            self._fitted = True
+            epochs_bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if checkpoint is not None:
+                self._checkpoint(checkpoint, engine, epoch + 1)
+            stop = any(cb(self, record) is False for cb in callbacks)
+            if early_stopping is not None and early_stopping.step(record, self.tail):
+                stop = True
+            if stop:
+                break
+        if early_stopping is not None and early_stopping.restore_best and early_stopping._state:
+            self.tail.load_state_dict(early_stopping._state)
+        self.tail.eval()
+        return self.history
+
+    def fit_many(self, configs: Sequence[dict], train: Any, **common):
+        """Train several heads (lr, width, weight decay, seed) in one pass over the cache.
+
+        See :func:`fastft.sweep.fit_many`.
+        """
+        from fastft.sweep import fit_many
+
+        return fit_many(self, configs, train, **common)
+
+    # ------------------------------------------------------------------ evaluation
+    def _num_outputs(self) -> int:
+        if self.num_classes is not None:
+            return self.num_classes
+        probe = self.cache.gather_shaped(torch.arange(1), out_dtype=torch.float32)
+        self.tail.eval()
+        with torch.no_grad():
+            out = self.tail(*[t.to(self.device) for t in probe])
+        return int(out.shape[-1]) if out.dim() > 1 else 1
+
+    def _evaluate_cache(self, cache: FeatureCache, cfg: FitConfig) -> dict[str, float]:
+        logits = self._logits_from_cache(cache, cfg.batch_size)
+        labels = cache.labels.to(logits.device)
+        return _metrics(logits, labels, cfg)
+
+    def _logits_from_cache(self, cache: FeatureCache, batch_size: int) -> torch.Tensor:
+        was_training = self.tail.training
+        self.tail.eval()
+        outs = []
+        with torch.no_grad():
+            for start in range(0, cache.num_rows, batch_size):
+                rows = torch.arange(start, min(start + batch_size, cache.num_rows))
+                taps = cache.gather_shaped(rows, out_dtype=torch.float32)
+                outs.append(self.tail(*[t.to(self.device) for t in taps]).float())
+        self.tail.train(was_training)
+        return torch.cat(outs)
+
+    def evaluate(self, data: Any, *, batch_size: int = 256) -> dict[str, float]:
+        """Loss and metrics on ``data`` (accuracy, top-5 when C > 5, macro-F1 for 'ce').
+
+        The frozen part runs once over ``data`` into a cache of its own (reused on later calls).
+        """
+        self._require_fitted("evaluate")
+        cache = self._build_cache(data, train=False)
+        return self._evaluate_cache(cache, self._fit_config or FitConfig(batch_size=batch_size))
+
+    def predict(self, x: Any, *, batch_size: int = 256) -> torch.Tensor:
+        """Model outputs (logits) for a batch of inputs ``x`` (a tensor or a dict of tensors)."""
+        self._require_fitted("predict")
+        self._prepare(fdata.index_select(x, torch.arange(min(2, _batch_length(x)))))
+        self.prefix.eval()
+        self.tail.eval()
+        outs = []
+        with torch.no_grad():
+            n = _batch_length(x)
+            for start in range(0, n, batch_size):
+                part = fdata.to_device(fdata.index_select(x, torch.arange(start, min(start + batch_size, n))), self.device)
+                taps = self.prefix(part)
+                taps = taps if isinstance(taps, tuple) else (taps,)
+                outs.append(self.tail(*taps))
+        return torch.cat(outs)
+
+    def export(self) -> nn.Module:
+        """The edited model with the trained weights: a plain ``nn.Module`` in eval mode whose
+        outputs equal :meth:`predict` and which needs no fastft to run."""
+        self._require_fitted("export")
+        exported = copy.deepcopy(self.model).eval()
+        for m in exported.modules():
+            m.__dict__.pop("_fastft_new", None)
+        return exported
+
+    def _require_fitted(self, what: str) -> None:
+        if not self._fitted:
+            raise NotFittedError(f"call fit() before {what}(): the new layers are still untrained.")
+
+    # ------------------------------------------------------------------ save / load
+    def _config(self) -> dict[str, Any]:
+        return {
+            "num_classes": self.num_classes, "hidden": self.hidden, "freeze": self.freeze,
+            "cache": self.cache_tier, "cache_dtype": self.cache_dtype, "views": self.views,
+            "seed": self.seed, "head_name": self.head_name, "output_key": self.output_key,
+            "activation": self.activation, "dropout": self.dropout, "pool": self.pool,
+        }
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """Parameters that train plus every tensor of the new modules (their buffers too)."""
+        new = set(surgery.new_modules(self.model))
+        state = {}
+        for name, t in self.model.state_dict().items():
+            owner = name.rsplit(".", 1)[0]
+            if any(owner == m or owner.startswith(m + ".") for m in new):
+                state[name] = t.detach().cpu().clone()
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                state[name] = p.detach().cpu().clone()
+        return state
+
+    def save(self, path: str) -> None:
+        """Write the new layers' weights, the configuration and the history (atomically)."""
+        self._require_fitted("save")
+        if self.head is not None:
+            raise FastFTValueError(
+                "save() rebuilds the head from its configuration; a custom head= module cannot be "
+                "rebuilt. Save ft.export().state_dict() instead."
+            )
+        save_atomic({
+            "config": self._config(),
+            "head": None if self._head_spec is None else asdict(self._head_spec),
+            "state": self._trainable_state(),
+            "history": list(self.history),
+            "fit": None if self._fit_config is None else asdict(self._fit_config),
+        }, path)
+
+    @classmethod
+    def load(cls, path: str, model: nn.Module, **overrides) -> "FineTuner":
+        """Rebuild a FineTuner saved with :meth:`save` on a fresh copy of the original model."""
+        obj = load_checked(path)
+        ft = cls(model, **{**obj["config"], **overrides})
+        if not ft._edited:  # an encoder: the head is appended from the recorded spec, no probe
+            ft._edit(example=None, spec=_HeadSpec(**obj["head"]))
+        ft._load_state(obj["state"], path)
+        ft.history = History(obj.get("history") or [])
+        ft._fit_config = FitConfig(**obj["fit"]) if obj.get("fit") else None
+        ft._fitted = True
+        return ft
+
+    def _load_state(self, state: dict[str, torch.Tensor], origin: str) -> None:
+        own = self.model.state_dict()
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise SurgeryError(
+                f"{origin} holds weights for {', '.join(unknown[:5])} which the edited model does not "
+                "have: load it with the same base model and configuration it was saved with."
+            )
+        for name, t in state.items():
+            if own[name].shape != t.shape:
+                raise SurgeryError(f"{origin}: {name} has shape {tuple(t.shape)}, the model expects {tuple(own[name].shape)}.")
+        self.model.load_state_dict(state, strict=False)
+
+    def _checkpoint(self, path: str, engine: "_Engine", epochs_done: int) -> None:
+        save_atomic({
+            "config": self._config(),
+            "head": None if self._head_spec is None else asdict(self._head_spec),
+            "state": self._trainable_state(),
+            "history": list(self.history),
+            "fit": asdict(self._fit_config),
+            "epochs_done": epochs_done,
+            "engine": engine.state_dict(),
+        }, path)
+
+    def _restore(self, path: str, engine: "_Engine") -> int:
+        obj = load_checked(path)
+        if "engine" not in obj:
+            raise FastFTValueError(f"{path} is a saved model, not a training checkpoint; resume needs a checkpoint= file.")
+        self._load_state(obj["state"], path)
+        engine.load_state_dict(obj["engine"])
+        self.history = History(obj.get("history") or [])
+        self._fitted = True
+        return int(obj["epochs_done"])
+
+
+class _NeedsProbe(Exception):
+    """Internal: attaching the head needs one forward pass over real inputs."""
+
+
+class _Engine:
+    """The training loop on the cache, for one or several tails sharing every batch."""
+
+    def __init__(self, ft: FineTuner, cfg: FitConfig, tails: list[nn.Module], *, n_rows: int,
+                 per_tail: list[dict] | None = None):
+        self.ft, self.cfg, self.tails = ft, cfg, tails
+        self.device = ft.device
+        per_tail = per_tail or [{} for _ in tails]
+        self.loss_fn = make_loss(cfg.loss, label_smoothing=cfg.label_smoothing,
+                                 class_weights=cfg.class_weights).to(self.device)
+        groups = []
+        for tail, extra in zip(tails, per_tail):
+            params = [p for p in tail.parameters() if p.requires_grad]
+            groups.append({"params": params, "lr": extra.get("lr", cfg.lr),
+                           "weight_decay": extra.get("weight_decay", cfg.weight_decay)})
+        self.optimizer = _make_optimizer(cfg, groups)
+        self.steps_per_epoch = math.ceil(n_rows / cfg.batch_size)
+        self.scheduler = _make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.generator = torch.Generator().manual_seed(ft.seed)
+        self.n_rows = n_rows
+        # Sweeps replace this with a vectorized forward over heads of the same shape.
+        self.forward_all = lambda taps: [tail(*taps) for tail in self.tails]
+
+    def current_lrs(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def run_epoch(self, cache: FeatureCache, labels: torch.Tensor) -> list[float]:
+        """One epoch over the cache; returns the mean training loss of each tail."""
+        cfg = self.cfg
+        perm = torch.randperm(self.n_rows, generator=self.generator)
+        view = None
+        if cache.num_views > 1:  # one augmented view per sample per epoch
+            view = torch.randint(cache.num_views, (self.n_rows,), generator=self.generator)
+        for t in self.tails:
+            t.train()
+        totals = torch.zeros(len(self.tails), dtype=torch.float64)
+        out_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float32
+        for start in range(0, self.n_rows, cfg.batch_size):
+            rows = perm[start:start + cfg.batch_size]
+            taps = cache.gather_shaped(rows, view=None if view is None else view[rows], out_dtype=out_dtype)
+            taps = [t.to(self.device, non_blocking=True) for t in taps]
+            y = labels[rows.to(labels.device)]
+            self.optimizer.zero_grad(set_to_none=True)
+            with _autocast(cfg.amp, self.device):
+                step_losses = [self._loss(out, y) for out in self.forward_all(taps)]
+            total = torch.stack(step_losses).sum() if len(step_losses) > 1 else step_losses[0]
+            total.backward()
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            totals += torch.stack([l.detach().double().cpu() for l in step_losses]) * rows.numel()
+        return (totals / self.n_rows).tolist()
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = out.float()
+        return self.loss_fn(out, prepare_targets(y, self.cfg.loss, out))
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+
+
+def _make_optimizer(cfg: FitConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _make_scheduler(cfg: FitConfig, optimizer, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total)
+    return None
+
+
+def _metrics(logits: torch.Tensor, labels: torch.Tensor, cfg: FitConfig) -> dict[str, float]:
+    loss_fn = make_loss(cfg.loss, label_smoothing=cfg.label_smoothing, class_weights=cfg.class_weights)
+    loss = loss_fn.to(logits.device)(logits, prepare_targets(labels, cfg.loss, logits)).item()
+    if cfg.loss == "ce":
+        return {"loss": loss, **classification_metrics(logits, labels.long())}
+    if cfg.loss == "bce":
+        return {"loss": loss, **multilabel_metrics(logits, labels)}
+    return {"loss": loss}
+
+
+class _autocast:
+    def __init__(self, amp: str | None, device: torch.device):
+        self.ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _example(data: Any, n: int = 4) -> Any:
+    """A small batch of inputs from ``data`` for probing and the split's parity check."""
+    length = fdata.dataset_length(data)
+    if length == 0:
+        raise DataError("the dataset is empty: there is nothing to train on.")
+    inputs, _ = next(iter(fdata.as_batches(data, min(n, length))))
+    return inputs
+
+
+def _batch_length(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0])
+    if isinstance(x, dict) and x:
+        return int(next(iter(x.values())).shape[0])
+    raise DataError(f"predict() takes a tensor or a dict of tensors, got {type(x).__name__}.")
+
+
+def _exists(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).is_file()
+
