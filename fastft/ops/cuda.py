@@ -1,0 +1,233 @@
+"""Native CUDA kernels of the fastft ops (``fastft._C`` built with nvcc), registered for "cuda".
+
+Nothing is registered when ``fastft._C`` was built without CUDA: the reference then serves
+CUDA tensors. Kernels run on PyTorch's current stream of the tensors' device.
+
+Where the tensors may live:
+
+- ``cache_write``: ``src`` (and ``rows``, ``mask``) on a CUDA device; ``dst`` (and
+  ``scales``) on that device or in pinned host memory, written through its mapped address,
+  so a cache larger than the GPU is filled without a staging copy. Such a call reaches this
+  kernel because the dispatcher picks the highest-priority backend among the tensor
+  arguments, and CUDA outranks CPU.
+- ``cache_gather``: ``src`` (and ``scales``) on a CUDA device or pinned host memory; the
+  result is on the CUDA device of ``src`` (or of ``rows`` when ``src`` is on the host).
+
+Row checks (range, and duplicates within one write) run on the device, inside the same
+launches, so they cost no extra pass and never let a kernel touch a bad row; a bad
+``cache_write`` writes nothing. Reading their verdict back is the only host
+synchronisation. By default it happens at once, and a bad call raises the same
+:class:`fastft.FastFTIndexError` as on the CPU. ``set_sync_checks(False)`` (or
+``FASTFT_CUDA_SYNC_CHECKS=0``) defers it: the verdict is copied to pinned memory behind the
+kernel, and the error is raised by a later fastft CUDA call once the copy has landed, or by
+:func:`raise_pending_errors`. While a CUDA graph is being captured the verdict is not read.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import deque
+from functools import lru_cache
+
+import torch
+
+from fastft._native import native_module
+from fastft.errors import FastFTError, FastFTValueError
+from fastft.ops import reference
+from fastft.ops._codes import (
+    DTYPE_CODES,
+    POOL_CODES,
+    STATUS_DUPLICATE_ROW,
+    STATUS_ROW_OUT_OF_RANGE,
+    raise_status,
+)
+from fastft.ops._schemas import check_cache_gather, check_cache_write
+
+_C = native_module()
+#: Whether ``fastft._C`` carries CUDA kernels (compiled with nvcc; says nothing of a GPU).
+BUILT_WITH_CUDA = _C is not None and bool(_C.build_info().get("cuda", False))
+
+_LAUNCH_OK, _LAUNCH_BAD_ARGUMENT = 0, 3
+_ROW_KIND_SHIFT = 62  # scratch[0]: -1 (rows fine) or (kind << 62) | index; see csrc/kernels/cuda/kernels.h
+
+
+class CudaKernelError(FastFTError, RuntimeError):
+    """A fastft CUDA kernel could not be launched (the CUDA runtime reported an error)."""
+
+
+_sync_checks = os.environ.get("FASTFT_CUDA_SYNC_CHECKS", "1").strip().lower() not in {"0", "false", "no", "off"}
+_pending: deque = deque()  # (op, n_rows, rows, pinned verdict, event) of deferred checks
+
+
+def set_sync_checks(enabled: bool) -> bool:
+    """Choose whether CUDA row checks raise at once (True, default) or later; returns the old value.
+
+    Deferred checks remove the one host synchronisation per call; a bad row still never
+    reads or writes out of bounds, and the error surfaces at a later call.
+    """
+    global _sync_checks
+    old, _sync_checks = _sync_checks, bool(enabled)
+    return old
+
+
+def raise_pending_errors(wait: bool = True) -> None:
+    """Raise the first row error of earlier deferred-check calls (waiting for them if ``wait``)."""
+    while _pending:
+        op, n, rows, verdict, event = _pending[0]
+        if not wait and not event.query():
+            return
+        event.synchronize()
+        _pending.popleft()
+        _raise_verdict(op, int(verdict[0]), rows, n)
+
+
+def _raise_verdict(op: str, key: int, rows: torch.Tensor, n: int) -> None:
+    if key == -1:
+        return
+    kind, index = key >> _ROW_KIND_SHIFT, key & ((1 << _ROW_KIND_SHIFT) - 1)
+    code = STATUS_ROW_OUT_OF_RANGE if kind == 0 else STATUS_DUPLICATE_ROW
+    raise_status(op, (code, index), rows, n)
+
+
+def _report_rows(op: str, scratch: torch.Tensor, rows: torch.Tensor, n: int) -> None:
+    """Read (or defer reading) the row verdict the kernels left in ``scratch[0]``."""
+    if torch.cuda.is_current_stream_capturing():
+        return  # a graph replays without us; the kernels still never touch a bad row
+    if _sync_checks:
+        _raise_verdict(op, int(scratch[0]), rows, n)
+        return
+    verdict = torch.empty(1, dtype=torch.int64, pin_memory=True)
+    verdict.copy_(scratch[:1], non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(scratch.device))
+    _pending.append((op, n, rows, verdict, event))
+
+
+def _check_launch(op: str, status: tuple[int, str]) -> None:
+    code, message = status
+    if code == _LAUNCH_OK:
+        return
+    if code == _LAUNCH_BAD_ARGUMENT:
+        raise FastFTValueError(f"{message}.")
+    raise CudaKernelError(f"{message}. The CUDA kernel of fastft.{op} could not run.")
+
+
+@lru_cache(maxsize=1)
+def _runtime_problem() -> str | None:
+    """Why the CUDA runtime linked into fastft._C cannot run here (None when it can).
+
+    The usual cause is a driver older than the nvcc fastft was built with; the reference
+    implementation then serves CUDA tensors, after one warning.
+    """
+    info = _C.cuda_runtime_info()
+    if not info["error"]:
+        return None
+    return (
+        f"{info['error']} (fastft._C carries CUDA runtime {info['runtime_version']}, the "
+        f"driver supports {info['driver_version']}). Rebuild fastft with an nvcc no newer "
+        "than the driver, or with FASTFT_CUDA=OFF."
+    )
+
+
+_warned_runtime = False
+
+
+def _native_usable() -> bool:
+    """True when the CUDA kernels can run; also raises errors left by deferred checks."""
+    global _warned_runtime
+    problem = _runtime_problem()
+    if problem is not None:
+        if not _warned_runtime:
+            _warned_runtime = True
+            warnings.warn(
+                f"fastft: the CUDA kernels cannot run ({problem}); using the slower "
+                "pure-PyTorch kernels on CUDA tensors.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return False
+    raise_pending_errors(wait=False)
+    return True
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _check_placement(op: str, name: str, t: torch.Tensor, device: torch.device) -> bool:
+    """True when ``t`` is pinned host memory, False when it is on ``device``; else raise."""
+    if t.device == device:
+        return False
+    if t.device.type == "cpu" and t.is_pinned():
+        return True
+    raise FastFTValueError(
+        f"{op}: {name} is on {t.device}; with CUDA tensors it must be on {device} or in "
+        "pinned host memory (tensor.pin_memory())."
+    )
+
+
+def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
+    check_cache_write(src, rows, dst, scales, pool, mask)
+    if src.device.type != "cuda":  # only scales on CUDA sends a CPU call here
+        raise FastFTValueError(f"cache_write: scales are on {scales.device} but src is on {src.device}.")
+    if not _native_usable():
+        return reference.cache_write(src, rows, dst, scales, pool, mask)
+    device = src.device
+    on_host = _check_placement("cache_write", "dst", dst, device)
+    quantized = dst.dtype == torch.int8
+    if quantized and _check_placement("cache_write", "scales", scales, device) != on_host:
+        raise FastFTValueError("cache_write: scales must live where dst lives (same device, or both pinned).")
+    B, L, D = src.shape
+    if B == 0:
+        return
+    rows = rows.contiguous()
+    mask_code, mask_strides = (DTYPE_CODES[mask.dtype], mask.stride()) if mask is not None else (0, (0, 0))
+    # Stream-ordered scratch from PyTorch's caching allocator: no cudaMalloc, no sync.
+    scratch = torch.empty(_C.cuda_write_scratch_len(B), dtype=torch.int64, device=device)
+    status = _C.cache_write_cuda(
+        src.data_ptr(), DTYPE_CODES[src.dtype], B, L, D, *src.stride(),
+        rows.data_ptr(), dst.data_ptr(), DTYPE_CODES[dst.dtype], dst.shape[0],
+        _ptr(scales) if quantized else 0, on_host, POOL_CODES[pool],
+        _ptr(mask), mask_code, *mask_strides,
+        scratch.data_ptr(), scratch.numel(), device.index,
+        torch.cuda.current_stream(device).cuda_stream,
+    )
+    _check_launch("cache_write", status)
+    _report_rows("cache_write", scratch, rows, dst.shape[0])
+
+
+def cache_gather(src, scales, rows, out_dtype):
+    check_cache_gather(src, scales, rows, out_dtype)
+    device = src.device if src.device.type == "cuda" else rows.device
+    if device.type != "cuda":
+        raise FastFTValueError("cache_gather: a host cache needs rows on the CUDA device that reads it.")
+    if not _native_usable():
+        out = reference.cache_gather(src, scales, rows.to(src.device), out_dtype)
+        return out.to(device)
+    on_host = _check_placement("cache_gather", "src", src, device)
+    quantized = src.dtype == torch.int8
+    if quantized and _check_placement("cache_gather", "scales", scales, device) != on_host:
+        raise FastFTValueError("cache_gather: scales must live where src lives (same device, or both pinned).")
+    rows = rows.to(device, non_blocking=True).contiguous()
+    B, D = rows.shape[0], src.shape[1]
+    out = torch.empty((B, D), dtype=out_dtype, device=device)
+    if B == 0:
+        return out
+    scratch = torch.empty(1, dtype=torch.int64, device=device)
+    status = _C.cache_gather_cuda(
+        src.data_ptr(), DTYPE_CODES[src.dtype], src.shape[0], D,
+        _ptr(scales) if quantized else 0, on_host,
+        rows.data_ptr(), B, out.data_ptr(), DTYPE_CODES[out_dtype],
+        scratch.data_ptr(), device.index, torch.cuda.current_stream(device).cuda_stream,
+    )
+    _check_launch("cache_gather", status)
+    _report_rows("cache_gather", scratch, rows, src.shape[0])
+    return out
+
+
+if BUILT_WITH_CUDA:
+    torch.library.register_kernel("fastft::cache_write", "cuda", cache_write)
+    torch.library.register_kernel("fastft::cache_gather", "cuda", cache_gather)
+
+__all__ = ["BUILT_WITH_CUDA", "CudaKernelError", "raise_pending_errors", "set_sync_checks"]
