@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastft import data as fdata
+from fastft import distributed as fdist
 from fastft import surgery
 from fastft.cache import FeatureCache
 from fastft.checkpoint import load_checked, save_atomic
@@ -590,8 +591,10 @@ class _Engine:
         self.scheduler = _make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.generator = torch.Generator().manual_seed(ft.seed)
         self.n_rows = n_rows
+        # Under torch.distributed each tail trains inside DistributedDataParallel.
+        self.modules = [fdist.wrap(t, self.device) for t in tails]
         # Sweeps replace this with a vectorized forward over heads of the same shape.
-        self.forward_all = lambda taps: [tail(*taps) for tail in self.tails]
+        self.forward_all = lambda taps: [m(*taps) for m in self.modules]
 
     def current_lrs(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]
@@ -607,21 +610,26 @@ class _Engine:
             t.train()
         totals = torch.zeros(len(self.tails), dtype=torch.float64)
         out_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float32
+        _, world = fdist.rank_and_world()
         for start in range(0, self.n_rows, cfg.batch_size):
-            rows = perm[start:start + cfg.batch_size]
+            global_rows = perm[start:start + cfg.batch_size]
+            rows = fdist.local_rows(global_rows)  # all of them on a single process
             taps = cache.gather_shaped(rows, view=None if view is None else view[rows], out_dtype=out_dtype)
             taps = [t.to(self.device, non_blocking=True) for t in taps]
             y = labels[rows.to(labels.device)]
             self.optimizer.zero_grad(set_to_none=True)
             with _autocast(cfg.amp, self.device):
                 step_losses = [self._loss(out, y) for out in self.forward_all(taps)]
+            # Each rank's mean is weighted by its share of the global batch; DDP then averages
+            # over ranks, which gives exactly the gradient of the global batch mean.
+            share = rows.numel() * world / global_rows.numel()
             total = torch.stack(step_losses).sum() if len(step_losses) > 1 else step_losses[0]
-            total.backward()
+            (total * share if world > 1 else total).backward()
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
             totals += torch.stack([l.detach().double().cpu() for l in step_losses]) * rows.numel()
-        return (totals / self.n_rows).tolist()
+        return (fdist.all_reduce_sum(totals) / self.n_rows).tolist()
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = out.float()
