@@ -1,0 +1,607 @@
+"""Building a feature cache: run the frozen prefix once per sample and view, write each batch
+of frontier activations into the cache with ``cache_write``.
+
+The steps of :func:`build`:
+
+1. Key: the fingerprint of prefix, data, transform, views, dtype and pool.
+2. Reuse: a cache with that key in this process (any tier), or complete on disk, is
+   returned without running the prefix.
+3. Layout: the first chunk's activations give each tap's width and shape; the tier is
+   chosen from the total size; storage is allocated (memory, or memory-mapped files).
+4. Chunks: per view, per batch of samples: load, transform (seeded per chunk), run the
+   prefix, check for NaN/Inf, ``cache_write`` every tap into its rows, store the labels.
+   Disk chunks are committed to the journal after an fsync; committed chunks are skipped
+   when an interrupted build resumes, and a builder of the same key on disk holds its lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+import weakref
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from fastft import data as fdata
+from fastft.cache import disk
+from fastft.cache.feature_cache import FeatureCache, TapInfo
+from fastft.cache.fingerprint import FORMAT_VERSION, PARTS, accepts_generator, changed_parts, combine, fingerprint_parts
+from fastft.cache.manage import cache_root
+from fastft.cache.storage import DTYPES, TIERS, TapStorage, allocate, choose_tier, dtype_name, memory_device, parse_bytes, row_bytes
+from fastft.errors import CacheCorruptError, CacheError, DataError, FastFTValueError
+from fastft.ops import POOLS
+
+log = logging.getLogger("fastft.cache")
+
+#: A disk build commits its finished chunks (fsync + journal rename) at most this often, and
+#: always at the end or when interrupted by an exception; a killed process loses at most this
+#: much work. Per-chunk commits would pay an fsync per batch.
+COMMIT_INTERVAL_S = 1.0
+
+# ---------------------------------------------------------------------------- process registry
+# Caches built in this process, by fingerprint: a few are kept alive (in-memory tiers cannot
+# be found again otherwise), any other one is found while the caller still holds it.
+_REGISTRY_SIZE = 4
+_recent: "OrderedDict[str, FeatureCache]" = OrderedDict()
+_alive: "weakref.WeakValueDictionary[str, FeatureCache]" = weakref.WeakValueDictionary()
+_history: deque = deque(maxlen=64)  # (fingerprint, parts) of recent keys, to explain rebuilds
+
+
+def _register(cache: FeatureCache) -> None:
+    _alive[cache.fingerprint] = cache
+    _recent[cache.fingerprint] = cache
+    _recent.move_to_end(cache.fingerprint)
+    while len(_recent) > _REGISTRY_SIZE:
+        _recent.popitem(last=False)
+    _history.append((cache.fingerprint, cache.parts))
+
+
+def _registered(fp: str) -> FeatureCache | None:
+    return _recent.get(fp) or _alive.get(fp)
+
+
+def clear_registry() -> None:
+    """Forget the caches of this process (they are rebuilt, or reopened from disk, next time)."""
+    _recent.clear()
+    _alive.clear()
+
+
+def _explain(parts: dict, root: Path) -> str:
+    """Why a key is new: the parts that differ from the nearest cache seen before (in this
+    process or on disk), e.g. ``'rebuilt: weights changed'``."""
+    candidates = list(_history)
+    if root.is_dir():
+        for folder in root.iterdir():
+            try:
+                manifest = disk.read_json(folder / disk.MANIFEST)
+                candidates.append((manifest["fingerprint"], manifest["parts"]))
+            except (OSError, CacheError, KeyError, ValueError):
+                continue
+    best = None
+    for _, old in candidates:
+        changed = changed_parts(old, parts)
+        if not changed:
+            return "new in this tier: the same key was cached in another tier"
+        if changed and (best is None or len(changed) <= len(best)):
+            best = changed
+    if best is None or len(best) == len(PARTS):
+        return "new: no cache with this key"
+    return f"rebuilt: {', '.join(best)} changed"
+
+
+# ---------------------------------------------------------------------------- settings
+@dataclass
+class Settings:
+    dtype: str
+    storage_dtype: torch.dtype
+    tier: str
+    views: int
+    transform: Callable | None
+    pool: str
+    mask_key: str
+    batch_size: int
+    num_workers: int
+    root: Path
+    max_memory: int | None
+    progress: bool
+    seed: int
+    device: torch.device
+
+
+@dataclass
+class Timer:
+    prefix: float = 0.0
+    write: float = 0.0
+    prefix_calls: int = 0
+    rows_written: int = 0
+
+
+# ---------------------------------------------------------------------------- activations
+def as_bld(x: torch.Tensor, pool: str) -> torch.Tensor:
+    """An activation seen as ``[B, L, D]`` for cache_write (a view wherever possible).
+
+    ``pool='none'`` keeps the whole activation as one position (D = its size per sample);
+    otherwise ``[B, D]`` is one position, ``[B, L, D]`` stays, and channel-first maps
+    ``[B, C, H, W, ...]`` become ``[B, H*W*..., C]`` positions of C channels.
+    """
+    if pool == "none" or x.dim() == 2:
+        return x.reshape(x.shape[0], 1, -1)
+    if x.dim() == 3:
+        return x
+    if x.dim() >= 4:
+        return x.flatten(2).transpose(1, 2)
+    raise DataError(f"a frozen activation of shape {tuple(x.shape)} has no per-sample features to cache.")
+
+
+def tap_shape(x: torch.Tensor, pool: str) -> tuple[int, ...]:
+    return tuple(x.shape[1:]) if pool == "none" else (int(as_bld(x, pool).shape[2]),)
+
+
+def _taps(out: Any, prefix: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and tensors of the prefix's output (a tensor, a tuple/list, or a dict)."""
+    if isinstance(out, torch.Tensor):
+        tensors = [out]
+    elif isinstance(out, dict):
+        return [str(k) for k in out], list(out.values())
+    elif isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out) and out:
+        tensors = list(out)
+    else:
+        raise DataError(f"the frozen prefix must return a tensor or a tuple of tensors, got {type(out).__name__}.")
+    names = getattr(prefix, "tap_names", None)
+    if not names or len(names) != len(tensors):
+        names = [f"tap{i}" for i in range(len(tensors))]
+    return [str(n) for n in names], tensors
+
+
+def _check_finite(x: torch.Tensor, name: str, start: int, view: int, views: int) -> None:
+    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0, 0])
+        where = f" (view {view})" if views > 1 else ""
+        raise DataError(
+            f"the frozen features of sample {start + bad}{where} contain NaN or Inf (tap {name!r}); "
+            "check that sample's input and the pretrained weights. Nothing of it was cached."
+        )
+
+
+# ---------------------------------------------------------------------------- chunks of data
+@dataclass
+class Chunk:
+    view: int
+    start: int
+    count: int
+    load: Callable[[], tuple[Any, torch.Tensor]]
+
+
+def _ordered_loader(loader: DataLoader) -> DataLoader:
+    """The loader itself when it yields samples in dataset order, else the same dataset,
+    batch size, collate function and workers without shuffling: cache rows must be the
+    samples in a fixed order (views line up, resumes skip the right chunks); training
+    shuffles by itself."""
+    if fdata.is_ordered(loader):
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory, drop_last=loader.drop_last)
+
+
+def chunks(dataset: Any, n: int, s: Settings, skip: Callable[[int, int, int], bool]) -> Iterator[Chunk]:
+    """Every (view, batch of samples) still to compute, in order, with a loader of its data.
+
+    Tensors are sliced lazily; a map-style Dataset goes through a DataLoader that loads only
+    the missing chunks (with workers); a DataLoader is iterated in order (committed batches
+    are loaded and dropped, never run through the prefix).
+    """
+    if isinstance(dataset, DataLoader):
+        loader = _ordered_loader(dataset)
+        for view in range(s.views):
+            start = 0
+            for inputs, labels in fdata.as_batches(loader, 1):
+                count = int(labels.shape[0])
+                if not skip(view, start, count):
+                    yield Chunk(view, start, count, lambda b=(inputs, labels): b)
+                start += count
+        return
+    spans = [(v, st, min(s.batch_size, n - st)) for v in range(s.views) for st in range(0, n, s.batch_size)]
+    todo = [sp for sp in spans if not skip(*sp)]
+    if fdata.is_tensor_pair(dataset):
+        X, y = dataset
+        for view, start, count in todo:
+            sl = slice(start, start + count)
+            load = (lambda sl=sl: ((X[sl] if isinstance(X, torch.Tensor) else {k: v[sl] for k, v in X.items()}), y[sl]))
+            yield Chunk(view, start, count, load)
+        return
+    batches = [list(range(start, start + count)) for _, start, count in todo]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=s.num_workers, collate_fn=fdata.collate)
+    for (view, start, count), batch in zip(todo, loader):
+        yield Chunk(view, start, count, lambda b=fdata.as_pair(batch, "the dataset"): b)
+
+
+def _chunk_seed(seed: int, view: int, start: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{view}:{start}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# ---------------------------------------------------------------------------- the writer
+class Writer:
+    """Runs the prefix on chunks and writes their taps and labels into the storage."""
+
+    def __init__(self, prefix: nn.Module, s: Settings, n: int, timer: Timer):
+        self.prefix, self.s, self.n, self.timer = prefix, s, n, timer
+        self.taps: list[TapInfo] | None = None
+        self.storages: list[TapStorage] = []
+        self.labels: torch.Tensor | None = None
+        self._pass_generator = s.transform is not None and accepts_generator(s.transform)
+
+    def forward(self, chunk: Chunk) -> tuple[list[str], list[torch.Tensor], Any, torch.Tensor]:
+        """(tap names, tap activations, inputs, labels) of one chunk: one prefix call."""
+        inputs, labels = chunk.load()
+        inputs = fdata.to_device(inputs, self.s.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if self.s.transform is not None:
+                inputs = self._transform(inputs, chunk)
+            names, tensors = _taps(self.prefix(inputs), self.prefix)
+        if self.s.device.type == "cuda":
+            torch.cuda.synchronize(self.s.device)
+        self.timer.prefix += time.perf_counter() - t0
+        self.timer.prefix_calls += 1
+        return names, tensors, inputs, labels
+
+    def _transform(self, inputs: Any, chunk: Chunk) -> Any:
+        # Each chunk's randomness depends only on (seed, view, start): views are reproducible
+        # and a resumed build draws exactly what an uninterrupted one would have.
+        seed = _chunk_seed(self.s.seed, chunk.view, chunk.start)
+        devices = [self.s.device] if self.s.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            if self._pass_generator:
+                g = torch.Generator(device=self.s.device).manual_seed(seed)
+                return self.s.transform(inputs, generator=g)
+            return self.s.transform(inputs)
+
+    def layout(self, names: list[str], tensors: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[TapInfo], dict]:
+        """Taps and label layout from the first chunk's activations."""
+        taps = []
+        for name, x in zip(names, tensors):
+            if x.dim() < 2:
+                raise DataError(f"tap {name!r} has shape {tuple(x.shape)}; a frozen activation needs [B, ...].")
+            shape = tap_shape(x, self.s.pool)
+            taps.append(TapInfo(name, int(torch.Size(shape).numel()), shape, self.s.storage_dtype, self.s.pool))
+        label_layout = {"dtype": disk.dtype_to_str(labels.dtype), "shape": list(labels.shape[1:])}
+        return taps, label_layout
+
+    def total_bytes(self, taps: list[TapInfo], labels: dict) -> int:
+        label_row = torch.Size(labels["shape"]).numel() * torch.empty((), dtype=disk.str_to_dtype(labels["dtype"])).element_size()
+        return self.n * (self.s.views * sum(row_bytes(t.dim, t.dtype) for t in taps) + label_row)
+
+    def write(self, chunk: Chunk, names, tensors, inputs, labels) -> None:
+        """Check and write one chunk's activations and labels into the storage."""
+        t0 = time.perf_counter()
+        # Inference mode allows in-place writes into the (normal) storage tensors, which are
+        # allocated outside it so that the finished cache holds ordinary tensors.
+        with torch.inference_mode():
+            self._write(chunk, tensors, inputs, labels)
+        if self.s.device.type == "cuda":
+            torch.cuda.synchronize(self.s.device)
+        self.timer.write += time.perf_counter() - t0
+        self.timer.rows_written += chunk.count
+
+    def _write(self, chunk: Chunk, tensors, inputs, labels) -> None:
+        if len(tensors) != len(self.taps):
+            raise DataError(f"the prefix returned {len(tensors)} taps for samples {chunk.start}.. but {len(self.taps)} before.")
+        if int(labels.shape[0]) != chunk.count:
+            raise DataError(f"a batch of {chunk.count} samples came with {int(labels.shape[0])} labels.")
+        mask = self._mask(inputs) if self.s.pool == "masked_mean" else None
+        for tap, x, store in zip(self.taps, tensors, self.storages):
+            if x.shape[0] != chunk.count or tap_shape(x, self.s.pool) != tap.shape:
+                raise DataError(
+                    f"tap {tap.name!r} has shape {tuple(x.shape)} for samples {chunk.start}..; expected "
+                    f"[{chunk.count}, ...] giving per-sample {tap.shape} as in the first batch."
+                )
+            _check_finite(x, tap.name, chunk.start, chunk.view, self.s.views)
+            if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                x = x.float()  # float64 or integer activations: the kernels take fp32/bf16/fp16
+            src = as_bld(x, self.s.pool)
+            tap_mask = self._tap_mask(mask, src, tap.name)
+            dst = store.data
+            if dst.device != src.device and not (dst.is_pinned() and src.is_cuda):
+                src = src.to(dst.device)
+                tap_mask = None if tap_mask is None else tap_mask.to(dst.device)
+            first = chunk.view * self.n + chunk.start
+            rows = torch.arange(first, first + chunk.count, device=src.device)
+            torch.ops.fastft.cache_write(src, rows, dst, store.scales, self._tap_pool(tap_mask, src), tap_mask)
+        if chunk.view == 0:
+            if list(labels.shape[1:]) != list(self.labels.shape[1:]) or labels.dtype != self.labels.dtype:
+                raise DataError(
+                    f"labels of samples {chunk.start}.. have {labels.dtype} {tuple(labels.shape[1:])} per sample, "
+                    f"the first batch had {self.labels.dtype} {tuple(self.labels.shape[1:])}."
+                )
+            self.labels[chunk.start:chunk.start + chunk.count] = labels.to(self.labels.device)
+
+    def _mask(self, inputs: Any) -> torch.Tensor:
+        if not isinstance(inputs, dict) or self.s.mask_key not in inputs:
+            raise FastFTValueError(
+                f"pool='masked_mean' takes the mask from inputs[{self.s.mask_key!r}], but the inputs "
+                + ("have keys " + ", ".join(map(repr, inputs)) if isinstance(inputs, dict) else "are not a dict")
+                + ". Pass mask_key= or another pool."
+            )
+        return inputs[self.s.mask_key]
+
+    def _tap_mask(self, mask: torch.Tensor | None, src: torch.Tensor, name: str) -> torch.Tensor | None:
+        if mask is None or src.shape[1] == 1:
+            return None  # one position: masked_mean is that position (no mask needed)
+        if tuple(mask.shape) != tuple(src.shape[:2]):
+            raise DataError(
+                f"pool='masked_mean': tap {name!r} has {src.shape[1]} positions but the mask has shape "
+                f"{tuple(mask.shape)}; it must be [B, L] for the tap's [B, L, D]."
+            )
+        return mask.to(src.device)
+
+    def _tap_pool(self, mask: torch.Tensor | None, src: torch.Tensor) -> str:
+        if self.s.pool == "masked_mean" and mask is None:
+            return "first" if src.shape[1] == 1 else "mean"
+        return self.s.pool
+
+
+# ---------------------------------------------------------------------------- the build
+def _settings(dtype, tier, views, transform, pool, mask_key, batch_size, num_workers, cache_dir,
+              max_memory, progress, seed, device, prefix) -> Settings:
+    name = dtype_name(dtype)
+    if tier not in TIERS:
+        raise FastFTValueError(f"unknown cache tier {tier!r}; use one of {', '.join(TIERS)}.")
+    if pool not in POOLS:
+        raise FastFTValueError(f"unknown pool {pool!r}; use one of {', '.join(POOLS)}.")
+    if int(views) < 1:
+        raise FastFTValueError(f"views must be >= 1, got {views}.")
+    if views > 1 and transform is None:
+        raise FastFTValueError("views > 1 caches augmented views: pass the random transform= that makes them.")
+    if int(batch_size) < 1:
+        raise FastFTValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if device is None:
+        first = next(iter(prefix.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    return Settings(name, DTYPES[name], tier, int(views), transform, pool, mask_key, int(batch_size),
+                    int(num_workers), cache_root(cache_dir), parse_bytes(max_memory), progress, int(seed),
+                    torch.device(device))
+
+
+def _progress_bar(s: Settings, total: int, done: int):
+    from tqdm.auto import tqdm
+
+    enabled = s.progress and sys.stderr.isatty()
+    return tqdm(total=total, initial=done, unit="rows", unit_scale=True, desc="fastft cache",
+                disable=not enabled, dynamic_ncols=True)
+
+
+def build(cls, prefix: nn.Module, dataset: Any, *, dtype, tier, views, transform, pool, mask_key,
+          batch_size, num_workers, cache_dir, dataset_id, max_memory, progress, seed, device) -> FeatureCache:
+    """See :meth:`FeatureCache.build`."""
+    t_start = time.perf_counter()
+    s = _settings(dtype, tier, views, transform, pool, mask_key, batch_size, num_workers, cache_dir,
+                  max_memory, progress, seed, device, prefix)
+    n = fdata.dataset_length(dataset)
+    parts = fingerprint_parts(prefix, dataset, dataset_id=dataset_id, transform=transform, views=s.views,
+                              seed=s.seed, dtype=s.dtype, pool=s.pool, mask_key=mask_key)
+    fp = combine(parts)
+
+    def hit(cache: FeatureCache, reason: str = "hit") -> FeatureCache:
+        _register(cache)
+        return cache.with_telemetry(hit=True, reason=reason, build_seconds=time.perf_counter() - t_start,
+                                    prefix_seconds=0.0, write_seconds=0.0, prefix_calls=0,
+                                    rows_computed=0)
+
+    known = _registered(fp)
+    if known is not None and s.tier in ("auto", known.tier):
+        return hit(known)
+    folder = s.root / fp
+    reason = None
+    if (folder / disk.MANIFEST).is_file():
+        try:
+            found = cls.from_folder(folder)
+            if s.tier in ("auto", "disk"):
+                return hit(found)
+            return hit(_to_memory(cls, found, s), "hit: loaded from disk")
+        except CacheCorruptError as exc:
+            reason = f"rebuilt: the cache on disk was corrupt ({exc})"
+        except CacheError:
+            pass  # an interrupted build: resumed below
+    reason = reason or _explain(parts, s.root)
+
+    prefix_mode = prefix.training
+    prefix.eval()  # the frozen part always runs in eval mode (BatchNorm running stats, no dropout)
+    try:
+        return _run(cls, prefix, dataset, n, s, fp, parts, reason, t_start)
+    finally:
+        prefix.train(prefix_mode)
+
+
+def _to_memory(cls, found: FeatureCache, s: Settings) -> FeatureCache:
+    """A complete disk cache copied into the requested in-memory tier."""
+    where, pin = memory_device(s.tier, s.device)
+    storages = []
+    for st in found._storages:
+        data = st.data.to(where, copy=True)
+        scales = st.scales.to(where, copy=True)
+        storages.append(TapStorage(data.pin_memory() if pin else data, scales.pin_memory() if pin else scales))
+    labels = found.labels.clone()
+    return cls(fingerprint=found.fingerprint, parts=found.parts, tier=s.tier, taps=found.taps, storages=storages,
+               labels=labels, num_rows=found.num_rows, num_views=found.num_views,
+               telemetry=dict(found.telemetry, bytes={s.tier: found.nbytes}))
+
+
+def _run(cls, prefix, dataset, n, s: Settings, fp, parts, reason, t_start) -> FeatureCache:
+    timer = Timer()
+    writer = Writer(prefix, s, n, timer)
+    folder = s.root / fp
+    resuming = (folder / disk.MANIFEST).is_file()
+    tier = "disk" if resuming and s.tier == "auto" else s.tier  # an interrupted disk build resumes
+    probe, writer_layout = None, None
+    if tier in ("host", "device") or (tier == "auto" and not resuming):
+        # The first chunk's activations tell the taps' widths, hence the size and the tier.
+        first = next(chunks(dataset, n, s, lambda v, st, c: (v, st) != (0, 0)))
+        probe = (first, *writer.forward(first))
+        writer_layout = writer.layout(probe[1], probe[2], probe[4])
+        tier = choose_tier(tier, writer.total_bytes(*writer_layout), s.device, s.max_memory)
+    if tier != "disk":
+        return _build_in_memory(cls, writer, dataset, n, s, fp, parts, reason, t_start, tier, probe, writer_layout)
+    with disk.build_lock(s.root, fp, on_wait=lambda: log.warning(
+            "fastft: another process is building cache %s; waiting for it to finish.", fp[:12])):
+        if (folder / disk.MANIFEST).is_file():
+            manifest = disk.read_json(folder / disk.MANIFEST)
+            if manifest.get("status") == "complete":
+                try:
+                    cache = cls.from_folder(folder)
+                    _register(cache)
+                    return cache.with_telemetry(hit=True, reason="hit: built by another process",
+                                                build_seconds=time.perf_counter() - t_start,
+                                                prefix_seconds=timer.prefix, write_seconds=0.0,
+                                                prefix_calls=timer.prefix_calls, rows_computed=0)
+                except CacheCorruptError:
+                    pass
+        return _build_on_disk(cls, writer, dataset, n, s, fp, parts, reason, t_start, probe)
+
+
+def _run_chunks(writer: Writer, dataset, n, s: Settings, probe, skip, on_done: Callable[[Chunk], None], done: int) -> None:
+    """Forward and write every chunk not skipped; ``on_done`` after each written chunk."""
+    bar = _progress_bar(s, n * s.views, done)
+    try:
+        for chunk in chunks(dataset, n, s, skip):
+            if probe is not None and (chunk.view, chunk.start) == (0, 0) and chunk.count == probe[0].count:
+                _, names, tensors, inputs, labels = probe
+            else:
+                names, tensors, inputs, labels = writer.forward(chunk)
+            probe = None
+            writer.write(chunk, names, tensors, inputs, labels)
+            on_done(chunk)
+            bar.update(chunk.count)
+    finally:
+        bar.close()
+
+
+def _telemetry(timer: Timer, tier: str, nbytes: int, t_start: float, reason: str, n: int, views: int, **extra) -> dict:
+    return {"rows": n * views, "bytes": {tier: nbytes}, "build_seconds": time.perf_counter() - t_start,
+            "prefix_seconds": timer.prefix, "write_seconds": timer.write, "hit": False, "reason": reason,
+            "prefix_calls": timer.prefix_calls, "rows_computed": timer.rows_written, **extra}
+
+
+def _build_in_memory(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_start, tier, probe, layout) -> FeatureCache:
+    taps, label_layout = layout
+    where, pin = memory_device(tier, s.device)
+    writer.taps = taps
+    writer.storages = [allocate(n * s.views, t.dim, t.dtype, where, pin) for t in taps]
+    writer.labels = torch.zeros((n, *label_layout["shape"]), dtype=disk.str_to_dtype(label_layout["dtype"]))
+    _run_chunks(writer, dataset, n, s, probe, lambda v, st, c: False, lambda chunk: None, 0)
+    nbytes = sum(st.nbytes for st in writer.storages) + writer.labels.numel() * writer.labels.element_size()
+    cache = cls(fingerprint=fp, parts=parts, tier=tier, taps=taps, storages=writer.storages, labels=writer.labels,
+                num_rows=n, num_views=s.views,
+                telemetry=_telemetry(writer.timer, tier, nbytes, t_start, reason, n, s.views))
+    _register(cache)
+    return cache
+
+
+def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_start, probe) -> FeatureCache:
+    folder = s.root / fp
+    manifest = _resumable_manifest(folder)
+    if manifest is None:
+        if probe is None:
+            first = next(chunks(dataset, n, s, lambda v, st, c: (v, st) != (0, 0)))
+            probe = (first, *writer.forward(first))
+        taps, label_layout = writer.layout(probe[1], probe[2], probe[4])
+        manifest = _new_folder(folder, fp, parts, taps, label_layout, n, s)
+    layout = disk.arrays(manifest)
+    tensors = {a.name: disk.map_array(folder, a) for a in layout}
+    writer.taps = [TapInfo.from_json(t) for t in manifest["taps"]]
+    empty = torch.empty(0, dtype=torch.float32)
+    writer.storages = [TapStorage(tensors[t.name], tensors.get(t.name + ".scales", empty)) for t in writer.taps]
+    writer.labels = tensors["labels"]
+    journal = disk.Journal(folder)
+    reused = _drop_bad_chunks(journal, tensors, layout, n)
+    if reused:
+        reason = f"resumed: {reused} of {n * s.views} rows were already committed"
+
+    pending: list[Chunk] = []
+    last_commit = [time.monotonic()]
+
+    def commit() -> None:
+        if not pending:
+            return
+        disk.fsync_files(folder, layout)  # bytes durable before the journal names them
+        for c in pending:
+            journal.add(c.view, c.start, c.count, disk.chunk_checksums(tensors, layout, c.view, c.start, c.count, n))
+        journal.save()
+        pending.clear()
+        last_commit[0] = time.monotonic()
+
+    def on_done(chunk: Chunk) -> None:
+        pending.append(chunk)
+        if time.monotonic() - last_commit[0] >= COMMIT_INTERVAL_S:
+            commit()
+
+    try:
+        _run_chunks(writer, dataset, n, s, probe, journal.is_committed, on_done, reused)
+    finally:
+        commit()  # chunks fully written before an interruption are kept for the resume
+    if not journal.covers(n, s.views):
+        raise CacheError(f"cache {fp}: the data yielded fewer samples than its length {n}; the build is incomplete.")
+    nbytes = sum(a.nbytes for a in layout)
+    telemetry = _telemetry(writer.timer, "disk", nbytes, t_start, reason, n, s.views, rows_reused=reused)
+    manifest.update(status="complete", telemetry=telemetry)
+    disk.write_json_atomic(folder / disk.MANIFEST, manifest)
+    del tensors, writer
+    cache = cls.from_folder(folder, telemetry=telemetry)
+    _register(cache)
+    return cache
+
+
+def _resumable_manifest(folder: Path) -> dict | None:
+    """The manifest of an interrupted build whose files are intact in size, else None (and
+    whatever is in the folder is removed)."""
+    import shutil
+
+    if not folder.exists():
+        return None
+    try:
+        manifest = disk.read_manifest(folder)
+        disk.check_sizes(folder, manifest)
+        if manifest.get("status") == "building":
+            return manifest
+    except (CacheError, KeyError, TypeError):
+        pass
+    shutil.rmtree(folder)
+    return None
+
+
+def _drop_bad_chunks(journal: disk.Journal, tensors, layout, n: int) -> int:
+    """Verify the committed chunks of a resumed build; forget any whose bytes changed.
+    Returns the number of rows kept."""
+    bad = [(v, st) for (v, st), (c, sums) in journal.chunks.items()
+           if disk.chunk_checksums(tensors, layout, v, st, c, n) != sums]
+    for key in bad:
+        journal.drop(*key)
+    return journal.rows
+
+
+def _new_folder(folder: Path, fp, parts, taps: list[TapInfo], label_layout: dict, n: int, s: Settings) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format_version": FORMAT_VERSION, "fingerprint": fp, "parts": parts, "status": "building",
+        "created": time.time(), "num_rows": n, "num_views": s.views, "dtype": s.dtype, "pool": s.pool,
+        "taps": [dict(t.to_json(), file=f"tap{i}.bin",
+                      scales_file=f"tap{i}.scales.bin" if t.dtype == torch.int8 else None)
+                 for i, t in enumerate(taps)],
+        "labels": dict(label_layout, file="labels.bin"),
+    }
+    for array in disk.arrays(manifest):
+        disk.map_array(folder, array, create=True)
+    disk.write_json_atomic(folder / disk.JOURNAL, {"chunks": []})
+    disk.write_json_atomic(folder / disk.MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,112 @@
+"""Storage dtypes, tiers and the tensors that hold cached rows.
+
+A tap's rows live in one contiguous ``[R, D]`` tensor (R = samples × views) in the storage
+dtype, plus ``scales[R]`` (float32) for int8. The tensor sits in accelerator memory
+(``device`` tier), host memory (``host``, pinned when CUDA is in use) or a memory-mapped
+file (``disk``, see :mod:`fastft.cache.disk`); the ops read and write all three alike.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from fastft.errors import FastFTValueError
+
+#: Storage dtype names and their torch dtypes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+TIERS = ("auto", "device", "host", "disk")
+
+#: Share of the currently free memory that ``tier="auto"`` may use when no ``max_memory`` is given
+#: (the rest stays for the model, the tail's training and the rest of the system).
+AUTO_FRACTION = 0.5
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """Canonical name (fp32, bf16, fp16, int8) of a storage dtype given by name or torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        for name, value in DTYPES.items():
+            if value == dtype:
+                return name
+    else:
+        name = _ALIASES.get(str(dtype).lower(), str(dtype).lower())
+        if name in DTYPES:
+            return name
+    raise FastFTValueError(f"unknown cache dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+
+
+def row_bytes(dim: int, dtype: torch.dtype) -> int:
+    """Bytes one cached row takes (its scale included for int8)."""
+    return dim * torch.empty((), dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_bytes(size: int | float | str | None) -> int | None:
+    """``max_memory`` as bytes: a number, or a string like ``"512MB"`` / ``"2GiB"``."""
+    if size is None or isinstance(size, (int, float)):
+        return None if size is None else int(size)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", size)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise FastFTValueError(f"cannot read max_memory={size!r}; use bytes or e.g. '512MB', '2GiB'.")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def free_host_memory() -> int:
+    """Bytes of host memory available now (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_tier(tier: str, nbytes: int, device: torch.device, max_memory: int | None) -> str:
+    """The tier a cache of ``nbytes`` goes to: ``tier`` itself unless it is ``auto``, which
+    picks the fastest tier that fits ``max_memory`` (default: a share of free memory)."""
+    if tier not in TIERS:
+        raise FastFTValueError(f"unknown cache tier {tier!r}; use one of {', '.join(TIERS)}.")
+    if tier != "auto":
+        return tier
+    if device.type == "cuda":
+        budget = max_memory if max_memory is not None else int(torch.cuda.mem_get_info(device)[0] * AUTO_FRACTION)
+        if nbytes <= budget:
+            return "device"
+    budget = max_memory if max_memory is not None else int(free_host_memory() * AUTO_FRACTION)
+    return "host" if nbytes <= budget else "disk"
+
+
+@dataclass
+class TapStorage:
+    """Rows of one tap: ``data[R, D]`` in the storage dtype and ``scales[R]`` (empty unless int8)."""
+
+    data: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scales.numel() * 4
+
+
+def allocate(rows: int, dim: int, dtype: torch.dtype, device: torch.device, pin: bool) -> TapStorage:
+    """Zeroed in-memory storage for ``rows`` rows of ``dim`` features."""
+    data = torch.zeros((rows, dim), dtype=dtype, device=device, pin_memory=pin)
+    n_scales = rows if dtype == torch.int8 else 0
+    scales = torch.zeros(n_scales, dtype=torch.float32, device=device, pin_memory=pin)
+    return TapStorage(data, scales)
+
+
+def memory_device(tier: str, device: torch.device) -> tuple[torch.device, bool]:
+    """(where the storage of an in-memory tier lives, whether it is pinned)."""
+    if tier == "device":
+        return device, False
+    return torch.device("cpu"), device.type == "cuda"
