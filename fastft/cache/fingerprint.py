@@ -103,15 +103,15 @@ def fingerprint_parts(
     """The hash of each part of the key (see :data:`PARTS`)."""
     n = fdata.dataset_length(dataset)
     dataset_part = f"id:{dataset_id}" if dataset_id is not None else f"n={n}:{fdata.sample_hash(dataset)}"
-    # The seed only matters when a transform makes views differ.
-    view_part = f"views={views}" + (f",seed={seed}" if transform is not None else "")
+    # The seed only matters when there is a (random) transform: it is part of the transform.
+    transform_part = callable_key(transform) + (f",seed={seed}" if transform is not None else "")
     return {
         "format": str(FORMAT_VERSION),
         "structure": structure_key(prefix),
         "weights": weights_key(prefix),
         "dataset": _sha(dataset_part),
-        "transform": callable_key(transform),
-        "views": view_part,
+        "transform": transform_part,
+        "views": f"views={views}",
         "dtype": dtype,
         "pool": pool + (f":{mask_key}" if pool == "masked_mean" else ""),
     }
