@@ -225,27 +225,26 @@ def all_labels(data: Any, batch_size: int = 1024) -> torch.Tensor:
 # Hashes of tensors already seen in this process, keyed weakly by the tensor and checked
 # against its version counter, so that repeated fingerprints of the same (unmodified) data
 # or weights cost nothing.
-_tensor_hashes: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+_tensor_hashes: dict[int, tuple] = {}  # id(tensor) -> (weakref, state key, digest)
 
 
 def tensor_digest(t: torch.Tensor) -> bytes:
     """sha256 of a tensor's dtype, shape and bytes (memoised while the tensor is unchanged)."""
     key = (t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
-    try:
-        hit = _tensor_hashes.get(t)
-    except TypeError:
-        hit = None
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    entry = _tensor_hashes.get(id(t))
+    if entry is not None and entry[0]() is t and entry[1] == key:
+        return entry[2]
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     flat = t.detach().reshape(-1)
     if flat.numel():
         data = flat.cpu().contiguous().view(torch.uint8).numpy()
         h.update(memoryview(data))
     digest = h.digest()
+    tid = id(t)
     try:
-        _tensor_hashes[t] = (key, digest)
-    except TypeError:
+        ref = weakref.ref(t, lambda _, tid=tid: _tensor_hashes.pop(tid, None))
+        _tensor_hashes[tid] = (ref, key, digest)
+    except TypeError:  # not weak-referenceable: no memo
         pass
     return digest
 
