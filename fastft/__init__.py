@@ -10,6 +10,7 @@ from fastft._native import build_info, has_cuda, has_native
 from fastft.errors import *  # noqa: F401,F403
 from fastft.errors import __all__ as _error_names
 from fastft import ops
+from fastft.cache import FeatureCache
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,6 @@ __all__ = [
     "has_cuda",
     "has_native",
     "ops",
+    "FeatureCache",
     *_error_names,
 ]
