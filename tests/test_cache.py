@@ -268,6 +268,15 @@ def test_nan_features_name_the_sample(tmp_path):
         build(prefix, (X, y), tmp_path, tier="host")
 
 
+@pytest.mark.reliability("features too large for fp16 storage", "DataError naming the sample and suggesting bf16/fp32")
+def test_fp16_overflow_is_not_cached_as_inf(tmp_path):
+    prefix, (X, y) = cnn(), images()
+    X[3] *= 1e6
+    with pytest.raises(DataError, match="sample 3 .*fp16|sample 3 .*float16"):
+        build(prefix, (X, y), tmp_path, tier="host", dtype="fp16")
+    assert build(prefix, (X, y), tmp_path, tier="host", dtype="bf16").num_rows == 40
+
+
 def test_bad_arguments_are_rejected(tmp_path):
     prefix, data = cnn(), images()
     with pytest.raises(FastFTValueError, match="dtype"):

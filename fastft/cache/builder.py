@@ -161,14 +161,23 @@ def _taps(out: Any, prefix: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
     return [str(n) for n in names], tensors
 
 
-def _check_finite(x: torch.Tensor, name: str, start: int, view: int, views: int) -> None:
-    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+def _check_finite(store: TapStorage, rows: slice, name: str, start: int, view: int, views: int) -> None:
+    """Raise DataError when a just-written row is NaN or Inf.
+
+    The check reads the stored rows (D values per sample, not L x D), so it costs little and
+    covers exactly what training will read: NaN/Inf from the prefix (pooling propagates them)
+    and values that overflow the storage dtype (fp16 beyond 65504). An int8 row's scale is
+    non-finite exactly when its row was.
+    """
+    written = store.scales[rows] if store.data.dtype == torch.int8 else store.data[rows]
+    finite = torch.isfinite(written.reshape(written.shape[0], -1)).all(dim=1)
     if not bool(finite.all()):
         bad = int((~finite).nonzero()[0, 0])
         where = f" (view {view})" if views > 1 else ""
         raise DataError(
-            f"the frozen features of sample {start + bad}{where} contain NaN or Inf (tap {name!r}); "
-            "check that sample's input and the pretrained weights. Nothing of it was cached."
+            f"the frozen features of sample {start + bad}{where} are NaN or Inf in tap {name!r} (or too "
+            f"large for the {disk.dtype_to_str(store.data.dtype)} storage dtype); check that sample's input "
+            "and the pretrained weights, or store in bf16/fp32. The cache was not completed."
         )
 
 
@@ -307,7 +316,6 @@ class Writer:
                     f"tap {tap.name!r} has shape {tuple(x.shape)} for samples {chunk.start}..; expected "
                     f"[{chunk.count}, ...] giving per-sample {tap.shape} as in the first batch."
                 )
-            _check_finite(x, tap.name, chunk.start, chunk.view, self.s.views)
             if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 x = x.float()  # float64 or integer activations: the kernels take fp32/bf16/fp16
             src = as_bld(x, self.s.pool)
@@ -319,6 +327,7 @@ class Writer:
             first = chunk.view * self.n + chunk.start
             rows = torch.arange(first, first + chunk.count, device=src.device)
             torch.ops.fastft.cache_write(src, rows, dst, store.scales, self._tap_pool(tap_mask, src), tap_mask)
+            _check_finite(store, slice(first, first + chunk.count), tap.name, chunk.start, chunk.view, self.s.views)
         if chunk.view == 0:
             if list(labels.shape[1:]) != list(self.labels.shape[1:]) or labels.dtype != self.labels.dtype:
                 raise DataError(
@@ -602,6 +611,7 @@ def _new_folder(folder: Path, fp, parts, taps: list[TapInfo], label_layout: dict
     }
     for array in disk.arrays(manifest):
         disk.map_array(folder, array, create=True)
-    disk.write_json_atomic(folder / disk.JOURNAL, {"chunks": []})
-    disk.write_json_atomic(folder / disk.MANIFEST, manifest)
+    # Not fsynced: if this manifest is lost in a crash, the folder is simply rebuilt (no
+    # journal entry can be durable before the first commit, which syncs the folder).
+    disk.write_json_atomic(folder / disk.MANIFEST, manifest, durable=False)
     return manifest

@@ -61,15 +61,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old or the new file, never a mix."""
+def write_json_atomic(path: Path, payload: dict, *, durable: bool = True) -> None:
+    """Write ``payload`` to ``path`` so that readers see the old or the new file, never a mix;
+    ``durable`` also makes it survive a machine crash (fsync of the file and the folder)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def read_json(path: Path) -> dict:
