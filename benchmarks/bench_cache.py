@@ -94,10 +94,9 @@ def prefix_alone(prefix, data):
 
 
 def cold_build(prefix, data, pool, dtype="fp16"):
-    """One build that reuses nothing: fresh folder, empty registry, no memoised hashes."""
+    """One build that reuses nothing: fresh folder, empty registry."""
     folder = tempfile.mkdtemp(prefix="fastft-bench-")
     builder.clear_registry()
-    fdata._tensor_hashes.clear()
     try:
         cache = FeatureCache.build(prefix, data, tier="disk", dtype=dtype, pool=pool, batch_size=BATCH,
                                    cache_dir=folder, progress=False)

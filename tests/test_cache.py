@@ -181,6 +181,10 @@ def _changes():
             p.inner[0].weight[0, 0, 0, 0] += 1e-3
         return p, d, {}
 
+    def weights_via_data(p, d):  # bypasses the version counter: must still be seen
+        p.inner[1].running_mean.data[3] += 1e-3
+        return p, d, {}
+
     def structure(p, d):
         p.inner[2] = nn.GELU()
         return p, d, {}
@@ -195,7 +199,7 @@ def _changes():
         y[0] = (y[0] + 1) % 5
         return p, (d[0], y), {}
 
-    return {"weights": weights, "structure": structure, "dataset": dataset, "labels": labels,
+    return {"weights": weights, "weights_via_data": weights_via_data, "structure": structure, "dataset": dataset, "labels": labels,
             "transform": lambda p, d: (p, d, {"transform": lambda x: x * 2}),
             "dtype": lambda p, d: (p, d, {"dtype": "bf16"}),
             "pool": lambda p, d: (p, d, {"pool": "max"})}
@@ -210,7 +214,7 @@ def test_any_change_rebuilds_and_says_why(tmp_path, what):
     cache = build(prefix, data, tmp_path, tier="disk", **kw)
     assert prefix.calls == before + 3
     assert cache.telemetry["hit"] is False
-    expected = {"labels": "dataset"}.get(what, what)
+    expected = {"labels": "dataset", "weights_via_data": "weights"}.get(what, what)
     assert cache.telemetry["reason"] == f"rebuilt: {expected} changed"
 
 
