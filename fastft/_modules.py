@@ -1,0 +1,133 @@
+"""Module bookkeeping shared by surgery and split: which modules are new, frozen or trainable.
+
+A module added by surgery is marked *new* by an attribute on the module object itself
+(``module._fastft_new = True``), not by its name: names move when later surgery wraps,
+inserts or removes modules, the object does not. The mark is a plain bool in the module's
+``__dict__``, so deepcopy, pickling and ``state_dict`` are unaffected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from typing import Iterable, Iterator
+
+from torch import nn
+
+from fastft.errors import SurgeryError
+
+NEW_ATTR = "_fastft_new"
+
+# Status of a module, from its parameters and marks (see classify).
+NEW, FROZEN, TRAINABLE, MIXED = "new", "frozen", "trainable", "mixed"
+
+
+def mark_new(module: nn.Module) -> nn.Module:
+    """Record ``module`` (and so everything inside it) as added by surgery."""
+    module.__dict__[NEW_ATTR] = True
+    return module
+
+
+def is_marked_new(module: nn.Module) -> bool:
+    return bool(module.__dict__.get(NEW_ATTR, False))
+
+
+def classify(root: nn.Module) -> dict[int, str]:
+    """Status of every module under ``root``, keyed by ``id(module)``.
+
+    - ``new``: marked new, or inside a module marked new;
+    - ``frozen``: no parameter requires grad and nothing new inside (parameterless modules
+      such as ReLU are frozen too: they have nothing to train);
+    - ``trainable``: has parameters, all of them require grad;
+    - ``mixed``: anything else (a container holding frozen and trainable parts).
+    """
+    status: dict[int, str] = {}
+
+    def visit(m: nn.Module, under_new: bool) -> bool:
+        """Fill status for m's subtree; return whether it holds something new."""
+        new = under_new or is_marked_new(m)
+        has_new = any([visit(c, new) for c in m.children()])  # list: visit every child
+        if new:
+            status[id(m)] = NEW
+            return True
+        grads = [p.requires_grad for p in m.parameters()]
+        if not any(grads) and not has_new:
+            status[id(m)] = FROZEN
+        elif grads and all(grads):
+            status[id(m)] = TRAINABLE
+        else:
+            status[id(m)] = MIXED
+        return has_new
+
+    visit(root, False)
+    return status
+
+
+def eval_modules(root: nn.Module, status: dict[int, str] | None = None) -> list[nn.Module]:
+    """Modules that must run in eval mode: frozen ones not inside a new or trainable module.
+
+    A parameterless Dropout inside a new head trains with the head; a Dropout or BatchNorm
+    among frozen layers uses its eval behaviour (no dropout, running statistics).
+    """
+    status = classify(root) if status is None else status
+    out: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        s = status.get(id(m), FROZEN)
+        if s in (NEW, TRAINABLE):
+            return
+        if s == FROZEN:
+            out.extend(m.modules())
+            return
+        for c in m.children():
+            visit(c)
+
+    visit(root)
+    return out
+
+
+@contextlib.contextmanager
+def eval_mode(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Put ``modules`` in eval mode for the block, then restore each one's own flag."""
+    saved = [(m, m.training) for m in modules]
+    try:
+        for m, _ in saved:
+            m.training = False
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def all_eval(root: nn.Module) -> Iterator[None]:
+    """The whole of ``root`` in eval mode for the block; every module's flag restored after."""
+    with eval_mode(list(root.modules())):
+        yield
+
+
+def suggest(name: str, candidates: Iterable[str], what: str = "module") -> str:
+    """'unknown module 'x'; did you mean ...?' with the closest existing names."""
+    candidates = [c for c in candidates if c]
+    close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.5)
+    if close:
+        return f"unknown {what} {name!r}; did you mean {', '.join(repr(c) for c in close)}?"
+    top = sorted({c.split(".")[0] for c in candidates})
+    return f"unknown {what} {name!r}; top-level names are: {', '.join(top[:20]) or '(none)'}."
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` with a SurgeryError that suggests close names."""
+    if not isinstance(name, str) or not name:
+        raise SurgeryError(f"a module name must be a non-empty string like 'encoder.layer.3', got {name!r}.")
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise SurgeryError(suggest(name, (n for n, _ in model.named_modules()))) from None
+
+
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(parent module, key in the parent) of the module called ``name``."""
+    get_module(model, name)
+    parent_name, _, key = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), key
