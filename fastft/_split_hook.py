@@ -1,0 +1,239 @@
+"""The hook split, for models torch.fx cannot trace (data-dependent control flow, HF models).
+
+The cut is the input of the first trainable module in execution order. The prefix runs the
+model and stops there: a forward-pre-hook captures that module's inputs and raises an
+internal exception that aborts the rest of the forward. The tail is the chain of modules
+that ran after the cut, each fed the previous one's output.
+
+That is only right when the trainable modules run last, as a chain: after the cut only
+trainable modules (and stateless ones such as ReLU) may run, each once, each taking exactly
+the previous one's output, and the model must return the last one's output. A single
+recorded forward on the example checks all of that and explains what breaks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastft._modules import MIXED, NEW, TRAINABLE, all_eval
+from fastft._split_fx import CannotSplit, _batch_size
+from fastft.errors import SplitError
+
+
+class _Stop(BaseException):
+    """Raised by the cut's pre-hook to end the frozen forward early. A BaseException, so
+    that a model's own ``except Exception`` cannot swallow it."""
+
+
+@dataclass
+class _Call:
+    name: str
+    module: nn.Module
+    index: int
+    parent: "_Call | None"
+    args: tuple
+    kwargs: dict
+    output: Any = field(default=None)
+
+
+def _record_calls(model: nn.Module, example: Any) -> list[_Call]:
+    """Every module call of one forward, in the order they start, with inputs and outputs."""
+    calls: list[_Call] = []
+    stack: list[_Call] = []
+    handles = []
+
+    def pre(name):
+        def hook(mod, args, kwargs):
+            call = _Call(name, mod, len(calls), stack[-1] if stack else None, args, kwargs)
+            calls.append(call)
+            stack.append(call)
+        return hook
+
+    def post(mod, args, kwargs, output):
+        stack.pop().output = output
+
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
+        handles.append(m.register_forward_hook(post, with_kwargs=True))
+    try:
+        with torch.no_grad(), all_eval(model):
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _units(model: nn.Module, status: dict[int, str]) -> dict[int, str]:
+    """Outermost modules that train: new, wholly trainable, or owning a trainable parameter."""
+    units: dict[int, str] = {}
+    taken: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(t + ".") or t == "" for t in taken):
+            continue
+        s = status.get(id(m))
+        if s in (NEW, TRAINABLE) or (s == MIXED and any(p.requires_grad for p in m.parameters(recurse=False))):
+            units[id(m)] = name
+            taken.append(name)
+    return units
+
+
+def _stateless(m: nn.Module) -> bool:
+    return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
+
+
+def _tensors_only(args: tuple, kwargs: dict) -> bool:
+    return all(isinstance(a, torch.Tensor) for a in args) and all(v is None for v in kwargs.values())
+
+
+def build(model: nn.Module, example: Any, status: dict[int, str]):
+    """Return ``(prefix body, tail body, tap names, signature text)``."""
+    units = _units(model, status)
+    calls = _record_calls(model, example)
+    start = next((c for c in calls if id(c.module) in units), None)
+    if start is None:
+        raise CannotSplit("no trainable module runs on the example inputs")
+    if start.index == 0:
+        raise CannotSplit("the model's own forward uses trainable parameters: nothing frozen runs before them")
+    cut = start.name
+    chain = [c for c in calls[start.index:] if c.parent is not None and c.parent.index < start.index]
+    seen: set[int] = set()
+    for prev, c in zip([None, *chain[:-1]], chain):
+        if id(c.module) in units:
+            if id(c.module) in seen:
+                raise CannotSplit(f"the trainable module {c.name!r} runs more than once")
+            seen.add(id(c.module))
+        elif not _stateless(c.module):
+            raise CannotSplit(
+                f"the frozen module {c.name!r} runs after the trainable module {cut!r}: the trainable "
+                "modules do not run last as a chain, and only a traced graph could cut such a model"
+            )
+        if prev is None:
+            if not _tensors_only(c.args, c.kwargs) or not c.args:
+                raise CannotSplit(f"{cut!r} is called with non-tensor or keyword inputs; the cut must be tensors")
+        elif len(c.args) != 1 or c.args[0] is not prev.output or not _tensors_only(c.args, c.kwargs):
+            raise CannotSplit(
+                f"{c.name!r} does not take exactly the output of {prev.name!r} (code runs between them), "
+                "so the modules after the cut are not a chain"
+            )
+    if calls[0].output is not chain[-1].output:
+        raise CannotSplit(
+            f"the model does not return the output of its last module {chain[-1].name!r} as is "
+            f"(it returns {type(calls[0].output).__name__} built from it)"
+        )
+    batch = _batch_size(example)
+    for i, t in enumerate(start.args):
+        if t.dim() == 0 or t.shape[0] != batch:
+            raise CannotSplit(f"input {i} of {cut!r} has shape {tuple(t.shape)}, not [batch={batch}, ...]")
+
+    frozen_ran = _outermost([c.name for c in calls[1:start.index] if status.get(id(c.module)) not in (NEW, TRAINABLE, MIXED)])
+    body = _HookPrefix(model, start.module, cut, frozen_ran, status)
+    names = [f"{cut}.input"] if len(start.args) == 1 else [f"{cut}.input{i}" for i in range(len(start.args))]
+    tail = _Chain([c.module for c in chain], [c.name for c in chain])
+    lines = [
+        "method: hook",
+        f"model: {type(model).__module__}.{type(model).__qualname__}",
+        f"cut: input of {cut} ({type(start.module).__qualname__})",
+        f"taps: {names}",
+    ] + [f"{n} = {model.get_submodule(n)!r}" for n in frozen_ran]
+    return body, tail, names, "\n".join(lines)
+
+
+def _outermost(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        if n not in out and not any(n.startswith(o + ".") for o in out):
+            out = [o for o in out if not o.startswith(n + ".")] + [n]
+    return out
+
+
+class _HookPrefix(nn.Module):
+    """Runs the model up to the cut and returns the cut module's inputs.
+
+    The model is held without being registered as a submodule, so that the prefix's
+    parameters are only the frozen ones that run before the cut (the cache fingerprint
+    hashes them; the new head's weights must not count). Those modules are registered
+    under their model names in ``frozen``; frozen parameters and buffers owned directly by
+    mixed containers (e.g. a class token) are registered too.
+    """
+
+    def __init__(self, model: nn.Module, cut: nn.Module, cut_name: str, frozen: list[str], status: dict[int, str]):
+        super().__init__()
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_cut", cut)
+        self.cut_name = cut_name
+        self.frozen = nn.Module()
+        self._direct_buffers: list[tuple[nn.Module, str, nn.Module]] = []
+        for name in frozen:
+            self._place(name).add_module(name.rpartition(".")[2], model.get_submodule(name))
+        for name, m in model.named_modules():
+            if status.get(id(m)) != MIXED:
+                continue
+            holder = None
+            for pname, p in m.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    holder = holder or self._place(f"{name}.x" if name else "x")
+                    holder.register_parameter(pname, p)
+            for bname, b in m.named_buffers(recurse=False):
+                holder = holder or self._place(f"{name}.x" if name else "x")
+                holder.register_buffer(bname, b)
+                self._direct_buffers.append((m, bname, holder))
+
+    def _place(self, name: str) -> nn.Module:
+        """The holder module for ``name``'s parent path, creating plain modules on the way."""
+        node = self.frozen
+        for part in name.split(".")[:-1]:
+            if part not in node._modules:
+                node.add_module(part, nn.Module())
+            node = node._modules[part]
+        return node
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # .to()/.half() replace buffer tensors in the holder only; give them to their owners.
+        for owner, bname, holder in self._direct_buffers:
+            owner._buffers[bname] = holder._buffers[bname]
+        return self
+
+    def eval_targets(self) -> list[nn.Module]:
+        return list(self._model.modules())
+
+    def forward(self, x: Any) -> tuple[torch.Tensor, ...]:
+        captured: list[tuple] = []
+
+        def stop(mod, args, kwargs):
+            captured.append(args)
+            raise _Stop
+
+        handle = self._cut.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self._model(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise SplitError(
+                f"the model's forward finished without reaching {self.cut_name!r} on this input, so the "
+                "frozen prefix has no output; the cut found on the example inputs does not hold here."
+            )
+        return tuple(captured[0])
+
+
+class _Chain(nn.Module):
+    """``steps[-1](... steps[1](steps[0](*taps)))``: the modules after a hook cut."""
+
+    def __init__(self, modules: list[nn.Module], names: list[str]):
+        super().__init__()
+        self.steps = nn.ModuleList(modules)
+        self.names = list(names)
+
+    def forward(self, *taps: torch.Tensor) -> Any:
+        x = self.steps[0](*taps)
+        for step in self.steps[1:]:
+            x = step(x)
+        return x
