@@ -11,6 +11,8 @@ from fastft.errors import *  # noqa: F401,F403
 from fastft.errors import __all__ as _error_names
 from fastft import ops
 from fastft.cache import FeatureCache
+from fastft import surgery
+from fastft.split import split, FrozenPrefix, TrainableTail
 
 __version__ = "0.1.0"
 
