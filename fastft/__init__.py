@@ -23,5 +23,9 @@ __all__ = [
     "has_native",
     "ops",
     "FeatureCache",
+    "surgery",
+    "split",
+    "FrozenPrefix",
+    "TrainableTail",
     *_error_names,
 ]
