@@ -13,6 +13,9 @@ from fastft import ops
 from fastft.cache import FeatureCache
 from fastft import surgery
 from fastft.split import split, FrozenPrefix, TrainableTail
+from fastft import data
+from fastft.trainer import EarlyStopping, FineTuner, History
+from fastft.sweep import SweepResult
 
 __version__ = "0.1.0"
 
@@ -27,5 +30,10 @@ __all__ = [
     "split",
     "FrozenPrefix",
     "TrainableTail",
+    "data",
+    "FineTuner",
+    "EarlyStopping",
+    "History",
+    "SweepResult",
     *_error_names,
 ]
