@@ -106,10 +106,15 @@ def all_eval(root: nn.Module) -> Iterator[None]:
         yield
 
 
+def close_names(name: str, candidates: Iterable[str]) -> list[str]:
+    """Up to four existing names closest to ``name``."""
+    return difflib.get_close_matches(name, [c for c in candidates if c], n=4, cutoff=0.5)
+
+
 def suggest(name: str, candidates: Iterable[str], what: str = "module") -> str:
     """'unknown module 'x'; did you mean ...?' with the closest existing names."""
     candidates = [c for c in candidates if c]
-    close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.5)
+    close = close_names(name, candidates)
     if close:
         return f"unknown {what} {name!r}; did you mean {', '.join(repr(c) for c in close)}?"
     top = sorted({c.split(".")[0] for c in candidates})

@@ -26,7 +26,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fastft._modules import all_eval, get_module, is_marked_new, mark_new, parent_of, suggest
+from fastft._modules import all_eval, close_names, get_module, is_marked_new, mark_new, parent_of, suggest
 from fastft.errors import SurgeryError
 
 __all__ = [
@@ -415,10 +415,11 @@ def _select(model: nn.Module, names, patterns, depth) -> tuple[list[str], bool]:
         hit = [p for p in params if any(
             fnmatch.fnmatchcase(".".join(p.split(".")[:i]), pat) for i in range(1, p.count(".") + 2))]
         if not hit:
-            stem = pat.replace("*", "").replace("?", "").strip(".")
+            close = close_names(pat.replace("*", "").replace("?", "").strip(".") or pat, modules + params)
             raise SurgeryError(
                 f"pattern {pat!r} matches no parameter or module (a pattern matching nothing is an error, "
-                f"not a no-op). {suggest(stem or pat, modules + params).replace('unknown module', 'Closest to')}"
+                "not a no-op); " + (f"names close to it: {', '.join(map(repr, close))}." if close else
+                                    f"top-level names: {', '.join(sorted({m.split('.')[0] for m in modules}))}.")
             )
         chosen.update(hit)
     if depth is not None:
