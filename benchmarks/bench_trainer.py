@@ -34,9 +34,14 @@ def features():
 
 
 def backbone():
-    # The frozen part is an identity: the "features" are what a frozen network produced.
+    # The frozen part is an identity map (a Linear with identity weights): the "features"
+    # stand for what a frozen network produced.
     torch.manual_seed(0)
-    return nn.Sequential(nn.Identity(), nn.Linear(D, 1000))
+    frozen = nn.Linear(D, D)
+    with torch.no_grad():
+        frozen.weight.copy_(torch.eye(D))
+        frozen.bias.zero_()
+    return nn.Sequential(frozen, nn.Linear(D, 1000))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 _medians: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-_baselines: dict[str, str] = {}
+_baselines: dict[tuple[str, str], str] = {}
 
 
 class Recorder:
@@ -31,7 +31,7 @@ class Recorder:
         benchmark.group = f"{self.suite}:{case}"
         benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
         _medians[self.suite][case][impl] = benchmark.stats.stats.median
-        _baselines[self.suite] = baseline
+        _baselines[(self.suite, case)] = baseline
 
 
 @pytest.fixture
@@ -46,9 +46,9 @@ def pytest_sessionfinish(session, exitstatus):
     RESULTS.mkdir(exist_ok=True)
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     for suite, cases in _medians.items():
-        baseline = _baselines[suite]
         rows = []
         for case, impls in cases.items():
+            baseline = _baselines[(suite, case)]
             for impl, median in impls.items():
                 if impl == baseline:
                     continue
@@ -56,11 +56,12 @@ def pytest_sessionfinish(session, exitstatus):
                 rows.append({
                     "case": case,
                     "impl": impl,
+                    "baseline": baseline,
                     "median_ms": round(median * 1e3, 4),
-                    f"{baseline}_ms": round(base * 1e3, 4) if base else None,
+                    "baseline_ms": round(base * 1e3, 4) if base else None,
                     "speedup": round(base / median, 3) if base else None,
                 })
-        payload = {"suite": suite, "machine": machine, "baseline": baseline,
+        payload = {"suite": suite, "machine": machine,
                    "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
         (RESULTS / f"{suite}.json").write_text(json.dumps(payload, indent=2))
         with open(RESULTS / f"{suite}.csv", "w", newline="") as f:
@@ -70,6 +71,7 @@ def pytest_sessionfinish(session, exitstatus):
                 w.writerows(rows)
         tr = session.config.pluginmanager.get_plugin("terminalreporter")
         if tr is not None:
-            tr.write_sep("=", f"{suite}: speed-up = {baseline} time / time ({machine})")
+            tr.write_sep("=", f"{suite}: speed-up = baseline time / time ({machine})")
             for r in rows:
-                tr.write_line(f"  {r['case']:<48} {r['impl']:<10} {r['median_ms']:>10.3f} ms   x{r['speedup']}")
+                tr.write_line(f"  {r['case']:<48} {r['impl']:<10} {r['median_ms']:>10.3f} ms  vs {r['baseline']:<10} "
+                              f"{r['baseline_ms']} ms  x{r['speedup']}")

@@ -16,13 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def table(payload: dict) -> str:
-    base = payload["baseline"]
     lines = [
-        f"| case | {base} (ms) | fastft (ms) | speed-up |",
-        "|---|---:|---:|---:|",
+        "| case | baseline | baseline (ms) | measured | time (ms) | speed-up |",
+        "|---|---|---:|---|---:|---:|",
     ]
     for r in payload["rows"]:
-        lines.append(f"| {r['case']} ({r['impl']}) | {r[f'{base}_ms']:.3f} | {r['median_ms']:.3f} | {r['speedup']:.2f}× |")
+        lines.append(f"| {r['case']} | {r['baseline']} | {r['baseline_ms']:.3f} | {r['impl']} | "
+                     f"{r['median_ms']:.3f} | {r['speedup']:.2f}× |")
     lines.append(f"\n_Measured {payload['date']} on {payload['machine']}._")
     return "\n".join(lines)
 
@@ -32,7 +32,7 @@ def main() -> None:
     text = readme.read_text()
     for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
         payload = json.loads(path.read_text())
-        if "rows" not in payload or "baseline" not in payload:
+        if "rows" not in payload or not payload["rows"] or "baseline" not in payload["rows"][0]:
             continue
         suite = payload["suite"]
         pattern = re.compile(rf"(<!-- {re.escape(suite)}:start -->\n).*?(\n<!-- {re.escape(suite)}:end -->)", re.S)
