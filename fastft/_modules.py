@@ -38,8 +38,9 @@ def classify(root: nn.Module) -> dict[int, str]:
     - ``new``: marked new, or inside a module marked new;
     - ``frozen``: no parameter requires grad and nothing new inside (parameterless modules
       such as ReLU are frozen too: they have nothing to train);
-    - ``trainable``: has parameters, all of them require grad;
-    - ``mixed``: anything else (a container holding frozen and trainable parts).
+    - ``trainable``: has parameters, all of them require grad, nothing new inside;
+    - ``mixed``: anything else (a container holding frozen and trainable or new parts; e.g. a
+      ``Sequential(Dropout, Linear)`` whose Linear was replaced: its Dropout stays frozen).
     """
     status: dict[int, str] = {}
 
@@ -53,7 +54,7 @@ def classify(root: nn.Module) -> dict[int, str]:
         grads = [p.requires_grad for p in m.parameters()]
         if not any(grads) and not has_new:
             status[id(m)] = FROZEN
-        elif grads and all(grads):
+        elif grads and all(grads) and not has_new:
             status[id(m)] = TRAINABLE
         else:
             status[id(m)] = MIXED
