@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import sys
 import time
 import weakref
@@ -36,7 +37,7 @@ from fastft.cache.feature_cache import FeatureCache, TapInfo
 from fastft.cache.fingerprint import FORMAT_VERSION, PARTS, accepts_generator, changed_parts, combine, fingerprint_parts
 from fastft.cache.manage import cache_root
 from fastft.cache.storage import DTYPES, TIERS, TapStorage, allocate, choose_tier, dtype_name, memory_device, parse_bytes, row_bytes
-from fastft.errors import CacheCorruptError, CacheError, DataError, FastFTValueError
+from fastft.errors import CacheCorruptError, CacheError, DataError, FastFTError, FastFTValueError
 from fastft.ops import POOLS
 
 log = logging.getLogger("fastft.cache")
@@ -81,9 +82,9 @@ def _explain(parts: dict, root: Path) -> str:
     if root.is_dir():
         for folder in root.iterdir():
             try:
-                manifest = disk.read_json(folder / disk.MANIFEST)
+                manifest = disk.read_manifest(folder)
                 candidates.append((manifest["fingerprint"], manifest["parts"]))
-            except (OSError, CacheError, KeyError, ValueError):
+            except (OSError, CacheError):
                 continue
     best = None
     for _, old in candidates:
@@ -215,6 +216,11 @@ def chunks(dataset: Any, n: int, s: Settings, skip: Callable[[int, int, int], bo
             start = 0
             for inputs, labels in fdata.as_batches(loader, 1):
                 count = int(labels.shape[0])
+                if start + count > n:
+                    raise DataError(
+                        f"the DataLoader yielded more than the {n} samples its dataset's len() reported "
+                        "(did the dataset change during the build?); the cache needs a fixed dataset."
+                    )
                 if not skip(view, start, count):
                     yield Chunk(view, start, count, lambda b=(inputs, labels): b)
                 start += count
@@ -229,9 +235,38 @@ def chunks(dataset: Any, n: int, s: Settings, skip: Callable[[int, int, int], bo
             yield Chunk(view, start, count, load)
         return
     batches = [list(range(start, start + count)) for _, start, count in todo]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=s.num_workers, collate_fn=fdata.collate)
-    for (view, start, count), batch in zip(todo, loader):
+    loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=s.num_workers, collate_fn=fdata.collate))
+    for view, start, count in todo:
+        try:
+            batch = next(loader)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(_load_failure(dataset, n, start, count, exc)) from exc
         yield Chunk(view, start, count, lambda b=fdata.as_pair(batch, "the dataset"): b)
+
+
+def _load_failure(dataset: Any, n: int, start: int, count: int, exc: Exception) -> str:
+    """Why loading samples ``start..start+count-1`` failed, naming a length change when there was one."""
+    try:
+        now = len(dataset)
+    except Exception:
+        now = n
+    changed = (f" The dataset's len() changed from {n} to {now} during the build; the cache needs a "
+               "dataset of fixed length." if now != n else "")
+    return (f"loading samples {start}..{start + count - 1} of the dataset failed: "
+            f"{type(exc).__name__}: {exc}.{changed}")
+
+
+def describe_inputs(inputs: Any) -> str:
+    """``inputs`` in a few words: shape, dtype and device of a tensor or of each tensor of a dict."""
+    def one(t: Any) -> str:
+        if isinstance(t, torch.Tensor):
+            return f"{list(t.shape)} {disk.dtype_to_str(t.dtype)} on {t.device}"
+        return type(t).__name__
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{k!r}: {one(v)}" for k, v in inputs.items()) + "}"
+    return one(inputs)
 
 
 def _chunk_seed(seed: int, view: int, start: int) -> int:
@@ -249,6 +284,9 @@ class Writer:
         self.storages: list[TapStorage] = []
         self.labels: torch.Tensor | None = None
         self._pass_generator = s.transform is not None and accepts_generator(s.transform)
+        #: (taps, label layout) read from an interrupted build's manifest: the first chunk of a
+        #: resume must produce exactly this layout, else the manifest lied (see _LayoutMismatch).
+        self.expected_layout: tuple[list[TapInfo], dict] | None = None
 
     def forward(self, chunk: Chunk) -> tuple[list[str], list[torch.Tensor], Any, torch.Tensor]:
         """(tap names, tap activations, inputs, labels) of one chunk: one prefix call."""
@@ -257,13 +295,29 @@ class Writer:
         t0 = time.perf_counter()
         with torch.inference_mode():
             if self.s.transform is not None:
-                inputs = self._transform(inputs, chunk)
-            names, tensors = _taps(self.prefix(inputs), self.prefix)
+                inputs = self._call("the transform", lambda: self._transform(inputs, chunk), chunk, inputs)
+            names, tensors = _taps(self._call("the frozen prefix", lambda: self.prefix(inputs), chunk, inputs),
+                                   self.prefix)
         if self.s.device.type == "cuda":
             torch.cuda.synchronize(self.s.device)
         self.timer.prefix += time.perf_counter() - t0
         self.timer.prefix_calls += 1
         return names, tensors, inputs, labels
+
+    def _call(self, what: str, fn: Callable[[], Any], chunk: Chunk, inputs: Any) -> Any:
+        """``fn()``; an exception from user code (the prefix, the transform) becomes a DataError
+        naming the samples and their input shapes, with the original as its cause."""
+        try:
+            return fn()
+        except FastFTError:
+            raise
+        except Exception as exc:
+            view = f" (view {chunk.view})" if self.s.views > 1 else ""
+            raise DataError(
+                f"{what} failed on samples {chunk.start}..{chunk.start + chunk.count - 1}{view} with inputs "
+                f"{describe_inputs(inputs)}: {type(exc).__name__}: {exc}. Check that the data have the shape, "
+                "dtype and device the model takes."
+            ) from exc
 
     def _transform(self, inputs: Any, chunk: Chunk) -> Any:
         # Each chunk's randomness depends only on (seed, view, start): views are reproducible
@@ -294,6 +348,15 @@ class Writer:
 
     def write(self, chunk: Chunk, names, tensors, inputs, labels) -> None:
         """Check and write one chunk's activations and labels into the storage."""
+        if self.expected_layout is not None:
+            taps, label_layout = self.layout(names, tensors, labels)
+            expected_taps, expected_labels = self.expected_layout
+            if taps != expected_taps or label_layout != {k: expected_labels.get(k) for k in label_layout}:
+                raise _LayoutMismatch(
+                    f"the interrupted build's manifest describes taps {expected_taps} and labels "
+                    f"{expected_labels}, but the prefix gives {taps} and {label_layout}"
+                )
+            self.expected_layout = None
         t0 = time.perf_counter()
         # Inference mode allows in-place writes into the (normal) storage tensors, which are
         # allocated outside it so that the finished cache holds ordinary tensors.
@@ -361,6 +424,10 @@ class Writer:
         return self.s.pool
 
 
+class _LayoutMismatch(CacheCorruptError):
+    """A resumed build's manifest does not describe what the prefix produces: rebuilt from scratch."""
+
+
 # ---------------------------------------------------------------------------- the build
 def _settings(dtype, tier, views, transform, pool, mask_key, batch_size, num_workers, cache_dir,
               max_memory, progress, seed, device, prefix) -> Settings:
@@ -401,6 +468,7 @@ def build(cls, prefix: nn.Module, dataset: Any, *, dtype, tier, views, transform
     parts = fingerprint_parts(prefix, dataset, dataset_id=dataset_id, transform=transform, views=s.views,
                               seed=s.seed, dtype=s.dtype, pool=s.pool, mask_key=mask_key)
     fp = combine(parts)
+    _check_length(dataset, n)
 
     def hit(cache: FeatureCache, reason: str = "hit") -> FeatureCache:
         _register(cache)
@@ -431,6 +499,17 @@ def build(cls, prefix: nn.Module, dataset: Any, *, dtype, tier, views, transform
         return _run(cls, prefix, dataset, n, s, fp, parts, reason, t_start)
     finally:
         prefix.train(prefix_mode)
+
+
+def _check_length(dataset: Any, n: int) -> None:
+    """DataError when the dataset's length is no longer ``n`` (a dataset that changes while it
+    is cached would give rows that belong to no fixed sample)."""
+    now = fdata.dataset_length(dataset)
+    if now != n:
+        raise DataError(
+            f"the dataset's length changed from {n} to {now} between two calls of len(); fastft caches "
+            "a fixed dataset. Make its length constant (or pass a snapshot of it)."
+        )
 
 
 def _to_memory(cls, found: FeatureCache, s: Settings) -> FeatureCache:
@@ -465,7 +544,10 @@ def _run(cls, prefix, dataset, n, s: Settings, fp, parts, reason, t_start) -> Fe
     with disk.build_lock(s.root, fp, on_wait=lambda: log.warning(
             "fastft: another process is building cache %s; waiting for it to finish.", fp[:12])):
         if (folder / disk.MANIFEST).is_file():
-            manifest = disk.read_json(folder / disk.MANIFEST)
+            try:
+                manifest = disk.read_manifest(folder)
+            except CacheError:
+                manifest = {}  # unreadable: rebuilt below
             if manifest.get("status") == "complete":
                 try:
                     cache = cls.from_folder(folder)
@@ -479,9 +561,11 @@ def _run(cls, prefix, dataset, n, s: Settings, fp, parts, reason, t_start) -> Fe
         return _build_on_disk(cls, writer, dataset, n, s, fp, parts, reason, t_start, probe)
 
 
-def _run_chunks(writer: Writer, dataset, n, s: Settings, probe, skip, on_done: Callable[[Chunk], None], done: int) -> None:
-    """Forward and write every chunk not skipped; ``on_done`` after each written chunk."""
+def _run_chunks(writer: Writer, dataset, n, s: Settings, probe, skip, on_done: Callable[[Chunk], None], done: int) -> int:
+    """Forward and write every chunk not skipped; ``on_done`` after each written chunk.
+    Returns the number of rows written."""
     bar = _progress_bar(s, n * s.views, done)
+    written = 0
     try:
         for chunk in chunks(dataset, n, s, skip):
             if probe is not None and (chunk.view, chunk.start) == (0, 0) and chunk.count == probe[0].count:
@@ -492,8 +576,11 @@ def _run_chunks(writer: Writer, dataset, n, s: Settings, probe, skip, on_done: C
             writer.write(chunk, names, tensors, inputs, labels)
             on_done(chunk)
             bar.update(chunk.count)
+            written += chunk.count
     finally:
         bar.close()
+    _check_length(dataset, n)
+    return written
 
 
 def _telemetry(timer: Timer, tier: str, nbytes: int, t_start: float, reason: str, n: int, views: int, **extra) -> dict:
@@ -508,7 +595,10 @@ def _build_in_memory(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_st
     writer.taps = taps
     writer.storages = [allocate(n * s.views, t.dim, t.dtype, where, pin) for t in taps]
     writer.labels = torch.zeros((n, *label_layout["shape"]), dtype=disk.str_to_dtype(label_layout["dtype"]))
-    _run_chunks(writer, dataset, n, s, probe, lambda v, st, c: False, lambda chunk: None, 0)
+    written = _run_chunks(writer, dataset, n, s, probe, lambda v, st, c: False, lambda chunk: None, 0)
+    if written != n * s.views:
+        raise CacheError(f"the data yielded {written // s.views} samples per view but its length is {n}; "
+                         "the cache was not completed.")
     nbytes = sum(st.nbytes for st in writer.storages) + writer.labels.numel() * writer.labels.element_size()
     cache = cls(fingerprint=fp, parts=parts, tier=tier, taps=taps, storages=writer.storages, labels=writer.labels,
                 num_rows=n, num_views=s.views,
@@ -519,20 +609,34 @@ def _build_in_memory(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_st
 
 def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_start, probe) -> FeatureCache:
     folder = s.root / fp
-    manifest = _resumable_manifest(folder)
+    manifest = _resumable_manifest(folder, fp, parts, n, s)
+    resumed = manifest is not None
     if manifest is None:
         if probe is None:
             first = next(chunks(dataset, n, s, lambda v, st, c: (v, st) != (0, 0)))
             probe = (first, *writer.forward(first))
         taps, label_layout = writer.layout(probe[1], probe[2], probe[4])
-        manifest = _new_folder(folder, fp, parts, taps, label_layout, n, s)
+        try:
+            with disk.write_errors(folder, f"creating its files ({writer.total_bytes(taps, label_layout)} bytes)"):
+                manifest = _new_folder(folder, fp, parts, taps, label_layout, n, s)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # nothing in a new folder is committed: free its space
+            raise
     layout = disk.arrays(manifest)
-    tensors = {a.name: disk.map_array(folder, a) for a in layout}
+    with disk.write_errors(folder, "opening its files"):
+        tensors = {a.name: disk.map_array(folder, a) for a in layout}
     writer.taps = [TapInfo.from_json(t) for t in manifest["taps"]]
     empty = torch.empty(0, dtype=torch.float32)
     writer.storages = [TapStorage(tensors[t.name], tensors.get(t.name + ".scales", empty)) for t in writer.taps]
     writer.labels = tensors["labels"]
-    journal = disk.Journal(folder)
+    if resumed:
+        writer.expected_layout = (writer.taps, manifest["labels"])
+    try:
+        journal = disk.Journal(folder, n, s.views)
+    except CacheCorruptError as exc:  # nothing it lists can be trusted: recompute every chunk
+        log.warning("fastft: %s; recomputing every chunk.", exc)
+        (folder / disk.JOURNAL).unlink()
+        journal = disk.Journal(folder)
     reused = _drop_bad_chunks(journal, tensors, layout, n)
     if reused:
         reason = f"resumed: {reused} of {n * s.views} rows were already committed"
@@ -543,10 +647,16 @@ def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_star
     def commit() -> None:
         if not pending:
             return
-        disk.fsync_files(folder, layout)  # bytes durable before the journal names them
-        for c in pending:
-            journal.add(c.view, c.start, c.count, disk.chunk_checksums(tensors, layout, c.view, c.start, c.count, n))
-        journal.save()
+        with disk.write_errors(folder, "committing written rows", committed_rows=journal.rows):
+            disk.fsync_files(folder, layout)  # bytes durable before the journal names them
+            saved = dict(journal.chunks)
+            for c in pending:
+                journal.add(c.view, c.start, c.count, disk.chunk_checksums(tensors, layout, c.view, c.start, c.count, n))
+            try:
+                journal.save()
+            except BaseException:
+                journal.chunks = saved  # not durable: the journal in memory says what the file says
+                raise
         pending.clear()
         last_commit[0] = time.monotonic()
 
@@ -557,33 +667,48 @@ def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_star
 
     try:
         _run_chunks(writer, dataset, n, s, probe, journal.is_committed, on_done, reused)
-    finally:
-        commit()  # chunks fully written before an interruption are kept for the resume
+    except _LayoutMismatch as exc:  # raised before any byte of this run was written
+        log.warning("fastft: cache %s: %s; rebuilding it from scratch.", fp[:12], exc)
+        del tensors, writer.storages, writer.labels
+        writer.expected_layout = None
+        shutil.rmtree(folder)
+        return _build_on_disk(cls, writer, dataset, n, s, fp, parts, reason, t_start, None)
+    except BaseException:
+        try:
+            commit()  # chunks fully written before an interruption are kept for the resume
+        except Exception as exc:  # the interruption is the error to report; this one is logged
+            log.warning("fastft: could not commit the finished chunks of cache %s: %s", fp[:12], exc)
+        raise
+    commit()
     if not journal.covers(n, s.views):
         raise CacheError(f"cache {fp}: the data yielded fewer samples than its length {n}; the build is incomplete.")
     nbytes = sum(a.nbytes for a in layout)
     telemetry = _telemetry(writer.timer, "disk", nbytes, t_start, reason, n, s.views, rows_reused=reused)
     manifest.update(status="complete", telemetry=telemetry)
-    disk.write_json_atomic(folder / disk.MANIFEST, manifest)
+    with disk.write_errors(folder, "marking it complete", committed_rows=journal.rows):
+        disk.write_json_atomic(folder / disk.MANIFEST, manifest)
     del tensors, writer
     cache = cls.from_folder(folder, telemetry=telemetry)
     _register(cache)
     return cache
 
 
-def _resumable_manifest(folder: Path) -> dict | None:
-    """The manifest of an interrupted build whose files are intact in size, else None (and
-    whatever is in the folder is removed)."""
-    import shutil
-
+def _resumable_manifest(folder: Path, fp: str, parts: dict, n: int, s: Settings) -> dict | None:
+    """The manifest of an interrupted build of exactly this key and these settings whose files
+    are intact in size, else None (and whatever is in the folder is removed)."""
     if not folder.exists():
         return None
     try:
         manifest = disk.read_manifest(folder)
         disk.check_sizes(folder, manifest)
-        if manifest.get("status") == "building":
+        same = (manifest["fingerprint"] == fp and manifest["parts"] == parts and manifest["num_rows"] == n
+                and manifest["num_views"] == s.views and manifest.get("dtype") == s.dtype
+                and manifest.get("pool") == s.pool
+                and all(t["dtype"] == disk.dtype_to_str(s.storage_dtype) and t["pool"] == s.pool
+                        for t in manifest["taps"]))
+        if manifest["status"] == "building" and same:
             return manifest
-    except (CacheError, KeyError, TypeError):
+    except CacheError:
         pass
     shutil.rmtree(folder)
     return None

@@ -23,6 +23,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import time
 import zlib
 from contextlib import contextmanager
@@ -44,9 +45,14 @@ def dtype_to_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+#: Every dtype a manifest may name, by name: read from this table, never looked up on the
+#: torch module with a string taken from a file.
+_DTYPE_NAMES = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
+
+
 def str_to_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
+    dtype = _DTYPE_NAMES.get(name) if isinstance(name, str) else None
+    if dtype is None:
         raise CacheCorruptError(f"the manifest names an unknown dtype {name!r}.")
     return dtype
 
@@ -81,7 +87,7 @@ def read_json(path: Path) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
         raise CacheCorruptError(f"{path} cannot be read as JSON ({exc}); remove the cache and rebuild it.") from exc
 
 
@@ -115,26 +121,77 @@ def arrays(manifest: dict) -> list[Array]:
     return out
 
 
+#: What a file name in a manifest may look like: one plain name inside the cache folder (no
+#: separators, no ``..``, not absolute), so a manifest can never make fastft read or write
+#: outside its folder.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def safe_path(folder: Path, name: object) -> Path:
+    """``folder / name`` for a file name taken from a manifest; CacheCorruptError unless it is a
+    plain file name of this folder (path traversal, absolute paths, links are refused)."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (MANIFEST, JOURNAL):
+        raise CacheCorruptError(
+            f"cache {folder.name}: the manifest names the file {name!r}, which is not a plain file name "
+            "of the cache folder; refusing to use it. Remove the cache and rebuild it."
+        )
+    path = folder / name
+    if path.is_symlink():
+        raise CacheCorruptError(
+            f"cache {folder.name}: {name} is a symbolic link; fastft never follows links in a cache "
+            "folder. Remove the cache and rebuild it."
+        )
+    return path
+
+
+def _open_nofollow(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link put there after safe_path looked
+            raise CacheCorruptError(f"{path} is a symbolic link; fastft never follows links in a cache folder.") from None
+        raise
+
+
+def _allocate(fd: int, nbytes: int) -> None:
+    """Give the file its full size with its blocks reserved now: a full disk then fails here,
+    with ENOSPC, instead of killing the process with SIGBUS when a memory-mapped page
+    cannot be written back later."""
+    if os.fstat(fd).st_size == nbytes:
+        return
+    os.ftruncate(fd, nbytes)
+    if nbytes and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
 def map_array(folder: Path, array: Array, *, create: bool = False, writable: bool = True) -> torch.Tensor:
     """A tensor over the array's file, memory-mapped: shared when ``writable`` (writes reach
     the file), copy-on-write otherwise (a reader can never change the cache on disk).
 
-    ``create`` makes (or extends) the file to its full size first; sparse files cost no
-    disk until written.
+    ``create`` makes (or extends) the file to its full size first, with its disk blocks
+    reserved (see :func:`_allocate`). The file name must be a plain name of the folder and
+    the file not a link (:func:`safe_path`).
     """
-    path = folder / array.file
-    if create:
-        with open(path, "ab") as f:
-            if os.fstat(f.fileno()).st_size != array.nbytes:
-                f.truncate(array.nbytes)
-    raw = np.memmap(path, dtype=np.uint8, mode="r+" if writable else "c", shape=(array.nbytes,))
+    path = safe_path(folder, array.file)
+    flags = (os.O_RDWR | os.O_CREAT) if create else (os.O_RDWR if writable else os.O_RDONLY)
+    fd = _open_nofollow(path, flags)
+    with os.fdopen(fd, "r+b" if writable or create else "rb") as f:
+        if create:
+            _allocate(f.fileno(), array.nbytes)
+        if array.nbytes == 0:
+            return torch.empty(array.shape, dtype=array.dtype)
+        raw = np.memmap(f, dtype=np.uint8, mode="r+" if writable else "c", shape=(array.nbytes,))
     return torch.from_numpy(raw).view(array.dtype).view(array.shape)
 
 
 def check_sizes(folder: Path, manifest: dict) -> None:
     """Raise CacheCorruptError when a file is missing or its size does not match the manifest."""
     for array in arrays(manifest):
-        path = folder / array.file
+        path = safe_path(folder, array.file)
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -166,14 +223,114 @@ def chunk_checksums(tensors: dict[str, torch.Tensor], layout: list[Array], view:
     return sums
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _journal_entries(payload: object, path: Path, n: int | None, views: int | None) -> list:
+    """The chunk entries of a journal file, each checked to be ``[view, start, count, {file: crc32}]``
+    within the cache's bounds."""
+    def bad(why: str) -> CacheCorruptError:
+        return CacheCorruptError(f"{path} is not a valid journal ({why}); remove the cache and rebuild it.")
+
+    if not isinstance(payload, dict) or not isinstance(payload.get("chunks", []), list):
+        raise bad("expected an object with a list of chunks")
+    entries = payload.get("chunks", [])
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 4):
+            raise bad(f"entry {entry!r:.80} is not [view, start, count, checksums]")
+        view, start, count, sums = entry
+        if not (_is_int(view) and _is_int(start) and _is_int(count) and view >= 0 and start >= 0 and count >= 1):
+            raise bad(f"entry {entry!r:.80} has a bad view, start or count")
+        if (n is not None and start + count > n) or (views is not None and view >= views):
+            raise bad(f"chunk (view {view}, samples {start}..{start + count - 1}) is outside the cache")
+        if not (isinstance(sums, dict) and all(isinstance(k, str) and _is_int(v) for k, v in sums.items())):
+            raise bad(f"entry {entry!r:.80} has bad checksums")
+    return entries
+
+
+_TAP_DTYPES = ("float32", "bfloat16", "float16", "int8")
+_MAX_BYTES = 1 << 50  # no real cache file is a petabyte; larger sizes are corruption
+
+
+def validate_manifest(manifest: object, folder: Path) -> dict:
+    """``manifest`` checked field by field (types, ranges, dtypes, safe file names), so that
+    nothing read from a cache folder can be misread as a layout; CacheCorruptError naming the
+    first bad field otherwise. Returns the manifest."""
+    def bad(why: str) -> CacheCorruptError:
+        return CacheCorruptError(f"cache {folder.name}: invalid manifest ({why}); remove the cache and rebuild it.")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"a JSON {type(manifest).__name__}, not an object")
+    from fastft.cache.fingerprint import FORMAT_VERSION
+
+    version = manifest.get("format_version")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        older = _is_int(version) and version < FORMAT_VERSION
+        raise CacheCorruptError(
+            f"cache {folder.name} has format version {version!r}, this fastft reads version {FORMAT_VERSION}"
+            + (" (an older fastft wrote it)" if older else " (a newer fastft wrote it)" if _is_int(version) else "")
+            + "; it is never read. Building the same cache again replaces it; or remove it."
+        )
+    if not isinstance(manifest.get("fingerprint"), str) or not manifest["fingerprint"]:
+        raise bad("no fingerprint")
+    parts = manifest.get("parts")
+    if not (isinstance(parts, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in parts.items())):
+        raise bad("parts must map names to strings")
+    if manifest.get("status") not in ("building", "complete"):
+        raise bad(f"status {manifest.get('status')!r:.40}")
+    n, k = manifest.get("num_rows"), manifest.get("num_views")
+    if not (_is_int(n) and _is_int(k) and n >= 1 and k >= 1):
+        raise bad("num_rows and num_views must be positive integers")
+    taps = manifest.get("taps")
+    if not (isinstance(taps, list) and taps and all(isinstance(t, dict) for t in taps)):
+        raise bad("taps must be a non-empty list of objects")
+    names, files = set(), []
+    for tap in taps:
+        name, dim, shape = tap.get("name"), tap.get("dim"), tap.get("shape")
+        if not isinstance(name, str) or name in names or name == "labels" or name.endswith(".scales"):
+            raise bad(f"tap name {name!r:.40}")
+        names.add(name)
+        if not (_is_int(dim) and dim >= 1 and isinstance(shape, list) and all(_is_int(d) and d >= 1 for d in shape)
+                and int(np.prod(shape, dtype=object)) == dim):
+            raise bad(f"tap {name!r:.40}: dim {dim!r:.20} and shape {shape!r:.40} do not agree")
+        if tap.get("dtype") not in _TAP_DTYPES:
+            raise bad(f"tap {name!r:.40}: storage dtype {tap.get('dtype')!r:.20}")
+        if not isinstance(tap.get("pool"), str):
+            raise bad(f"tap {name!r:.40}: pool")
+        if n * k * dim * 4 > _MAX_BYTES:
+            raise bad(f"tap {name!r:.40}: {n} x {k} x {dim} rows is not a real size")
+        files.append(tap.get("file"))
+        if (tap.get("dtype") == "int8") != (tap.get("scales_file") is not None):
+            raise bad(f"tap {name!r:.40}: an int8 tap and only an int8 tap has a scales file")
+        if tap.get("scales_file") is not None:
+            files.append(tap["scales_file"])
+    labels = manifest.get("labels")
+    if not isinstance(labels, dict):
+        raise bad("no labels")
+    str_to_dtype(labels.get("dtype"))
+    shape = labels.get("shape")
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
+            and n * int(np.prod(shape, dtype=object)) * 16 <= _MAX_BYTES):
+        raise bad(f"labels shape {shape!r:.40}")
+    files.append(labels.get("file"))
+    for name in files:
+        safe_path(folder, name)
+    if len(set(files)) != len(files):
+        raise bad("two arrays share one file")
+    return manifest
+
+
 class Journal:
     """The set of committed chunks: ``(view, start) -> (count, {file: crc32})``."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, n: int | None = None, views: int | None = None):
+        """Read the journal of ``folder`` (empty when there is none); CacheCorruptError when it
+        is not a journal or, given the cache's ``n`` samples and ``views``, names rows outside it."""
         self.path = folder / JOURNAL
         self.chunks: dict[tuple[int, int], tuple[int, dict[str, int]]] = {}
         if self.path.exists():
-            for view, start, count, sums in read_json(self.path).get("chunks", []):
+            for view, start, count, sums in _journal_entries(read_json(self.path), self.path, n, views):
                 self.chunks[(view, start)] = (count, sums)
 
     def is_committed(self, view: int, start: int, count: int) -> bool:
@@ -234,8 +391,8 @@ def verify_folder(folder: Path) -> dict:
     check_sizes(folder, manifest)
     layout = arrays(manifest)
     tensors = {a.name: map_array(folder, a, writable=False) for a in layout}
-    journal = Journal(folder)
     n = manifest["num_rows"]
+    journal = Journal(folder, n, manifest["num_views"])
     bad = []
     for (view, start), (count, sums) in sorted(journal.chunks.items()):
         actual = chunk_checksums(tensors, layout, view, start, count, n)
@@ -256,18 +413,13 @@ def verify_folder(folder: Path) -> dict:
 
 
 def read_manifest(folder: Path) -> dict:
+    """The validated manifest of a cache folder (:func:`validate_manifest`); CacheError when
+    there is none, CacheCorruptError when it is unreadable, invalid or of another format version."""
     try:
         manifest = read_json(folder / MANIFEST)
     except FileNotFoundError:
         raise CacheError(f"{folder} is not a fastft cache (no {MANIFEST}).") from None
-    from fastft.cache.fingerprint import FORMAT_VERSION
-
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CacheCorruptError(
-            f"cache {folder.name} has format version {manifest.get('format_version')}, this fastft "
-            f"reads version {FORMAT_VERSION}; remove it and rebuild."
-        )
-    return manifest
+    return validate_manifest(manifest, folder)
 
 
 # ---------------------------------------------------------------------------- lock
@@ -308,3 +460,43 @@ def build_lock(cache_dir: Path, fingerprint: str, *, timeout: float | None = Non
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def is_being_built(cache_dir: Path, fingerprint: str) -> bool:
+    """True while a process holds the build lock of ``fingerprint`` (never waits)."""
+    path = cache_dir / LOCKS / f"{fingerprint}.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- write errors
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextmanager
+def write_errors(folder: Path, what: str, *, committed_rows: int | None = None) -> Iterator[None]:
+    """Turn an OSError while writing a cache (disk full, quota, file size limit, permissions)
+    into a CacheError that says what to do; what is committed stays committed, so building
+    again resumes."""
+    try:
+        yield
+    except OSError as exc:
+        kept = (f"The {committed_rows} rows committed so far are kept: building again resumes from them."
+                if committed_rows else "Building again starts or resumes it.")
+        if exc.errno in _NO_SPACE:
+            why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                   errno.EFBIG: "the file size limit was reached"}[exc.errno]
+            raise CacheError(
+                f"cache {folder.name}: {why} while {what} in {folder.parent} ({exc.strerror}). Free disk "
+                f"space there, or pass cache_dir= (or set FASTFT_CACHE_DIR) to a disk with room. {kept}"
+            ) from exc
+        raise CacheError(f"cache {folder.name}: cannot write {folder} while {what} ({exc}). {kept}") from exc

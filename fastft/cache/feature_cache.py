@@ -143,6 +143,11 @@ class FeatureCache:
         if manifest.get("status") != "complete":
             from fastft.errors import CacheError
 
+            if disk.is_being_built(folder.parent, folder.name):
+                raise CacheError(
+                    f"cache {folder.name} is incomplete: another process is building it now. Wait for it, "
+                    "or call FeatureCache.build with the same arguments, which waits and then reuses it."
+                )
             raise CacheError(f"cache {folder.name} is incomplete (an interrupted build); build it again to resume.")
         disk.check_sizes(folder, manifest)
         tensors = {a.name: disk.map_array(folder, a, writable=False) for a in disk.arrays(manifest)}

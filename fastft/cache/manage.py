@@ -46,7 +46,7 @@ def info(fingerprint_or_path: str | Path, cache_dir: str | Path | None = None) -
     """The manifest of a disk cache plus its path, status and bytes used on disk."""
     folder = resolve(fingerprint_or_path, cache_dir)
     manifest = disk.read_manifest(folder)
-    journal = disk.Journal(folder)
+    journal = disk.Journal(folder, manifest["num_rows"], manifest["num_views"])
     out = dict(manifest)
     out.update({"path": str(folder), "disk_bytes": _folder_bytes(folder),
                 "committed_chunks": len(journal.chunks)})
