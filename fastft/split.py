@@ -98,7 +98,15 @@ class TrainableTail(nn.Module):
 
     def frozen_modules(self) -> list[nn.Module]:
         """Modules of the tail kept in eval mode (frozen, not inside a trainable module)."""
-        return [m for m in eval_modules(self.body) if m is not self.body]
+        # Recomputed only when the tail's modules or requires_grad flags change (a sweep swaps
+        # heads in place): classifying every module on every training step would cost more
+        # than a small head's forward.
+        key = (tuple(map(id, self.body.modules())), tuple(p.requires_grad for p in self.body.parameters()))
+        cached = self.__dict__.get("_frozen_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, [m for m in eval_modules(self.body) if m is not self.body])
+            self.__dict__["_frozen_cache"] = cached
+        return cached[1]
 
     def train(self, mode: bool = True) -> "TrainableTail":
         super().train(mode)
