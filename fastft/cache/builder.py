@@ -239,9 +239,7 @@ def chunks(dataset: Any, n: int, s: Settings, skip: Callable[[int, int, int], bo
     for view, start, count in todo:
         try:
             batch = next(loader)
-        except DataError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # the dataset's own error, or fastft's collate DataError: name the samples
             raise DataError(_load_failure(dataset, n, start, count, exc)) from exc
         yield Chunk(view, start, count, lambda b=fdata.as_pair(batch, "the dataset"): b)
 
