@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 # installed (the CPU build pinned here) only when none is importable.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup test bench clean
+.PHONY: setup test demo bench clean
 
 $(PY):
 	python3 -m venv --system-site-packages $(VENV)
@@ -22,8 +22,11 @@ setup: $(PY)
 test: setup
 	$(PY) -m pytest tests
 
+demo: setup
+	$(VENV)/bin/fastft demo
+
 bench: setup
-	$(PY) -m pytest benchmarks --benchmark-only -q
+	$(VENV)/bin/fastft bench
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,170 @@
+"""The ``fastft`` command: ``demo``, ``bench``, ``cache ls|info|verify|rm``, ``--version``.
+
+Built on the public API only. Errors of fastft's own (``FastFTError``) are printed as one
+line with what to do, exit status 2; nothing else is swallowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fastft
+from fastft.errors import FastFTError
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _human_age(created: float | None) -> str:
+    if not created:
+        return "?"
+    seconds = max(0.0, time.time() - float(created))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+# ---------------------------------------------------------------------------- demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.task == "digits":
+        from fastft.demo import digits
+
+        report = digits.run(digits.DigitsSettings(epochs=args.epochs or 10, verbose=not args.quiet))
+        print(digits.table(report))
+        paths = digits.write(report, out)
+    else:
+        from fastft.demo import bbc, report as rep
+
+        settings = bbc.DemoSettings(
+            epochs=args.epochs or 10, naive_epochs=args.naive_epochs, full=args.full,
+            max_seq_length=args.max_seq_length, per_class_limit=args.limit,
+            cache_dtype=args.cache_dtype, skip_config_b=args.skip_config_b, verbose=not args.quiet,
+        )
+        report = bbc.run(settings)
+        print()
+        print(rep.table(report))
+        print(f"\nspeed-up vs naive: {report['speedup_vs_naive']:.1f}x "
+              f"({'measured' if report['speedup_measured'] else 'naive projected from measured epochs'}); "
+              f"fastft / (one frozen pass + {report['epochs']} head epochs) = {report['fastft_vs_ideal']:.2f}")
+        paths = rep.write(report, out)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+# ---------------------------------------------------------------------------- bench
+def _cmd_bench(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not root.is_dir():
+        raise FastFTError(f"no benchmarks folder at {root}: run `fastft bench` from a source checkout.")
+    suites = [str(root / f"bench_{s}.py") for s in args.suite] if args.suite else [str(root)]
+    cmd = [sys.executable, "-m", "pytest", *suites, "--benchmark-only", "-q", "-p", "no:cacheprovider"]
+    code = subprocess.call(cmd)
+    if code == 0:
+        subprocess.call([sys.executable, str(root / "render_readme.py")])
+        print(f"results in {root / 'results'}")
+    return code
+
+
+# ---------------------------------------------------------------------------- cache
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from fastft import cache
+
+    if args.cache_cmd == "ls":
+        entries = cache.list(args.cache_dir)
+        if args.json:
+            print(json.dumps(entries, indent=2, default=str))
+            return 0
+        if not entries:
+            print(f"no caches in {args.cache_dir or cache.default_cache_dir()}")
+            return 0
+        print(f"{'fingerprint':<18} {'rows':>9} {'views':>5} {'size':>10} {'status':<10} age")
+        for e in entries:
+            status = e.get("status") or ("complete" if e.get("complete") else "partial")
+            print(f"{str(e.get('fingerprint', '?'))[:16]:<18} {e.get('num_rows', '?'):>9} "
+                  f"{e.get('num_views', '?'):>5} {_human_bytes(e.get('disk_bytes', 0)):>10} {status:<10} "
+                  f"{_human_age(e.get('created'))}")
+        return 0
+    if args.cache_cmd == "info":
+        info = cache.info(args.cache, args.cache_dir)
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+        else:
+            for key in ("fingerprint", "path", "num_rows", "num_views", "complete", "committed_chunks"):
+                print(f"{key:>17}: {info.get(key)}")
+            print(f"{'size on disk':>17}: {_human_bytes(info.get('disk_bytes', 0))}")
+            print(f"{'created':>17}: {_human_age(info.get('created'))}")
+        return 0
+    if args.cache_cmd == "verify":
+        result = cache.verify(args.cache, args.cache_dir)
+        print(json.dumps(result, indent=2, default=str) if args.json else f"ok: {result}")
+        return 0
+    if args.cache_cmd == "rm":
+        removed = cache.remove(args.cache, args.cache_dir)
+        print(f"removed {removed}")
+        return 0
+    raise AssertionError(args.cache_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastft", description="Fine-tune pretrained networks, frozen layers run once.")
+    p.add_argument("--version", action="version", version=f"fastft {fastft.__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="naive fine-tuning vs fastft on a real pretrained model and real data")
+    d.add_argument("--task", choices=["bbc", "digits"], default="bbc",
+                   help="bbc: all-MiniLM-L6-v2 on BBC News (default); digits: a CNN from digits 0-4 to 5-9")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
+    d.add_argument("--naive-epochs", type=int, default=2, help="epochs of the naive loop actually run (default 2)")
+    d.add_argument("--full", action="store_true", help="run the naive loop for all epochs (slow)")
+    d.add_argument("--max-seq-length", type=int, default=128)
+    d.add_argument("--cache-dtype", choices=["fp32", "bf16", "fp16", "int8"], default="fp16")
+    d.add_argument("--limit", type=int, default=None, help="articles per class (quick runs)")
+    d.add_argument("--skip-config-b", action="store_true", help="skip the configuration with layers removed")
+    d.add_argument("--out", default="fastft-demo", help="output folder (default ./fastft-demo)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("bench", help="run the benchmark suites and refresh benchmarks/results and the README")
+    b.add_argument("--suite", action="append", choices=["kernels", "cache", "trainer"],
+                   help="only these suites (repeatable); default all")
+    b.add_argument("--kernels", dest="suite", action="store_const", const=["kernels"], help="only the kernel suite")
+    b.set_defaults(func=_cmd_bench)
+
+    c = sub.add_parser("cache", help="list, inspect, verify or remove disk caches")
+    c.add_argument("--cache-dir", default=None, help="default $FASTFT_CACHE_DIR or ~/.cache/fastft")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    csub = c.add_subparsers(dest="cache_cmd", required=True)
+    csub.add_parser("ls", help="list caches")
+    for name, text in (("info", "show one cache"), ("verify", "check sizes and checksums"), ("rm", "delete a cache")):
+        q = csub.add_parser(name, help=text)
+        q.add_argument("cache", help="fingerprint (or a unique prefix of one) or folder")
+    c.set_defaults(func=_cmd_cache)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FastFTError as exc:
+        print(f"fastft: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The demo's outputs: a terminal table, report.json, report.md and speedup.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def table(report: dict) -> str:
+    rows = [("run", "method", "backbone forward passes", "seconds", "test accuracy", "speed-up")]
+    naive = next(r for r in report["runs"] if r["method"] == "naive")
+    for r in report["runs"]:
+        secs = f"{r['seconds']:.1f}" + ("" if r["measured"] else " (projected)")
+        speed = f"{naive['seconds'] / r['seconds']:.1f}x" if r["method"] == "fastft" else "1.0x"
+        acc = f"{100 * r['test_accuracy']:.2f}%" + ("" if r["method"] == "fastft" or r["measured"]
+                                                     else f" after {r['epochs']} ep")
+        rows.append((r["name"], r["method"], f"{r['forward_passes']:,}", secs, acc, speed))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    naive = next(r for r in report["runs"] if r["method"] == "naive")
+    lines = [
+        f"# fastft demo: {report['task']}",
+        "",
+        f"{report['train_articles']} training and {report['test_articles']} test articles, "
+        f"max_seq_length {report['max_seq_length']}, {report['epochs']} epochs; {report['machine']}.",
+        "",
+        "| run | method | backbone forward passes | seconds | test accuracy | speed-up |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in report["runs"]:
+        secs = f"{r['seconds']:.1f}" + (" (measured)" if r["measured"] else " (projected)")
+        speed = f"{naive['seconds'] / r['seconds']:.1f}×" if r["method"] == "fastft" else "1.0×"
+        lines.append(f"| {r['name']} | {r['method']} | {r['forward_passes']:,} | {secs} | "
+                     f"{100 * r['test_accuracy']:.2f}% | {speed} |")
+    lines += [
+        "",
+        f"- Speed-up of fastft over the naive loop (configuration A): **{report['speedup_vs_naive']:.1f}×** "
+        f"({'measured' if report['speedup_measured'] else 'naive time projected from measured per-epoch times'}).",
+        f"- fastft time / (one frozen pass + {report['epochs']} head-only epochs): {report['fastft_vs_ideal']:.2f}.",
+        f"- Test accuracy, fastft minus naive after the same {naive['epochs']} epoch(s): "
+        f"{report['accuracy_gap_points']:+.2f} points.",
+    ]
+    for r in report["runs"]:
+        if r["notes"]:
+            lines.append(f"- {r['name']} ({r['method']}): {r['notes']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = report["epochs"]
+    xs = list(range(0, epochs + 1))
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for r in report["runs"]:
+        per_epoch = sum(r["per_epoch_seconds"]) / len(r["per_epoch_seconds"])
+        if r["method"] == "naive":
+            measured = r["epochs"]
+            cum = [r["setup_seconds"] + sum(r["per_epoch_seconds"][:e]) if e <= measured
+                   else r["setup_seconds"] + sum(r["per_epoch_seconds"]) + (e - measured) * per_epoch for e in xs]
+            ax.plot(xs[: measured + 1], cum[: measured + 1], "o-", color="tab:red", label="naive (measured)")
+            if measured < epochs:
+                ax.plot(xs[measured:], cum[measured:], "--", color="tab:red", label="naive (projected)")
+        else:
+            cum = [r["setup_seconds"] + sum(r["per_epoch_seconds"][:e]) for e in xs]
+            ax.plot(xs, cum, "o-", label=f"fastft {r['name'][:2].strip(':')}")
+    ax.set_xlabel("epochs")
+    ax.set_ylabel("seconds (cumulative)")
+    ax.set_title(f"{report['task']}: time vs epochs")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(report: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "speedup.png"}
+    paths["json"].write_text(json.dumps(report, indent=2, default=str))
+    paths["md"].write_text(markdown(report))
+    try:
+        plot(report, paths["png"])
+    except ImportError:
+        del paths["png"]
+    return paths
