@@ -66,7 +66,13 @@ def _register(cache: FeatureCache) -> None:
 
 
 def _registered(fp: str) -> FeatureCache | None:
-    return _recent.get(fp) or _alive.get(fp)
+    found = _recent.get(fp) or _alive.get(fp)
+    if found is not None and found.path is not None and not (Path(found.path) / disk.MANIFEST).is_file():
+        # The disk cache was removed (fastft cache rm) since: forget it, never read a ghost.
+        _recent.pop(fp, None)
+        _alive.pop(fp, None)
+        return None
+    return found
 
 
 def clear_registry() -> None:
