@@ -219,3 +219,42 @@ def test_fuzzed_journal(pristine, data):
             (c.folder / disk.MANIFEST).write_text(json.dumps(manifest))
         read_everything(c.folder, pristine[2])
         build_again(c, pristine[3])
+
+
+# ---------------------------------------------------------------------------- the CLI
+def run_cli(argv: list[str]) -> int:
+    """``fastft ...`` in this process, output swallowed; argparse's usage errors exit with 2."""
+    import contextlib
+    import io
+
+    from fastft.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return main(argv)
+        except SystemExit as exc:
+            return exc.code
+
+
+@FUZZ
+@given(data=st.data())
+@pytest.mark.reliability("hypothesis: `fastft cache ls|info|verify|rm` (plain and --json) on folders whose manifest "
+                         "or journal is random bytes, random JSON or a mutated valid file, and with random arguments",
+                         "exit code 0 or 2 with a message; never a traceback")
+def test_cache_cli_on_fuzzed_folders(pristine, data):
+    pytest.importorskip("fastft.cli")
+    target = data.draw(st.sampled_from([disk.MANIFEST, disk.JOURNAL]))
+    kind = data.draw(st.sampled_from(["bytes", "json", "mutated", "intact"]))
+    base = pristine[4] if target == disk.MANIFEST else pristine[5]
+    raw = {"bytes": lambda: data.draw(st.binary(max_size=200)),
+           "json": lambda: json.dumps(data.draw(json_values)).encode(),
+           "mutated": lambda: json.dumps(data.draw(mutated(base))).encode(),
+           "intact": lambda: json.dumps(base).encode()}[kind]()
+    with Copy(pristine) as c:
+        (c.folder / target).write_bytes(raw)
+        name = data.draw(st.sampled_from([c.folder.name, c.folder.name[:6], str(c.folder), "", "0", "../..", "/"]))
+        extra = data.draw(st.lists(st.text(max_size=8), max_size=2))
+        for cmd in (["ls"], ["info", name], ["verify", name], ["rm", name], [data.draw(st.text(max_size=6))]):
+            for flags in ([], ["--json"]):
+                code = run_cli(["cache", "--cache-dir", str(c.root), *flags, *cmd] + (extra if cmd == ["ls"] else []))
+                assert code in (0, 2), (cmd, flags, code)

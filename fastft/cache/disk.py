@@ -277,6 +277,9 @@ def validate_manifest(manifest: object, folder: Path) -> dict:
     parts = manifest.get("parts")
     if not (isinstance(parts, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in parts.items())):
         raise bad("parts must map names to strings")
+    created = manifest.get("created", 0.0)
+    if not ((_is_int(created) and abs(created) < 2**53) or (isinstance(created, float) and abs(created) < float("inf"))):
+        raise bad("created must be a time in seconds")  # list() sorts by it
     if manifest.get("status") not in ("building", "complete"):
         raise bad(f"status {manifest.get('status')!r:.40}")
     n, k = manifest.get("num_rows"), manifest.get("num_views")

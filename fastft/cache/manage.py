@@ -30,7 +30,11 @@ def resolve(fingerprint_or_path: str | Path, cache_dir: str | Path | None = None
     key = str(fingerprint_or_path)
     if (root / key / disk.MANIFEST).is_file():
         return root / key
-    matches = [p for p in root.glob(f"{key}*") if (p / disk.MANIFEST).is_file()] if root.is_dir() and key else []
+    # A prefix of a fingerprint: compared by name, never used as a glob or a path ('/', '..',
+    # '[' would otherwise escape the folder or raise).
+    plain = bool(key) and "/" not in key and os.sep not in key and not key.startswith(".")
+    matches = ([p for p in root.iterdir() if p.name.startswith(key) and (p / disk.MANIFEST).is_file()]
+               if plain and root.is_dir() else [])
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
