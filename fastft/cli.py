@@ -65,10 +65,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- bench
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite:  # --kernels / --suite: the pytest-benchmark suites
+        return _run_suites(args.suite)
+    from fastft import bench
+
+    settings = bench.BenchSettings(
+        tasks=tuple(args.tasks), epochs=tuple(args.epochs), dtypes=tuple(args.dtypes), tiers=tuple(args.tiers),
+        quick=args.quick, max_seq_length=args.max_seq_length, per_class_limit=args.limit, verbose=not args.quiet,
+    )
+    rows = bench.run(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(bench.table(rows))
+    paths = bench.write(rows, settings, args.out)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _run_suites(suite: list[str]) -> int:
     root = Path(__file__).resolve().parent.parent / "benchmarks"
     if not root.is_dir():
-        raise FastFTError(f"no benchmarks folder at {root}: run `fastft bench` from a source checkout.")
-    suites = [str(root / f"bench_{s}.py") for s in args.suite] if args.suite else [str(root)]
+        raise FastFTError(f"no benchmarks folder at {root}: run `fastft bench --kernels` from a source checkout.")
+    suites = [str(root)] if "all" in suite else [str(root / f"bench_{s}.py") for s in suite]
     cmd = [sys.executable, "-m", "pytest", *suites, "--benchmark-only", "-q", "-p", "no:cacheprovider"]
     code = subprocess.call(cmd)
     if code == 0:
@@ -117,6 +133,22 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     raise AssertionError(args.cache_cmd)
 
 
+def _csv_of(choices: list[str] | None, kind=str):
+    """An argparse type: a comma-separated list of ``kind`` values, each one of ``choices``."""
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        try:
+            values = [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+        bad = [v for v in values if (choices is not None and v not in choices) or (kind is int and v < 1)]
+        if not values or bad:
+            allowed = ", ".join(choices) if choices else "positive integers"
+            raise argparse.ArgumentTypeError(f"{text!r}: use a comma-separated list of {allowed}")
+        return values
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastft", description="Fine-tune pretrained networks, frozen layers run once.")
     p.add_argument("--version", action="version", version=f"fastft {fastft.__version__}")
@@ -136,10 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
 
-    b = sub.add_parser("bench", help="run the benchmark suites and refresh benchmarks/results and the README")
+    b = sub.add_parser(
+        "bench", help="end-to-end naive vs fastft (epochs x cache dtypes x tiers); --kernels: the pytest suites",
+        description="End-to-end naive vs fastft on MiniLM/BBC and a CPU CNN, written to benchmarks/results/"
+                    "e2e.{csv,json,png}. The default run takes about 25 minutes on a 2-core CPU; --quick about 2.")
+    b.add_argument("--quick", action="store_true", help="250 articles at 64 tokens (writes e2e_quick.*)")
+    b.add_argument("--tasks", type=_csv_of(["bbc", "cnn"]), default=["bbc", "cnn"], help="comma list (bbc,cnn)")
+    b.add_argument("--epochs", type=_csv_of(None, int), default=[1, 3, 10], help="comma list (default 1,3,10)")
+    b.add_argument("--dtypes", type=_csv_of(["fp32", "bf16", "fp16", "int8"]), default=["fp32", "fp16", "int8"],
+                   help="comma list of cache dtypes (default fp32,fp16,int8)")
+    b.add_argument("--tiers", type=_csv_of(["host", "disk", "device"]), default=["host", "disk"],
+                   help="comma list of cache tiers (default host,disk)")
+    b.add_argument("--max-seq-length", type=int, default=None, help="MiniLM tokens (default 128; 64 with --quick)")
+    b.add_argument("--limit", type=int, default=None, help="articles per class (default all; 50 with --quick)")
+    b.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument("--suite", action="append", choices=["kernels", "cache", "trainer"],
-                   help="only these suites (repeatable); default all")
-    b.add_argument("--kernels", dest="suite", action="store_const", const=["kernels"], help="only the kernel suite")
+                   help="run this pytest-benchmark suite instead (repeatable)")
+    b.add_argument("--kernels", dest="suite", action="store_const", const=["all"],
+                   help="run every pytest-benchmark suite (pytest benchmarks --benchmark-only) instead")
     b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("cache", help="list, inspect, verify or remove disk caches")
