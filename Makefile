@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/fastft demo
 
 bench: setup
-	$(VENV)/bin/fastft bench
+	$(VENV)/bin/fastft bench --kernels
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .benchmarks
