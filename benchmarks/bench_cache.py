@@ -39,14 +39,6 @@ _paired: dict[str, float] = {}
 _in_run: dict[str, list[float]] = {}  # pool -> build_seconds / prefix_seconds of each cold build
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------- models and data
 def cnn_case():
     """A small ResNet-like stem on 32x32 images: [B, 3, 32, 32] -> [B, 128, 8, 8], mean-pooled."""

@@ -20,14 +20,6 @@ IMPLS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 WRITE_CASES = {
     # ResNet-50's last feature map [256, 2048, 7, 7] as its [B, HW, C] view, mean-pooled.
     "write nchw[256,2048,7,7] mean fp32->int8": ("nchw", torch.int8, "mean"),

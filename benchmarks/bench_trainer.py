@@ -19,14 +19,6 @@ from fastft import FineTuner
 N, D, C, BATCH = 8192, 2048, 100, 256
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def features():
     g = torch.Generator().manual_seed(0)
@@ -91,3 +83,61 @@ def test_sweep_1_head(benchmark, recorder, tuner, features):
     recorder.run(benchmark, "sweep 1 epoch (head-only time)", "1 head",
                  lambda: tuner.fit_many(SWEEP[:1], (X, y), epochs=1, batch_size=BATCH, keep_best=False),
                  baseline="1 head", rounds=3, warmup=1)
+
+
+# The data path alone: what fastft replaces. One epoch of batches fetched, no head compute.
+def test_fetch_epoch_cache_gather(benchmark, recorder, tuner, features):
+    cache = tuner.cache
+    g = torch.Generator().manual_seed(0)
+
+    def epoch():
+        perm = torch.randperm(N, generator=g)
+        for s in range(0, N, BATCH):
+            cache.gather_shaped(perm[s:s + BATCH])
+
+    recorder.run(benchmark, "batch fetch only, 1 epoch of 8192 rows x 2048", "fastft", epoch,
+                 baseline="dataloader", rounds=10)
+
+
+def test_fetch_epoch_dataloader(benchmark, recorder, features):
+    X, y = features
+    loader = DataLoader(TensorDataset(X, y), batch_size=BATCH, shuffle=True)
+
+    def epoch():
+        for _ in loader:
+            pass
+
+    recorder.run(benchmark, "batch fetch only, 1 epoch of 8192 rows x 2048", "dataloader", epoch,
+                 baseline="dataloader", rounds=10)
+
+
+# A sweep as users run it: the frozen backbone's pass plus the heads, from a cold cache.
+def _conv_backbone():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(64, 128, 3, padding=1, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(128, 1000),
+    )
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(4096, 3, 32, 32, generator=g), torch.randint(0, 10, (4096,), generator=g)
+
+
+@pytest.mark.parametrize("heads", [1, 8])
+def test_sweep_end_to_end_cold_cache(benchmark, recorder, images, heads, tmp_path_factory):
+    from fastft.cache import builder
+
+    X, y = images
+
+    def run():
+        builder.clear_registry()  # cold: the frozen pass is paid in every round
+        ft = FineTuner(_conv_backbone(), num_classes=10, hidden=[256], cache="host",
+                       cache_dir=str(tmp_path_factory.mktemp("c")), verbose=False)
+        ft.fit_many(SWEEP[:heads], (X, y), epochs=3, batch_size=BATCH, keep_best=False)
+
+    recorder.run(benchmark, "sweep end-to-end (frozen pass + 3 epochs), conv backbone", f"{heads} heads", run,
+                 baseline="1 heads", rounds=3, warmup=0)

@@ -34,6 +34,15 @@ class Recorder:
         _baselines[(self.suite, case)] = baseline
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """Every suite measures on 2 threads (this machine's cores), whatever the default."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def recorder(request):
     suite = Path(request.node.fspath).stem.removeprefix("bench_")

@@ -43,7 +43,7 @@ class DemoSettings:
     per_class_limit: int | None = None  # for quick runs and tests
     cache_dtype: str = "fp16"
     cache: str = "host"
-    extract_batch_size: int = 64
+    extract_batch_size: int = 128
     skip_config_b: bool = False
     verbose: bool = True
 

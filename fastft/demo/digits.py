@@ -63,37 +63,31 @@ def _split(X, y, seed):
     return (X[perm[:cut]], y[perm[:cut]]), (X[perm[cut:]], y[perm[cut:]])
 
 
-def _pretrain(X, y, s: DigitsSettings) -> DigitsCNN:
-    torch.manual_seed(s.seed)
-    model = DigitsCNN(5)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr)
+def _train(model: nn.Module, X, y, epochs: int, s: DigitsSettings) -> None:
+    """Plain PyTorch training of the parameters that require grad, randperm batch order."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr)
     g = torch.Generator().manual_seed(s.seed)
-    model.train()
-    for _ in range(s.pretrain_epochs):
+    for _ in range(epochs):
         perm = torch.randperm(len(y), generator=g)
         for start in range(0, len(y), s.batch_size):
             rows = perm[start:start + s.batch_size]
             opt.zero_grad()
             nn.functional.cross_entropy(model(X[rows]), y[rows]).backward()
             opt.step()
+
+
+def _pretrain(X, y, s: DigitsSettings) -> DigitsCNN:
+    torch.manual_seed(s.seed)
+    model = DigitsCNN(5).train()
+    _train(model, X, y, s.pretrain_epochs, s)
     return model.eval()
 
 
 def _naive(model: nn.Module, train, test, s: DigitsSettings) -> tuple[float, float]:
     """Frozen convs in eval mode, run for every batch of every epoch; new head trained."""
-    X, y = train
-    model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr)
-    g = torch.Generator().manual_seed(s.seed)
+    model.eval()  # the frozen convs (and their BatchNorm) in eval mode, as fastft runs them
     t0 = time.perf_counter()
-    for _ in range(s.epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for start in range(0, len(y), s.batch_size):
-            rows = perm[start:start + s.batch_size]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X[rows]), y[rows]).backward()
-            opt.step()
+    _train(model, *train, s.epochs, s)
     with torch.no_grad():
         acc = classification_metrics(model(test[0]), test[1])["accuracy"]
     return time.perf_counter() - t0, acc

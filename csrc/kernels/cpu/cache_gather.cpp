@@ -14,7 +14,6 @@ namespace {
 
 constexpr int64_t kChunk = 1024;
 
-int64_t element_size(int dtype) { return dtype == kF32 ? 4 : dtype == kI8 ? 1 : 2; }
 
 }  // namespace
 

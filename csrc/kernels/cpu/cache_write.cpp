@@ -116,7 +116,6 @@ PoolFn pool_fn(int src_dtype) {
   }
 }
 
-int64_t element_size(int dtype) { return dtype == kF32 ? 4 : dtype == kI8 ? 1 : 2; }
 
 }  // namespace
 

@@ -1,4 +1,4 @@
-// Checks shared by the CPU kernels.
+// Checks and small helpers shared by the CPU kernels.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -24,6 +24,9 @@ inline Status check_rows(const int64_t* rows, int64_t B, int64_t N, bool unique)
   }
   return {kOk, 0};
 }
+
+// Bytes per element of a storage or compute dtype code.
+inline int64_t element_size(int dtype) { return dtype == kF32 ? 4 : dtype == kI8 ? 1 : 2; }
 
 // Threads worth starting for `work` elements: small calls stay on one thread, since an
 // OpenMP fork costs more than they do.
