@@ -49,6 +49,6 @@ def pytest_sessionfinish(session, exitstatus):
     table = "\n".join(lines)
     readme = ROOT / "README.md"
     text = readme.read_text()
-    pattern = re.compile(r"(<!-- reliability:start -->\n).*?(\n<!-- reliability:end -->)", re.S)
+    pattern = re.compile(r"(<!-- reliability:start -->\n).*?(<!-- reliability:end -->)", re.S)
     if pattern.search(text):
-        readme.write_text(pattern.sub(lambda m: m.group(1) + table + m.group(2), text))
+        readme.write_text(pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text))
