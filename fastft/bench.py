@@ -15,9 +15,10 @@ seconds, backbone forward passes (samples through the frozen part during trainin
 test accuracy, speed-up = naive seconds / fastft seconds at the same E, from this run.
 Results go to ``<out>/e2e[_quick].csv``, ``.json`` and ``.png``.
 
-Run time on a 2-core CPU: ``--quick`` (250 articles at 64 tokens) about 2 minutes; the
-default (all 1777 training articles at 128 tokens; the naive loop alone is ~10 frozen
-passes of ~65 s) about 25 minutes.
+Run time on a 2-core CPU: ``--quick`` (250 articles at 64 tokens) 2–4 minutes; the default
+(all 1777 training articles at 128 tokens: the naive loop alone is 10 frozen passes of
+~65 s, and each of the 6 fastft runs one more) about 25 minutes. The JSON records the load
+average: other processes on the machine slow every row, the head epochs most.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -243,14 +245,15 @@ def write(rows: list[dict], s: BenchSettings, out: str | Path) -> dict[str, Path
         w.writeheader()
         for r in rows:
             w.writerow({k: _fmt(r.get(k)) for k in FIELDS})
-    paths["json"].write_text(json.dumps({"settings": asdict(s), "machine": _machine(),
+    # Other processes on the machine slow every row; the load average tells a reader how quiet it was.
+    load = dict(zip(("load_1min", "load_5min", "load_15min"), os.getloadavg()))
+    paths["json"].write_text(json.dumps({"settings": asdict(s), "machine": _machine(), "load_average": load,
                                          "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=2))
     plot(rows, paths["png"])
     return paths
 
 
 def _machine() -> str:
-    import os
     import platform
 
     return (f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPUs, "
@@ -261,6 +264,9 @@ def _machine() -> str:
 
 def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)
+
+
+DTYPE_COLORS = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green", "int8": "tab:purple"}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -276,9 +282,11 @@ def plot(rows: list[dict], path: Path) -> None:
         mine = [r for r in rows if r["task"] == task]
         for key in dict.fromkeys((r["method"], r["dtype"], r["tier"]) for r in mine):
             pts = sorted((r["epochs"], r["seconds"]) for r in mine if (r["method"], r["dtype"], r["tier"]) == key)
-            naive = key[0] == "naive"
-            ax.plot(*zip(*pts), marker="o", lw=2.5 if naive else 1.2, color="tab:red" if naive else None,
-                    label="naive (frozen part every epoch)" if naive else f"fastft {key[1]} / {key[2]}")
+            if key[0] == "naive":
+                ax.plot(*zip(*pts), marker="o", lw=2.5, color="tab:red", label="naive (frozen part every epoch)")
+            else:  # colour = cache dtype, line style = tier (red is the naive loop's alone)
+                ax.plot(*zip(*pts), marker="o", lw=1.3, color=DTYPE_COLORS.get(key[1], "tab:gray"),
+                        ls="--" if key[2] == "disk" else "-", label=f"fastft {key[1]} / {key[2]}")
         last = max(r["epochs"] for r in mine)
         best = max((r for r in mine if r["method"] == "fastft" and r["epochs"] == last),
                    key=lambda r: r["speedup"], default=None)
