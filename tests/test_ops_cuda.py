@@ -19,6 +19,8 @@ import fastft
 from fastft.ops import cuda as fastft_cuda
 from fastft.ops import reference
 
+from op_checks import assert_write_matches
+
 BUILT = bool(fastft.build_info().get("cuda", False))
 needs_gpu = pytest.mark.skipif(not fastft.has_cuda(), reason="needs a CUDA device and fastft built with nvcc")
 
@@ -96,25 +98,6 @@ def make_src(B, L, D, layout, dtype, gen, device):
 
 def cache_tensor(t: torch.Tensor, place: str) -> torch.Tensor:
     return t.cuda() if place == "device" else t.pin_memory()
-
-
-def assert_write_matches(nat, nat_s, ref, ref_s, rows, pool, storage, exact64):
-    """The CPU test's acceptance rule (tests/test_ops.py), for results already on the CPU."""
-    if pool in ("none", "first", "max"):
-        assert torch.equal(nat, ref)
-        assert torch.equal(nat_s, ref_s)
-        return
-    if storage == torch.int8:
-        step = ref_s[rows].unsqueeze(1)
-        torch.testing.assert_close(nat_s[rows], ref_s[rows], rtol=1e-6, atol=0)
-        deq_nat = nat[rows].float() * nat_s[rows].unsqueeze(1)
-        deq_ref = ref[rows].float() * ref_s[rows].unsqueeze(1)
-        assert bool(((deq_nat - deq_ref).abs() <= step * 1.0001 + 1e-12).all())
-        assert bool(((deq_nat.double() - exact64).abs() <= step.double() * 0.5001 + 1e-7).all())
-        return
-    err_nat = (nat[rows].double() - exact64).abs().max().item()
-    err_ref = (ref[rows].double() - exact64).abs().max().item()
-    assert err_nat <= 2 * err_ref + 1e-12, (err_nat, err_ref)
 
 
 # ---------------------------------------------------------------- kernels (GPU)
