@@ -94,6 +94,14 @@ def _run_suites(suite: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------- cache
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fastft import jobs
+
+    metrics = jobs.run(jobs.load_config(args.config))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from fastft import cache
 
@@ -188,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kernels", dest="suite", action="store_const", const=["all"],
                    help="run every pytest-benchmark suite (pytest benchmarks --benchmark-only) instead")
     b.set_defaults(func=_cmd_bench)
+
+    t = sub.add_parser("train", help="run a fine-tuning job from a JSON/YAML config (works under torchrun)",
+                       description="Run a job described by CONFIG: model and data factories "
+                                   "('package.module:function'), surgery, FineTuner and fit settings, output folder. "
+                                   "See fastft/jobs.py for the format.")
+    t.add_argument("config", help="path to the .json (or .yaml) config")
+    t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("cache", help="list, inspect, verify or remove disk caches")
     c.add_argument("--cache-dir", default=None, help="default $FASTFT_CACHE_DIR or ~/.cache/fastft")

@@ -16,6 +16,7 @@ per-epoch time (``--full`` measures all of them).
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -67,7 +68,7 @@ def _fastft_run(name: str, model: nn.Module, train, test, s: DemoSettings) -> tu
     ft = fastft.FineTuner(model, num_classes=5, hidden=[s.hidden], cache=s.cache, cache_dtype=s.cache_dtype,
                           seed=s.seed, extract_batch_size=s.extract_batch_size, verbose=s.verbose)
     t0 = time.perf_counter()
-    ft.build_cache(train)  # the one frozen pass over the training articles
+    built = dict(ft.build_cache(train).telemetry)  # the one frozen pass over the training articles
     initial_head = copy.deepcopy(ft.model.head)  # the naive loop starts from the same weights
     history = ft.fit(train, val=test, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
     seconds = time.perf_counter() - t0
@@ -79,7 +80,7 @@ def _fastft_run(name: str, model: nn.Module, train, test, s: DemoSettings) -> tu
         per_epoch_seconds=epoch_times, setup_seconds=seconds - sum(epoch_times),
         accuracy_by_epoch=[r["val_accuracy"] for r in history],
         notes=f"cache {ft.cache.tier}/{s.cache_dtype}, {ft.cache.nbytes / 2**20:.2f} MiB; "
-              f"{ft.cache.telemetry.get('reason', '')}",
+              f"train cache: {built.get('reason', '')}, {built.get('prefix_seconds', 0):.1f} s in the encoder",
     )
     return result, initial_head
 
@@ -100,7 +101,7 @@ def _naive_run(name: str, encoder: nn.Module, head: nn.Module, train, test, s: D
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=g)
         bar = tqdm(range(0, n, s.batch_size), desc=f"naive epoch {epoch + 1}/{run_epochs}", unit="batch",
-                   disable=not s.verbose, leave=False)
+                   disable=not s.verbose or not sys.stderr.isatty(), leave=False)
         for start in bar:
             rows = perm[start:start + s.batch_size]
             with torch.no_grad():

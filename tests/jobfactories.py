@@ -1,0 +1,16 @@
+"""Factories named by the job configs of tests/test_jobs.py."""
+
+import torch
+from torch import nn
+
+
+def small_model(width: int = 16):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def splits(n: int = 64):
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(n, 6, generator=g)
+    y = (X[:, 0] > 0).long() + (X[:, 1] > 0).long()
+    return {"train": (X[: n - 16], y[: n - 16]), "test": (X[n - 16:], y[n - 16:])}
