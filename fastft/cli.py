@@ -55,7 +55,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         report = bbc.run(settings)
         print()
         print(rep.table(report))
-        print(f"\nspeed-up vs naive: {report['speedup_vs_naive']:.1f}x "
+        print(f"\ntraining speed-up vs naive: {report['speedup_vs_naive']:.1f}x "
               f"({'measured' if report['speedup_measured'] else 'naive projected from measured epochs'}); "
               f"fastft / (one frozen pass + {report['epochs']} head epochs) = {report['fastft_vs_ideal']:.2f}")
         paths = rep.write(report, out)

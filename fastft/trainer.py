@@ -323,9 +323,15 @@ class FineTuner:
             device=self.device,
         )
 
-    def build_cache(self, data: Any, *, dataset_id: str | None = None) -> FeatureCache:
-        """Run the frozen part once over ``data`` (or reuse a matching cache) and return it."""
+    def build_cache(self, data: Any, *, dataset_id: str | None = None, evaluation: bool = False) -> FeatureCache:
+        """Run the frozen part once over ``data`` (or reuse a matching cache) and return it.
+
+        With ``evaluation=True`` the cache is the one ``fit(val=data)`` and ``evaluate(data)``
+        use (one view, no transform), e.g. to build it ahead of training.
+        """
         self._prepare(_example(data))
+        if evaluation:
+            return self._build_cache(data, train=False, dataset_id=dataset_id)
         self.cache = self._build_cache(data, train=True, dataset_id=dataset_id)
         return self.cache
 

@@ -53,13 +53,14 @@ class DemoSettings:
 class RunResult:
     name: str
     method: str  # "fastft" or "naive"
-    seconds: float
+    seconds: float  # training: frozen passes over the training set + head epochs
     forward_passes: int
     test_accuracy: float
     epochs: int
     measured: bool = True
     per_epoch_seconds: list[float] = field(default_factory=list)
-    setup_seconds: float = 0.0  # fastft: the frozen passes (train + test); naive: test pass
+    setup_seconds: float = 0.0  # fastft: the frozen pass over train (+ set-up); naive: 0
+    eval_seconds: float = 0.0  # the frozen pass over the test articles (both methods pay it once)
     accuracy_by_epoch: list[float] = field(default_factory=list)
     notes: str = ""
 
@@ -69,15 +70,20 @@ def _fastft_run(name: str, model: nn.Module, train, test, s: DemoSettings) -> tu
                           seed=s.seed, extract_batch_size=s.extract_batch_size, verbose=s.verbose)
     t0 = time.perf_counter()
     built = dict(ft.build_cache(train).telemetry)  # the one frozen pass over the training articles
+    train_pass = time.perf_counter() - t0
     initial_head = copy.deepcopy(ft.model.head)  # the naive loop starts from the same weights
-    history = ft.fit(train, val=test, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)
-    seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ft.build_cache(test, evaluation=True)  # the one frozen pass over the test articles
+    test_pass = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    history = ft.fit(train, val=test, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)  # both caches hit
+    fit_seconds = time.perf_counter() - t0
     epoch_times = [r["seconds"] for r in history]
     result = RunResult(
-        name=name, method="fastft", seconds=seconds,
+        name=name, method="fastft", seconds=train_pass + fit_seconds, eval_seconds=test_pass,
         forward_passes=len(train[1]) + len(test[1]),
         test_accuracy=history[-1]["val_accuracy"], epochs=s.epochs,
-        per_epoch_seconds=epoch_times, setup_seconds=seconds - sum(epoch_times),
+        per_epoch_seconds=epoch_times, setup_seconds=train_pass + fit_seconds - sum(epoch_times),
         accuracy_by_epoch=[r["val_accuracy"] for r in history],
         notes=f"cache {ft.cache.tier}/{s.cache_dtype}, {ft.cache.nbytes / 2**20:.2f} MiB; "
               f"train cache: {built.get('reason', '')}, {built.get('prefix_seconds', 0):.1f} s in the encoder",
@@ -110,16 +116,16 @@ def _naive_run(name: str, encoder: nn.Module, head: nn.Module, train, test, s: D
             loss_fn(head(emb), y[rows]).backward()
             opt.step()
         epoch_times.append(time.perf_counter() - t0)
+    train_seconds = time.perf_counter() - t_start
     t0 = time.perf_counter()
     accuracy = _accuracy(encoder, head, test, s)
     test_seconds = time.perf_counter() - t0
-    measured = time.perf_counter() - t_start
     per_epoch = sum(epoch_times) / len(epoch_times)
-    total = measured if run_epochs == s.epochs else per_epoch * s.epochs + test_seconds
+    total = train_seconds if run_epochs == s.epochs else per_epoch * s.epochs
     return RunResult(
         name=name, method="naive", seconds=total, forward_passes=s.epochs * n + len(test[1]),
         test_accuracy=accuracy, epochs=run_epochs, measured=run_epochs == s.epochs,
-        per_epoch_seconds=epoch_times, setup_seconds=test_seconds,
+        per_epoch_seconds=epoch_times, setup_seconds=0.0, eval_seconds=test_seconds,
         notes="" if run_epochs == s.epochs else
         f"{run_epochs} of {s.epochs} epochs measured; total projected from {per_epoch:.1f} s/epoch",
     )
@@ -164,10 +170,11 @@ def run(s: DemoSettings) -> dict:
         runs.append(b)
 
     speedup = naive.seconds / a.seconds
-    # The floor for any method: one frozen pass over train and test (measured by the naive
-    # loop's first epoch and its test pass, in plain PyTorch) plus the head-only epochs.
+    # Speed-up of training, as the issue defines it: the test pass is paid once by both
+    # methods and reported apart. The floor for any method: one frozen pass over the training
+    # set (the naive loop's first epoch, plain PyTorch) plus the head-only epochs.
     head_epoch = sum(a.per_epoch_seconds) / len(a.per_epoch_seconds)
-    ideal = naive.per_epoch_seconds[0] + naive.setup_seconds + s.epochs * head_epoch
+    ideal = naive.per_epoch_seconds[0] + s.epochs * head_epoch
     return {
         "task": "all-MiniLM-L6-v2 on BBC News (5 classes)",
         "classes": classes,
@@ -178,6 +185,7 @@ def run(s: DemoSettings) -> dict:
         "prep_seconds": prep_seconds,
         "runs": [r.__dict__ for r in runs],
         "speedup_vs_naive": speedup,
+        "speedup_with_evaluation": (naive.seconds + naive.eval_seconds) / (a.seconds + a.eval_seconds),
         "speedup_measured": naive.measured,
         "ideal_seconds": ideal,
         "fastft_vs_ideal": a.seconds / ideal,
