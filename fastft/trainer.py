@@ -704,8 +704,9 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _example(data: Any, n: int = 4) -> Any:
-    """A small batch of inputs from ``data`` for probing and the split's parity check."""
+def _example(data: Any, n: int = 2) -> Any:
+    """Two samples of ``data`` for probing and the split's parity check (enough to check the
+    batch axis; each probe is a frozen forward, paid before the cache is built)."""
     length = fdata.dataset_length(data)
     if length == 0:
         raise DataError("the dataset is empty: there is nothing to train on.")
