@@ -20,6 +20,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -384,7 +385,7 @@ class FineTuner:
 
         engine = _Engine(self, cfg, [self.tail], n_rows=self.cache.num_rows)
         start_epoch = 0
-        if resume and checkpoint is not None and _exists(checkpoint):
+        if resume and checkpoint is not None and Path(checkpoint).is_file():
             start_epoch = self._restore(checkpoint, engine)
         self._fit_config = cfg
         epochs_bar = tqdm(
@@ -461,12 +462,12 @@ class FineTuner:
     def predict(self, x: Any, *, batch_size: int = 256) -> torch.Tensor:
         """Model outputs (logits) for a batch of inputs ``x`` (a tensor or a dict of tensors)."""
         self._require_fitted("predict")
-        self._prepare(fdata.index_select(x, torch.arange(min(2, _batch_length(x)))))
+        self._prepare(fdata.index_select(x, torch.arange(min(2, fdata.batch_length(x)))))
         self.prefix.eval()
         self.tail.eval()
         outs = []
         with torch.no_grad():
-            n = _batch_length(x)
+            n = fdata.batch_length(x)
             for start in range(0, n, batch_size):
                 part = fdata.to_device(fdata.index_select(x, torch.arange(start, min(start + batch_size, n))), self.device)
                 taps = self.prefix(part)
@@ -624,7 +625,7 @@ class _Engine:
             taps = [t.to(self.device, non_blocking=True) for t in taps]
             y = labels[rows.to(labels.device)]
             self.optimizer.zero_grad(set_to_none=True)
-            with _autocast(cfg.amp, self.device):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                 step_losses = [self._loss(out, y) for out in self.forward_all(taps)]
             # Each rank's mean is weighted by its share of the global batch; DDP then averages
             # over ranks, which gives exactly the gradient of the global batch mean.
@@ -683,17 +684,6 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor, cfg: FitConfig) -> dict
     return {"loss": loss}
 
 
-class _autocast:
-    def __init__(self, amp: str | None, device: torch.device):
-        self.ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else None
-
-    def __enter__(self):
-        return self.ctx.__enter__() if self.ctx else None
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc) if self.ctx else False
-
-
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -713,17 +703,4 @@ def _example(data: Any, n: int = 2) -> Any:
     inputs, _ = next(iter(fdata.as_batches(data, min(n, length))))
     return inputs
 
-
-def _batch_length(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0])
-    if isinstance(x, dict) and x:
-        return int(next(iter(x.values())).shape[0])
-    raise DataError(f"predict() takes a tensor or a dict of tensors, got {type(x).__name__}.")
-
-
-def _exists(path: str) -> bool:
-    from pathlib import Path
-
-    return Path(path).is_file()
 
