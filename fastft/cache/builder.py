@@ -188,6 +188,17 @@ def _check_finite(store: TapStorage, rows: slice, name: str, start: int, view: i
         )
 
 
+def _check_exact(x: torch.Tensor, name: str, start: int) -> None:
+    """A non-float tap is stored in fp32, which holds integers exactly only up to 2**24."""
+    if x.dtype == torch.bool or x.numel() == 0:
+        return
+    if int(x.abs().max()) > 2**24:
+        raise DataError(
+            f"tap {name!r} (dtype {x.dtype}) of samples {start}.. holds integers beyond 2**24, which "
+            "the cache cannot store exactly; move the cut so that this tensor is computed in the tail."
+        )
+
+
 # ---------------------------------------------------------------------------- chunks of data
 @dataclass
 class Chunk:
@@ -341,8 +352,12 @@ class Writer:
         for name, x in zip(names, tensors):
             if x.dim() < 2:
                 raise DataError(f"tap {name!r} has shape {tuple(x.shape)}; a frozen activation needs [B, ...].")
-            shape = tap_shape(x, self.s.pool)
-            taps.append(TapInfo(name, int(torch.Size(shape).numel()), shape, self.s.storage_dtype, self.s.pool))
+            if x.is_floating_point():
+                shape = tap_shape(x, self.s.pool)
+                taps.append(TapInfo(name, int(torch.Size(shape).numel()), shape, self.s.storage_dtype, self.s.pool))
+            else:  # masks, token ids: kept whole and exact (fp32 holds integers up to 2**24)
+                shape = tuple(x.shape[1:])
+                taps.append(TapInfo(name, int(torch.Size(shape).numel()), shape, torch.float32, "none", x.dtype))
         label_layout = {"dtype": disk.dtype_to_str(labels.dtype), "shape": list(labels.shape[1:])}
         return taps, label_layout
 
@@ -378,22 +393,26 @@ class Writer:
             raise DataError(f"a batch of {chunk.count} samples came with {int(labels.shape[0])} labels.")
         mask = self._mask(inputs) if self.s.pool == "masked_mean" else None
         for tap, x, store in zip(self.taps, tensors, self.storages):
-            if x.shape[0] != chunk.count or tap_shape(x, self.s.pool) != tap.shape:
+            pool = self.s.pool if tap.source_dtype is None else "none"
+            if tap.source_dtype is not None:
+                _check_exact(x, tap.name, chunk.start)
+            if x.shape[0] != chunk.count or tap_shape(x, pool) != tap.shape:
                 raise DataError(
                     f"tap {tap.name!r} has shape {tuple(x.shape)} for samples {chunk.start}..; expected "
                     f"[{chunk.count}, ...] giving per-sample {tap.shape} as in the first batch."
                 )
             if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 x = x.float()  # float64 or integer activations: the kernels take fp32/bf16/fp16
-            src = as_bld(x, self.s.pool)
-            tap_mask = self._tap_mask(mask, src, tap.name)
+            src = as_bld(x, pool)
+            tap_mask = None if tap.source_dtype is not None else self._tap_mask(mask, src, tap.name)
             dst = store.data
             if dst.device != src.device and not (dst.is_pinned() and src.is_cuda):
                 src = src.to(dst.device)
                 tap_mask = None if tap_mask is None else tap_mask.to(dst.device)
             first = chunk.view * self.n + chunk.start
             rows = torch.arange(first, first + chunk.count, device=src.device)
-            torch.ops.fastft.cache_write(src, rows, dst, store.scales, self._tap_pool(tap_mask, src), tap_mask)
+            tap_pool = "none" if tap.source_dtype is not None else self._tap_pool(tap_mask, src)
+            torch.ops.fastft.cache_write(src, rows, dst, store.scales, tap_pool, tap_mask)
             _check_finite(store, slice(first, first + chunk.count), tap.name, chunk.start, chunk.view, self.s.views)
         if chunk.view == 0:
             if list(labels.shape[1:]) != list(self.labels.shape[1:]) or labels.dtype != self.labels.dtype:
@@ -708,8 +727,8 @@ def _resumable_manifest(folder: Path, fp: str, parts: dict, n: int, s: Settings)
         same = (manifest["fingerprint"] == fp and manifest["parts"] == parts and manifest["num_rows"] == n
                 and manifest["num_views"] == s.views and manifest.get("dtype") == s.dtype
                 and manifest.get("pool") == s.pool
-                and all(t["dtype"] == disk.dtype_to_str(s.storage_dtype) and t["pool"] == s.pool
-                        for t in manifest["taps"]))
+                and all((t["dtype"] == disk.dtype_to_str(s.storage_dtype) and t["pool"] == s.pool)
+                        or "source_dtype" in t for t in manifest["taps"]))
         if manifest["status"] == "building" and same:
             return manifest
     except CacheError:

@@ -27,6 +27,8 @@ class TapInfo:
 
     ``dim`` is the row width D; ``shape`` the per-sample shape the tail expects (the
     activation's own shape with ``pool='none'``, ``(D,)`` otherwise); ``dtype`` the storage dtype.
+    ``source_dtype`` is set for a non-float tap (an attention mask, token ids the tail needs):
+    it is stored exactly in fp32 whatever the cache dtype and gathered back in this dtype.
     """
 
     name: str
@@ -34,14 +36,29 @@ class TapInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     pool: str
+    source_dtype: torch.dtype | None = None
 
     def to_json(self) -> dict:
-        return {"name": self.name, "dim": self.dim, "shape": list(self.shape),
-                "dtype": disk.dtype_to_str(self.dtype), "pool": self.pool}
+        d = {"name": self.name, "dim": self.dim, "shape": list(self.shape),
+             "dtype": disk.dtype_to_str(self.dtype), "pool": self.pool}
+        if self.source_dtype is not None:
+            d["source_dtype"] = str(self.source_dtype).removeprefix("torch.")
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "TapInfo":
-        return cls(d["name"], int(d["dim"]), tuple(d["shape"]), disk.str_to_dtype(d["dtype"]), d["pool"])
+        source = d.get("source_dtype")
+        return cls(d["name"], int(d["dim"]), tuple(d["shape"]), disk.str_to_dtype(d["dtype"]), d["pool"],
+                   None if source is None else _exact_dtype(source))
+
+
+def _exact_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or dtype.is_floating_point:
+        from fastft.errors import CacheCorruptError
+
+        raise CacheCorruptError(f"the manifest names an unknown source dtype {name!r} for a non-float tap.")
+    return dtype
 
 
 class FeatureCache:
@@ -220,7 +237,10 @@ class FeatureCache:
                       out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
         """:meth:`gather` with each tap reshaped to ``[B, *tap.shape]``, as the tail takes it."""
         out = self.gather(rows, view=view, out_dtype=out_dtype)
-        return tuple(x.view(x.shape[0], *tap.shape) for x, tap in zip(out, self.taps))
+        # A non-float tap (a mask, token ids) goes back to its own dtype: it is exact in fp32.
+        return tuple(x.view(x.shape[0], *tap.shape) if tap.source_dtype is None
+                     else x.view(x.shape[0], *tap.shape).to(tap.source_dtype)
+                     for x, tap in zip(out, self.taps))
 
     # ------------------------------------------------------------------ management
     @property
