@@ -11,7 +11,7 @@ from fastft.errors import *  # noqa: F401,F403
 from fastft.errors import __all__ as _error_names
 from fastft import ops
 from fastft.cache import FeatureCache
-from fastft import surgery
+from fastft import surgery, unfreeze
 from fastft.split import split, FrozenPrefix, TrainableTail
 from fastft import data
 from fastft.trainer import EarlyStopping, FineTuner, History
@@ -27,6 +27,7 @@ __all__ = [
     "ops",
     "FeatureCache",
     "surgery",
+    "unfreeze",
     "split",
     "FrozenPrefix",
     "TrainableTail",

@@ -49,6 +49,10 @@ class CacheLockedError(CacheError):
     """Another process holds the build lock of this cache for longer than we may wait."""
 
 
+class CacheTooLargeError(CacheError, MemoryError):
+    """An in-memory cache would not fit the memory allowed; the message names the options."""
+
+
 class NotFittedError(FastFTError, RuntimeError):
     """A trained head is needed (predict, evaluate, export) but ``fit`` has not run."""
 
@@ -64,5 +68,6 @@ __all__ = [
     "CacheError",
     "CacheCorruptError",
     "CacheLockedError",
+    "CacheTooLargeError",
     "NotFittedError",
 ]

@@ -67,6 +67,11 @@ def fit_many(
     """
     if not configs:
         raise FastFTValueError("fit_many needs at least one config.")
+    if ft._unfreeze is not None and ft._unfreeze[0]:
+        raise FastFTValueError(
+            "fit_many trains several heads on one frozen cache; with unfrozen blocks each head would "
+            "need its own copy of them. Sweep the heads first, then ft.unfreeze(n) and fit the best one."
+        )
     for c in configs:
         unknown = set(c) - SWEEPABLE
         if unknown:

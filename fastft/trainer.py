@@ -37,6 +37,7 @@ from fastft.heads import build_head
 from fastft.metrics import classification_metrics, multilabel_metrics
 from fastft.objectives import LOSSES, check_labels, make_loss, prepare_targets
 from fastft.split import split
+from fastft.unfreeze import param_groups, unfreeze_blocks, unfrozen_blocks
 
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -58,6 +59,7 @@ class FitConfig:
     label_smoothing: float = 0.0
     class_weights: list[float] | None = None
     amp: str | None = None
+    lr_decay: float | None = None
 
     def validate(self) -> None:
         if int(self.epochs) < 1:
@@ -74,6 +76,8 @@ class FitConfig:
             raise FastFTValueError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}.")
         if self.amp not in (None, "bf16"):
             raise FastFTValueError(f"amp must be None or 'bf16', got {self.amp!r}.")
+        if self.lr_decay is not None and not self.lr_decay > 0:
+            raise FastFTValueError(f"lr_decay must be > 0 (e.g. 0.5 halves the rate per block going down), got {self.lr_decay}.")
 
 
 @dataclass
@@ -221,6 +225,7 @@ class FineTuner:
         self._edited = False
         self._fitted = False
         self._fit_config: FitConfig | None = None
+        self._unfreeze: tuple[int, bool] | None = None  # (blocks, train_bn) of the last unfreeze()
         # Heads of the usual layouts can be attached right away; encoders need a probe batch.
         if self.head is not None or self.num_classes is not None:
             try:
@@ -263,6 +268,8 @@ class FineTuner:
             )
         self.model.to(self.device)
         self._edited = True
+        if self._unfreeze is not None:
+            unfreeze_blocks(self.model, self._unfreeze[0], train_bn=self._unfreeze[1])
 
     def _locate_head(self, example: Any | None) -> _HeadSpec:
         try:
@@ -298,6 +305,35 @@ class FineTuner:
             )
         return _HeadSpec("append", None, int(out.shape[1]), key)
 
+    def unfreeze(self, blocks: int, *, train_bn: bool = False) -> list[str]:
+        """Make the top ``blocks`` blocks of the frozen part trainable (exactly those: ``0``
+        freezes them again) and move the cut down to the input of the lowest one.
+
+        Blocks are the children of the model's Sequential/ModuleList stacks (``encoder.layer``,
+        ``layer4``, ``blocks``; see :func:`fastft.unfreeze.find_blocks`). The next ``fit``
+        caches the frozen part below the new cut (whole sequences or feature maps, ``pool``
+        ``'none'``; reused by fingerprint) and trains the unfrozen blocks with the new layers,
+        with learning rates decayed per block when ``fit(lr_decay=...)`` is given.
+        BatchNorm layers in the unfrozen blocks keep their running statistics unless
+        ``train_bn=True``. Returns the names of the unfrozen blocks (``[]`` before the model is
+        edited, when an encoder's head still waits for data: they are unfrozen then).
+        """
+        self._unfreeze = (blocks, bool(train_bn))
+        names: list[str] = []
+        if self._edited:
+            names = unfreeze_blocks(self.model, blocks, train_bn=train_bn)
+        else:  # check the argument now; the blocks are unfrozen right after the edit
+            if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
+                raise FastFTValueError(f"blocks must be a non-negative integer, got {blocks!r}.")
+        self.prefix = self.tail = None  # split again at the new cut
+        self.cache = None
+        return names
+
+    @property
+    def _cache_pool(self) -> str:
+        # Below the top of the network the tail needs whole sequences / feature maps.
+        return "none" if any(True for _ in unfrozen_blocks(self.model)) else self.pool
+
     def _prepare(self, example_inputs: Any) -> None:
         """Edit (if a probe was needed) and split the model at the frozen frontier."""
         self._edit(example_inputs)
@@ -314,7 +350,7 @@ class FineTuner:
             tier=self.cache_tier,
             views=self.views if train else 1,
             transform=self.transform if train else None,
-            pool=self.pool,
+            pool=self._cache_pool,
             batch_size=self.extract_batch_size,
             cache_dir=self.cache_dir,
             dataset_id=dataset_id,
@@ -355,6 +391,8 @@ class FineTuner:
         amp: str | None = None,
         *,
         momentum: float = 0.9,
+        lr_decay: float | None = None,
+        unfreeze: Sequence[tuple[int, int]] | None = None,
         checkpoint: str | None = None,
         resume: bool = False,
         dataset_id: str | None = None,
@@ -366,28 +404,59 @@ class FineTuner:
         ``checkpoint=path`` a checkpoint is written atomically after every epoch, and
         ``resume=True`` continues from it, giving the same final weights as an
         uninterrupted run. A callback returning ``False`` stops training.
+
+        Progressive unfreezing: ``unfreeze=[(epoch, n), ...]`` calls :meth:`unfreeze`
+        ``(n)`` before that (0-based) epoch, e.g. ``epochs=8, unfreeze=[(5, 1)]`` trains the
+        head for 5 epochs, then the top block with it for 3. Each stage is trained like a
+        ``fit`` of its own epochs (a fresh optimizer and scheduler, the batch order drawn from
+        ``seed`` again) on the cache at its cut. ``lr_decay=d`` gives each unfrozen block
+        ``lr * d ** depth`` (depth 1 for the top block), as optimizer parameter groups.
         """
         cfg = FitConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
             weight_decay=weight_decay, momentum=momentum, scheduler=scheduler, loss=loss,
             label_smoothing=label_smoothing,
             class_weights=None if class_weights is None else [float(w) for w in class_weights],
-            amp=amp,
+            amp=amp, lr_decay=lr_decay,
         )
         cfg.validate()
+        stages = _stages(unfreeze, cfg.epochs)
+        if len(stages) > 1 and checkpoint is not None:
+            raise FastFTValueError(
+                "checkpoint= with an unfreeze= schedule is not supported: call fit once per stage "
+                "(ft.fit(..., epochs=5); ft.unfreeze(1); ft.fit(..., epochs=3)), each with its own checkpoint."
+            )
         if isinstance(early_stopping, int) and not isinstance(early_stopping, bool):
             early_stopping = EarlyStopping(patience=early_stopping, monitor="val_loss" if val is not None else "loss")
+        self._fit_config = cfg
+        for first_epoch, stage_epochs, blocks in stages:
+            if blocks is not None:
+                self.unfreeze(blocks, train_bn=self._unfreeze[1] if self._unfreeze else False)
+            stop = self._fit_stage(
+                train, val, FitConfig(**{**asdict(cfg), "epochs": stage_epochs}), first_epoch,
+                early_stopping=early_stopping, callbacks=callbacks, checkpoint=checkpoint,
+                resume=resume, dataset_id=dataset_id,
+            )
+            if stop:
+                break
+        if early_stopping is not None and early_stopping.restore_best and early_stopping._state:
+            self.tail.load_state_dict(early_stopping._state)
+        self.tail.eval()
+        return self.history
+
+    def _fit_stage(self, train: Any, val: Any, cfg: FitConfig, first_epoch: int, *, early_stopping,
+                   callbacks, checkpoint, resume, dataset_id) -> bool:
+        """Train ``cfg.epochs`` epochs at the current cut; True when training should stop."""
         self.build_cache(train, dataset_id=dataset_id)
         val_cache = self._build_cache(val, train=False) if val is not None else None
         labels = self.cache.labels.to(self.device)
         n_out = self._num_outputs()
-        check_labels(labels, loss, n_out)
+        check_labels(labels, cfg.loss, n_out)
 
         engine = _Engine(self, cfg, [self.tail], n_rows=self.cache.num_rows)
         start_epoch = 0
         if resume and checkpoint is not None and Path(checkpoint).is_file():
             start_epoch = self._restore(checkpoint, engine)
-        self._fit_config = cfg
         epochs_bar = tqdm(
             range(start_epoch, cfg.epochs), desc="fastft fit", unit="epoch",
             disable=not self.verbose or not sys.stderr.isatty(), leave=False,
@@ -395,7 +464,9 @@ class FineTuner:
         for epoch in epochs_bar:
             t0 = time.perf_counter()
             losses = engine.run_epoch(self.cache, labels)
-            record = {"epoch": epoch + 1, "loss": losses[0], "lr": engine.current_lrs()[0]}
+            record = {"epoch": first_epoch + epoch + 1, "loss": losses[0], "lr": engine.current_lrs()[0]}
+            if self._unfreeze is not None and self._unfreeze[0]:
+                record["unfrozen_blocks"] = self._unfreeze[0]
             if val_cache is not None:
                 record.update({f"val_{k}": v for k, v in self._evaluate_cache(val_cache, cfg).items()})
             record["seconds"] = time.perf_counter() - t0
@@ -408,11 +479,8 @@ class FineTuner:
             if early_stopping is not None and early_stopping.step(record, self.tail):
                 stop = True
             if stop:
-                break
-        if early_stopping is not None and early_stopping.restore_best and early_stopping._state:
-            self.tail.load_state_dict(early_stopping._state)
-        self.tail.eval()
-        return self.history
+                return True
+        return False
 
     def fit_many(self, configs: Sequence[dict], train: Any, **common):
         """Train several heads (lr, width, weight decay, seed) in one pass over the cache.
@@ -590,9 +658,9 @@ class _Engine:
                                  class_weights=cfg.class_weights).to(self.device)
         groups = []
         for tail, extra in zip(tails, per_tail):
-            params = [p for p in tail.parameters() if p.requires_grad]
-            groups.append({"params": params, "lr": extra.get("lr", cfg.lr),
-                           "weight_decay": extra.get("weight_decay", cfg.weight_decay)})
+            # One group per tail, or with lr_decay one per unfrozen block besides the new layers.
+            groups += param_groups(tail, extra.get("lr", cfg.lr), cfg.lr_decay,
+                                   extra.get("weight_decay", cfg.weight_decay))
         self.optimizer = _make_optimizer(cfg, groups)
         self.steps_per_epoch = math.ceil(n_rows / cfg.batch_size)
         self.scheduler = _make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
@@ -692,6 +760,26 @@ def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _stages(schedule: Sequence[tuple[int, int]] | None, epochs: int) -> list[tuple[int, int, int | None]]:
+    """``(first epoch, epochs, blocks to unfreeze first or None)`` of each stage of a fit."""
+    if not schedule:
+        return [(0, epochs, None)]
+    try:
+        steps = [(int(e), int(n)) for e, n in schedule]
+    except (TypeError, ValueError):
+        raise FastFTValueError(f"unfreeze= takes (epoch, blocks) pairs like [(5, 1), (8, 2)], got {schedule!r}.") from None
+    epochs_at = [e for e, _ in steps]
+    if epochs_at != sorted(set(epochs_at)) or epochs_at[0] < 0 or epochs_at[-1] >= epochs:
+        raise FastFTValueError(
+            f"unfreeze= epochs must increase strictly and lie in 0..{epochs - 1} (the fit has {epochs} "
+            f"epochs), got {epochs_at}."
+        )
+    stages = [] if epochs_at[0] == 0 else [(0, epochs_at[0], None)]
+    bounds = epochs_at + [epochs]
+    stages += [(e, bounds[i + 1] - e, n) for i, (e, n) in enumerate(steps)]
+    return stages
 
 
 def _example(data: Any, n: int = 2) -> Any:

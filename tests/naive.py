@@ -32,8 +32,12 @@ def set_modes(model: nn.Module) -> None:
 
 
 def naive_finetune(model, X, y, *, epochs, batch_size, lr, optimizer="adamw", weight_decay=0.0,
-                   momentum=0.9, seed=0, loss_fn=None):
-    params = [p for p in model.parameters() if p.requires_grad]
+                   momentum=0.9, seed=0, loss_fn=None, param_groups=None, train_modules=(), keep_eval=()):
+    """``param_groups``: optimizer groups (default: every trainable parameter at ``lr``);
+    ``train_modules``: modules trained whole, in train mode with everything inside them
+    (unfrozen blocks: their dropout too); ``keep_eval``: modules kept in eval mode although
+    they hold trainable parameters (BatchNorm layers whose running statistics stay frozen)."""
+    params = param_groups or [p for p in model.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
@@ -42,6 +46,10 @@ def naive_finetune(model, X, y, *, epochs, batch_size, lr, optimizer="adamw", we
     g = torch.Generator().manual_seed(seed)
     n = len(y)
     set_modes(model)
+    for m in train_modules:
+        m.train()
+    for m in keep_eval:
+        m.eval()
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for start in range(0, n, batch_size):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastft.errors import FastFTValueError
+from fastft.errors import CacheTooLargeError, FastFTValueError
 
 #: Storage dtype names and their torch dtypes.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
@@ -75,6 +75,8 @@ def choose_tier(tier: str, nbytes: int, device: torch.device, max_memory: int | 
     picks the fastest tier that fits ``max_memory`` (default: a share of free memory)."""
     if tier not in TIERS:
         raise FastFTValueError(f"unknown cache tier {tier!r}; use one of {', '.join(TIERS)}.")
+    if tier in ("device", "host"):
+        _check_fits(tier, nbytes, device, max_memory)
     if tier != "auto":
         return tier
     if device.type == "cuda":
@@ -83,6 +85,26 @@ def choose_tier(tier: str, nbytes: int, device: torch.device, max_memory: int | 
             return "device"
     budget = max_memory if max_memory is not None else int(free_host_memory() * AUTO_FRACTION)
     return "host" if nbytes <= budget else "disk"
+
+
+def _check_fits(tier: str, nbytes: int, device: torch.device, max_memory: int | None) -> None:
+    """Refuse an in-memory cache larger than ``max_memory`` (or than the memory free now)
+    before any work is done, naming its size and what would fit."""
+    if tier == "device" and device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(device)[0], f"free memory on {device}"
+    else:
+        free, where = free_host_memory(), "free host memory"
+    budget, what = (max_memory, "max_memory") if max_memory is not None else (free, where)
+    if nbytes <= budget:
+        return
+    smaller = ", ".join(f"{name} {nbytes * ratio / 2**30:.2f} GiB" for name, ratio in (("fp16", 0.5), ("int8", 0.25)))
+    raise CacheTooLargeError(
+        f"the cache needs {nbytes / 2**30:.2f} GiB in the {tier} tier but {what} is "
+        f"{budget / 2**30:.2f} GiB. Options: cache='disk' (memory-mapped; any size the disk holds), "
+        f"cache='auto' (picks what fits), a smaller cache_dtype (from fp32: {smaller}), or fewer "
+        "samples/views; a cut at a block's input caches whole sequences/feature maps, so unfreezing "
+        "fewer blocks also helps."
+    )
 
 
 @dataclass

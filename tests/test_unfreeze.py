@@ -1,0 +1,253 @@
+"""Progressive unfreezing on the cache against the oracle: naive training of the same blocks.
+
+The naive side runs the whole model every step (everything below the unfrozen blocks frozen
+in eval mode, BatchNorm of the unfrozen blocks with frozen statistics), with the same batch
+order, the same optimizer and the same decayed learning rates per block; nothing of fastft
+is involved. With an fp32 cache fastft's weights must equal it within 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastft
+from fastft import FineTuner
+from fastft.data import index_select
+from fastft.errors import CacheTooLargeError, FastFTValueError, SurgeryError
+from fastft.unfreeze import find_blocks, param_groups, unfreeze_blocks
+from models import make_resnet, make_text_encoder
+from naive import naive_finetune
+
+
+def make_mlp_stack(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+        nn.Linear(16, 3),
+    )
+
+
+def mlp_data(n: int = 80, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 12, generator=g)
+    return X, (X[:, 0] > 0).long() + (X[:, 1] > 0.5).long()
+
+
+def image_data(n: int = 48, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def token_data(n: int = 48, length: int = 10, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (n, length), generator=g)
+    lengths = torch.randint(3, length + 1, (n,), generator=g)
+    mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}, torch.randint(0, 3, (n,), generator=g)
+
+
+CASES = {
+    "mlp_stack": (make_mlp_stack, mlp_data, dict(num_classes=4, hidden=[8]), ["0", "2", "4"]),
+    "cnn_residual_batchnorm": (make_resnet, image_data, dict(num_classes=5),
+                               ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]),
+    "transformer_masked": (make_text_encoder, token_data, dict(num_classes=3),
+                           ["layers.0", "layers.1", "layers.2"]),
+}
+FIT = dict(batch_size=16, lr=0.01, optimizer="adamw", weight_decay=0.01)
+
+
+def _tuner(case: str, tmp_path, **overrides) -> tuple[FineTuner, object, torch.Tensor]:
+    make_model, make_data, kwargs, _ = CASES[case]
+    X, y = make_data()
+    ft = FineTuner(make_model(), cache_dtype="fp32", seed=3, cache_dir=str(tmp_path), verbose=False,
+                   **{**kwargs, **overrides})
+    ft._prepare(index_select(X, torch.arange(4)))  # attach the head now, so the naive copy has it
+    return ft, X, y
+
+
+def _naive_unfreezing(model: nn.Module, X, y, *, head_epochs: int, block_epochs: int, blocks: int,
+                      lr_decay: float | None, train_bn: bool = False) -> list[nn.Module]:
+    """Head-only epochs, then the top ``blocks`` blocks with the head: plain PyTorch."""
+    naive_finetune(model, X, y, epochs=head_epochs, seed=3, **FIT)
+    top = [m for _, m in find_blocks(model)][-blocks:]
+    for block in top:
+        block.requires_grad_(True)
+    in_blocks = {id(p) for b in top for p in b.parameters()}
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in in_blocks]
+    decay = 1.0 if lr_decay is None else lr_decay
+    groups = [{"params": head, "lr": FIT["lr"]}] + [
+        {"params": list(b.parameters()), "lr": FIT["lr"] * decay ** depth}
+        for depth, b in enumerate(reversed(top), start=1)
+    ]
+    bns = [] if train_bn else [m for b in top for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    naive_finetune(model, X, y, epochs=block_epochs, seed=3, param_groups=groups, train_modules=top,
+                   keep_eval=bns, **FIT)
+    return top
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_blocks_are_found_bottom_to_top(case, tmp_path):
+    ft, _, _ = _tuner(case, tmp_path)
+    assert [n for n, _ in find_blocks(ft.model)] == CASES[case][3]
+
+
+def test_new_layers_are_never_blocks():
+    # Before FineTuner replaces it, the MLP's output Linear is a block like the others ...
+    assert [n for n, _ in find_blocks(make_mlp_stack())] == ["0", "2", "4", "6"]
+    # ... once replaced by a new head, it is not.
+    model = make_mlp_stack()
+    fastft.surgery.replace_head(model, num_classes=2)
+    assert [n for n, _ in find_blocks(model)] == ["0", "2", "4"]
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_unfreezing_equals_naive_training_of_the_same_blocks(case, blocks, tmp_path):
+    ft, X, y = _tuner(case, tmp_path)
+    naive = copy.deepcopy(ft.model)
+    start = copy.deepcopy(ft.model.state_dict())
+
+    torch.manual_seed(7)  # dropout inside unfrozen blocks draws from the global generator
+    history = ft.fit((X, y), epochs=4, unfreeze=[(2, blocks)], lr_decay=0.5, **FIT)
+    torch.manual_seed(7)
+    top = _naive_unfreezing(naive, X, y, head_epochs=2, block_epochs=2, blocks=blocks, lr_decay=0.5)
+
+    got, want = ft.model.state_dict(), naive.state_dict()
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+    # The comparison is not vacuous: the unfrozen blocks moved, the blocks below them did not,
+    # and BatchNorm running statistics stayed the pretrained ones.
+    moved = [n for n in got if not torch.equal(got[n], start[n])]
+    lower = [n for n, _ in find_blocks(ft.model)][:-blocks]
+    assert any(n.startswith(CASES[case][3][-1] + ".") for n in moved)
+    assert not any(n.startswith(b + ".") for n in moved for b in lower)
+    assert not any(n.endswith(("running_mean", "running_var", "num_batches_tracked")) for n in moved)
+    assert [r.get("unfrozen_blocks") for r in history][-2:] == [blocks, blocks]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert len(top) == blocks
+
+
+def test_manual_unfreeze_then_fit_equals_the_schedule(tmp_path):
+    a, X, y = _tuner("mlp_stack", tmp_path / "a")
+    b, _, _ = _tuner("mlp_stack", tmp_path / "b")
+    a.fit((X, y), epochs=3, unfreeze=[(1, 2)], **FIT)
+    b.fit((X, y), epochs=1, **FIT)
+    assert b.unfreeze(2) == ["2", "4"]
+    b.fit((X, y), epochs=2, **FIT)
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+def test_train_bn_updates_running_statistics_like_naive(tmp_path):
+    ft, X, y = _tuner("cnn_residual_batchnorm", tmp_path)
+    naive = copy.deepcopy(ft.model)
+    before = ft.model.layer2[1].bn1.running_mean.clone()
+    ft.unfreeze(1, train_bn=True)
+    ft.fit((X, y), epochs=2, **FIT)
+    naive_finetune(naive, X, y, epochs=0, seed=3, **FIT)
+    _train_top_block_naively(naive, X, y)
+    assert not torch.equal(ft.model.layer2[1].bn1.running_mean, before)
+    for name, want in naive.state_dict().items():
+        torch.testing.assert_close(ft.model.state_dict()[name], want, rtol=0, atol=1e-5, msg=name)
+
+
+def _train_top_block_naively(model, X, y):
+    top = model.layer2[1]
+    top.requires_grad_(True)
+    naive_finetune(model, X, y, epochs=2, seed=3, train_modules=[top], **FIT)
+
+
+def test_cache_at_the_new_cut_is_reused(tmp_path):
+    ft, X, y = _tuner("transformer_masked", tmp_path)
+    ft.unfreeze(1)
+    first = ft.build_cache((X, y))
+    assert not first.telemetry["hit"]
+    # The cut's inputs: the sequence before the top layer, and the mask it needs beside it.
+    shapes = sorted(tuple(t.shape) for t in first.taps)
+    assert (10,) in shapes and (10, 16) in shapes
+    assert any(t.source_dtype is not None for t in first.taps)
+    ft.unfreeze(0)
+    ft.build_cache((X, y))
+    ft.unfreeze(1)
+    again = ft.build_cache((X, y))
+    assert again.telemetry["hit"] and again.fingerprint == first.fingerprint
+
+
+def test_disk_cache_at_the_new_cut_is_reused_across_tuners(tmp_path):
+    a, X, y = _tuner("cnn_residual_batchnorm", tmp_path, cache="disk")
+    a.unfreeze(2)
+    built = a.build_cache((X, y))
+    b, _, _ = _tuner("cnn_residual_batchnorm", tmp_path, cache="disk")
+    b.unfreeze(2)
+    reused = b.build_cache((X, y))
+    assert not built.telemetry["hit"] and reused.telemetry["hit"]
+    assert reused.fingerprint == built.fingerprint
+    assert [tuple(t.shape) for t in reused.taps] == [(8, 8, 8)]  # layer2.0's input feature map
+
+
+def test_parameter_groups_carry_decayed_learning_rates(tmp_path):
+    ft, X, y = _tuner("mlp_stack", tmp_path)
+    ft.unfreeze(2)
+    ft.build_cache((X, y))
+    groups = param_groups(ft.tail, 0.1, 0.5, 0.01)
+    assert [g["lr"] for g in groups] == [0.1, 0.05, 0.025]
+    model = ft.model
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model[4].parameters()}
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in model[2].parameters()}
+    assert all(g["weight_decay"] == 0.01 for g in groups)
+    assert len(param_groups(ft.tail, 0.1, None, 0.0)) == 1
+
+
+def test_unfreeze_zero_freezes_the_blocks_again(tmp_path):
+    ft, X, y = _tuner("mlp_stack", tmp_path)
+    ft.unfreeze(2)
+    assert ft.model[2].weight.requires_grad
+    ft.unfreeze(1)
+    assert not ft.model[2].weight.requires_grad and ft.model[4].weight.requires_grad
+    ft.unfreeze(0)
+    assert not ft.model[4].weight.requires_grad
+    ft.fit((X, y), epochs=1, **FIT)
+    assert ft.cache.taps[0].shape == (16,)  # the cut is back at the head's input
+
+
+def test_errors_say_what_to_do(tmp_path):
+    ft, X, y = _tuner("mlp_stack", tmp_path)
+    with pytest.raises(FastFTValueError, match="3 blocks"):
+        ft.unfreeze(4)
+    with pytest.raises(FastFTValueError, match="non-negative"):
+        ft.unfreeze(-1)
+    with pytest.raises(FastFTValueError, match="increase strictly"):
+        ft.fit((X, y), epochs=3, unfreeze=[(2, 1), (1, 2)])
+    with pytest.raises(FastFTValueError, match="0..2"):
+        ft.fit((X, y), epochs=3, unfreeze=[(3, 1)])
+    with pytest.raises(FastFTValueError, match="pairs"):
+        ft.fit((X, y), epochs=3, unfreeze=[1, 2])
+    with pytest.raises(FastFTValueError, match="checkpoint"):
+        ft.fit((X, y), epochs=3, unfreeze=[(1, 1)], checkpoint=str(tmp_path / "ck.pt"))
+    with pytest.raises(FastFTValueError, match="lr_decay"):
+        ft.fit((X, y), epochs=1, lr_decay=0)
+    ft.unfreeze(1)
+    with pytest.raises(FastFTValueError, match="fit_many"):
+        ft.fit_many([{"lr": 0.1}, {"lr": 0.01}], (X, y), epochs=1)
+    with pytest.raises(SurgeryError, match="no stack of blocks"):
+        unfreeze_blocks(nn.Sequential(nn.Linear(2, 2)), 1)
+
+
+def test_memory_guard_names_the_size_and_the_options(tmp_path):
+    ft, X, y = _tuner("cnn_residual_batchnorm", tmp_path, cache="host", max_memory=10_000)
+    ft.unfreeze(2)
+    with pytest.raises(CacheTooLargeError, match=r"GiB in the host tier.*cache='disk'.*int8"):
+        ft.build_cache((X, y))
+    # The same cut fits when the user takes one of the options.
+    ft.cache_tier = "auto"
+    assert ft.build_cache((X, y)).tier == "disk"
+
+
+def test_public_api():
+    assert fastft.unfreeze.find_blocks is find_blocks
+    assert issubclass(CacheTooLargeError, fastft.CacheError)
