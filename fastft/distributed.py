@@ -1,9 +1,20 @@
 """Multi-process fastft on torch.distributed (launch with ``torchrun``).
 
-When a process group is initialised, :class:`fastft.FineTuner` trains its new layers with
-``DistributedDataParallel``: every rank draws the same global ``randperm`` (same seed), takes
-its contiguous slice of each global batch, and the gradient all-reduce makes the update equal
-to single-process training with the same global batch (gloo on CPU, nccl on GPU).
+When a process group is initialised:
+
+- **Sharded cache building** (``tier="disk"``): every rank runs the frozen prefix on its own
+  share of the chunks and writes them into the one cache folder, which must be on a
+  filesystem every rank sees; rank 0 creates the folder first and marks it complete after
+  all ranks are done (see :func:`fastft.cache.builder.build_sharded`). The memory tiers
+  (``host``, ``device``) and ``auto`` are built by every rank for itself, as on one process.
+- **Head training**: :class:`fastft.FineTuner` trains its new layers with
+  ``DistributedDataParallel``: every rank draws the same global ``randperm`` (same seed),
+  takes its contiguous slice of each global batch, and the gradient all-reduce makes the
+  update equal to single-process training with the same global batch (gloo on CPU, nccl on
+  GPU).
+
+This module only wraps torch.distributed (it imports nothing else of fastft), so the cache
+builder and the trainer can both use it.
 """
 
 from __future__ import annotations
@@ -52,3 +63,21 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def all_gather_object(obj):
+    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects; ``[obj]`` on one process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (what other ranks pass is ignored)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -12,13 +12,20 @@ The steps of :func:`build`:
    prefix, check for NaN/Inf, ``cache_write`` every tap into its rows, store the labels.
    Disk chunks are committed to the journal after an fsync; committed chunks are skipped
    when an interrupted build resumes, and a builder of the same key on disk holds its lock.
+
+Inside a torch.distributed process group, a disk cache is built by every rank together,
+each rank computing its share of the chunks (:func:`build_sharded`); the memory tiers and
+``auto`` are built by each rank for itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import logging
 import shutil
+import socket
 import sys
 import time
 import weakref
@@ -32,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from fastft import data as fdata
+from fastft import distributed as fdist
 from fastft.cache import disk
 from fastft.cache.feature_cache import FeatureCache, TapInfo
 from fastft.cache.fingerprint import FORMAT_VERSION, PARTS, accepts_generator, changed_parts, combine, fingerprint_parts
@@ -519,6 +527,8 @@ def build(cls, prefix: nn.Module, dataset: Any, *, dtype, tier, views, transform
     prefix_mode = prefix.training
     prefix.eval()  # the frozen part always runs in eval mode (BatchNorm running stats, no dropout)
     try:
+        if s.tier == "disk" and fdist.is_distributed():
+            return build_sharded(cls, prefix, dataset, n, s, fp, parts, reason, t_start)
         return _run(cls, prefix, dataset, n, s, fp, parts, reason, t_start)
     finally:
         prefix.train(prefix_mode)
@@ -584,10 +594,12 @@ def _run(cls, prefix, dataset, n, s: Settings, fp, parts, reason, t_start) -> Fe
         return _build_on_disk(cls, writer, dataset, n, s, fp, parts, reason, t_start, probe)
 
 
-def _run_chunks(writer: Writer, dataset, n, s: Settings, probe, skip, on_done: Callable[[Chunk], None], done: int) -> int:
+def _run_chunks(writer: Writer, dataset, n, s: Settings, probe, skip, on_done: Callable[[Chunk], None], done: int,
+                bar_total: int | None = -1) -> int:
     """Forward and write every chunk not skipped; ``on_done`` after each written chunk.
-    Returns the number of rows written."""
-    bar = _progress_bar(s, n * s.views, done)
+    Returns the number of rows written. ``bar_total``: the progress bar's total (default
+    every row; None: a counter)."""
+    bar = _progress_bar(s, n * s.views if bar_total == -1 else bar_total, done)
     written = 0
     try:
         for chunk in chunks(dataset, n, s, skip):
@@ -654,42 +666,15 @@ def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_star
     writer.labels = tensors["labels"]
     if resumed:
         writer.expected_layout = (writer.taps, manifest["labels"])
-    try:
-        journal = disk.Journal(folder, n, s.views)
-    except CacheCorruptError as exc:  # nothing it lists can be trusted: recompute every chunk
-        log.warning("fastft: %s; recomputing every chunk.", exc)
-        (folder / disk.JOURNAL).unlink()
-        journal = disk.Journal(folder)
+    journal = _read_journal(folder, n, s.views)  # with the rank journals of a sharded build, if any
     reused = _drop_bad_chunks(journal, tensors, layout, n)
     if reused:
         reason = f"resumed: {reused} of {n * s.views} rows were already committed"
-
-    pending: list[Chunk] = []
-    last_commit = [time.monotonic()]
-
-    def commit() -> None:
-        if not pending:
-            return
-        with disk.write_errors(folder, "committing written rows", committed_rows=journal.rows):
-            disk.fsync_files(folder, layout)  # bytes durable before the journal names them
-            saved = dict(journal.chunks)
-            for c in pending:
-                journal.add(c.view, c.start, c.count, disk.chunk_checksums(tensors, layout, c.view, c.start, c.count, n))
-            try:
-                journal.save()
-            except BaseException:
-                journal.chunks = saved  # not durable: the journal in memory says what the file says
-                raise
-        pending.clear()
-        last_commit[0] = time.monotonic()
-
-    def on_done(chunk: Chunk) -> None:
-        pending.append(chunk)
-        if time.monotonic() - last_commit[0] >= COMMIT_INTERVAL_S:
-            commit()
+    committer = _Committer(folder, layout, tensors, journal, n)
+    commit = committer.commit
 
     try:
-        _run_chunks(writer, dataset, n, s, probe, journal.is_committed, on_done, reused)
+        _run_chunks(writer, dataset, n, s, probe, journal.is_committed, committer.done, reused)
     except _LayoutMismatch as exc:  # raised before any byte of this run was written
         log.warning("fastft: cache %s: %s; rebuilding it from scratch.", fp[:12], exc)
         del tensors, writer.storages, writer.labels
@@ -714,6 +699,51 @@ def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_star
     cache = cls.from_folder(folder, telemetry=telemetry)
     _register(cache)
     return cache
+
+
+def _read_journal(folder: Path, n: int, views: int) -> disk.Journal:
+    """The committed chunks of an interrupted build (every rank's, for a sharded one); none
+    when the journal is unreadable (nothing it lists can be trusted: every chunk is recomputed)."""
+    try:
+        return disk.Journal(folder, n, views)
+    except CacheCorruptError as exc:
+        log.warning("fastft: %s; recomputing every chunk.", exc)
+        disk.remove_journals(folder)
+        return disk.Journal(folder)
+
+
+class _Committer:
+    """Commits finished chunks to ``journal``: fsync of the data files first (bytes durable
+    before the journal names them), then the journal's atomic rewrite; at most every
+    COMMIT_INTERVAL_S, and whenever :meth:`commit` is called."""
+
+    def __init__(self, folder: Path, layout: list[disk.Array], tensors: dict, journal: disk.Journal, n: int):
+        self.folder, self.layout, self.tensors, self.journal, self.n = folder, layout, tensors, journal, n
+        self.pending: list[Chunk] = []
+        self.last = time.monotonic()
+
+    def done(self, chunk: Chunk) -> None:
+        self.pending.append(chunk)
+        if time.monotonic() - self.last >= COMMIT_INTERVAL_S:
+            self.commit()
+
+    def commit(self) -> None:
+        if not self.pending:
+            return
+        journal = self.journal
+        with disk.write_errors(self.folder, "committing written rows", committed_rows=journal.rows):
+            disk.fsync_files(self.folder, self.layout)
+            saved = dict(journal.chunks)
+            for c in self.pending:
+                journal.add(c.view, c.start, c.count,
+                            disk.chunk_checksums(self.tensors, self.layout, c.view, c.start, c.count, self.n))
+            try:
+                journal.save()
+            except BaseException:
+                journal.chunks = saved  # not durable: the journal in memory says what the file says
+                raise
+        self.pending.clear()
+        self.last = time.monotonic()
 
 
 def _resumable_manifest(folder: Path, fp: str, parts: dict, n: int, s: Settings) -> dict | None:
@@ -763,3 +793,285 @@ def _new_folder(folder: Path, fp, parts, taps: list[TapInfo], label_layout: dict
     # journal entry can be durable before the first commit, which syncs the folder).
     disk.write_json_atomic(folder / disk.MANIFEST, manifest, durable=False)
     return manifest
+
+
+# ---------------------------------------------------------------------------- sharded (torch.distributed)
+#: Check every chunk's checksum before a sharded build is marked complete, and recompute on
+#: rank 0 any chunk that fails. None (the default): only when the ranks run on more than one
+#: host, where a network filesystem may write a memory-mapped page back whole and so
+#: overwrite a neighbouring rank's rows with stale bytes.
+VERIFY_SHARDS: bool | None = None
+
+
+class _ShardSkip:
+    """``skip`` of rank ``rank`` in a sharded build.
+
+    :func:`chunks` asks about every chunk once, in the same order on every rank, and every
+    rank is given the same set of committed chunks; of the chunks not committed yet, rank r
+    computes the r-th, (r + world)-th, ... So the shares are disjoint, cover every missing
+    chunk, and stay balanced when a resume finds one rank's old share already done.
+    """
+
+    def __init__(self, committed: set[tuple[int, int, int]], rank: int, world: int):
+        self.committed, self.rank, self.world = committed, rank, world
+        self.ordinal = 0
+
+    def __call__(self, view: int, start: int, count: int) -> bool:
+        if (view, start, count) in self.committed:
+            return True
+        mine = self.ordinal % self.world == self.rank
+        self.ordinal += 1
+        return not mine
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def build_sharded(cls, prefix: nn.Module, dataset: Any, n: int, s: Settings, fp: str, parts: dict, reason: str,
+                  t_start: float) -> FeatureCache:
+    """Build the disk cache ``fp`` with every rank of the torch.distributed process group.
+
+    Every rank calls this (``FeatureCache.build`` with ``tier="disk"`` does, inside a process
+    group of more than one rank) with the same model, data and settings:
+
+    1. The ranks check that they build the same key.
+    2. Rank 0, holding the cache's build lock (another job building the same key waits),
+       creates the folder (manifest, preallocated files) or prepares the resume of an
+       interrupted build: it verifies the chunks every rank committed and folds the rank
+       journals into ``journal.json``. It sends every rank the set of committed chunks.
+    3. Every rank maps the files writable and computes its share of the missing chunks
+       (:class:`_ShardSkip`), committing them to its own journal ``journal.rank<r>.json``;
+       the ranks write disjoint rows of the same files.
+    4. When every rank is done, rank 0 merges the journals (after a checksum pass when
+       :data:`VERIFY_SHARDS` says so, recomputing any chunk that fails) and marks the manifest
+       complete; every rank then opens the complete cache.
+
+    Chunks and their random transforms are those of a single-process build (seeds per
+    chunk), so the files are byte for byte the same. A rank that dies loses only the chunks
+    it had not committed: running the job again resumes from every rank's journal.
+
+    The returned cache's telemetry counts what this rank did (``prefix_calls``,
+    ``rows_computed``, seconds), with ``world_size`` and the per-rank lists
+    ``prefix_calls_by_rank`` and ``rows_computed_by_rank``; the manifest's counts the whole build.
+    """
+    while True:
+        cache = _build_sharded_once(cls, Writer(prefix, s, n, Timer()), dataset, n, s, fp, parts, reason, t_start)
+        if cache is not None:
+            return cache
+
+
+def _build_sharded_once(cls, writer: Writer, dataset, n, s: Settings, fp, parts, reason, t_start) -> FeatureCache | None:
+    """One attempt of :func:`build_sharded`; None when the interrupted build found on disk
+    did not match the prefix (rank 0 removed it: build again from scratch)."""
+    rank, world = fdist.rank_and_world()
+    folder = s.root / fp
+    keys = fdist.all_gather_object((fp, socket.gethostname()))
+    differ = [r for r, (key, _) in enumerate(keys) if key != keys[0][0]]
+    if differ:
+        raise DataError(
+            f"under torch.distributed every rank must build a disk cache of the same model, data and cache "
+            f"settings (fastft shards the rows between the ranks itself), but rank {differ[0]} has cache key "
+            f"{keys[differ[0]][0][:12]} and rank 0 {keys[0][0][:12]}. Give every rank the whole dataset (not a "
+            "DistributedSampler's share of it), the same model weights and the same settings."
+        )
+    verify = len({host for _, host in keys}) > 1 if VERIFY_SHARDS is None else VERIFY_SHARDS
+    with contextlib.ExitStack() as held:
+        plan, probe = None, None
+        if rank == 0:
+            try:
+                held.enter_context(disk.build_lock(s.root, fp, on_wait=lambda: log.warning(
+                    "fastft: another process is building cache %s; waiting for it to finish.", fp[:12])))
+                plan, probe = _prepare_shards(cls, writer, dataset, n, s, fp, parts, reason)
+            except BaseException as exc:
+                fdist.broadcast_object({"error": _describe(exc)})
+                raise
+        plan = fdist.broadcast_object(plan)
+        if "error" in plan:
+            raise CacheError(f"rank 0 could not prepare cache {fp[:12]} for a sharded build: {plan['error']}")
+        if plan["status"] == "complete":
+            cache = cls.from_folder(folder)
+            _register(cache)
+            return cache.with_telemetry(hit=True, reason="hit: built by another process",
+                                        build_seconds=time.perf_counter() - t_start, prefix_seconds=0.0,
+                                        write_seconds=0.0, prefix_calls=0, rows_computed=0)
+
+        summary, error = _write_share(writer, dataset, n, s, folder, plan, probe, rank, world)
+        summaries = fdist.all_gather_object(summary)
+        failed = [(r, o) for r, o in enumerate(summaries) if not o["ok"] and not o["layout"]]
+        if failed:
+            if error is not None:
+                raise error
+            r, o = failed[0]
+            raise CacheError(
+                f"rank {r} failed while building cache {fp[:12]}: {o['error']} The chunks every rank committed "
+                "are kept: running the job again resumes the build."
+            )
+        if any(o["layout"] for o in summaries):
+            if rank == 0:
+                log.warning("fastft: cache %s: %s; rebuilding it from scratch.", fp[:12],
+                            next(o["error"] for o in summaries if o["layout"]))
+                shutil.rmtree(folder, ignore_errors=True)
+            fdist.barrier()  # the folder is gone for every rank before anyone starts again
+            return None
+
+        final = None
+        if rank == 0:
+            try:
+                final = _finish_shards(writer, dataset, n, s, folder, plan, summaries, verify, t_start)
+            except BaseException as exc:
+                fdist.broadcast_object({"error": _describe(exc)})
+                raise
+        final = fdist.broadcast_object(final)
+        if "error" in final:
+            raise CacheError(f"rank 0 could not complete cache {fp[:12]}: {final['error']} The chunks every rank "
+                             "committed are kept: running the job again resumes the build.")
+    telemetry = dict(final, prefix_seconds=summary["prefix_seconds"], write_seconds=summary["write_seconds"],
+                     prefix_calls=summary["prefix_calls"], rows_computed=summary["rows"],
+                     build_seconds=time.perf_counter() - t_start)
+    del writer
+    cache = cls.from_folder(folder, telemetry=telemetry)
+    _register(cache)
+    return cache
+
+
+def _prepare_shards(cls, writer: Writer, dataset, n, s: Settings, fp, parts, reason) -> tuple[dict, Any]:
+    """Rank 0, under the build lock: (plan sent to every rank, probe of chunk 0 or None).
+
+    A new folder is created from the first chunk's activations (the probe, which rank 0 then
+    writes as its first chunk); an interrupted one keeps its verified committed chunks, every
+    rank's, now listed in ``journal.json`` alone."""
+    folder = s.root / fp
+    if (folder / disk.MANIFEST).is_file():
+        try:
+            manifest = disk.read_manifest(folder)
+        except CacheError:
+            manifest = {}  # unreadable: rebuilt below
+        if manifest.get("status") == "complete":
+            try:
+                cls.from_folder(folder)
+                return {"status": "complete"}, None
+            except CacheCorruptError:
+                pass
+    manifest = _resumable_manifest(folder, fp, parts, n, s)
+    probe, committed = None, []
+    if manifest is None:
+        first = next(chunks(dataset, n, s, lambda v, st, c: (v, st) != (0, 0)))
+        probe = (first, *writer.forward(first))
+        taps, label_layout = writer.layout(probe[1], probe[2], probe[4])
+        try:
+            with disk.write_errors(folder, f"creating its files ({writer.total_bytes(taps, label_layout)} bytes)"):
+                manifest = _new_folder(folder, fp, parts, taps, label_layout, n, s)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+    else:
+        layout = disk.arrays(manifest)
+        with disk.write_errors(folder, "opening its files"):
+            tensors = {a.name: disk.map_array(folder, a, writable=False) for a in layout}
+        journal = _read_journal(folder, n, s.views)
+        reused = _drop_bad_chunks(journal, tensors, layout, n)
+        with disk.write_errors(folder, "merging the journals of its ranks", committed_rows=reused):
+            journal.save()
+        committed = [[v, st, c] for (v, st), (c, _) in sorted(journal.chunks.items())]
+        if reused:
+            reason = f"resumed: {reused} of {n * s.views} rows were already committed"
+    return {"status": "ready", "created": manifest["created"], "resumed": probe is None, "committed": committed,
+            "reason": reason}, probe
+
+
+def _shared_manifest(folder: Path, plan: dict, rank: int) -> dict:
+    """The manifest rank 0 just made or resumed, as this rank sees it; CacheError when this
+    rank cannot see that folder (the cache dir is not on a filesystem every rank shares)."""
+    try:
+        manifest = disk.read_manifest(folder)
+    except CacheError:
+        manifest = None
+    if manifest is None or manifest.get("created") != plan["created"] or manifest.get("status") != "building":
+        raise CacheError(
+            f"rank {rank} on host {socket.gethostname()} does not see the cache folder {folder} that rank 0 "
+            "prepared: a sharded build needs a cache_dir on a filesystem every rank shares. Pass cache_dir= "
+            "(or set FASTFT_CACHE_DIR) to a shared folder (NFS, Lustre, GPFS, ...)."
+        )
+    return manifest
+
+
+def _write_share(writer: Writer, dataset, n, s: Settings, folder: Path, plan: dict, probe, rank: int,
+                 world: int) -> tuple[dict, BaseException | None]:
+    """Compute and commit this rank's share of the missing chunks. Returns (summary for the
+    other ranks, this rank's error or None): an Exception is reported, not raised, so that
+    every rank reaches the next collective and fails with it."""
+    summary = {"ok": True, "layout": False, "error": "", "rows": 0}
+    error = None
+    try:
+        manifest = _shared_manifest(folder, plan, rank)
+        layout = disk.arrays(manifest)
+        with disk.write_errors(folder, "opening its files"):
+            tensors = {a.name: disk.map_array(folder, a) for a in layout}
+        writer.taps = [TapInfo.from_json(t) for t in manifest["taps"]]
+        empty = torch.empty(0, dtype=torch.float32)
+        writer.storages = [TapStorage(tensors[t.name], tensors.get(t.name + ".scales", empty)) for t in writer.taps]
+        writer.labels = tensors["labels"]
+        writer.expected_layout = (writer.taps, manifest["labels"]) if plan["resumed"] else None
+        committer = _Committer(folder, layout, tensors, disk.Journal(folder, n, s.views, shard=rank), n)
+        skip = _ShardSkip({tuple(c) for c in plan["committed"]}, rank, world)
+        progress = dataclasses.replace(s, progress=s.progress and rank == 0)  # one bar: rank 0's share
+        try:
+            summary["rows"] = _run_chunks(writer, dataset, n, progress, probe, skip, committer.done, 0, bar_total=None)
+        except BaseException:
+            try:
+                committer.commit()  # chunks fully written before the error are kept for the resume
+            except Exception as exc:
+                log.warning("fastft: could not commit the finished chunks of cache %s: %s", folder.name[:12], exc)
+            raise
+        committer.commit()
+    except _LayoutMismatch as exc:
+        summary.update(ok=False, layout=True, error=str(exc))
+    except Exception as exc:
+        summary.update(ok=False, error=_describe(exc))
+        error = exc
+    t = writer.timer
+    summary.update(prefix_calls=t.prefix_calls, prefix_seconds=t.prefix, write_seconds=t.write)
+    return summary, error
+
+
+def _finish_shards(writer: Writer, dataset, n, s: Settings, folder: Path, plan: dict, summaries: list[dict],
+                   verify: bool, t_start: float) -> dict:
+    """Rank 0, after every rank's share: merge the journals, complete the manifest; returns
+    the build's telemetry."""
+    manifest = disk.read_manifest(folder)
+    layout = disk.arrays(manifest)
+    with disk.write_errors(folder, "opening its files"):
+        tensors = {a.name: disk.map_array(folder, a) for a in layout}
+    journal = disk.Journal(folder, n, s.views)  # journal.json and every rank's journal
+    if verify:
+        listed = journal.rows
+        if _drop_bad_chunks(journal, tensors, layout, n) != listed:
+            log.warning("fastft: cache %s: %d rows written by the ranks did not match their checksums; "
+                        "recomputing them on rank 0.", folder.name[:12], listed - journal.rows)
+    if not journal.covers(n, s.views):  # only chunks that failed the verification
+        writer.storages = [TapStorage(tensors[t.name], tensors.get(t.name + ".scales", torch.empty(0)))
+                           for t in writer.taps]
+        writer.labels = tensors["labels"]
+        committer = _Committer(folder, layout, tensors, journal, n)
+        repaired = _run_chunks(writer, dataset, n, s, None, journal.is_committed, committer.done, journal.rows)
+        committer.commit()
+        summaries[0] = dict(summaries[0], rows=summaries[0]["rows"] + repaired, prefix_calls=writer.timer.prefix_calls)
+    with disk.write_errors(folder, "merging the journals of its ranks", committed_rows=journal.rows):
+        journal.save()
+    if not journal.covers(n, s.views):
+        raise CacheError(f"cache {folder.name}: the data yielded fewer samples than its length {n}; "
+                         "the build is incomplete.")
+    by_rank = {"prefix_calls_by_rank": [o["prefix_calls"] for o in summaries],
+               "rows_computed_by_rank": [o["rows"] for o in summaries]}
+    telemetry = {"rows": n * s.views, "bytes": {"disk": sum(a.nbytes for a in layout)},
+                 "build_seconds": time.perf_counter() - t_start,
+                 "prefix_seconds": sum(o["prefix_seconds"] for o in summaries),
+                 "write_seconds": sum(o["write_seconds"] for o in summaries), "hit": False, "reason": plan["reason"],
+                 "prefix_calls": sum(by_rank["prefix_calls_by_rank"]),
+                 "rows_computed": sum(by_rank["rows_computed_by_rank"]),
+                 "rows_reused": sum(c for _, _, c in plan["committed"]), "world_size": len(summaries), **by_rank}
+    manifest.update(status="complete", telemetry=telemetry)
+    with disk.write_errors(folder, "marking it complete", committed_rows=journal.rows):
+        disk.write_json_atomic(folder / disk.MANIFEST, manifest)
+    return telemetry

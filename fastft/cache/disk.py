@@ -8,6 +8,7 @@ One folder per fingerprint under the cache dir::
         tap<i>.scales.bin float32 [views * N] when the dtype is int8
         labels.bin        row-major [N, *label_shape]
         journal.json      the committed chunks, each with a crc32 per file
+        journal.rank<r>.json  while a sharded build runs: the chunks rank r committed
     <cache_dir>/.locks/<fingerprint>.lock   flock'ed by the one process building it
 
 Row ``v * N + i`` holds view ``v`` of sample ``i``. A chunk is a range of samples of one
@@ -15,6 +16,11 @@ view; it is committed only after its bytes are fsynced, by rewriting the journal
 temporary file, fsync and an atomic rename, so the journal never lists bytes that could be
 lost. An interrupted build therefore resumes from the journal, and bytes that do not match
 it are detected (sizes on open, checksums by :func:`verify_folder`).
+
+A sharded build (several processes under torch.distributed) writes disjoint chunks of the
+same preallocated files; each rank commits its own chunks to its own journal file, so no
+two processes ever rewrite one file. Reading a journal merges ``journal.json`` with every
+rank's file, and saving the merged journal folds the rank files into ``journal.json``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ from fastft.errors import CacheCorruptError, CacheError, CacheLockedError
 
 MANIFEST = "manifest.json"
 JOURNAL = "journal.json"
+#: A rank's own journal during a sharded build (see :class:`Journal`).
+SHARD_JOURNAL = "journal.rank{}.json"
+_SHARD_JOURNAL_RE = re.compile(r"journal\.rank(\d{1,6})\.json")
 LOCKS = ".locks"
 
 
@@ -130,7 +139,8 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 def safe_path(folder: Path, name: object) -> Path:
     """``folder / name`` for a file name taken from a manifest; CacheCorruptError unless it is a
     plain file name of this folder (path traversal, absolute paths, links are refused)."""
-    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (MANIFEST, JOURNAL):
+    if (not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (MANIFEST, JOURNAL)
+            or _SHARD_JOURNAL_RE.fullmatch(name)):
         raise CacheCorruptError(
             f"cache {folder.name}: the manifest names the file {name!r}, which is not a plain file name "
             "of the cache folder; refusing to use it. Remove the cache and rebuild it."
@@ -324,17 +334,44 @@ def validate_manifest(manifest: object, folder: Path) -> dict:
     return manifest
 
 
+def shard_journals(folder: Path) -> list[Path]:
+    """The rank journals of a sharded build in ``folder``, by rank."""
+    found = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = _SHARD_JOURNAL_RE.fullmatch(path.name)
+        if match and not path.is_symlink():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def remove_journals(folder: Path) -> None:
+    """Forget every committed chunk of ``folder`` (``journal.json`` and the rank journals)."""
+    for path in [folder / JOURNAL, *shard_journals(folder)]:
+        path.unlink(missing_ok=True)
+
+
 class Journal:
     """The set of committed chunks: ``(view, start) -> (count, {file: crc32})``."""
 
-    def __init__(self, folder: Path, n: int | None = None, views: int | None = None):
+    def __init__(self, folder: Path, n: int | None = None, views: int | None = None, *,
+                 shard: int | None = None):
         """Read the journal of ``folder`` (empty when there is none); CacheCorruptError when it
-        is not a journal or, given the cache's ``n`` samples and ``views``, names rows outside it."""
-        self.path = folder / JOURNAL
+        is not a journal or, given the cache's ``n`` samples and ``views``, names rows outside it.
+
+        By default this is ``journal.json`` merged with the rank journals a sharded build left
+        (their chunks are newer: they win where chunks overlap), and :meth:`save` writes the
+        merge to ``journal.json`` and then removes the rank files it read. ``shard=r`` is rank
+        r's own journal in a sharded build: only ``journal.rank<r>.json``, read and written.
+        """
+        self.path = folder / (JOURNAL if shard is None else SHARD_JOURNAL.format(int(shard)))
         self.chunks: dict[tuple[int, int], tuple[int, dict[str, int]]] = {}
+        self._absorbed = [] if shard is not None else shard_journals(folder)
         if self.path.exists():
             for view, start, count, sums in _journal_entries(read_json(self.path), self.path, n, views):
                 self.chunks[(view, start)] = (count, sums)
+        for path in self._absorbed:
+            for view, start, count, sums in _journal_entries(read_json(path), path, n, views):
+                self.add(view, start, count, sums)
 
     def is_committed(self, view: int, start: int, count: int) -> bool:
         entry = self.chunks.get((view, start))
@@ -353,8 +390,12 @@ class Journal:
         self.chunks.pop((view, start), None)
 
     def save(self) -> None:
+        """Make the journal durable (the rank journals it merged are removed once it is)."""
         payload = {"chunks": [[v, s, c, sums] for (v, s), (c, sums) in sorted(self.chunks.items())]}
         write_json_atomic(self.path, payload)
+        for path in self._absorbed:
+            path.unlink(missing_ok=True)
+        self._absorbed = []
 
     def covers(self, n: int, views: int) -> bool:
         """True when the committed chunks cover every sample of every view."""

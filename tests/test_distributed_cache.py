@@ -1,0 +1,275 @@
+"""Sharded cache building on torch.distributed (gloo, two CPU processes spawned from pytest).
+
+Under a process group, a disk cache is built by every rank together: each rank runs the
+frozen prefix on its own share of the chunks and writes them into the one cache folder.
+The result is the single-process cache byte for byte, with the same fingerprint; a rank
+killed mid-build loses only its uncommitted chunks, and a relaunch recomputes none of the
+committed ones.
+
+The prefix logs the first sample of every call (column 0 of the data is the sample index),
+so the tests count exactly which chunks each rank computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastft
+from fastft.cache import FeatureCache, builder, disk
+from fastft.errors import CacheError, DataError
+
+sys.path.insert(0, os.path.dirname(__file__))
+from naive import trainable_state  # noqa: E402
+
+N, BATCH = 203, 16  # 13 chunks per view, the last one short
+STARTS = list(range(0, N, BATCH))
+WORLD = 2
+
+
+class Logged(nn.Module):
+    """A small MLP prefix that appends the first sample index of every call to ``log`` (one
+    line per call; the file survives a SIGKILL) and SIGKILLs its process at call ``kill_at``."""
+
+    def __init__(self, log: str | None = None, kill_at: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(12, 64), nn.GELU(), nn.Linear(64, 48), nn.Tanh())
+        self.log, self.kill_at, self.calls = log, kill_at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.kill_at is not None and self.calls == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # dies before computing this chunk
+        if self.log is not None:
+            with open(self.log, "a") as f:
+                f.write(f"{int(x[0, 0].round())}\n")
+        return self.net(x)
+
+
+def data(n: int = N):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(n, 12, generator=g)
+    X[:, 0] = torch.arange(n, dtype=torch.float32)  # the sample index, read back by Logged
+    return X, torch.randint(0, 4, (n,), generator=g)
+
+
+def jitter(x, generator=None):
+    """A random augmentation (seeded per chunk by fastft) that keeps column 0, the index."""
+    noise = torch.randn(x.shape, generator=generator) * 0.1
+    noise[:, 0] = 0
+    return x + noise
+
+
+BUILDS = {  # name: (build arguments, whether the data is a map-style Dataset)
+    "fp32": (dict(dtype="fp32"), False),
+    "fp16_views": (dict(dtype="fp16", views=2, transform=jitter), True),
+}
+
+
+def build(name: str, cache_dir: str, log: str | None = None, kill_at: int | None = None) -> FeatureCache:
+    kwargs, as_dataset = BUILDS[name]
+    X, y = data()
+    dataset = torch.utils.data.TensorDataset(X, y) if as_dataset else (X, y)
+    return FeatureCache.build(Logged(log, kill_at), dataset, tier="disk", batch_size=BATCH, cache_dir=cache_dir,
+                              progress=False, **kwargs)
+
+
+def spawn(fn, *args) -> None:
+    """Run ``fn(rank, *args)`` in two fresh processes of one gloo group (one thread each)."""
+    mp.start_processes(_in_group, args=(fn, *args), nprocs=WORLD, join=True, start_method="spawn")
+
+
+def _in_group(rank: int, fn, init: str, *args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def logged_starts(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def data_files(cache: FeatureCache) -> dict[str, bytes]:
+    manifest = disk.read_manifest(Path(cache.path))
+    return {a.file: (Path(cache.path) / a.file).read_bytes() for a in disk.arrays(manifest)}
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic as the one-thread ranks
+    yield
+    torch.set_num_threads(before)
+
+
+def single(name: str, cache_dir: Path) -> FeatureCache:
+    builder.clear_registry()
+    return build(name, str(cache_dir))
+
+
+# ---------------------------------------------------------------------------- sharded build
+def _build_both(rank: int, cache_dir: str, logs: str) -> None:
+    for name in BUILDS:
+        cache = build(name, cache_dir, log=f"{logs}/{name}.rank{rank}")
+        Path(f"{logs}/{name}.rank{rank}.json").write_text(json.dumps(
+            {"fingerprint": cache.fingerprint, "telemetry": cache.telemetry}))
+
+
+def test_sharded_build_equals_single_process(tmp_path, one_thread):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    spawn(_build_both, str(tmp_path / "init"), str(tmp_path / "shared"), str(logs))
+
+    for name, (kwargs, _) in BUILDS.items():
+        views = kwargs.get("views", 1)
+        ref = single(name, tmp_path / "single")
+        sharded = FeatureCache.from_folder(tmp_path / "shared" / ref.fingerprint)
+        assert sharded.fingerprint == ref.fingerprint
+        assert data_files(sharded) == data_files(ref), name  # byte for byte
+        assert not disk.shard_journals(Path(sharded.path))  # merged into journal.json
+        assert disk.Journal(Path(sharded.path)).chunks == disk.Journal(Path(ref.path)).chunks
+
+        # Each rank ran the prefix on its own chunks only: the shares are disjoint, together
+        # every chunk of every view, and as even as 13 chunks per view allow.
+        calls = [logged_starts(logs / f"{name}.rank{r}") for r in range(WORLD)]
+        assert sorted(calls[0] + calls[1]) == sorted(STARTS * views)
+        assert abs(len(calls[0]) - len(calls[1])) <= 1
+        assert len(calls[0]) and len(calls[1])
+        reports = [json.loads((logs / f"{name}.rank{r}.json").read_text()) for r in range(WORLD)]
+        assert {rep["fingerprint"] for rep in reports} == {ref.fingerprint}
+        assert [rep["telemetry"]["prefix_calls"] for rep in reports] == [len(c) for c in calls]
+        assert reports[0]["telemetry"]["prefix_calls_by_rank"] == [len(c) for c in calls]
+        assert disk.verify_folder(Path(sharded.path))["complete"]
+
+
+# ---------------------------------------------------------------------------- a rank dies
+def _killed_build(rank: int, cache_dir: str, logs: str, kill_at: int) -> None:
+    builder.COMMIT_INTERVAL_S = 0.0  # commit every chunk: what a kill loses is then exact
+    build("fp32", cache_dir, log=f"{logs}/rank{rank}", kill_at=kill_at if rank == 1 else None)
+
+
+def _relaunch(rank: int, cache_dir: str, logs: str) -> None:
+    cache = build("fp32", cache_dir, log=f"{logs}/rank{rank}")
+    Path(f"{logs}/rank{rank}.json").write_text(json.dumps(cache.telemetry))
+
+
+@pytest.mark.reliability("one rank of a sharded disk-cache build SIGKILLed mid-build, then a relaunch",
+                         "every chunk any rank committed is reused, none recomputed; bytes equal one process")
+def test_rank_killed_mid_build_then_relaunch_recomputes_nothing_committed(tmp_path, one_thread):
+    shared, first, second = tmp_path / "shared", tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    # Rank 1 commits two chunks (its 1st and 2nd calls) and dies at its 3rd; the parent then
+    # ends rank 0 wherever it is.
+    with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
+        spawn(_killed_build, str(tmp_path / "init1"), str(shared), str(first), 3)
+    folder = next(p for p in shared.iterdir() if not p.name.startswith("."))
+    assert disk.read_manifest(folder)["status"] == "building"
+    rank1 = disk.Journal(folder, shard=1)
+    assert sorted(start for _, start in rank1.chunks) == logged_starts(first / "rank1") == [STARTS[1], STARTS[3]]
+    committed = {start for _, start in disk.Journal(folder).chunks}  # every rank's journal
+    assert committed >= {STARTS[1], STARTS[3]} and committed < set(STARTS)
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(folder, interrupted / folder.name)  # for the one-process resume below
+
+    spawn(_relaunch, str(tmp_path / "init2"), str(shared), str(second))
+    again = [logged_starts(second / f"rank{r}") for r in range(WORLD)]
+    assert not committed & set(again[0] + again[1])  # nothing committed is recomputed
+    assert sorted(again[0] + again[1]) == sorted(set(STARTS) - committed)  # every missing chunk, once
+    assert abs(len(again[0]) - len(again[1])) <= 1  # the rest split evenly, whoever owned it before
+    reports = [json.loads((second / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert reports[0]["rows_reused"] == sum(min(BATCH, N - s) for s in committed)
+
+    ref = single("fp32", tmp_path / "single")
+    resumed = FeatureCache.from_folder(folder)
+    assert resumed.fingerprint == ref.fingerprint
+    assert data_files(resumed) == data_files(ref)
+    assert disk.verify_folder(folder)["complete"]
+
+    # The same interrupted folder resumed by one process (no torchrun) gives the same bytes.
+    builder.clear_registry()
+    alone = build("fp32", str(interrupted), log=str(tmp_path / "alone"))
+    assert sorted(logged_starts(tmp_path / "alone")) == sorted(set(STARTS) - committed)
+    assert data_files(alone) == data_files(ref)
+
+
+# ---------------------------------------------------------------------------- FineTuner.fit
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def fit_data():
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(150, 10, generator=g)
+    return X, (X[:, 0] > 0).long() + (X[:, 1] > 0).long()
+
+
+FIT = dict(epochs=3, batch_size=16, lr=0.01, optimizer="adamw")
+
+
+def finetuner(cache_dir: str) -> fastft.FineTuner:
+    return fastft.FineTuner(make_model(), num_classes=4, hidden=[8], cache="disk", cache_dtype="fp32",
+                            cache_dir=cache_dir, extract_batch_size=32, verbose=False)
+
+
+def _fit_and_misuse(rank: int, cache_dir: str, out: str) -> None:
+    ft = finetuner(cache_dir)
+    ft.fit(fit_data(), **FIT)
+    result = {"state": trainable_state(ft.model), "loss": ft.history[-1]["loss"], "telemetry": ft.cache.telemetry}
+
+    # Ranks that pass different data: a clear error on every rank, not a hang or a mixed cache.
+    X, y = fit_data()
+    try:
+        FeatureCache.build(nn.Linear(10, 4), (X[rank::2], y[rank::2]), tier="disk", cache_dir=cache_dir,
+                           progress=False)
+    except DataError as exc:
+        result["different_data"] = str(exc)
+    # A cache dir that is not shared (one folder per rank): every rank says so.
+    try:
+        FeatureCache.build(nn.Linear(10, 4), (X, y), tier="disk", cache_dir=f"{cache_dir}-rank{rank}",
+                           progress=False)
+    except CacheError as exc:
+        result["not_shared"] = str(exc)
+    torch.save(result, f"{out}.rank{rank}")
+
+
+def test_fit_with_a_disk_cache_builds_it_sharded_and_trains_like_one_process(tmp_path, one_thread):
+    out = str(tmp_path / "out")
+    spawn(_fit_and_misuse, str(tmp_path / "init"), str(tmp_path / "shared"), out)
+    ranks = [torch.load(f"{out}.rank{r}") for r in range(WORLD)]
+
+    builder.clear_registry()
+    one = finetuner(str(tmp_path / "single"))
+    one.fit(fit_data(), **FIT)
+    want = trainable_state(one.model)
+    for got in ranks:
+        assert set(got["state"]) == set(want)
+        for name, w in want.items():
+            torch.testing.assert_close(got["state"][name], w, rtol=0, atol=1e-5, msg=name)
+        assert got["loss"] == pytest.approx(one.history[-1]["loss"], abs=1e-5)
+    # The train cache was built once, split between the ranks: 150 rows / 32 = 5 chunks.
+    calls = [got["telemetry"]["prefix_calls"] for got in ranks]
+    assert sorted(calls) == [2, 3] and one.cache.telemetry["prefix_calls"] == 5
+    shared = tmp_path / "shared" / one.cache.fingerprint
+    assert data_files(FeatureCache.from_folder(shared)) == data_files(one.cache)
+
+    for got in ranks:
+        assert "every rank must build a disk cache of the same model, data" in got["different_data"]
+    assert "does not see the cache folder" in ranks[1]["not_shared"]
+    assert "FASTFT_CACHE_DIR" in ranks[1]["not_shared"]
+    assert "rank 1 failed" in ranks[0]["not_shared"]
