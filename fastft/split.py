@@ -1,7 +1,7 @@
 """Split an edited model into a frozen prefix (run once per sample, cached) and a trainable tail.
 
 ``prefix, tail = split(model, example_inputs)``; then ``tail(*prefix(x))`` equals
-``model(x)`` with the model in eval mode. Two methods, tried in this order:
+``model(x)`` with the model in eval mode. Three methods, tried in this order:
 
 - ``fx``: trace the model with torch.fx (frozen, trainable and new modules as leaves) and
   cut the graph at the frozen frontier. Several taps when a skip connection crosses the cut.
@@ -9,6 +9,10 @@
 - ``hook``: for models fx cannot trace. The cut is the input of the first trainable module in
   execution order; the prefix runs the model and stops there. Valid when the trainable
   modules run last, as a chain (checked and explained otherwise).
+- ``replay``: for untraceable models whose trainable modules do not run last (an encoder with
+  its top layers unfrozen): the prefix returns the cut's hidden states and the model's own
+  inputs; the tail replays the forward with the frozen modules below the cut skipped (see
+  ``fastft._split_replay``).
 
 Every split is checked on the example batch (``check=True``): when the split's output
 differs from the model's by more than ``atol``, :class:`~fastft.SplitError` names the first
@@ -27,14 +31,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fastft import _split_fx, _split_hook
+from fastft import _split_fx, _split_hook, _split_replay
 from fastft._modules import NEW, TRAINABLE, classify, eval_mode, eval_modules
 from fastft._split_fx import CannotSplit
 from fastft.errors import SplitError
 
 __all__ = ["FrozenPrefix", "TrainableTail", "split"]
 
-METHODS = ("auto", "fx", "hook")
+METHODS = ("auto", "fx", "hook", "replay")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -135,7 +139,7 @@ def split(
     ``example_inputs``: one batch as the model takes it (a tensor or a dict of tensors, batch
     in dim 0; two or more samples make the batch-dimension checks meaningful). Trainable
     means new (added by :mod:`fastft.surgery`) or with ``requires_grad`` parameters.
-    ``method``: ``"auto"`` (fx, then hooks), ``"fx"`` or ``"hook"``. With ``check=True``
+    ``method``: ``"auto"`` (fx, then hooks, then replay), ``"fx"``, ``"hook"`` or ``"replay"``. With ``check=True``
     the split must reproduce the model in eval mode on the example within ``atol``.
 
     Both parts share the model's module objects. Raises :class:`~fastft.SplitError` when
@@ -159,9 +163,10 @@ def split(
 
     reasons: list[str] = []
     parity_error: str | None = None
-    for m in (("fx", "hook") if method == "auto" else (method,)):
+    builders = {"fx": _split_fx.build, "hook": _split_hook.build, "replay": _split_replay.build}
+    for m in (("fx", "hook", "replay") if method == "auto" else (method,)):
         try:
-            builder = _split_fx.build if m == "fx" else _split_hook.build
+            builder = builders[m]
             body, tail_body, names, signature = builder(model, _shallow(example_inputs), status)
         except CannotSplit as exc:
             reasons.append(f"{m}: {exc}")

