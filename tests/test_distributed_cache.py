@@ -245,6 +245,23 @@ def _fit_and_misuse(rank: int, cache_dir: str, out: str) -> None:
                            progress=False)
     except CacheError as exc:
         result["not_shared"] = str(exc)
+
+    # Rows of rank 1 clobbered after it committed them (as a network filesystem that writes
+    # back whole pages could do): the checksum pass before completion finds them and rank 0
+    # recomputes that chunk.
+    finish, builder.VERIFY_SHARDS = builder._finish_shards, True
+
+    def clobber_then_finish(writer, dataset, n, s, folder, *rest):
+        with open(folder / "tap0.bin", "r+b") as f:
+            f.seek(BATCH * 48 * 4)  # the first row of chunk 1, rank 1's
+            f.write(bytes(8))
+        return finish(writer, dataset, n, s, folder, *rest)
+
+    builder._finish_shards = clobber_then_finish
+    try:
+        build("fp32", f"{cache_dir}-clobbered", log=f"{out}.clobbered.rank{rank}")
+    finally:
+        builder._finish_shards, builder.VERIFY_SHARDS = finish, None
     torch.save(result, f"{out}.rank{rank}")
 
 
@@ -273,3 +290,10 @@ def test_fit_with_a_disk_cache_builds_it_sharded_and_trains_like_one_process(tmp
     assert "does not see the cache folder" in ranks[1]["not_shared"]
     assert "FASTFT_CACHE_DIR" in ranks[1]["not_shared"]
     assert "rank 1 failed" in ranks[0]["not_shared"]
+
+    clobbered = [logged_starts(Path(f"{out}.clobbered.rank{r}")) for r in range(WORLD)]
+    assert STARTS[1] in clobbered[1] and clobbered[0].count(STARTS[1]) == 1  # recomputed by rank 0
+    assert sorted(set(clobbered[0] + clobbered[1])) == STARTS
+    ref = single("fp32", tmp_path / "single")
+    repaired = FeatureCache.from_folder(tmp_path / f"shared-clobbered" / ref.fingerprint)
+    assert data_files(repaired) == data_files(ref)
