@@ -20,7 +20,8 @@ example batch confirms the replay reproduces the model.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -118,8 +119,15 @@ class _ReplayTail(nn.Module):
         object.__setattr__(self, "_skip", skip)
         self.keys = keys
 
-    def forward(self, hidden: torch.Tensor, *inputs: torch.Tensor) -> Any:
-        x = inputs[0] if self.keys is None else dict(zip(self.keys, inputs))
+    def raw_inputs(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """The model's input rebuilt from the cached input taps."""
+        return inputs[0] if self.keys is None else dict(zip(self.keys, inputs))
+
+    @contextlib.contextmanager
+    def replaying(self, hidden: torch.Tensor) -> Iterator[None]:
+        """While inside, a forward of the model skips the frozen modules below the cut and
+        feeds ``hidden`` to the cut module (also used to compute a higher cut's cache from
+        this cut's cache, see ``fastft._derive``)."""
         # A zero-stride placeholder costs no memory or time; whatever reads it downstream is
         # the cut module, whose input is replaced below.
         placeholder = hidden.new_zeros(()).expand(hidden.shape)
@@ -135,8 +143,12 @@ class _ReplayTail(nn.Module):
         for m, layout in self._skip:
             m.forward = skipped(layout)  # an instance attribute shadows the class's forward
         try:
-            return self.model(x)
+            yield
         finally:
             handle.remove()
             for m, _ in self._skip:
                 m.__dict__.pop("forward", None)
+
+    def forward(self, hidden: torch.Tensor, *inputs: torch.Tensor) -> Any:
+        with self.replaying(hidden):
+            return self.model(self.raw_inputs(inputs))

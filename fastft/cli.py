@@ -67,6 +67,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.suite:  # --kernels / --suite: the pytest-benchmark suites
         return _run_suites(args.suite)
+    if args.unfreeze:
+        return _bench_unfreeze(args)
     from fastft import bench
 
     settings = bench.BenchSettings(
@@ -77,6 +79,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(bench.table(rows))
     paths = bench.write(rows, settings, args.out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _bench_unfreeze(args: argparse.Namespace) -> int:
+    from fastft import bench_unfreeze as bu
+
+    settings = bu.UnfreezeSettings(quick=args.quick, max_seq_length=args.max_seq_length,
+                                   per_class_limit=args.limit, verbose=not args.quiet)
+    result = bu.run(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(bu.table(result, settings))
+    print(f"wrote {bu.write(result, settings, args.out)}")
     return 0
 
 
@@ -191,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="articles per class (default all; 50 with --quick)")
     b.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument("--unfreeze", action="store_true",
+                   help="progressive unfreezing instead: 5 head epochs, then MiniLM's top layer for 3 "
+                        "(writes unfreeze[_quick].json; about 7 minutes, --quick about 1)")
     b.add_argument("--suite", action="append", choices=["kernels", "cache", "trainer"],
                    help="run this pytest-benchmark suite instead (repeatable)")
     b.add_argument("--kernels", dest="suite", action="store_const", const=["all"],

@@ -209,7 +209,12 @@ def iter_range(data: Any, start: int, end: int, batch_size: int, *, num_workers:
     if isinstance(data, DataLoader):
         dataset, loader_fn, num_workers = data.dataset, data.collate_fn, data.num_workers
     batches = [list(range(s, min(s + batch_size, end))) for s in range(start, end, batch_size)]
-    for batch in DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=loader_fn):
+    # A DataLoader draws its workers' base seed from the global generator unless given its
+    # own: reading a dataset in order must not change the user's random stream (dropout
+    # masks of the training that follows would differ from a run without fastft).
+    quiet_rng = torch.Generator().manual_seed(0)
+    for batch in DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=loader_fn,
+                            generator=quiet_rng):
         yield as_pair(batch, "the dataset")
 
 

@@ -36,6 +36,7 @@ from fastft.errors import DataError, FastFTValueError, NotFittedError, SurgeryEr
 from fastft.heads import build_head
 from fastft.metrics import classification_metrics, multilabel_metrics
 from fastft.objectives import LOSSES, check_labels, make_loss, prepare_targets
+from fastft._derive import can_derive, derived_cache
 from fastft.split import split
 from fastft.unfreeze import param_groups, unfreeze_blocks, unfrozen_blocks
 
@@ -342,23 +343,41 @@ class FineTuner:
             self.prefix, self.tail = split(self.model, probe)
 
     # ------------------------------------------------------------------ caches
+    def _build_settings(self) -> dict[str, Any]:
+        """FeatureCache.build settings shared by every cache of this tuner."""
+        return dict(dtype=self.cache_dtype, tier=self.cache_tier, pool=self._cache_pool,
+                    batch_size=self.extract_batch_size, cache_dir=self.cache_dir, max_memory=self.max_memory,
+                    progress=self.verbose, seed=self.seed, device=self.device)
+
     def _build_cache(self, data: Any, *, train: bool, dataset_id: str | None = None) -> FeatureCache:
         return FeatureCache.build(
-            self.prefix,
-            data,
-            dtype=self.cache_dtype,
-            tier=self.cache_tier,
-            views=self.views if train else 1,
-            transform=self.transform if train else None,
-            pool=self._cache_pool,
-            batch_size=self.extract_batch_size,
-            cache_dir=self.cache_dir,
-            dataset_id=dataset_id,
-            max_memory=self.max_memory,
-            progress=self.verbose,
-            seed=self.seed,
-            device=self.device,
+            self.prefix, data, views=self.views if train else 1, transform=self.transform if train else None,
+            dataset_id=dataset_id, **self._build_settings(),
         )
+
+    def _lowest_cut(self, train: Any, stages: list, dataset_id: str | None) -> "_LowCut | None":
+        """For an unfreeze schedule, build the cache at the deepest cut first; when it is a
+        replay cut, the earlier stages' caches are computed from it (``fastft._derive``)
+        instead of by frozen passes over the data."""
+        first = self._unfreeze[0] if self._unfreeze else 0
+        deepest = max((n for _, _, n in stages if n is not None), default=0)
+        if deepest <= first or self.views > 1:
+            return None
+        train_bn = self._unfreeze[1] if self._unfreeze else False
+        self.unfreeze(deepest, train_bn=train_bn)
+        self.build_cache(train, dataset_id=dataset_id)
+        low = _LowCut(deepest, self.tail, self.cache)
+        self.unfreeze(first, train_bn=train_bn)
+        return low if can_derive(low.tail, low.cache) else None
+
+    def _train_cache(self, train: Any, dataset_id: str | None, low: "_LowCut | None") -> None:
+        """``self.cache`` for the current cut: derived from ``low`` above it, else built."""
+        self._prepare(_example(train))
+        current = self._unfreeze[0] if self._unfreeze else 0
+        if low is not None and current < low.blocks:
+            self.cache = derived_cache(self.prefix, low.tail, low.cache, **self._build_settings())
+        else:
+            self.build_cache(train, dataset_id=dataset_id)
 
     def build_cache(self, data: Any, *, dataset_id: str | None = None, evaluation: bool = False) -> FeatureCache:
         """Run the frozen part once over ``data`` (or reuse a matching cache) and return it.
@@ -429,13 +448,14 @@ class FineTuner:
         if isinstance(early_stopping, int) and not isinstance(early_stopping, bool):
             early_stopping = EarlyStopping(patience=early_stopping, monitor="val_loss" if val is not None else "loss")
         self._fit_config = cfg
+        low = self._lowest_cut(train, stages, dataset_id) if len(stages) > 1 else None
         for first_epoch, stage_epochs, blocks in stages:
             if blocks is not None:
                 self.unfreeze(blocks, train_bn=self._unfreeze[1] if self._unfreeze else False)
             stop = self._fit_stage(
                 train, val, FitConfig(**{**asdict(cfg), "epochs": stage_epochs}), first_epoch,
                 early_stopping=early_stopping, callbacks=callbacks, checkpoint=checkpoint,
-                resume=resume, dataset_id=dataset_id,
+                resume=resume, dataset_id=dataset_id, low=low,
             )
             if stop:
                 break
@@ -445,9 +465,9 @@ class FineTuner:
         return self.history
 
     def _fit_stage(self, train: Any, val: Any, cfg: FitConfig, first_epoch: int, *, early_stopping,
-                   callbacks, checkpoint, resume, dataset_id) -> bool:
+                   callbacks, checkpoint, resume, dataset_id, low: "_LowCut | None" = None) -> bool:
         """Train ``cfg.epochs`` epochs at the current cut; True when training should stop."""
-        self.build_cache(train, dataset_id=dataset_id)
+        self._train_cache(train, dataset_id, low)
         val_cache = self._build_cache(val, train=False) if val is not None else None
         labels = self.cache.labels.to(self.device)
         n_out = self._num_outputs()
@@ -640,6 +660,15 @@ class FineTuner:
         self.history = History(obj.get("history") or [])
         self._fitted = True
         return int(obj["epochs_done"])
+
+
+@dataclass
+class _LowCut:
+    """The deepest cut of an unfreeze schedule: blocks unfrozen there, its tail and cache."""
+
+    blocks: int
+    tail: nn.Module
+    cache: FeatureCache
 
 
 class _NeedsProbe(Exception):

@@ -346,3 +346,37 @@ def test_real_minilm_top_layer_unfrozen_equals_naive(minilm_and_text, tmp_path):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
         moved += "layer.5." in name and not torch.equal(got[name], st.state_dict().get(name.removeprefix("encoder."), got[name]))
     assert moved > 0
+
+
+def test_schedule_runs_the_layers_below_the_deepest_cut_once(tmp_path):
+    """With a replay cut, the head stage's cache is computed from the deeper cut's cache: the
+    embedding (below both cuts) sees each training sample once, not once per cut."""
+    ft, X, y = _tuner("hf_style_untraceable", tmp_path)
+    rows = []
+
+    class CountingEmbedding(nn.Embedding):  # counts real work; a skipped call never gets here
+        def forward(self, ids):
+            rows.append(ids.shape[0])
+            return super().forward(ids)
+
+    ft.model.embed.__class__ = CountingEmbedding
+    ft.fit((X, y), epochs=3, unfreeze=[(1, 2)], **FIT)
+    probes = [r for r in rows if r <= 4]  # the split's parity checks on the example batch
+    assert sum(rows) - sum(probes) == len(y)
+
+
+def test_derived_cache_equals_the_cache_built_from_data(tmp_path):
+    from fastft._derive import derived_cache
+
+    ft, X, y = _tuner("hf_style_untraceable", tmp_path)
+    ft.unfreeze(1)
+    low = ft.build_cache((X, y))
+    low_tail = ft.tail
+    assert ft.prefix.method == "replay"
+    ft.unfreeze(0)
+    direct = ft.build_cache((X, y))
+    derived = derived_cache(ft.prefix, low_tail, low, **ft._build_settings())
+    assert derived.fingerprint != direct.fingerprint
+    torch.testing.assert_close(derived.gather(torch.arange(len(y)))[0], direct.gather(torch.arange(len(y)))[0],
+                               rtol=0, atol=1e-6)
+    assert torch.equal(derived.labels, direct.labels)
