@@ -14,8 +14,9 @@ shape instead of computing), and the cut module receives the cached hidden state
 outside modules (mask preparation, pooling arithmetic) and frozen modules after the cut (a
 pooler) run as usual: they are cheap next to the skipped layers. Only modules whose output
 has the shape of the hidden states are skipped; anything else (rotary tables, say) is
-recomputed, so nothing the tail uses comes from a placeholder. The parity check on the
-example batch confirms the replay reproduces the model.
+recomputed. Code that reads a skipped module's output other than through the cut (a branch
+on the embeddings' values, say) would see zeros: the parity check on the example batch,
+which must reproduce the model within ``atol``, is what rules that out.
 """
 
 from __future__ import annotations
