@@ -569,7 +569,8 @@ class FineTuner:
         self._require_fitted("export")
         exported = copy.deepcopy(self.model).eval()
         for m in exported.modules():
-            m.__dict__.pop("_fastft_new", None)
+            for mark in [k for k in m.__dict__ if k.startswith("_fastft_")]:
+                del m.__dict__[mark]  # surgery / unfreeze bookkeeping
         return exported
 
     def _require_fitted(self, what: str) -> None:
@@ -586,8 +587,11 @@ class FineTuner:
         }
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        """Parameters that train plus every tensor of the new modules (their buffers too)."""
+        """Parameters that train plus every tensor of the new modules and unfrozen blocks
+        (their buffers too: BatchNorm statistics trained with ``train_bn=True``)."""
         new = set(surgery.new_modules(self.model))
+        names = {id(m): n for n, m in self.model.named_modules()}
+        new |= {names[id(block)] for block, _ in unfrozen_blocks(self.model)}
         state = {}
         for name, t in self.model.state_dict().items():
             owner = name.rsplit(".", 1)[0]
@@ -612,6 +616,7 @@ class FineTuner:
             "state": self._trainable_state(),
             "history": list(self.history),
             "fit": None if self._fit_config is None else asdict(self._fit_config),
+            "unfreeze": self._unfreeze,
         }, path)
 
     @classmethod
@@ -619,6 +624,9 @@ class FineTuner:
         """Rebuild a FineTuner saved with :meth:`save` on a fresh copy of the original model."""
         obj = load_checked(path)
         ft = cls(model, **{**obj["config"], **overrides})
+        if obj.get("unfreeze"):
+            blocks, train_bn = obj["unfreeze"]
+            ft.unfreeze(blocks, train_bn=train_bn)
         if not ft._edited:  # an encoder: the head is appended from the recorded spec, no probe
             ft._edit(example=None, spec=_HeadSpec(**obj["head"]))
         ft._load_state(obj["state"], path)

@@ -380,3 +380,17 @@ def test_derived_cache_equals_the_cache_built_from_data(tmp_path):
     torch.testing.assert_close(derived.gather(torch.arange(len(y)))[0], direct.gather(torch.arange(len(y)))[0],
                                rtol=0, atol=1e-6)
     assert torch.equal(derived.labels, direct.labels)
+
+
+def test_save_load_and_export_keep_the_unfrozen_blocks(tmp_path):
+    ft, X, y = _tuner("cnn_residual_batchnorm", tmp_path)
+    ft.fit((X, y), epochs=2, unfreeze=[(1, 1)], **FIT)
+    ft.save(str(tmp_path / "ft.pt"))
+    loaded = FineTuner.load(str(tmp_path / "ft.pt"), CASES["cnn_residual_batchnorm"][0](), cache_dir=str(tmp_path),
+                            verbose=False)
+    assert loaded.model.layer2[1].conv1.weight.requires_grad  # unfrozen again, ready to train on
+    torch.testing.assert_close(loaded.predict(X), ft.predict(X), rtol=0, atol=1e-6)
+    exported = ft.export()
+    assert not any(k.startswith("_fastft_") for m in exported.modules() for k in m.__dict__)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(X), ft.predict(X), rtol=0, atol=1e-6)
