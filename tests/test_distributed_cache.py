@@ -27,7 +27,7 @@ from torch import nn
 
 import fastft
 from fastft.cache import FeatureCache, builder, disk
-from fastft.errors import CacheError, DataError
+from fastft.errors import CacheCorruptError, CacheError, DataError
 
 sys.path.insert(0, os.path.dirname(__file__))
 from naive import trainable_state  # noqa: E402
@@ -55,6 +55,13 @@ class Logged(nn.Module):
             with open(self.log, "a") as f:
                 f.write(f"{int(x[0, 0].round())}\n")
         return self.net(x)
+
+
+class NaNAt20(Logged):
+    """NaN features for sample 20 (in chunk 1, rank 1's share)."""
+
+    def forward(self, x):
+        return torch.where(x[:, :1] == 20, float("nan"), super().forward(x))
 
 
 def data(n: int = N):
@@ -119,6 +126,27 @@ def one_thread():
 def single(name: str, cache_dir: Path) -> FeatureCache:
     builder.clear_registry()
     return build(name, str(cache_dir))
+
+
+# ---------------------------------------------------------------------------- the journals
+def test_rank_journals_are_read_with_the_journal_and_folded_into_it(tmp_path):
+    journal = disk.Journal(tmp_path)
+    journal.add(0, 0, 4, {"tap0.bin": 1})
+    journal.save()
+    for rank, (start, count, crc) in enumerate([(0, 2, 3), (4, 4, 2)]):
+        mine = disk.Journal(tmp_path, shard=rank)  # a rank reads and writes only its own file
+        assert mine.chunks == {}
+        mine.add(0, start, count, {"tap0.bin": crc})
+        mine.save()
+    assert [p.name for p in disk.shard_journals(tmp_path)] == ["journal.rank0.json", "journal.rank1.json"]
+
+    merged = disk.Journal(tmp_path)  # rank 0 rewrote samples 0..1: its newer chunk wins
+    assert merged.chunks == {(0, 0): (2, {"tap0.bin": 3}), (0, 4): (4, {"tap0.bin": 2})}
+    merged.save()
+    assert disk.shard_journals(tmp_path) == []
+    assert disk.Journal(tmp_path).chunks == merged.chunks
+    with pytest.raises(CacheCorruptError, match="not a plain file name"):
+        disk.safe_path(tmp_path, "journal.rank3.json")  # a manifest may not name a journal as data
 
 
 # ---------------------------------------------------------------------------- sharded build
@@ -205,6 +233,7 @@ def test_rank_killed_mid_build_then_relaunch_recomputes_nothing_committed(tmp_pa
     alone = build("fp32", str(interrupted), log=str(tmp_path / "alone"))
     assert sorted(logged_starts(tmp_path / "alone")) == sorted(set(STARTS) - committed)
     assert data_files(alone) == data_files(ref)
+    assert not disk.shard_journals(Path(alone.path))
 
 
 # ---------------------------------------------------------------------------- FineTuner.fit
@@ -245,6 +274,13 @@ def _fit_and_misuse(rank: int, cache_dir: str, out: str) -> None:
                            progress=False)
     except CacheError as exc:
         result["not_shared"] = str(exc)
+
+    # NaN features on rank 1: rank 1 raises the DataError naming the sample, rank 0 a
+    # CacheError naming rank 1 and that error.
+    try:
+        FeatureCache.build(NaNAt20(), data(), tier="disk", batch_size=BATCH, cache_dir=cache_dir, progress=False)
+    except (DataError, CacheError) as exc:
+        result["nan"] = (type(exc).__name__, str(exc))
 
     # Rows of rank 1 clobbered after it committed them (as a network filesystem that writes
     # back whole pages could do): the checksum pass before completion finds them and rank 0
@@ -290,6 +326,11 @@ def test_fit_with_a_disk_cache_builds_it_sharded_and_trains_like_one_process(tmp
     assert "does not see the cache folder" in ranks[1]["not_shared"]
     assert "FASTFT_CACHE_DIR" in ranks[1]["not_shared"]
     assert "rank 1 failed" in ranks[0]["not_shared"]
+
+    assert ranks[1]["nan"][0] == "DataError" and "sample 20 " in ranks[1]["nan"][1]
+    assert ranks[0]["nan"][0] == "CacheError"
+    assert "rank 1 failed" in ranks[0]["nan"][1] and "sample 20 " in ranks[0]["nan"][1]
+    assert "running the job again resumes" in ranks[0]["nan"][1]
 
     clobbered = [logged_starts(Path(f"{out}.clobbered.rank{r}")) for r in range(WORLD)]
     assert STARTS[1] in clobbered[1] and clobbered[0].count(STARTS[1]) == 1  # recomputed by rank 0

@@ -595,11 +595,11 @@ def _run(cls, prefix, dataset, n, s: Settings, fp, parts, reason, t_start) -> Fe
 
 
 def _run_chunks(writer: Writer, dataset, n, s: Settings, probe, skip, on_done: Callable[[Chunk], None], done: int,
-                bar_total: int | None = -1) -> int:
+                *, share: bool = False) -> int:
     """Forward and write every chunk not skipped; ``on_done`` after each written chunk.
-    Returns the number of rows written. ``bar_total``: the progress bar's total (default
-    every row; None: a counter)."""
-    bar = _progress_bar(s, n * s.views if bar_total == -1 else bar_total, done)
+    Returns the number of rows written. ``share``: the chunks are one rank's share of a
+    sharded build (its progress bar counts rows, with no total)."""
+    bar = _progress_bar(s, None if share else n * s.views, done)
     written = 0
     try:
         for chunk in chunks(dataset, n, s, skip):
@@ -668,6 +668,9 @@ def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_star
         writer.expected_layout = (writer.taps, manifest["labels"])
     journal = _read_journal(folder, n, s.views)  # with the rank journals of a sharded build, if any
     reused = _drop_bad_chunks(journal, tensors, layout, n)
+    if disk.shard_journals(folder):  # one journal again, even when nothing is left to compute
+        with disk.write_errors(folder, "merging the journals of its ranks", committed_rows=reused):
+            journal.save()
     if reused:
         reason = f"resumed: {reused} of {n * s.views} rows were already committed"
     committer = _Committer(folder, layout, tensors, journal, n)
@@ -1017,7 +1020,7 @@ def _write_share(writer: Writer, dataset, n, s: Settings, folder: Path, plan: di
         skip = _ShardSkip({tuple(c) for c in plan["committed"]}, rank, world)
         progress = dataclasses.replace(s, progress=s.progress and rank == 0)  # one bar: rank 0's share
         try:
-            summary["rows"] = _run_chunks(writer, dataset, n, progress, probe, skip, committer.done, 0, bar_total=None)
+            summary["rows"] = _run_chunks(writer, dataset, n, progress, probe, skip, committer.done, 0, share=True)
         except BaseException:
             try:
                 committer.commit()  # chunks fully written before the error are kept for the resume
