@@ -159,6 +159,8 @@ class FineTuner:
             (``"none"`` keeps it whole; see :func:`fastft.ops.cache_write`).
         cache_dir: folder of disk caches (default ``$FASTFT_CACHE_DIR`` or ``~/.cache/fastft``).
         extract_batch_size: batch size of the one frozen pass.
+        extract_amp: ``'bf16'`` runs the frozen pass under bf16 autocast (on GPUs with bf16
+            tensor cores; the cached features then carry bf16 rounding).
         verbose: progress bars and messages.
     """
 
@@ -184,6 +186,7 @@ class FineTuner:
         cache_dir: str | None = None,
         max_memory: int | None = None,
         extract_batch_size: int = 256,
+        extract_amp: str | None = None,
         verbose: bool = True,
     ):
         if num_classes is not None and int(num_classes) < 2 and head is None:
@@ -216,6 +219,9 @@ class FineTuner:
         self.cache_dir = cache_dir
         self.max_memory = max_memory
         self.extract_batch_size = int(extract_batch_size)
+        if extract_amp not in (None, "bf16"):
+            raise FastFTValueError(f"extract_amp must be None or 'bf16', got {extract_amp!r}.")
+        self.extract_amp = extract_amp
         self.verbose = verbose
 
         self.prefix: nn.Module | None = None
@@ -347,7 +353,7 @@ class FineTuner:
         """FeatureCache.build settings shared by every cache of this tuner."""
         return dict(dtype=self.cache_dtype, tier=self.cache_tier, pool=self._cache_pool,
                     batch_size=self.extract_batch_size, cache_dir=self.cache_dir, max_memory=self.max_memory,
-                    progress=self.verbose, seed=self.seed, device=self.device)
+                    progress=self.verbose, seed=self.seed, device=self.device, amp=self.extract_amp)
 
     def _build_cache(self, data: Any, *, train: bool, dataset_id: str | None = None) -> FeatureCache:
         return FeatureCache.build(
@@ -584,6 +590,7 @@ class FineTuner:
             "cache": self.cache_tier, "cache_dtype": self.cache_dtype, "views": self.views,
             "seed": self.seed, "head_name": self.head_name, "output_key": self.output_key,
             "activation": self.activation, "dropout": self.dropout, "pool": self.pool,
+            "extract_amp": self.extract_amp,
         }
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:

@@ -44,6 +44,7 @@ from fastft.cache import disk
 from fastft.cache.feature_cache import FeatureCache, TapInfo
 from fastft.cache.fingerprint import FORMAT_VERSION, PARTS, accepts_generator, changed_parts, combine, fingerprint_parts
 from fastft.cache.manage import cache_root
+from fastft.cache.staging import staged
 from fastft.cache.storage import DTYPES, TIERS, TapStorage, allocate, choose_tier, dtype_name, memory_device, parse_bytes, row_bytes
 from fastft.errors import CacheCorruptError, CacheError, DataError, FastFTError, FastFTValueError
 from fastft.ops import POOLS
@@ -129,6 +130,7 @@ class Settings:
     progress: bool
     seed: int
     device: torch.device
+    amp: str | None = None
 
 
 @dataclass
@@ -260,7 +262,10 @@ def chunks(dataset: Any, n: int, s: Settings, skip: Callable[[int, int, int], bo
             yield Chunk(view, start, count, load)
         return
     batches = [list(range(start, start + count)) for _, start, count in todo]
-    loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=s.num_workers, collate_fn=fdata.collate))
+    # Its own generator: a DataLoader otherwise draws its base seed from the global one, and
+    # building a cache must not change the random stream of the training that follows.
+    loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=s.num_workers, collate_fn=fdata.collate,
+                             generator=torch.Generator().manual_seed(0)))
     for view, start, count in todo:
         try:
             batch = next(loader)
@@ -319,8 +324,9 @@ class Writer:
         with torch.inference_mode():
             if self.s.transform is not None:
                 inputs = self._call("the transform", lambda: self._transform(inputs, chunk), chunk, inputs)
-            names, tensors = _taps(self._call("the frozen prefix", lambda: self.prefix(inputs), chunk, inputs),
-                                   self.prefix)
+            with torch.autocast(self.s.device.type, dtype=torch.bfloat16, enabled=self.s.amp == "bf16"):
+                out = self._call("the frozen prefix", lambda: self.prefix(inputs), chunk, inputs)
+            names, tensors = _taps(out, self.prefix)
         if self.s.device.type == "cuda":
             torch.cuda.synchronize(self.s.device)
         self.timer.prefix += time.perf_counter() - t0
@@ -461,8 +467,10 @@ class _LayoutMismatch(CacheCorruptError):
 
 # ---------------------------------------------------------------------------- the build
 def _settings(dtype, tier, views, transform, pool, mask_key, batch_size, num_workers, cache_dir,
-              max_memory, progress, seed, device, prefix) -> Settings:
+              max_memory, progress, seed, device, prefix, amp=None) -> Settings:
     name = dtype_name(dtype)
+    if amp not in (None, "bf16"):
+        raise FastFTValueError(f"amp must be None or 'bf16' (the prefix under bf16 autocast), got {amp!r}.")
     if tier not in TIERS:
         raise FastFTValueError(f"unknown cache tier {tier!r}; use one of {', '.join(TIERS)}.")
     if pool not in POOLS:
@@ -478,7 +486,7 @@ def _settings(dtype, tier, views, transform, pool, mask_key, batch_size, num_wor
         device = first.device if first is not None else torch.device("cpu")
     return Settings(name, DTYPES[name], tier, int(views), transform, pool, mask_key, int(batch_size),
                     int(num_workers), cache_root(cache_dir), parse_bytes(max_memory), progress, int(seed),
-                    torch.device(device))
+                    torch.device(device), amp)
 
 
 def _progress_bar(s: Settings, total: int, done: int):
@@ -490,14 +498,15 @@ def _progress_bar(s: Settings, total: int, done: int):
 
 
 def build(cls, prefix: nn.Module, dataset: Any, *, dtype, tier, views, transform, pool, mask_key,
-          batch_size, num_workers, cache_dir, dataset_id, max_memory, progress, seed, device) -> FeatureCache:
+          batch_size, num_workers, cache_dir, dataset_id, max_memory, progress, seed, device,
+          amp=None) -> FeatureCache:
     """See :meth:`FeatureCache.build`."""
     t_start = time.perf_counter()
     s = _settings(dtype, tier, views, transform, pool, mask_key, batch_size, num_workers, cache_dir,
-                  max_memory, progress, seed, device, prefix)
+                  max_memory, progress, seed, device, prefix, amp)
     n = fdata.dataset_length(dataset)
     parts = fingerprint_parts(prefix, dataset, dataset_id=dataset_id, transform=transform, views=s.views,
-                              seed=s.seed, dtype=s.dtype, pool=s.pool, mask_key=mask_key)
+                              seed=s.seed, dtype=s.dtype, pool=s.pool, mask_key=mask_key, amp=s.amp)
     fp = combine(parts)
     _check_length(dataset, n)
 
@@ -602,7 +611,7 @@ def _run_chunks(writer: Writer, dataset, n, s: Settings, probe, skip, on_done: C
     bar = _progress_bar(s, None if share else n * s.views, done)
     written = 0
     try:
-        for chunk in chunks(dataset, n, s, skip):
+        for chunk in staged(chunks(dataset, n, s, skip), s.device):
             if probe is not None and (chunk.view, chunk.start) == (0, 0) and chunk.count == probe[0].count:
                 _, names, tensors, inputs, labels = probe
             else:

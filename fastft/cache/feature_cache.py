@@ -104,6 +104,7 @@ class FeatureCache:
         progress: bool = True,
         seed: int = 0,
         device: torch.device | str | None = None,
+        amp: str | None = None,
     ) -> "FeatureCache":
         """Run ``prefix`` once per sample (and view) of ``dataset`` and cache its output.
 
@@ -127,7 +128,11 @@ class FeatureCache:
             cache_dir: disk caches' folder (default ``$FASTFT_CACHE_DIR`` or ``~/.cache/fastft``).
             dataset_id: a name that identifies the dataset's content, skipping its hash pass.
             progress: show a tqdm bar (only on a terminal).
-            device: where the prefix runs (default: where its parameters are).
+            device: where the prefix runs (default: where its parameters are). On a CUDA
+                device each chunk's inputs are pinned and copied on a side stream while the
+                previous chunk runs (see :mod:`fastft.cache.staging`).
+            amp: ``'bf16'`` runs the prefix under bf16 autocast (faster on GPUs with bf16
+                tensor cores; the features carry bf16 rounding, so it is part of the key).
 
         The same key (prefix weights and structure, dataset, transform, views, dtype, pool)
         returns the existing cache without running the prefix: from this process for any
@@ -139,7 +144,7 @@ class FeatureCache:
         return build(cls, prefix, dataset, dtype=dtype, tier=tier, views=views, transform=transform,
                      pool=pool, mask_key=mask_key, batch_size=batch_size, num_workers=num_workers,
                      cache_dir=cache_dir, dataset_id=dataset_id, max_memory=max_memory,
-                     progress=progress, seed=seed, device=device)
+                     progress=progress, seed=seed, device=device, amp=amp)
 
     @classmethod
     def open(cls, fingerprint_or_path: str | Path, cache_dir: str | Path | None = None) -> "FeatureCache":

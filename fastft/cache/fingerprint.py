@@ -99,8 +99,11 @@ def fingerprint_parts(
     dtype: str,
     pool: str,
     mask_key: str,
+    amp: str | None = None,
 ) -> dict[str, str]:
-    """The hash of each part of the key (see :data:`PARTS`)."""
+    """The hash of each part of the key (see :data:`PARTS`). A prefix run under autocast
+    gives other bytes: ``amp`` goes into the dtype part (absent without it, so the keys of
+    ordinary caches do not change)."""
     n = fdata.dataset_length(dataset)
     dataset_part = f"id:{dataset_id}" if dataset_id is not None else f"n={n}:{fdata.sample_hash(dataset)}"
     # The seed only matters when there is a (random) transform: it is part of the transform.
@@ -112,7 +115,7 @@ def fingerprint_parts(
         "dataset": _sha(dataset_part),
         "transform": transform_part,
         "views": f"views={views}",
-        "dtype": dtype,
+        "dtype": dtype + (f",prefix under {amp} autocast" if amp else ""),
         "pool": pool + (f":{mask_key}" if pool == "masked_mean" else ""),
     }
 
