@@ -164,7 +164,7 @@ if [ "$t" -lt 30 ]; then
   record tests no_time "only $(remaining)s left"
 else
   set +e
-  timeout "$t" "$PY" -m pytest tests/test_ops_cuda.py tests/test_ops_errors.py -q -rfEs \
+  timeout "$t" "$PY" -m pytest tests/test_ops_cuda.py tests/test_ops_errors.py tests/test_gpu_pipeline.py -q -rfEs \
     -p no:cacheprovider --junitxml="$RESULTS/gpu_tests.xml" >"$RESULTS/gpu_tests.txt" 2>&1
   rc=$?
   set -e
