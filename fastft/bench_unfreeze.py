@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import fastft
-from fastft.bench import BenchSettings, Task, _accuracy, _index, _machine, bbc_task
+from fastft.bench import BenchSettings, Task, _accuracy, _index, _machine, bbc_task, quick_defaults
 from fastft.unfreeze import find_blocks
 
 
@@ -52,10 +52,7 @@ class UnfreezeSettings:
     verbose: bool = True
 
     def __post_init__(self):
-        if self.max_seq_length is None:
-            self.max_seq_length = 64 if self.quick else 128
-        if self.per_class_limit is None and self.quick:
-            self.per_class_limit = 50
+        quick_defaults(self)
         if self.head_epochs < 1 or self.block_epochs < 1 or self.blocks < 1:
             raise fastft.FastFTValueError("head_epochs, block_epochs and blocks must be ≥ 1.")
 

@@ -651,21 +651,27 @@ def _build_in_memory(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_st
     return cache
 
 
+def _create_folder(writer: Writer, dataset, n, s: Settings, folder: Path, fp, parts, probe) -> tuple[dict, tuple]:
+    """A new cache folder (manifest and preallocated files) laid out from the first chunk's
+    activations (``probe``, computed here when None); returns (manifest, probe)."""
+    if probe is None:
+        first = next(chunks(dataset, n, s, lambda v, st, c: (v, st) != (0, 0)))
+        probe = (first, *writer.forward(first))
+    taps, label_layout = writer.layout(probe[1], probe[2], probe[4])
+    try:
+        with disk.write_errors(folder, f"creating its files ({writer.total_bytes(taps, label_layout)} bytes)"):
+            return _new_folder(folder, fp, parts, taps, label_layout, n, s), probe
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # nothing in a new folder is committed: free its space
+        raise
+
+
 def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_start, probe) -> FeatureCache:
     folder = s.root / fp
     manifest = _resumable_manifest(folder, fp, parts, n, s)
     resumed = manifest is not None
     if manifest is None:
-        if probe is None:
-            first = next(chunks(dataset, n, s, lambda v, st, c: (v, st) != (0, 0)))
-            probe = (first, *writer.forward(first))
-        taps, label_layout = writer.layout(probe[1], probe[2], probe[4])
-        try:
-            with disk.write_errors(folder, f"creating its files ({writer.total_bytes(taps, label_layout)} bytes)"):
-                manifest = _new_folder(folder, fp, parts, taps, label_layout, n, s)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)  # nothing in a new folder is committed: free its space
-            raise
+        manifest, probe = _create_folder(writer, dataset, n, s, folder, fp, parts, probe)
     layout = disk.arrays(manifest)
     with disk.write_errors(folder, "opening its files"):
         tensors = {a.name: disk.map_array(folder, a) for a in layout}
@@ -968,15 +974,7 @@ def _prepare_shards(cls, writer: Writer, dataset, n, s: Settings, fp, parts, rea
     manifest = _resumable_manifest(folder, fp, parts, n, s)
     probe, committed = None, []
     if manifest is None:
-        first = next(chunks(dataset, n, s, lambda v, st, c: (v, st) != (0, 0)))
-        probe = (first, *writer.forward(first))
-        taps, label_layout = writer.layout(probe[1], probe[2], probe[4])
-        try:
-            with disk.write_errors(folder, f"creating its files ({writer.total_bytes(taps, label_layout)} bytes)"):
-                manifest = _new_folder(folder, fp, parts, taps, label_layout, n, s)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+        manifest, probe = _create_folder(writer, dataset, n, s, folder, fp, parts, None)
     else:
         layout = disk.arrays(manifest)
         with disk.write_errors(folder, "opening its files"):
