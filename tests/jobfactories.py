@@ -14,3 +14,9 @@ def splits(n: int = 64):
     X = torch.randn(n, 6, generator=g)
     y = (X[:, 0] > 0).long() + (X[:, 1] > 0).long()
     return {"train": (X[: n - 16], y[: n - 16]), "test": (X[n - 16:], y[n - 16:])}
+
+
+def deep_model(width: int = 16):
+    """Two hidden Linear blocks under the head: something to unfreeze."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))

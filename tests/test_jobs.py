@@ -82,3 +82,18 @@ def test_same_job_under_torchrun_gives_the_same_model(tmp_path):
     b = torch.load(Path(ddp["output"]) / "model.pt", weights_only=True)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_job_with_an_unfreeze_schedule(tmp_path):
+    path, config = write_config(tmp_path, model="jobfactories:deep_model",
+                                fit={"epochs": 3, "batch_size": 16, "lr": 0.01, "unfreeze": [[1, 1]], "lr_decay": 0.5})
+    out = run_train(path)
+    assert out.returncode == 0, out.stderr
+    history = json.loads((Path(config["output"]) / "history.json").read_text())
+    assert [r.get("unfrozen_blocks") for r in history] == [None, 1, 1]
+    sys.path.insert(0, str(TESTS))
+    import jobfactories
+
+    ft = fastft.FineTuner.load(str(Path(config["output"]) / "finetuner.pt"), jobfactories.deep_model(12),
+                               verbose=False, cache_dir=str(tmp_path / "cache"))
+    assert ft.model[2].weight.requires_grad and not ft.model[0].weight.requires_grad
