@@ -5,14 +5,18 @@ code that is not a module.
 
 The cut is the input of the first trainable module in execution order, as in the hook split.
 The prefix runs the model up to the cut and returns two kinds of taps: the cut module's first
-positional input (the hidden states, the expensive part) and the model's own tensor inputs
-(token ids, attention mask: a few numbers per position).
+positional input, or its ``hidden_states=`` keyword when it is called so (the hidden states,
+the expensive part), and the model's own tensor inputs (token ids, attention mask: a few
+numbers per position).
 
 The tail *replays* the model's forward on the cached inputs: the frozen modules that ran
 before the cut are skipped (each returns a zero-stride placeholder of its recorded output's
 shape instead of computing), and the cut module receives the cached hidden states. Code
 outside modules (mask preparation, pooling arithmetic) and frozen modules after the cut (a
-pooler) run as usual: they are cheap next to the skipped layers. Only modules whose output
+pooler) run as usual: they are cheap next to the skipped layers. A skipped module's own
+instance ``forward`` (accelerate's hooks set one) is restored when the replay ends, also
+when the model raises; the swap is on the module objects, so no other thread may run the
+model while a replay is inside it. Only modules whose output
 has the shape of the hidden states are skipped; anything else (rotary tables, say) is
 recomputed. Code that reads a skipped module's output other than through the cut (a branch
 on the embeddings' values, say) would see zeros: the parity check on the example batch,
@@ -29,7 +33,10 @@ from torch import nn
 
 from fastft._modules import FROZEN
 from fastft._split_fx import CannotSplit, _batch_size
-from fastft._split_hook import _HookPrefix, _outermost, _record_calls, _units
+from fastft._split_hook import _HookPrefix, _outermost, _record_calls, _Stop, _units
+from fastft.errors import SplitError
+
+_NONE = object()  # no instance attribute
 
 
 def _skippable(output: Any, shape: torch.Size) -> bool:
@@ -69,10 +76,13 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
         raise CannotSplit("the model's own forward uses trainable parameters: nothing frozen runs before them")
     if sum(c.module is start.module for c in calls) != 1:
         raise CannotSplit(f"the first trainable module {start.name!r} runs more than once")
-    main = start.args[0] if start.args else None
     batch = _batch_size(example)
-    if not isinstance(main, torch.Tensor) or not main.is_floating_point() or main.dim() < 2 or main.shape[0] != batch:
-        raise CannotSplit(f"the first positional input of {start.name!r} is not a float [batch={batch}, ...] tensor")
+    slot = _hidden_slot(start.args, start.kwargs, batch)
+    if slot is None:
+        raise CannotSplit(
+            f"{start.name!r} takes no float [batch={batch}, ...] tensor as its first positional input or as "
+            "a keyword (hidden_states=...)")
+    main = start.args[0] if slot == 0 else start.kwargs[slot]
 
     frozen_ran = _outermost([c.name for c in calls[1:start.index] if status.get(id(c.module)) == FROZEN])
     by_name = {}
@@ -83,42 +93,76 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     if not skip:
         raise CannotSplit(f"no frozen module before {start.name!r} produces its input, so there is nothing to skip")
     cut = start.name
-    prefix = _ReplayPrefix(model, start.module, cut, frozen_ran, status, keys)
-    tail = _ReplayTail(model, start.module, skip, keys)
+    prefix = _ReplayPrefix(model, start.module, cut, frozen_ran, status, keys, slot)
+    tail = _ReplayTail(model, start.module, skip, keys, slot)
     names = [f"{cut}.input"] + (["input"] if keys is None else [f"input.{k}" for k in keys])
     lines = [
         "method: replay",
         f"model: {type(model).__module__}.{type(model).__qualname__}",
-        f"cut: input of {cut} ({type(start.module).__qualname__})",
+        f"cut: input of {cut} ({type(start.module).__qualname__})" + ("" if slot == 0 else f", keyword {slot}"),
         f"taps: {names}",
     ] + [f"{n} = {model.get_submodule(n)!r}" for n in frozen_ran]
     return prefix, tail, names, "\n".join(lines)
+
+
+def _is_hidden(x: Any, batch: int) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[0] == batch
+
+
+def _hidden_slot(args: tuple, kwargs: dict, batch: int) -> int | str | None:
+    """Where the cut module takes the hidden states: ``0`` (its first positional input) or
+    the keyword it gets them as (``hidden_states=`` when called so, as some Hugging Face
+    models do; else the first float [batch, ...] keyword when nothing is positional)."""
+    if args:
+        return 0 if _is_hidden(args[0], batch) else None
+    if _is_hidden(kwargs.get("hidden_states"), batch):
+        return "hidden_states"
+    return next((k for k, v in kwargs.items() if _is_hidden(v, batch)), None)
 
 
 class _ReplayPrefix(_HookPrefix):
     """The hook prefix's frozen run to the cut; returns the cut's hidden states followed by
     the model's tensor inputs (which the replaying tail needs)."""
 
-    def __init__(self, model, cut, cut_name, frozen, status, keys: list[str] | None):
+    def __init__(self, model, cut, cut_name, frozen, status, keys: list[str] | None, slot: int | str = 0):
         super().__init__(model, cut, cut_name, frozen, status)
         self.keys = keys
+        self.slot = slot
 
     def forward(self, x: Any) -> tuple[torch.Tensor, ...]:
-        hidden = super().forward(x)[0]
-        inputs = [x] if self.keys is None else [x[k] for k in self.keys]
-        return (hidden, *inputs)
+        inputs = [x] if self.keys is None else [x[k] for k in self.keys]  # before: the model may add to x
+        captured: list[torch.Tensor] = []
+
+        def stop(mod, args, kwargs):
+            captured.append(args[0] if self.slot == 0 else kwargs[self.slot])
+            raise _Stop
+
+        handle = self._cut.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self._model(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise SplitError(
+                f"the model's forward finished without reaching {self.cut_name!r} on this input, so the "
+                "frozen prefix has no output; the cut found on the example inputs does not hold here."
+            )
+        return (captured[0], *inputs)
 
 
 class _ReplayTail(nn.Module):
     """Replays the model's forward on cached taps, skipping the frozen modules below the cut."""
 
     def __init__(self, model: nn.Module, cut: nn.Module, skip: list[tuple[nn.Module, tuple | None]],
-                 keys: list[str] | None):
+                 keys: list[str] | None, slot: int | str = 0):
         super().__init__()
         self.model = model
         object.__setattr__(self, "_cut", cut)  # already registered inside model
         object.__setattr__(self, "_skip", skip)
         self.keys = keys
+        self.slot = slot
 
     def raw_inputs(self, inputs: tuple[torch.Tensor, ...]) -> Any:
         """The model's input rebuilt from the cached input taps."""
@@ -138,17 +182,26 @@ class _ReplayTail(nn.Module):
             return lambda *args, **kwargs: out
 
         def inject(module, args, kwargs):
-            return (hidden, *args[1:]), kwargs
+            if self.slot == 0:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, self.slot: hidden}
 
+        # An instance attribute shadows the class's forward. A module may already have one
+        # (accelerate's hooks, a user's wrapper): it is put back afterwards, whatever happens.
+        # While inside, every forward of these module objects is skipped, from any thread.
+        saved = [(m, m.__dict__.get("forward", _NONE)) for m, _ in self._skip]
         handle = self._cut.register_forward_pre_hook(inject, with_kwargs=True)
-        for m, layout in self._skip:
-            m.forward = skipped(layout)  # an instance attribute shadows the class's forward
         try:
+            for m, layout in self._skip:
+                m.forward = skipped(layout)
             yield
         finally:
             handle.remove()
-            for m, _ in self._skip:
-                m.__dict__.pop("forward", None)
+            for m, previous in saved:
+                if previous is _NONE:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.__dict__["forward"] = previous
 
     def forward(self, hidden: torch.Tensor, *inputs: torch.Tensor) -> Any:
         with self.replaying(hidden):
