@@ -230,18 +230,27 @@ class FeatureCache:
 
     def gather(self, rows, *, view: int | torch.Tensor | None = None,
                out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
-        """Rows ``rows[B]`` of every tap as ``[B, D]`` tensors in ``out_dtype`` (dequantized).
+        """Rows ``rows[B]`` of every tap as ``[B, D]`` tensors in ``out_dtype`` (dequantized;
+        a non-float tap is cast from its exact fp32 copy, see :meth:`gather_shaped` for its own dtype).
 
         ``view`` is one view index for all rows, an int64 tensor ``[B]`` of view indices, or
         None for view 0.
         """
+        return tuple(x if tap.source_dtype is None else x.to(out_dtype)
+                     for x, tap in zip(self._gather(rows, view, out_dtype), self.taps))
+
+    def _gather(self, rows, view, out_dtype: torch.dtype) -> list[torch.Tensor]:
+        # A non-float tap is read in fp32, which holds its integers exactly: bf16 rounds token
+        # ids above 256 (fp16 above 2048) to their neighbours.
         physical = self._physical_rows(rows, view)
-        return tuple(torch.ops.fastft.cache_gather(s.data, s.scales, physical, out_dtype) for s in self._storages)
+        return [torch.ops.fastft.cache_gather(s.data, s.scales, physical,
+                                              out_dtype if tap.source_dtype is None else torch.float32)
+                for s, tap in zip(self._storages, self.taps)]
 
     def gather_shaped(self, rows, *, view: int | torch.Tensor | None = None,
                       out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
         """:meth:`gather` with each tap reshaped to ``[B, *tap.shape]``, as the tail takes it."""
-        out = self.gather(rows, view=view, out_dtype=out_dtype)
+        out = self._gather(rows, view, out_dtype)
         # A non-float tap (a mask, token ids) goes back to its own dtype: it is exact in fp32.
         return tuple(x.view(x.shape[0], *tap.shape) if tap.source_dtype is None
                      else x.view(x.shape[0], *tap.shape).to(tap.source_dtype)
