@@ -70,13 +70,15 @@ def free_host_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def choose_tier(tier: str, nbytes: int, device: torch.device, max_memory: int | None) -> str:
+def choose_tier(tier: str, nbytes: int, device: torch.device, max_memory: int | None,
+                dtype: torch.dtype | None = None) -> str:
     """The tier a cache of ``nbytes`` goes to: ``tier`` itself unless it is ``auto``, which
-    picks the fastest tier that fits ``max_memory`` (default: a share of free memory)."""
+    picks the fastest tier that fits ``max_memory`` (default: a share of free memory).
+    ``dtype`` (the storage dtype) lets a refusal name the sizes in smaller dtypes."""
     if tier not in TIERS:
         raise FastFTValueError(f"unknown cache tier {tier!r}; use one of {', '.join(TIERS)}.")
     if tier in ("device", "host"):
-        _check_fits(tier, nbytes, device, max_memory)
+        _check_fits(tier, nbytes, device, max_memory, dtype)
     if tier != "auto":
         return tier
     if device.type == "cuda":
@@ -87,7 +89,28 @@ def choose_tier(tier: str, nbytes: int, device: torch.device, max_memory: int | 
     return "host" if nbytes <= budget else "disk"
 
 
-def _check_fits(tier: str, nbytes: int, device: torch.device, max_memory: int | None) -> None:
+def format_gib(nbytes: float) -> str:
+    """``nbytes`` in GiB with three significant digits (``'1.5 GiB'``; ``'0.000123 GiB'`` for a
+    small cache, which two fixed decimals would call ``0.00 GiB``)."""
+    gib = nbytes / 2**30
+    return f"{gib:.3g} GiB" if gib >= 1e-3 else f"{gib:.6f} GiB"
+
+
+def _smaller_dtypes(nbytes: int, dtype: torch.dtype | None) -> str:
+    """The cache_dtype option of a refusal: the dtypes smaller than ``dtype`` with the size they give."""
+    widths = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}  # int8 rows also carry a 4-byte scale
+    if dtype is None:
+        return "a smaller cache_dtype (fp16/bf16 store 2 bytes a value, int8 1, fp32 4)"
+    current = widths[dtype_name(dtype)]
+    options = [(name, w) for name, w in widths.items() if w < current and name != "bf16"]
+    if not options:
+        return "no smaller cache_dtype (int8 is the smallest)"
+    sizes = ", ".join(f"{name} about {format_gib(nbytes * w / current)}" for name, w in options)
+    return f"a smaller cache_dtype ({sizes})"
+
+
+def _check_fits(tier: str, nbytes: int, device: torch.device, max_memory: int | None,
+                dtype: torch.dtype | None = None) -> None:
     """Refuse an in-memory cache larger than ``max_memory`` (or than the memory free now)
     before any work is done, naming its size and what would fit."""
     if tier == "device" and device.type == "cuda":
@@ -97,11 +120,10 @@ def _check_fits(tier: str, nbytes: int, device: torch.device, max_memory: int | 
     budget, what = (max_memory, "max_memory") if max_memory is not None else (free, where)
     if nbytes <= budget:
         return
-    smaller = ", ".join(f"{name} {nbytes * ratio / 2**30:.2f} GiB" for name, ratio in (("fp16", 0.5), ("int8", 0.25)))
     raise CacheTooLargeError(
-        f"the cache needs {nbytes / 2**30:.2f} GiB in the {tier} tier but {what} is "
-        f"{budget / 2**30:.2f} GiB. Options: cache='disk' (memory-mapped; any size the disk holds), "
-        f"cache='auto' (picks what fits), a smaller cache_dtype (from fp32: {smaller}), or fewer "
+        f"the cache needs {format_gib(nbytes)} in the {tier} tier ({int(nbytes):,} bytes) but {what} is "
+        f"{format_gib(budget)} ({int(budget):,} bytes). Options: cache='disk' (memory-mapped; any size the disk holds), "
+        f"cache='auto' (picks what fits), {_smaller_dtypes(nbytes, dtype)}, or fewer "
         "samples/views; a cut at a block's input caches whole sequences/feature maps, so unfreezing "
         "fewer blocks also helps."
     )
