@@ -21,10 +21,13 @@ from torch import nn
 from fastft._modules import FROZEN_STATS_ATTR, is_marked_new
 from fastft.errors import FastFTValueError, SurgeryError
 
-__all__ = ["find_blocks", "unfreeze_blocks", "unfrozen_blocks", "param_groups"]
+__all__ = ["find_blocks", "unfreeze_blocks", "unfrozen_blocks", "trained_blocks", "param_groups"]
 
 #: Mark of a block made trainable by :func:`unfreeze_blocks`: its depth from the top (1 = top).
 DEPTH_ATTR = "_fastft_block_depth"
+#: Mark of a block that has been unfrozen at some point (kept when it is frozen again): its
+#: weights may differ from the pretrained ones, so a saved tuner must keep them.
+TRAINED_ATTR = "_fastft_block_trained"
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList)
 
@@ -33,21 +36,51 @@ def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters())
 
 
+def _stack_members(m: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(key, child)`` of the children of container ``m`` that are blocks there: they hold
+    parameters and have at least one sibling of the same class."""
+    if not isinstance(m, _CONTAINERS):
+        return []
+    kids = [(k, c) for k, c in m.named_children() if not is_marked_new(c) and _has_params(c)]
+    return [(k, c) for k, c in kids if sum(type(o) is type(c) for _, o in kids) >= 2]
+
+
+def _is_stage(m: nn.Module) -> bool:
+    """A plain Sequential/ModuleList made only of blocks (besides parameterless modules)."""
+    if type(m) not in _CONTAINERS:
+        return False
+    members = _stack_members(m)
+    return bool(members) and len(members) == sum(
+        1 for c in m.children() if not is_marked_new(c) and _has_params(c))
+
+
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(qualified name, module)`` of every block of ``model``, bottom to top."""
+    """``(qualified name, module)`` of every block of ``model``, bottom to top.
+
+    A block that is itself a *stage* (a plain ``nn.Sequential``/``nn.ModuleList`` made only of
+    blocks: torchvision's ConvNeXt, Swin and EfficientNet keep ``features`` as a Sequential of
+    stage Sequentials) is not one block: its blocks are listed in its place, so that
+    ``blocks=1`` means the top residual block there too, not the whole last stage.
+    """
     found: list[tuple[str, nn.Module]] = []
 
+    def add(name: str, block: nn.Module) -> None:
+        if _is_stage(block):
+            for key, child in _stack_members(block):
+                add(f"{name}.{key}", child)
+        else:
+            found.append((name, block))  # a block: its insides are not blocks of their own
+
     def visit(prefix: str, m: nn.Module) -> None:
-        siblings = [c for c in m.children() if not is_marked_new(c) and _has_params(c)]
+        members = {id(c) for _, c in _stack_members(m)}
         for key, child in m.named_children():
             name = f"{prefix}.{key}" if prefix else key
             if is_marked_new(child):
                 continue
-            if (isinstance(m, _CONTAINERS) and _has_params(child)
-                    and sum(type(s) is type(child) for s in siblings) >= 2):
-                found.append((name, child))  # a block: its insides are not blocks of their own
-                continue
-            visit(name, child)
+            if id(child) in members:
+                add(name, child)
+            else:
+                visit(name, child)
 
     visit("", model)
     return found
@@ -59,6 +92,15 @@ def unfrozen_blocks(model: nn.Module) -> Iterator[tuple[nn.Module, int]]:
         depth = m.__dict__.get(DEPTH_ATTR)
         if depth is not None:
             yield m, depth
+
+
+def trained_blocks(model: nn.Module) -> Iterator[nn.Module]:
+    """Every block unfrozen by :func:`unfreeze_blocks` at some point, frozen again or not
+    (``fit(unfreeze=[(2, 2), (4, 1)])`` trains a block and freezes it again; so does
+    ``ft.unfreeze(0)`` after a fit): their weights are no longer the pretrained ones."""
+    for m in model.modules():
+        if m.__dict__.get(TRAINED_ATTR):
+            yield m
 
 
 def unfreeze_blocks(model: nn.Module, n: int, *, train_bn: bool = False) -> list[str]:
@@ -91,6 +133,7 @@ def unfreeze_blocks(model: nn.Module, n: int, *, train_bn: bool = False) -> list
     for depth, (_, block) in enumerate(reversed(top), start=1):
         block.requires_grad_(True)
         block.__dict__[DEPTH_ATTR] = depth
+        block.__dict__[TRAINED_ATTR] = True
         for sub in block.modules():
             if isinstance(sub, nn.modules.batchnorm._BatchNorm) and not train_bn:
                 sub.__dict__[FROZEN_STATS_ATTR] = True
