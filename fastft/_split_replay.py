@@ -10,7 +10,7 @@ the expensive part), and the model's own tensor inputs (token ids, attention mas
 numbers per position).
 
 The tail *replays* the model's forward on the cached inputs: the frozen modules that ran
-before the cut are skipped (each returns a zero-stride placeholder of its recorded output's
+before the cut are skipped (each returns a zero placeholder of its recorded output's
 shape instead of computing), and the cut module receives the cached hidden states. Code
 outside modules (mask preparation, pooling arithmetic) and frozen modules after the cut (a
 pooler) run as usual: they are cheap next to the skipped layers. A skipped module's own
@@ -173,9 +173,11 @@ class _ReplayTail(nn.Module):
         """While inside, a forward of the model skips the frozen modules below the cut and
         feeds ``hidden`` to the cut module (also used to compute a higher cut's cache from
         this cut's cache, see ``fastft._derive``)."""
-        # A zero-stride placeholder costs no memory or time; whatever reads it downstream is
-        # the cut module, whose input is replaced below.
-        placeholder = hidden.new_zeros(()).expand(hidden.shape)
+        # Whatever reads the placeholder downstream is the cut module, whose input is replaced
+        # below. It is a real tensor, not a zero-stride view: code between the skipped modules
+        # and the cut may write to it in place (XLM's ``tensor *= mask``), which a view refuses.
+        # Its bytes are those of the hidden states the cut receives anyway.
+        placeholder = torch.zeros_like(hidden)
 
         def skipped(layout):
             out = placeholder if layout is None else tuple(placeholder if t else None for t in layout)

@@ -187,6 +187,28 @@ def test_replay_does_not_skip_a_module_that_also_runs_after_the_cut(tmp_path):
     assert skipped == [ft.model.layers[0], ft.model.layers[1]]
 
 
+def test_replay_of_a_model_writing_in_place_between_the_skipped_modules_and_the_cut(tmp_path):
+    class InPlace(HFStyleEncoder):  # like XLM's ``tensor *= mask`` after its embedding
+        def forward(self, batch):
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            if int(mask.sum()) == 0:
+                raise ValueError("empty batch")
+            additive = (1.0 - mask[:, None, :].float()) * -1e4
+            h = self.embed(ids)
+            h *= mask.unsqueeze(-1).float()
+            for layer in self.layers:
+                h = layer(h, additive)[0]
+            return self.classifier(torch.tanh(self.pooler(h[:, 0])))
+
+    def make():
+        torch.manual_seed(0)
+        return InPlace()
+
+    X, y = token_data()
+    ft, _ = _oracle(make, X, y, tmp_path)
+    assert ft.prefix.method == "replay"
+
+
 # ---------------------------------------------------------------------------- cache: exact taps
 class _IdsPrefix(nn.Module):
     def forward(self, x):
