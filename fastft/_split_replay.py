@@ -15,8 +15,9 @@ shape instead of computing), and the cut module receives the cached hidden state
 outside modules (mask preparation, pooling arithmetic) and frozen modules after the cut (a
 pooler) run as usual: they are cheap next to the skipped layers. A skipped module's own
 instance ``forward`` (accelerate's hooks set one) is restored when the replay ends, also
-when the model raises; the swap is on the module objects, so no other thread may run the
-model while a replay is inside it. Only modules whose output
+when the model raises. The swap is on the module objects: replays of several threads take
+turns (a lock), but a plain forward of the model in another thread during a replay would
+see the placeholders. Only modules whose output
 has the shape of the hidden states are skipped; anything else (rotary tables, say) is
 recomputed. Code that reads a skipped module's output other than through the cut (a branch
 on the embeddings' values, say) would see zeros: the parity check on the example batch,
@@ -26,6 +27,7 @@ which must reproduce the model within ``atol``, is what rules that out.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -37,6 +39,7 @@ from fastft._split_hook import _HookPrefix, _outermost, _record_calls, _Stop, _u
 from fastft.errors import SplitError
 
 _NONE = object()  # no instance attribute
+_REPLAY_LOCK = threading.RLock()  # re-entrant: a derived cache replays inside a replay's thread
 
 
 def _skippable(output: Any, shape: torch.Size) -> bool:
@@ -190,20 +193,23 @@ class _ReplayTail(nn.Module):
 
         # An instance attribute shadows the class's forward. A module may already have one
         # (accelerate's hooks, a user's wrapper): it is put back afterwards, whatever happens.
-        # While inside, every forward of these module objects is skipped, from any thread.
-        saved = [(m, m.__dict__.get("forward", _NONE)) for m, _ in self._skip]
-        handle = self._cut.register_forward_pre_hook(inject, with_kwargs=True)
-        try:
-            for m, layout in self._skip:
-                m.forward = skipped(layout)
-            yield
-        finally:
-            handle.remove()
-            for m, previous in saved:
-                if previous is _NONE:
-                    m.__dict__.pop("forward", None)
-                else:
-                    m.__dict__["forward"] = previous
+        # While inside, every forward of these module objects is skipped, from any thread; the
+        # lock makes replays of several threads (predict() served from threads) take turns,
+        # else one could save another's placeholder forward as the one to put back.
+        with _REPLAY_LOCK:
+            saved = [(m, m.__dict__.get("forward", _NONE)) for m, _ in self._skip]
+            handle = self._cut.register_forward_pre_hook(inject, with_kwargs=True)
+            try:
+                for m, layout in self._skip:
+                    m.forward = skipped(layout)
+                yield
+            finally:
+                handle.remove()
+                for m, previous in saved:
+                    if previous is _NONE:
+                        m.__dict__.pop("forward", None)
+                    else:
+                        m.__dict__["forward"] = previous
 
     def forward(self, hidden: torch.Tensor, *inputs: torch.Tensor) -> Any:
         with self.replaying(hidden):

@@ -10,6 +10,7 @@ turn into failures (XPASS) once it is fixed, and the marker should then go.
 from __future__ import annotations
 
 import copy
+import threading
 from collections import OrderedDict
 
 import pytest
@@ -97,6 +98,34 @@ def test_replay_nested_inside_itself_restores_the_outer_swap(tmp_path):
             pass
         assert embed.__dict__["forward"] is outer
     assert "forward" not in embed.__dict__
+
+
+def test_replays_from_several_threads_leave_the_model_as_it_was(tmp_path):
+    """predict() served from threads: each replay swaps the skipped modules' forward; two at
+    once must not leave a placeholder forward installed for good."""
+    X, y = token_data()
+    ft = FineTuner(make_hf_style(), num_classes=3, cache_dtype="fp32", seed=3, cache_dir=str(tmp_path), verbose=False)
+    ft.unfreeze(1)
+    ft.build_cache((X, y))
+    taps = ft.cache.gather_shaped(torch.arange(8))
+    with torch.no_grad():
+        want = ft.tail(*taps)
+    wrong = []
+
+    def work():
+        for _ in range(50):
+            with torch.no_grad():
+                wrong.append(not torch.allclose(ft.tail(*taps), want, rtol=0, atol=1e-6))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wrong) == 150 and not any(wrong)
+    assert not any("forward" in m.__dict__ for m in ft.model.modules())
+    with torch.no_grad():  # the whole model computes again, nothing skipped
+        torch.testing.assert_close(ft.model(index_select(X, torch.arange(8))), want, rtol=0, atol=1e-5)
 
 
 class _KeywordEncoder(HFStyleEncoder):
