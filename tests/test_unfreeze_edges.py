@@ -25,7 +25,7 @@ from fastft.errors import CacheTooLargeError, FastFTError, FastFTValueError
 from fastft.surgery import freeze, replace_head
 from fastft.unfreeze import find_blocks, trained_blocks, unfreeze_blocks, unfrozen_blocks
 from naive import naive_finetune
-from test_unfreeze import FIT, HFStyleEncoder, make_hf_style, make_mlp_stack, mlp_data, token_data
+from test_unfreeze import FIT, HFStyleEncoder, _MaskedAttention, make_hf_style, make_mlp_stack, mlp_data, token_data
 
 pytestmark = pytest.mark.filterwarnings("ignore:fastft runs the frozen layers in eval mode")
 
@@ -146,18 +146,44 @@ class _KeywordEncoder(HFStyleEncoder):
         return self.classifier(pooled + (h * m).sum(1) / m.sum(1))
 
 
-def _keyword_encoder() -> _KeywordEncoder:
+class _HiddenStatesLayer(_MaskedAttention):
+    def forward(self, *, attention_mask, hidden_states):  # the mask comes first among the keywords
+        return super().forward(hidden_states, attention_mask)
+
+
+class _HiddenStatesEncoder(HFStyleEncoder):
+    """Layers called as ``layer(attention_mask=..., hidden_states=...)``, Hugging Face style."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(_HiddenStatesLayer(16) for _ in range(3))
+
+    def forward(self, batch):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if int(mask.sum()) == 0:
+            raise ValueError("empty batch")
+        additive = (1.0 - mask[:, None, :].float()) * -1e4
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer(attention_mask=additive, hidden_states=h)[0]
+        pooled = torch.tanh(self.pooler(h[:, 0]))
+        m = mask.unsqueeze(-1).float()
+        return self.classifier(pooled + (h * m).sum(1) / m.sum(1))
+
+
+def _keyword_encoder(cls=_KeywordEncoder):
     torch.manual_seed(0)
-    return _KeywordEncoder()
+    return cls()
 
 
+@pytest.mark.parametrize("cls, keyword", [(_KeywordEncoder, "h"), (_HiddenStatesEncoder, "hidden_states")])
 @pytest.mark.parametrize("blocks", [1, 2])
-def test_replay_cut_taking_its_hidden_states_as_a_keyword_equals_naive(blocks, tmp_path):
+def test_replay_cut_taking_its_hidden_states_as_a_keyword_equals_naive(blocks, cls, keyword, tmp_path):
     X, y = token_data()
-    ft, _ = _oracle(_keyword_encoder, X, y, tmp_path, blocks=blocks)
+    ft, _ = _oracle(lambda: _keyword_encoder(cls), X, y, tmp_path, blocks=blocks)
     assert ft.prefix.method == "replay"
     assert ft.cache.taps[0].name == f"layers.{3 - blocks}.input" and ft.cache.taps[0].shape == (10, 16)
-    assert "keyword h" in ft.prefix.signature()
+    assert f"keyword {keyword}" in ft.prefix.signature()
 
 
 class _TensorEncoder(nn.Module):

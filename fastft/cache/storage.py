@@ -122,8 +122,8 @@ def _check_fits(tier: str, nbytes: int, device: torch.device, max_memory: int | 
         return
     raise CacheTooLargeError(
         f"the cache needs {format_gib(nbytes)} in the {tier} tier ({int(nbytes):,} bytes) but {what} is "
-        f"{format_gib(budget)} ({int(budget):,} bytes). Options: cache='disk' (memory-mapped; any size the disk holds), "
-        f"cache='auto' (picks what fits), {_smaller_dtypes(nbytes, dtype)}, or fewer "
+        f"{format_gib(budget)} ({int(budget):,} bytes). Options: cache='disk' (memory-mapped; any size "
+        f"the disk holds), cache='auto' (picks what fits), {_smaller_dtypes(nbytes, dtype)}, or fewer "
         "samples/views; a cut at a block's input caches whole sequences/feature maps, so unfreezing "
         "fewer blocks also helps."
     )
