@@ -17,11 +17,11 @@ pooler) run as usual: they are cheap next to the skipped layers. A skipped modul
 instance ``forward`` (accelerate's hooks set one) is restored when the replay ends, also
 when the model raises. The swap is on the module objects: replays of several threads take
 turns (a lock), but a plain forward of the model in another thread during a replay would
-see the placeholders. Only modules whose output
-has the shape of the hidden states are skipped; anything else (rotary tables, say) is
-recomputed. Code that reads a skipped module's output other than through the cut (a branch
-on the embeddings' values, say) would see zeros: the parity check on the example batch,
-which must reproduce the model within ``atol``, is what rules that out.
+see the placeholders. Only modules whose output has the shape of the hidden states are
+skipped; anything else (rotary tables, say) is recomputed. Code that reads a skipped
+module's output other than through the cut (a branch on the embeddings' values, say) would
+see zeros: the parity check on the example batch, which must reproduce the model within
+``atol``, is what rules that out.
 """
 
 from __future__ import annotations
