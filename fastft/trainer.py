@@ -32,13 +32,13 @@ from fastft import distributed as fdist
 from fastft import surgery
 from fastft.cache import FeatureCache
 from fastft.checkpoint import load_checked, save_atomic
-from fastft.errors import DataError, FastFTValueError, NotFittedError, SurgeryError
+from fastft.errors import DataError, FastFTError, FastFTValueError, NotFittedError, SurgeryError
 from fastft.heads import build_head
 from fastft.metrics import classification_metrics, multilabel_metrics
 from fastft.objectives import LOSSES, check_labels, make_loss, prepare_targets
 from fastft._derive import can_derive, derived_cache
 from fastft.split import split
-from fastft.unfreeze import param_groups, unfreeze_blocks, unfrozen_blocks
+from fastft.unfreeze import param_groups, trained_blocks, unfreeze_blocks, unfrozen_blocks
 
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -276,7 +276,11 @@ class FineTuner:
         self.model.to(self.device)
         self._edited = True
         if self._unfreeze is not None:
-            unfreeze_blocks(self.model, self._unfreeze[0], train_bn=self._unfreeze[1])
+            try:
+                unfreeze_blocks(self.model, self._unfreeze[0], train_bn=self._unfreeze[1])
+            except FastFTError:
+                self._unfreeze = None  # rejected: nothing is unfrozen, and nothing says so
+                raise
 
     def _locate_head(self, example: Any | None) -> _HeadSpec:
         try:
@@ -325,13 +329,13 @@ class FineTuner:
         ``train_bn=True``. Returns the names of the unfrozen blocks (``[]`` before the model is
         edited, when an encoder's head still waits for data: they are unfrozen then).
         """
-        self._unfreeze = (blocks, bool(train_bn))
         names: list[str] = []
         if self._edited:
             names = unfreeze_blocks(self.model, blocks, train_bn=train_bn)
         else:  # check the argument now; the blocks are unfrozen right after the edit
             if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
                 raise FastFTValueError(f"blocks must be a non-negative integer, got {blocks!r}.")
+        self._unfreeze = (blocks, bool(train_bn))  # only once accepted
         self.prefix = self.tail = None  # split again at the new cut
         self.cache = None
         return names
@@ -371,9 +375,11 @@ class FineTuner:
             return None
         train_bn = self._unfreeze[1] if self._unfreeze else False
         self.unfreeze(deepest, train_bn=train_bn)
-        self.build_cache(train, dataset_id=dataset_id)
-        low = _LowCut(deepest, self.tail, self.cache)
-        self.unfreeze(first, train_bn=train_bn)
+        try:
+            self.build_cache(train, dataset_id=dataset_id)
+            low = _LowCut(deepest, self.tail, self.cache)
+        finally:  # also when the deep cache cannot be built: the tuner is left as it was
+            self.unfreeze(first, train_bn=train_bn)
         return low if can_derive(low.tail, low.cache) else None
 
     def _train_cache(self, train: Any, dataset_id: str | None, low: "_LowCut | None") -> None:
@@ -458,6 +464,10 @@ class FineTuner:
         for first_epoch, stage_epochs, blocks in stages:
             if blocks is not None:
                 self.unfreeze(blocks, train_bn=self._unfreeze[1] if self._unfreeze else False)
+                if early_stopping is not None and early_stopping._state is not None:
+                    # Blocks frozen until now hold what they held at the best epoch so far.
+                    for name, t in self._trainable_state().items():
+                        early_stopping._state.setdefault(name, t)
             stop = self._fit_stage(
                 train, val, FitConfig(**{**asdict(cfg), "epochs": stage_epochs}), first_epoch,
                 early_stopping=early_stopping, callbacks=callbacks, checkpoint=checkpoint,
@@ -466,7 +476,7 @@ class FineTuner:
             if stop:
                 break
         if early_stopping is not None and early_stopping.restore_best and early_stopping._state:
-            self.tail.load_state_dict(early_stopping._state)
+            self.model.load_state_dict(early_stopping._state, strict=False)
         self.tail.eval()
         return self.history
 
@@ -502,7 +512,7 @@ class FineTuner:
             if checkpoint is not None:
                 self._checkpoint(checkpoint, engine, epoch + 1)
             stop = any(cb(self, record) is False for cb in callbacks)
-            if early_stopping is not None and early_stopping.step(record, self.tail):
+            if early_stopping is not None and early_stopping.step(record, _TunerState(self)):
                 stop = True
             if stop:
                 return True
@@ -598,7 +608,7 @@ class FineTuner:
         (their buffers too: BatchNorm statistics trained with ``train_bn=True``)."""
         new = set(surgery.new_modules(self.model))
         names = {id(m): n for n, m in self.model.named_modules()}
-        new |= {names[id(block)] for block, _ in unfrozen_blocks(self.model)}
+        new |= {names[id(block)] for block in trained_blocks(self.model)}  # unfrozen now or before
         state = {}
         for name, t in self.model.state_dict().items():
             owner = name.rsplit(".", 1)[0]
@@ -664,17 +674,35 @@ class FineTuner:
             "fit": asdict(self._fit_config),
             "epochs_done": epochs_done,
             "engine": engine.state_dict(),
+            "unfreeze": self._unfreeze,
         }, path)
 
     def _restore(self, path: str, engine: "_Engine") -> int:
         obj = load_checked(path)
         if "engine" not in obj:
             raise FastFTValueError(f"{path} is a saved model, not a training checkpoint; resume needs a checkpoint= file.")
+        saved, now = (obj.get("unfreeze") or (0, False))[0], (self._unfreeze or (0, False))[0]
+        if saved != now:
+            raise FastFTValueError(
+                f"{path} was written with {saved} unfrozen block(s) but this tuner has {now}: call "
+                f"ft.unfreeze({saved}) before fit(..., resume=True), as before the interrupted fit."
+            )
         self._load_state(obj["state"], path)
         engine.load_state_dict(obj["engine"])
         self.history = History(obj.get("history") or [])
         self._fitted = True
         return int(obj["epochs_done"])
+
+
+class _TunerState:
+    """What early stopping keeps of an epoch: the trainable state under the model's names, so
+    that it restores into the model whichever stage (and tail) it was taken in."""
+
+    def __init__(self, ft: "FineTuner"):
+        self.ft = ft
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.ft._trainable_state()
 
 
 @dataclass
@@ -838,7 +866,10 @@ def _example(data: Any, n: int = 2) -> Any:
     length = fdata.dataset_length(data)
     if length == 0:
         raise DataError("the dataset is empty: there is nothing to train on.")
-    inputs, _ = next(iter(fdata.as_batches(data, min(n, length))))
+    # A DataLoader's iterator draws its base seed from the global generator: dropout in the
+    # unfrozen blocks must see the stream it would see with tensors.
+    with torch.random.fork_rng(devices=[]):
+        inputs, _ = next(iter(fdata.as_batches(data, min(n, length))))
     return inputs
 
 

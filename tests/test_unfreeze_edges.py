@@ -2,9 +2,6 @@
 with keywords, single-tensor inputs, exact non-float taps under bf16, the memory guard's
 message, block discovery on torchvision-style networks, and trainer paths (early stopping
 across stages, resume, save after refreezing) that must hold.
-
-Tests marked ``xfail(strict=True)`` pin bugs whose fix belongs to ``fastft/trainer.py``; they
-turn into failures (XPASS) once it is fixed, and the marker should then go.
 """
 
 from __future__ import annotations
@@ -483,8 +480,6 @@ def test_unfreeze_before_the_head_is_attached_applies_after_the_probe(tmp_path):
     assert ft.cache.taps[0].shape == (16,)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="trainer.py: early stopping restores a state_dict of an earlier stage's tail")
 def test_early_stopping_restores_a_best_epoch_of_an_earlier_stage(tmp_path):
     from fastft.trainer import EarlyStopping
 
@@ -503,8 +498,6 @@ def test_early_stopping_restores_a_best_epoch_of_an_earlier_stage(tmp_path):
     assert ft.evaluate((Xv, yv))["loss"] == pytest.approx(best, abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="trainer.py: a checkpoint does not record the unfrozen blocks; resume fails in torch")
 def test_resume_after_a_manual_unfreeze_says_what_to_do(tmp_path):
     X, y = mlp_data()
     ck = str(tmp_path / "ck.pt")
@@ -517,7 +510,6 @@ def test_resume_after_a_manual_unfreeze_says_what_to_do(tmp_path):
         again.fit((X, y), epochs=3, checkpoint=ck, resume=True, lr_decay=0.5, **FIT)
 
 
-@pytest.mark.xfail(strict=True, reason="trainer.py: save() keeps only the blocks unfrozen now")
 def test_save_keeps_a_block_trained_then_frozen_again(tmp_path):
     X, y = mlp_data()
     kw = dict(num_classes=4, hidden=[8], cache_dtype="fp32", seed=3, cache_dir=str(tmp_path), verbose=False)
@@ -530,7 +522,6 @@ def test_save_keeps_a_block_trained_then_frozen_again(tmp_path):
     torch.testing.assert_close(loaded.predict(X), ft.predict(X), rtol=0, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="trainer.py: a failed deferred unfreeze leaves _unfreeze set")
 def test_a_rejected_deferred_unfreeze_is_not_recorded(tmp_path):
     class Encoder(nn.Module):
         def __init__(self):
@@ -549,7 +540,6 @@ def test_a_rejected_deferred_unfreeze_is_not_recorded(tmp_path):
     assert history.column("unfrozen_blocks") == [None]
 
 
-@pytest.mark.xfail(strict=True, reason="trainer.py: unfreeze() records its argument before checking it")
 def test_a_rejected_unfreeze_changes_nothing(tmp_path):
     X, y = mlp_data()
     ft = FineTuner(make_mlp_stack(), num_classes=4, hidden=[8], cache_dtype="fp32", seed=3, cache_dir=str(tmp_path),
@@ -564,8 +554,6 @@ def test_a_rejected_unfreeze_changes_nothing(tmp_path):
     assert len(list(unfrozen_blocks(loaded.model))) == 2
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="trainer.py: _lowest_cut leaves the deepest blocks unfrozen when it raises")
 def test_a_failed_deep_cache_leaves_the_blocks_as_they_were(tmp_path):
     X, y = mlp_data(seed=11)  # data of its own: no cache of another test is reused in memory
     # Room for the head cut's cache (16 wide), not for the cut below block '2' (32 wide).
@@ -576,8 +564,6 @@ def test_a_failed_deep_cache_leaves_the_blocks_as_they_were(tmp_path):
     assert not list(unfrozen_blocks(ft.model))
 
 
-@pytest.mark.xfail(strict=True, reason="trainer.py: _example() reads a Dataset with a DataLoader, which draws "
-                                       "from the global RNG (dropout in the unfrozen blocks then differs)")
 def test_a_dataset_trains_like_the_same_tensors(tmp_path):
     from torch.utils.data import Dataset
 

@@ -580,7 +580,7 @@ def _run(cls, prefix, dataset, n, s: Settings, fp, parts, reason, t_start) -> Fe
         first = next(chunks(dataset, n, s, lambda v, st, c: (v, st) != (0, 0)))
         probe = (first, *writer.forward(first))
         writer_layout = writer.layout(probe[1], probe[2], probe[4])
-        tier = choose_tier(tier, writer.total_bytes(*writer_layout), s.device, s.max_memory)
+        tier = choose_tier(tier, writer.total_bytes(*writer_layout), s.device, s.max_memory, s.storage_dtype)
     if tier != "disk":
         return _build_in_memory(cls, writer, dataset, n, s, fp, parts, reason, t_start, tier, probe, writer_layout)
     with disk.build_lock(s.root, fp, on_wait=lambda: log.warning(
