@@ -618,3 +618,26 @@ def test_a_schedule_on_a_dataset_and_disk_cache_resumes_from_disk(tmp_path):
     for ft in (first, second):
         for name, want in ref.model.state_dict().items():
             torch.testing.assert_close(ft.model.state_dict()[name], want, rtol=0, atol=1e-6, msg=name)
+
+
+def test_one_number_per_sample_taps_are_cached_beside_the_sequence(tmp_path):
+    # A dict-returning encoder (token count beside the embedding): with its top layer unfrozen
+    # the fx split's taps include a [B] tensor, cached as a row of one and gathered back as [B].
+    from models import make_dict_encoder, token_batch
+
+    X = token_batch(n=40, seed=4)
+    y = torch.arange(40) % 3
+    ft = FineTuner(make_dict_encoder(), num_classes=3, cache_dtype="fp32", seed=3, cache_dir=str(tmp_path),
+                   verbose=False)
+    ft._prepare(index_select(X, torch.arange(2)))
+    naive = copy.deepcopy(ft.model)
+    ft.unfreeze(1)
+    torch.manual_seed(5)
+    ft.fit((X, y), epochs=2, batch_size=8, lr=1e-2)
+    assert any(t.shape == () for t in ft.cache.taps)
+    top = naive.encoder.layers[2] if hasattr(naive, "encoder") else naive.layers[2]
+    top.requires_grad_(True)
+    torch.manual_seed(5)
+    naive_finetune(naive, X, y, epochs=2, seed=3, batch_size=8, lr=1e-2, train_modules=[top])
+    for name, want in naive.state_dict().items():
+        torch.testing.assert_close(ft.model.state_dict()[name], want, rtol=0, atol=1e-5, msg=name)

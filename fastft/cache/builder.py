@@ -364,9 +364,12 @@ class Writer:
         """Taps and label layout from the first chunk's activations."""
         taps = []
         for name, x in zip(names, tensors):
-            if x.dim() < 2:
+            if x.dim() < 1:
                 raise DataError(f"tap {name!r} has shape {tuple(x.shape)}; a frozen activation needs [B, ...].")
-            if x.is_floating_point():
+            if x.dim() == 1:  # one number per sample (a length, a score): a row of one, never pooled
+                dtype, source = (self.s.storage_dtype, None) if x.is_floating_point() else (torch.float32, x.dtype)
+                taps.append(TapInfo(name, 1, (), dtype, "none", source))
+            elif x.is_floating_point():
                 shape = tap_shape(x, self.s.pool)
                 taps.append(TapInfo(name, int(torch.Size(shape).numel()), shape, self.s.storage_dtype, self.s.pool))
             else:  # masks, token ids: kept whole and exact (fp32 holds integers up to 2**24)
@@ -407,7 +410,7 @@ class Writer:
             raise DataError(f"a batch of {chunk.count} samples came with {int(labels.shape[0])} labels.")
         mask = self._mask(inputs) if self.s.pool == "masked_mean" else None
         for tap, x, store in zip(self.taps, tensors, self.storages):
-            pool = self.s.pool if tap.source_dtype is None else "none"
+            pool = tap.pool  # the cache's pool, or 'none' for non-float and one-number taps
             if tap.source_dtype is not None:
                 _check_exact(x, tap.name, chunk.start)
             if x.shape[0] != chunk.count or tap_shape(x, pool) != tap.shape:
@@ -418,14 +421,14 @@ class Writer:
             if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 x = x.float()  # float64 or integer activations: the kernels take fp32/bf16/fp16
             src = as_bld(x, pool)
-            tap_mask = None if tap.source_dtype is not None else self._tap_mask(mask, src, tap.name)
+            tap_mask = None if pool == "none" else self._tap_mask(mask, src, tap.name)
             dst = store.data
             if dst.device != src.device and not (dst.is_pinned() and src.is_cuda):
                 src = src.to(dst.device)
                 tap_mask = None if tap_mask is None else tap_mask.to(dst.device)
             first = chunk.view * self.n + chunk.start
             rows = torch.arange(first, first + chunk.count, device=src.device)
-            tap_pool = "none" if tap.source_dtype is not None else self._tap_pool(tap_mask, src)
+            tap_pool = "none" if pool == "none" else self._tap_pool(tap_mask, src)
             torch.ops.fastft.cache_write(src, rows, dst, store.scales, tap_pool, tap_mask)
             _check_finite(store, slice(first, first + chunk.count), tap.name, chunk.start, chunk.view, self.s.views)
         if chunk.view == 0:
@@ -775,7 +778,7 @@ def _resumable_manifest(folder: Path, fp: str, parts: dict, n: int, s: Settings)
         same = (manifest["fingerprint"] == fp and manifest["parts"] == parts and manifest["num_rows"] == n
                 and manifest["num_views"] == s.views and manifest.get("dtype") == s.dtype
                 and manifest.get("pool") == s.pool
-                and all((t["dtype"] == disk.dtype_to_str(s.storage_dtype) and t["pool"] == s.pool)
+                and all((t["dtype"] == disk.dtype_to_str(s.storage_dtype) and t["pool"] in (s.pool, "none"))
                         or "source_dtype" in t for t in manifest["taps"]))
         if manifest["status"] == "building" and same:
             return manifest
