@@ -134,13 +134,20 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     body = _HookPrefix(model, start.module, cut, frozen_ran, status)
     names = [f"{cut}.input"] if len(start.args) == 1 else [f"{cut}.input{i}" for i in range(len(start.args))]
     tail = _Chain([c.module for c in chain], [c.name for c in chain])
+    return body, tail, names, signature_text("hook", model, cut, start.module, names, frozen_ran)
+
+
+def signature_text(method: str, model: nn.Module, cut: str, cut_module: nn.Module, names: list[str],
+                   frozen_ran: list[str], cut_note: str = "") -> str:
+    """The prefix signature of a cut at a module's input: method, model class, cut, taps, and
+    the frozen modules that run before it (their reprs)."""
     lines = [
-        "method: hook",
+        f"method: {method}",
         f"model: {type(model).__module__}.{type(model).__qualname__}",
-        f"cut: input of {cut} ({type(start.module).__qualname__})",
+        f"cut: input of {cut} ({type(cut_module).__qualname__}){cut_note}",
         f"taps: {names}",
     ] + [f"{n} = {model.get_submodule(n)!r}" for n in frozen_ran]
-    return body, tail, names, "\n".join(lines)
+    return "\n".join(lines)
 
 
 def _outermost(names: list[str]) -> list[str]:

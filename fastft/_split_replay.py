@@ -35,7 +35,7 @@ from torch import nn
 
 from fastft._modules import FROZEN
 from fastft._split_fx import CannotSplit, _batch_size
-from fastft._split_hook import _HookPrefix, _outermost, _record_calls, _Stop, _units
+from fastft._split_hook import _HookPrefix, _outermost, _record_calls, _Stop, _units, signature_text
 from fastft.errors import SplitError
 
 _NONE = object()  # no instance attribute
@@ -99,13 +99,8 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     prefix = _ReplayPrefix(model, start.module, cut, frozen_ran, status, keys, slot)
     tail = _ReplayTail(model, start.module, skip, keys, slot)
     names = [f"{cut}.input"] + (["input"] if keys is None else [f"input.{k}" for k in keys])
-    lines = [
-        "method: replay",
-        f"model: {type(model).__module__}.{type(model).__qualname__}",
-        f"cut: input of {cut} ({type(start.module).__qualname__})" + ("" if slot == 0 else f", keyword {slot}"),
-        f"taps: {names}",
-    ] + [f"{n} = {model.get_submodule(n)!r}" for n in frozen_ran]
-    return prefix, tail, names, "\n".join(lines)
+    note = "" if slot == 0 else f", keyword {slot}"
+    return prefix, tail, names, signature_text("replay", model, cut, start.module, names, frozen_ran, note)
 
 
 def _is_hidden(x: Any, batch: int) -> bool:
