@@ -210,10 +210,14 @@ class _HookPrefix(nn.Module):
         return list(self._model.modules())
 
     def forward(self, x: Any) -> tuple[torch.Tensor, ...]:
-        captured: list[tuple] = []
+        return tuple(self.run_to_cut(x)[0])
+
+    def run_to_cut(self, x: Any) -> tuple[tuple, dict]:
+        """The cut module's (args, kwargs) on ``x``; the model's forward stops there."""
+        captured: list[tuple[tuple, dict]] = []
 
         def stop(mod, args, kwargs):
-            captured.append(args)
+            captured.append((args, kwargs))
             raise _Stop
 
         handle = self._cut.register_forward_pre_hook(stop, with_kwargs=True)
@@ -228,7 +232,7 @@ class _HookPrefix(nn.Module):
                 f"the model's forward finished without reaching {self.cut_name!r} on this input, so the "
                 "frozen prefix has no output; the cut found on the example inputs does not hold here."
             )
-        return tuple(captured[0])
+        return captured[0]
 
 
 class _Chain(nn.Module):

@@ -35,8 +35,7 @@ from torch import nn
 
 from fastft._modules import FROZEN
 from fastft._split_fx import CannotSplit, _batch_size
-from fastft._split_hook import _HookPrefix, _outermost, _record_calls, _Stop, _units, signature_text
-from fastft.errors import SplitError
+from fastft._split_hook import _HookPrefix, _outermost, _record_calls, _units, signature_text
 
 _NONE = object()  # no instance attribute
 _REPLAY_LOCK = threading.RLock()  # re-entrant: a derived cache replays inside a replay's thread
@@ -129,25 +128,8 @@ class _ReplayPrefix(_HookPrefix):
 
     def forward(self, x: Any) -> tuple[torch.Tensor, ...]:
         inputs = [x] if self.keys is None else [x[k] for k in self.keys]  # before: the model may add to x
-        captured: list[torch.Tensor] = []
-
-        def stop(mod, args, kwargs):
-            captured.append(args[0] if self.slot == 0 else kwargs[self.slot])
-            raise _Stop
-
-        handle = self._cut.register_forward_pre_hook(stop, with_kwargs=True)
-        try:
-            self._model(x)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise SplitError(
-                f"the model's forward finished without reaching {self.cut_name!r} on this input, so the "
-                "frozen prefix has no output; the cut found on the example inputs does not hold here."
-            )
-        return (captured[0], *inputs)
+        args, kwargs = self.run_to_cut(x)
+        return (args[0] if self.slot == 0 else kwargs[self.slot], *inputs)
 
 
 class _ReplayTail(nn.Module):

@@ -588,21 +588,13 @@ def _run(cls, prefix, dataset, n, s: Settings, fp, parts, reason, t_start) -> Fe
         return _build_in_memory(cls, writer, dataset, n, s, fp, parts, reason, t_start, tier, probe, writer_layout)
     with disk.build_lock(s.root, fp, on_wait=lambda: log.warning(
             "fastft: another process is building cache %s; waiting for it to finish.", fp[:12])):
-        if (folder / disk.MANIFEST).is_file():
-            try:
-                manifest = disk.read_manifest(folder)
-            except CacheError:
-                manifest = {}  # unreadable: rebuilt below
-            if manifest.get("status") == "complete":
-                try:
-                    cache = cls.from_folder(folder)
-                    _register(cache)
-                    return cache.with_telemetry(hit=True, reason="hit: built by another process",
-                                                build_seconds=time.perf_counter() - t_start,
-                                                prefix_seconds=timer.prefix, write_seconds=0.0,
-                                                prefix_calls=timer.prefix_calls, rows_computed=0)
-                except CacheCorruptError:
-                    pass
+        cache = _complete_cache(cls, folder)
+        if cache is not None:
+            _register(cache)
+            return cache.with_telemetry(hit=True, reason="hit: built by another process",
+                                        build_seconds=time.perf_counter() - t_start,
+                                        prefix_seconds=timer.prefix, write_seconds=0.0,
+                                        prefix_calls=timer.prefix_calls, rows_computed=0)
         return _build_on_disk(cls, writer, dataset, n, s, fp, parts, reason, t_start, probe)
 
 
@@ -652,6 +644,19 @@ def _build_in_memory(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_st
                 telemetry=_telemetry(writer.timer, tier, nbytes, t_start, reason, n, s.views))
     _register(cache)
     return cache
+
+
+def _complete_cache(cls, folder: Path) -> FeatureCache | None:
+    """The cache in ``folder`` when another process completed it (checked under the build
+    lock); None when there is none, or it is incomplete, unreadable or corrupt (rebuilt)."""
+    if not (folder / disk.MANIFEST).is_file():
+        return None
+    try:
+        if disk.read_manifest(folder).get("status") == "complete":
+            return cls.from_folder(folder)
+    except CacheError:  # unreadable or corrupt (CacheCorruptError is a CacheError)
+        pass
+    return None
 
 
 def _create_folder(writer: Writer, dataset, n, s: Settings, folder: Path, fp, parts, probe) -> tuple[dict, tuple]:
@@ -963,17 +968,8 @@ def _prepare_shards(cls, writer: Writer, dataset, n, s: Settings, fp, parts, rea
     writes as its first chunk); an interrupted one keeps its verified committed chunks, every
     rank's, now listed in ``journal.json`` alone."""
     folder = s.root / fp
-    if (folder / disk.MANIFEST).is_file():
-        try:
-            manifest = disk.read_manifest(folder)
-        except CacheError:
-            manifest = {}  # unreadable: rebuilt below
-        if manifest.get("status") == "complete":
-            try:
-                cls.from_folder(folder)
-                return {"status": "complete"}, None
-            except CacheCorruptError:
-                pass
+    if _complete_cache(cls, folder) is not None:
+        return {"status": "complete"}, None
     manifest = _resumable_manifest(folder, fp, parts, n, s)
     probe, committed = None, []
     if manifest is None:
