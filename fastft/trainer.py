@@ -365,10 +365,10 @@ class FineTuner:
             dataset_id=dataset_id, **self._build_settings(),
         )
 
-    def _lowest_cut(self, train: Any, stages: list, dataset_id: str | None) -> "_LowCut | None":
-        """For an unfreeze schedule, build the cache at the deepest cut first; when it is a
-        replay cut, the earlier stages' caches are computed from it (``fastft._derive``)
-        instead of by frozen passes over the data."""
+    def _lowest_cut(self, train: Any, val: Any, stages: list, dataset_id: str | None) -> "_LowCut | None":
+        """For an unfreeze schedule, build the caches (train, and val when given) at the
+        deepest cut first; when it is a replay cut, the earlier stages' caches are computed
+        from them (``fastft._derive``) instead of by frozen passes over the data."""
         first = self._unfreeze[0] if self._unfreeze else 0
         deepest = max((n for _, _, n in stages if n is not None), default=0)
         if deepest <= first or self.views > 1:
@@ -377,19 +377,25 @@ class FineTuner:
         self.unfreeze(deepest, train_bn=train_bn)
         try:
             self.build_cache(train, dataset_id=dataset_id)
-            low = _LowCut(deepest, self.tail, self.cache)
+            val_cache = None if val is None else self._build_cache(val, train=False)
+            low = _LowCut(deepest, self.tail, self.cache, val_cache)
         finally:  # also when the deep cache cannot be built: the tuner is left as it was
             self.unfreeze(first, train_bn=train_bn)
         return low if can_derive(low.tail, low.cache) else None
 
-    def _train_cache(self, train: Any, dataset_id: str | None, low: "_LowCut | None") -> None:
-        """``self.cache`` for the current cut: derived from ``low`` above it, else built."""
+    def _stage_caches(self, train: Any, val: Any, dataset_id: str | None,
+                      low: "_LowCut | None") -> FeatureCache | None:
+        """``self.cache`` for the current cut, and the val cache (returned): derived from
+        ``low`` when the cut is above it, else built (or reused) from the data."""
         self._prepare(_example(train))
         current = self._unfreeze[0] if self._unfreeze else 0
         if low is not None and current < low.blocks:
             self.cache = derived_cache(self.prefix, low.tail, low.cache, **self._build_settings())
+            if low.val_cache is not None:
+                return derived_cache(self.prefix, low.tail, low.val_cache, **self._build_settings())
         else:
             self.build_cache(train, dataset_id=dataset_id)
+        return self._build_cache(val, train=False) if val is not None else None
 
     def build_cache(self, data: Any, *, dataset_id: str | None = None, evaluation: bool = False) -> FeatureCache:
         """Run the frozen part once over ``data`` (or reuse a matching cache) and return it.
@@ -460,7 +466,7 @@ class FineTuner:
         if isinstance(early_stopping, int) and not isinstance(early_stopping, bool):
             early_stopping = EarlyStopping(patience=early_stopping, monitor="val_loss" if val is not None else "loss")
         self._fit_config = cfg
-        low = self._lowest_cut(train, stages, dataset_id) if len(stages) > 1 else None
+        low = self._lowest_cut(train, val, stages, dataset_id) if len(stages) > 1 else None
         for first_epoch, stage_epochs, blocks in stages:
             if blocks is not None:
                 self.unfreeze(blocks, train_bn=self._unfreeze[1] if self._unfreeze else False)
@@ -483,8 +489,7 @@ class FineTuner:
     def _fit_stage(self, train: Any, val: Any, cfg: FitConfig, first_epoch: int, *, early_stopping,
                    callbacks, checkpoint, resume, dataset_id, low: "_LowCut | None" = None) -> bool:
         """Train ``cfg.epochs`` epochs at the current cut; True when training should stop."""
-        self._train_cache(train, dataset_id, low)
-        val_cache = self._build_cache(val, train=False) if val is not None else None
+        val_cache = self._stage_caches(train, val, dataset_id, low)
         labels = self.cache.labels.to(self.device)
         n_out = self._num_outputs()
         check_labels(labels, cfg.loss, n_out)
@@ -707,11 +712,12 @@ class _TunerState:
 
 @dataclass
 class _LowCut:
-    """The deepest cut of an unfreeze schedule: blocks unfrozen there, its tail and cache."""
+    """The deepest cut of an unfreeze schedule: blocks unfrozen there, its tail and caches."""
 
     blocks: int
     tail: nn.Module
     cache: FeatureCache
+    val_cache: FeatureCache | None = None
 
 
 class _NeedsProbe(Exception):

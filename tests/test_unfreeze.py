@@ -360,9 +360,21 @@ def test_schedule_runs_the_layers_below_the_deepest_cut_once(tmp_path):
             return super().forward(ids)
 
     ft.model.embed.__class__ = CountingEmbedding
-    ft.fit((X, y), epochs=3, unfreeze=[(1, 2)], **FIT)
+    Xv, yv = token_data(n=20, seed=9)
+    gaps = []
+
+    def check_val_loss(tuner, record):  # the model's own loss on val, computed apart
+        counted = len(rows)
+        tuner.model.eval()
+        with torch.no_grad():
+            want = nn.functional.cross_entropy(tuner.model(Xv), yv).item()
+        del rows[counted:]  # this check's own forward does not count
+        gaps.append(abs(record["val_loss"] - want))
+
+    ft.fit((X, y), val=(Xv, yv), epochs=3, unfreeze=[(1, 2)], callbacks=[check_val_loss], **FIT)
     probes = [r for r in rows if r <= 4]  # the split's parity checks on the example batch
-    assert sum(rows) - sum(probes) == len(y)
+    assert sum(rows) - sum(probes) == len(y) + len(yv)  # train and val, once each
+    assert len(gaps) == 3 and max(gaps) < 1e-5  # val caches derived for the head stage are exact
 
 
 def test_derived_cache_equals_the_cache_built_from_data(tmp_path):
