@@ -17,8 +17,9 @@
 Every split is checked on the example batch (``check=True``): when the split's output
 differs from the model's by more than ``atol``, :class:`~fastft.SplitError` names the first
 module whose output differs. The frozen part always runs in eval mode (BatchNorm running
-statistics, no dropout); fastft warns once per split when frozen dropout or BatchNorm
-layers were in train mode.
+statistics, no dropout); fastft warns (once per model and set of modules, so not again at
+every stage of an unfreeze schedule) when frozen dropout or BatchNorm layers were in train
+mode.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from fastft import _split_fx, _split_hook, _split_replay
-from fastft._modules import NEW, TRAINABLE, classify, eval_mode, eval_modules
+from fastft._modules import FROZEN_STATS_ATTR, NEW, TRAINABLE, classify, eval_mode, eval_modules
 from fastft._split_fx import CannotSplit
 from fastft.errors import SplitError
 
@@ -40,6 +41,7 @@ __all__ = ["FrozenPrefix", "TrainableTail", "split"]
 
 METHODS = ("auto", "fx", "hook", "replay")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_WARNED_ATTR = "_fastft_warned_train_mode"  # on the model: the modules last warned about
 
 
 def _shallow(x: Any) -> Any:
@@ -208,8 +210,13 @@ def _check_inputs(x: Any) -> None:
 def _warn_train_mode(model: nn.Module, status: dict[int, str]) -> None:
     names = {id(m): n for n, m in model.named_modules()}
     kinds = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
-    offenders = [names.get(id(m), "?") for m in eval_modules(model, status) if isinstance(m, kinds) and m.training]
-    if offenders:
+    # BatchNorm layers of unfrozen blocks keep their statistics because the user asked for
+    # it (fastft.unfreeze): nothing to warn about.
+    offenders = [names.get(id(m), "?") for m in eval_modules(model, status)
+                 if isinstance(m, kinds) and m.training and not m.__dict__.get(FROZEN_STATS_ATTR)]
+    # A schedule splits the same model again at every stage: say it once per model and set.
+    if offenders and model.__dict__.get(_WARNED_ATTR) != offenders:
+        model.__dict__[_WARNED_ATTR] = offenders
         shown = ", ".join(repr(n) for n in offenders[:4]) + (", ..." if len(offenders) > 4 else "")
         warnings.warn(
             f"fastft runs the frozen layers in eval mode: {len(offenders)} frozen dropout/BatchNorm "

@@ -258,7 +258,20 @@ def test_warns_once_when_frozen_batchnorm_or_dropout_was_in_train_mode():
         fastft.split(model, image_batch())
     assert len([w for w in rec if "eval mode" in str(w.message)]) == 1
     assert {n: m.training for n, m in model.named_modules()} == modes  # split leaves modes alone
+    with warnings.catch_warnings():  # the same model split again (a schedule's next stage): said once
+        warnings.simplefilter("error")
+        fastft.split(model, image_batch())
     model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastft.split(model, image_batch())
+
+
+def test_no_warning_for_batchnorm_kept_frozen_in_unfrozen_blocks():
+    model = edited(make_resnet())
+    model.eval()
+    fastft.unfreeze.unfreeze_blocks(model, 1)
+    model.layer2[1].train()  # the user's block in train mode: its BatchNorm stats stay frozen on purpose
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastft.split(model, image_batch())
