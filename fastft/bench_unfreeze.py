@@ -10,7 +10,9 @@ layers' learning rate ``lr * lr_decay ** depth``.
   cache: one frozen pass for the head stage, one pass to the cut below the unfrozen layer
   for the second stage, then only that layer and the head run per epoch.
 
-Both start from the same seeded head and draw the same batch order. Test accuracy is
+Both start from the same seeded head, draw the same batch order and the same dropout stream
+(the global generator seeded before each), so their accuracies differ only by the cache's
+fp16 rounding. Test accuracy is
 measured after each stage and timed apart (both methods pay a test pass). Writes
 ``<out>/unfreeze[_quick].json``; on a 2-core CPU the default run (1780 training articles at
 128 tokens) takes about 7 minutes, ``--quick`` (250 articles at 64 tokens) about 1 minute.
@@ -64,6 +66,7 @@ def _task(s: UnfreezeSettings) -> Task:
 
 def run_naive(task: Task, s: UnfreezeSettings) -> dict:
     """Plain PyTorch: the whole encoder on every batch, the top layer(s) trained in stage 2."""
+    torch.manual_seed(s.seed)  # the unfrozen layer's dropout: the same stream as fastft's
     encoder, head = copy.deepcopy(task.model).eval(), copy.deepcopy(task.head)
     encoder.requires_grad_(False)
     top = [m for _, m in find_blocks(encoder)][-s.blocks:]
@@ -115,6 +118,7 @@ def run_fastft(task: Task, s: UnfreezeSettings) -> dict:
             accuracy[record["epoch"]] = float(ft.evaluate(task.test)["accuracy"])
             eval_seconds[0] += time.perf_counter() - t1
 
+    torch.manual_seed(s.seed)  # the unfrozen layer's dropout: the same stream as the naive loop's
     with tempfile.TemporaryDirectory(prefix="fastft-bench-") as cache_dir:
         ft = fastft.FineTuner(copy.deepcopy(task.model), head=copy.deepcopy(task.head), cache="host",
                               cache_dtype=s.cache_dtype, cache_dir=cache_dir, seed=s.seed, verbose=s.verbose)
