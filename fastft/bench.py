@@ -16,8 +16,8 @@ test accuracy, speed-up = naive seconds / fastft seconds at the same E, from thi
 Results go to ``<out>/e2e[_quick].csv``, ``.json`` and ``.png``.
 
 Run time on a 2-core CPU: ``--quick`` (250 articles at 64 tokens) 2–4 minutes; the default
-(all 1777 training articles at 128 tokens: the naive loop alone is 10 frozen passes of
-~65 s, and each of the 6 fastft runs one more) about 25 minutes. The JSON records the load
+(all 1780 training articles at 128 tokens: the naive loop alone is 10 frozen passes of
+~30 s, and each of the 6 fastft runs one more) about 10 minutes (measured: 10 min 7 s). The JSON records the load
 average: other processes on the machine slow every row, the head epochs most.
 """
 

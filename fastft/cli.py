@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench", help="end-to-end naive vs fastft (epochs x cache dtypes x tiers); --kernels: the pytest suites",
         description="End-to-end naive vs fastft on MiniLM/BBC and a CPU CNN, written to benchmarks/results/"
-                    "e2e.{csv,json,png}. The default run takes about 25 minutes on a 2-core CPU; --quick 2-4.")
+                    "e2e.{csv,json,png}. The default run takes about 10 minutes on a 2-core CPU; --quick 2-4.")
     b.add_argument("--quick", action="store_true", help="250 articles at 64 tokens (writes e2e_quick.*)")
     b.add_argument("--tasks", type=_csv_of(["bbc", "cnn"]), default=["bbc", "cnn"], help="comma list (bbc,cnn)")
     b.add_argument("--epochs", type=_csv_of(None, int), default=[1, 3, 10], help="comma list (default 1,3,10)")
