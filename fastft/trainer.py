@@ -31,6 +31,8 @@ from fastft import data as fdata
 from fastft import distributed as fdist
 from fastft import surgery
 from fastft.cache import FeatureCache
+from fastft.cache.builder import check_amp, check_views
+from fastft.cache.storage import DTYPES
 from fastft.checkpoint import load_checked, save_atomic
 from fastft.errors import DataError, FastFTError, FastFTValueError, NotFittedError, SurgeryError
 from fastft.heads import build_head
@@ -40,7 +42,6 @@ from fastft._derive import can_derive, derived_cache
 from fastft.split import split
 from fastft.unfreeze import param_groups, trained_blocks, unfreeze_blocks, unfrozen_blocks
 
-CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = (None, "cosine", "onecycle")
 
@@ -194,12 +195,10 @@ class FineTuner:
                 f"num_classes must be ≥ 2 for a classifier, got {num_classes}; for one regression "
                 "output pass head=nn.Linear(in_features, 1) and loss='mse'."
             )
-        if cache_dtype not in CACHE_DTYPES:
-            raise FastFTValueError(f"unknown cache_dtype {cache_dtype!r}; use one of {', '.join(CACHE_DTYPES)}.")
-        if int(views) < 1:
-            raise FastFTValueError(f"views must be ≥ 1, got {views}.")
-        if views > 1 and transform is None:
-            raise FastFTValueError("views > 1 caches augmented views: pass the random transform= that makes them.")
+        if cache_dtype not in DTYPES:  # the canonical names only (dtype_name also takes aliases)
+            raise FastFTValueError(f"unknown cache_dtype {cache_dtype!r}; use one of {', '.join(DTYPES)}.")
+        check_views(views, transform)
+        check_amp(extract_amp, "extract_amp")
         self.model = model
         self.num_classes = None if num_classes is None else int(num_classes)
         self.hidden = list(hidden or [])
@@ -219,8 +218,6 @@ class FineTuner:
         self.cache_dir = cache_dir
         self.max_memory = max_memory
         self.extract_batch_size = int(extract_batch_size)
-        if extract_amp not in (None, "bf16"):
-            raise FastFTValueError(f"extract_amp must be None or 'bf16', got {extract_amp!r}.")
         self.extract_amp = extract_amp
         self.verbose = verbose
 

@@ -79,6 +79,10 @@ class HFStyleEncoder(nn.Module):
         self.pooler = nn.Linear(dim, dim)
         self.classifier = nn.Linear(dim, num_classes)
 
+    def run_layer(self, layer: nn.Module, h: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
+        """How a layer is called (subclasses call it with keywords)."""
+        return layer(h, additive, None, scale=None)[0]
+
     def forward(self, batch):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if int(mask.sum()) == 0:
@@ -86,7 +90,7 @@ class HFStyleEncoder(nn.Module):
         additive = (1.0 - mask[:, None, :].float()) * -1e4
         h = self.embed(ids)
         for layer in self.layers:
-            h = layer(h, additive, None, scale=None)[0]
+            h = self.run_layer(layer, h, additive)
         pooled = torch.tanh(self.pooler(h[:, 0]))
         m = mask.unsqueeze(-1).float()
         return self.classifier(pooled + (h * m).sum(1) / m.sum(1))

@@ -130,17 +130,8 @@ class _KeywordEncoder(HFStyleEncoder):
     """Its layers get the hidden states as a keyword (``layer(h=..., additive_mask=...)``),
     as some Hugging Face encoders do (``hidden_states=``)."""
 
-    def forward(self, batch):
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if int(mask.sum()) == 0:
-            raise ValueError("empty batch")
-        additive = (1.0 - mask[:, None, :].float()) * -1e4
-        h = self.embed(ids)
-        for layer in self.layers:
-            h = layer(h=h, additive_mask=additive)[0]
-        pooled = torch.tanh(self.pooler(h[:, 0]))
-        m = mask.unsqueeze(-1).float()
-        return self.classifier(pooled + (h * m).sum(1) / m.sum(1))
+    def run_layer(self, layer, h, additive):
+        return layer(h=h, additive_mask=additive)[0]
 
 
 class _HiddenStatesLayer(_MaskedAttention):
@@ -155,17 +146,8 @@ class _HiddenStatesEncoder(HFStyleEncoder):
         super().__init__()
         self.layers = nn.ModuleList(_HiddenStatesLayer(16) for _ in range(3))
 
-    def forward(self, batch):
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if int(mask.sum()) == 0:
-            raise ValueError("empty batch")
-        additive = (1.0 - mask[:, None, :].float()) * -1e4
-        h = self.embed(ids)
-        for layer in self.layers:
-            h = layer(attention_mask=additive, hidden_states=h)[0]
-        pooled = torch.tanh(self.pooler(h[:, 0]))
-        m = mask.unsqueeze(-1).float()
-        return self.classifier(pooled + (h * m).sum(1) / m.sum(1))
+    def run_layer(self, layer, h, additive):
+        return layer(attention_mask=additive, hidden_states=h)[0]
 
 
 def _keyword_encoder(cls=_KeywordEncoder):

@@ -469,19 +469,29 @@ class _LayoutMismatch(CacheCorruptError):
 
 
 # ---------------------------------------------------------------------------- the build
+def check_views(views: int, transform: Callable | None) -> None:
+    """FastFTValueError unless ``views`` is a count of views that ``transform`` can make."""
+    if int(views) < 1:
+        raise FastFTValueError(f"views must be ≥ 1, got {views}.")
+    if views > 1 and transform is None:
+        raise FastFTValueError("views > 1 caches augmented views: pass the random transform= that makes them.")
+
+
+def check_amp(amp: str | None, name: str = "amp") -> None:
+    """FastFTValueError unless ``amp`` is None or 'bf16' (``name``: the argument, in the message)."""
+    if amp not in (None, "bf16"):
+        raise FastFTValueError(f"{name} must be None or 'bf16' (the frozen pass under bf16 autocast), got {amp!r}.")
+
+
 def _settings(dtype, tier, views, transform, pool, mask_key, batch_size, num_workers, cache_dir,
               max_memory, progress, seed, device, prefix, amp=None) -> Settings:
     name = dtype_name(dtype)
-    if amp not in (None, "bf16"):
-        raise FastFTValueError(f"amp must be None or 'bf16' (the prefix under bf16 autocast), got {amp!r}.")
+    check_amp(amp)
     if tier not in TIERS:
         raise FastFTValueError(f"unknown cache tier {tier!r}; use one of {', '.join(TIERS)}.")
     if pool not in POOLS:
         raise FastFTValueError(f"unknown pool {pool!r}; use one of {', '.join(POOLS)}.")
-    if int(views) < 1:
-        raise FastFTValueError(f"views must be >= 1, got {views}.")
-    if views > 1 and transform is None:
-        raise FastFTValueError("views > 1 caches augmented views: pass the random transform= that makes them.")
+    check_views(views, transform)
     if int(batch_size) < 1:
         raise FastFTValueError(f"batch_size must be >= 1, got {batch_size}.")
     if device is None:
@@ -674,12 +684,9 @@ def _create_folder(writer: Writer, dataset, n, s: Settings, folder: Path, fp, pa
         raise
 
 
-def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_start, probe) -> FeatureCache:
-    folder = s.root / fp
-    manifest = _resumable_manifest(folder, fp, parts, n, s)
-    resumed = manifest is not None
-    if manifest is None:
-        manifest, probe = _create_folder(writer, dataset, n, s, folder, fp, parts, probe)
+def _attach(writer: Writer, folder: Path, manifest: dict, resumed: bool) -> tuple[list, dict]:
+    """Map a cache folder's files writable and make them ``writer``'s storage; a resumed
+    build's first chunk must then match the manifest's layout. Returns (layout, tensors)."""
     layout = disk.arrays(manifest)
     with disk.write_errors(folder, "opening its files"):
         tensors = {a.name: disk.map_array(folder, a) for a in layout}
@@ -687,8 +694,17 @@ def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_star
     empty = torch.empty(0, dtype=torch.float32)
     writer.storages = [TapStorage(tensors[t.name], tensors.get(t.name + ".scales", empty)) for t in writer.taps]
     writer.labels = tensors["labels"]
-    if resumed:
-        writer.expected_layout = (writer.taps, manifest["labels"])
+    writer.expected_layout = (writer.taps, manifest["labels"]) if resumed else None
+    return layout, tensors
+
+
+def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_start, probe) -> FeatureCache:
+    folder = s.root / fp
+    manifest = _resumable_manifest(folder, fp, parts, n, s)
+    resumed = manifest is not None
+    if manifest is None:
+        manifest, probe = _create_folder(writer, dataset, n, s, folder, fp, parts, probe)
+    layout, tensors = _attach(writer, folder, manifest, resumed)
     journal = _read_journal(folder, n, s.views)  # with the rank journals of a sharded build, if any
     reused = _drop_bad_chunks(journal, tensors, layout, n)
     if disk.shard_journals(folder):  # one journal again, even when nothing is left to compute
@@ -1014,14 +1030,7 @@ def _write_share(writer: Writer, dataset, n, s: Settings, folder: Path, plan: di
     error = None
     try:
         manifest = _shared_manifest(folder, plan, rank)
-        layout = disk.arrays(manifest)
-        with disk.write_errors(folder, "opening its files"):
-            tensors = {a.name: disk.map_array(folder, a) for a in layout}
-        writer.taps = [TapInfo.from_json(t) for t in manifest["taps"]]
-        empty = torch.empty(0, dtype=torch.float32)
-        writer.storages = [TapStorage(tensors[t.name], tensors.get(t.name + ".scales", empty)) for t in writer.taps]
-        writer.labels = tensors["labels"]
-        writer.expected_layout = (writer.taps, manifest["labels"]) if plan["resumed"] else None
+        layout, tensors = _attach(writer, folder, manifest, plan["resumed"])
         committer = _Committer(folder, layout, tensors, disk.Journal(folder, n, s.views, shard=rank), n)
         skip = _ShardSkip({tuple(c) for c in plan["committed"]}, rank, world)
         progress = dataclasses.replace(s, progress=s.progress and rank == 0)  # one bar: rank 0's share
