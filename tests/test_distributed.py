@@ -19,6 +19,7 @@ import fastft
 
 sys.path.insert(0, os.path.dirname(__file__))
 from naive import trainable_state  # noqa: E402
+from spawned import exit_without_finalizing  # noqa: E402
 
 
 def make_model():
@@ -45,6 +46,7 @@ def _worker(rank: int, world: int, init_file: str, out: str, cache_dir: str) -> 
             torch.save({"state": trainable_state(ft.model), "loss": ft.history[-1]["loss"]}, out)
     finally:
         dist.destroy_process_group()
+    exit_without_finalizing()
 
 
 def test_ddp_head_training_equals_single_process(tmp_path):

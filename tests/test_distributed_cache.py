@@ -30,6 +30,7 @@ from fastft.cache import FeatureCache, builder, disk
 from fastft.errors import CacheCorruptError, CacheError, DataError
 
 sys.path.insert(0, os.path.dirname(__file__))
+from spawned import exit_without_finalizing  # noqa: E402
 from naive import trainable_state  # noqa: E402
 
 N, BATCH = 203, 16  # 13 chunks per view, the last one short
@@ -104,6 +105,8 @@ def _in_group(rank: int, fn, init: str, *args) -> None:
         fn(rank, *args)
     finally:
         dist.destroy_process_group()
+    exit_without_finalizing()
+
 
 
 def logged_starts(path: Path) -> list[int]:
