@@ -13,6 +13,7 @@ from collections import OrderedDict
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from fastft import FineTuner
 from fastft.cache import FeatureCache
@@ -546,17 +547,21 @@ def test_a_failed_deep_cache_leaves_the_blocks_as_they_were(tmp_path):
     assert not list(unfrozen_blocks(ft.model))
 
 
+class _Rows(Dataset):
+    """``(X, y)`` with a dict X, as a map-style Dataset of (input dict, label) items."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.X.items()}, self.y[i]
+
+
 def test_a_dataset_trains_like_the_same_tensors(tmp_path):
-    from torch.utils.data import Dataset
-
     X, y = token_data()
-
-    class Rows(Dataset):
-        def __len__(self):
-            return len(y)
-
-        def __getitem__(self, i):
-            return {k: v[i] for k, v in X.items()}, y[i]
 
     def run(data):
         ft = FineTuner(make_hf_style(), num_classes=3, cache_dtype="fp32", seed=3, cache_dir=str(tmp_path),
@@ -565,7 +570,7 @@ def test_a_dataset_trains_like_the_same_tensors(tmp_path):
         ft.fit(data, epochs=3, unfreeze=[(1, 1), (2, 2)], **FIT)
         return ft.model.state_dict()
 
-    a, b = run((X, y)), run(Rows())
+    a, b = run((X, y)), run(_Rows(X, y))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
@@ -573,16 +578,9 @@ def test_a_dataset_trains_like_the_same_tensors(tmp_path):
 def test_a_schedule_on_a_dataset_and_disk_cache_resumes_from_disk(tmp_path):
     """Derived caches come from the deepest cut's cache whatever the data's form; on disk a
     second tuner finds every stage's cache."""
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader
 
     X, y = token_data()
-
-    class Rows(Dataset):
-        def __len__(self):
-            return len(y)
-
-        def __getitem__(self, i):
-            return {k: v[i] for k, v in X.items()}, y[i]
 
     def run(data, tier):
         model = make_hf_style()
@@ -594,8 +592,8 @@ def test_a_schedule_on_a_dataset_and_disk_cache_resumes_from_disk(tmp_path):
         return ft
 
     ref = run((X, y), "host")
-    first = run(DataLoader(Rows(), batch_size=7), "disk")
-    second = run(Rows(), "disk")
+    first = run(DataLoader(_Rows(X, y), batch_size=7), "disk")
+    second = run(_Rows(X, y), "disk")
     assert first.cache.tier == "disk" and second.cache.telemetry["hit"]
     for ft in (first, second):
         for name, want in ref.model.state_dict().items():
