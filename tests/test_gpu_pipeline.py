@@ -105,3 +105,37 @@ def test_training_on_the_gpu_equals_training_on_the_cpu(tmp_path):
         runs.append({k: v.detach().cpu() for k, v in ft.export().state_dict().items()})
     for name, want in runs[0].items():
         torch.testing.assert_close(runs[1][name], want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _graph_fit(tmp_path, cuda_graph: bool, **kw) -> FineTuner:
+    X, y = _data()  # 300 rows at batch 64: four full batches and a partial one per epoch
+    model = nn.Sequential(_prefix(), nn.ReLU(), nn.Linear(32, 3))
+    ft = FineTuner(model, num_classes=4, hidden=[16], cache_dtype="fp32", cache="device", device="cuda",
+                   cache_dir=str(tmp_path), seed=3, verbose=False)
+    ft.fit((X, y), epochs=3, lr=1e-2, batch_size=64, cuda_graph=cuda_graph, **kw)
+    return ft
+
+
+@needs_cuda
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_cuda_graph_training_equals_eager_training(tmp_path, monkeypatch, optimizer):
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(1), replay(graph))[1])
+    eager = _graph_fit(tmp_path, False, optimizer=optimizer, weight_decay=0.01)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture would fall back silently
+        graphed = _graph_fit(tmp_path, True, optimizer=optimizer, weight_decay=0.01)
+    assert len(replays) == 3 * 4 - 3  # every full batch after the three warm-up steps
+    for (name, want), got in zip(eager.tail.state_dict().items(), graphed.tail.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+    assert graphed.history.column("loss") == pytest.approx(eager.history.column("loss"), rel=1e-5)
+
+
+@needs_cuda
+def test_cuda_graph_training_under_bf16_autocast_matches_eager(tmp_path):
+    eager = _graph_fit(tmp_path, False, amp="bf16")
+    graphed = _graph_fit(tmp_path, True, amp="bf16")
+    assert graphed.history.column("loss") == pytest.approx(eager.history.column("loss"), rel=1e-3)
