@@ -27,6 +27,7 @@ import math
 import statistics
 import time
 import traceback
+import warnings
 
 import torch
 from torch import nn
@@ -206,10 +207,12 @@ def bench_head_step(epochs: int = 4) -> dict:
         model = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, classes))  # the frozen part: Linear+ReLU
         ft = fastft.FineTuner(model, num_classes=classes, hidden=[256], cache="device", cache_dtype="fp16",
                               device="cuda", seed=0, verbose=False)
-        with _adam_capturable(capturable):
+        with _adam_capturable(capturable), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             ft.fit((x, y), epochs=epochs, batch_size=batch, lr=1e-3, cuda_graph=graph)
         torch.cuda.synchronize()
         runs[name] = (statistics.median(ft.history.column("seconds")[1:]), ft)
+        fallbacks = [str(w.message) for w in caught if "could not capture" in str(w.message)]
 
     def diff(a, b):
         return max((p - q).abs().max().item() for p, q in zip(runs[a][1].tail.parameters(), runs[b][1].tail.parameters()))
@@ -223,7 +226,8 @@ def bench_head_step(epochs: int = 4) -> dict:
            "eager_step_us": round(eager_s / steps * 1e6, 1), "graph_step_us": round(graph_s / steps * 1e6, 1),
            "speedup": round(eager_s / graph_s, 2),
            "max_abs_weight_diff_same_optimizer": same_optimizer, "equal_within_1e-5": same_optimizer <= 1e-5,
-           "max_abs_weight_diff_vs_default_eager": diff("eager", "graph")}
+           "max_abs_weight_diff_vs_default_eager": diff("eager", "graph"),
+           "captured": not fallbacks, "fallback": fallbacks[0] if fallbacks else None}
     print(f"  head step: {out}", flush=True)
     return out
 

@@ -41,14 +41,18 @@ WARMUP_STEPS = 3
 StepFn = Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor]
 
 
-def graph_unsupported(device: torch.device, scheduler: str | None, world: int) -> str | None:
-    """Why ``cuda_graph=True`` cannot train this fit (None when it can), as advice."""
+def graph_unsupported(device: torch.device, cfg, world: int) -> str | None:
+    """Why ``cuda_graph=True`` cannot train the fit ``cfg`` (None when it can), as advice."""
     if device.type != "cuda":
         return f"needs a CUDA device, but training runs on {device}; drop cuda_graph=True"
-    if scheduler is not None:
-        return (f"cannot follow scheduler={scheduler!r}: the learning rate is baked into the "
+    if cfg.scheduler is not None:
+        return (f"cannot follow scheduler={cfg.scheduler!r}: the learning rate is baked into the "
                 "captured step. Use scheduler=None with cuda_graph=True, or keep the schedule "
                 "and drop cuda_graph")
+    if cfg.loss == "ce" and cfg.label_smoothing and cfg.class_weights is not None:
+        # ATen normalises this loss with masked_select, which reads a size back to the host.
+        return ("cannot capture loss='ce' with both label_smoothing and class_weights (PyTorch "
+                "computes it with a host synchronisation); drop one of them, or cuda_graph")
     if world > 1:
         return ("is not supported under torch.distributed (DistributedDataParallel all-reduces "
                 "outside the graph); drop cuda_graph=True")
@@ -74,8 +78,16 @@ class _CudaGraphs:
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        outer = torch.cuda.current_stream(self.device)
+        try:
+            # Our own side stream: torch.cuda.graph's default one lives on whichever device
+            # was current when it was first made.
+            with torch.cuda.device(self.device), torch.cuda.graph(graph, stream=self.side):
+                fn()
+        except BaseException:
+            # When capture_end raises, torch.cuda.graph leaves the capture stream current.
+            torch.cuda.set_stream(outer)
+            raise
         return graph.replay  # the bound method keeps the graph (and its memory pool) alive
 
 
@@ -109,9 +121,7 @@ class GraphedStep:
         tensors = [*taps, y]
         if self._template is None:  # an epoch's first batch has the full batch size
             self._template = _signature(tensors)
-        if _signature(tensors) != self._template:
-            return self._eager(taps, y)
-        if self.failed is not None:
+        if self.failed is not None or _signature(tensors) != self._template:
             return self._eager(taps, y)
         if self._replay is None:
             if self._warm < self.warmup:
@@ -122,7 +132,9 @@ class GraphedStep:
             except RuntimeError as exc:
                 # Something in the step synchronises with the host (a data-dependent branch in
                 # a layer, say). Capture runs no kernels, so nothing was trained: go on eagerly.
-                self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                # The error of capture_end only says that an earlier one spoilt the capture.
+                cause = exc.__context__ if isinstance(exc.__context__, Exception) else exc
+                self.failed = f"{type(cause).__name__}: {cause}".splitlines()[0]
                 self._replay = None
                 warnings.warn(
                     f"fastft: cuda_graph=True could not capture the training step ({self.failed}); "

@@ -211,6 +211,11 @@ class FineTuner:
         self.views = int(views)
         self.transform = transform
         self.device = torch.device(device) if device is not None else _default_device()
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise FastFTValueError(
+                f"device={str(device)!r} but PyTorch sees no CUDA device here (torch "
+                f"{torch.__version__}); leave device unset to train on the CPU."
+            )
         self.seed = int(seed)
         self.head_name = head_name
         self.output_key = output_key
@@ -466,7 +471,7 @@ class FineTuner:
         )
         cfg.validate()
         if cfg.cuda_graph:
-            reason = graph_unsupported(self.device, cfg.scheduler, fdist.rank_and_world()[1])
+            reason = graph_unsupported(self.device, cfg, fdist.rank_and_world()[1])
             if reason is not None:
                 raise FastFTValueError(f"cuda_graph=True {reason}.")
         stages = _stages(unfreeze, cfg.epochs)
@@ -514,6 +519,7 @@ class FineTuner:
             range(start_epoch, cfg.epochs), desc="fastft fit", unit="epoch",
             disable=not self.verbose or not sys.stderr.isatty(), leave=False,
         )
+        stop = False
         for epoch in epochs_bar:
             t0 = time.perf_counter()
             losses = engine.run_epoch(self.cache, labels)
@@ -532,8 +538,12 @@ class FineTuner:
             if early_stopping is not None and early_stopping.step(record, _TunerState(self)):
                 stop = True
             if stop:
-                return True
-        return False
+                break
+        if engine.graphed is not None:
+            # Let the graph's memory pool go now: the captured .grad tensors keep it reserved.
+            engine.graphed = None
+            engine.optimizer.zero_grad(set_to_none=True)
+        return stop
 
     def fit_many(self, configs: Sequence[dict], train: Any, **common):
         """Train several heads (lr, width, weight decay, seed) in one pass over the cache.
@@ -828,6 +838,16 @@ class _Engine:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        if "capturable" in self.optimizer.defaults:
+            # The groups come back as they were saved: make them what this fit needs (a fit
+            # resumed with or without cuda_graph), Adam's step counters on the matching side.
+            capturable = self.cfg.cuda_graph
+            for group in self.optimizer.param_groups:
+                group["capturable"] = capturable
+                for p in group["params"]:
+                    st = self.optimizer.state.get(p, {})
+                    if "step" in st:
+                        st["step"] = st["step"].to(device=p.device if capturable else "cpu", dtype=torch.float32)
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])

@@ -4,6 +4,8 @@ halves check the same code paths' results where they can run."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -107,35 +109,77 @@ def test_training_on_the_gpu_equals_training_on_the_cpu(tmp_path):
         torch.testing.assert_close(runs[1][name], want, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _graph_fit(tmp_path, cuda_graph: bool, **kw) -> FineTuner:
+def _graph_fit(tmp_path, cuda_graph: bool, *, head: nn.Module | None = None, dropout: float = 0.0, **kw) -> FineTuner:
     X, y = _data()  # 300 rows at batch 64: four full batches and a partial one per epoch
     model = nn.Sequential(_prefix(), nn.ReLU(), nn.Linear(32, 3))
-    ft = FineTuner(model, num_classes=4, hidden=[16], cache_dtype="fp32", cache="device", device="cuda",
+    torch.manual_seed(5)
+    ft = FineTuner(model, num_classes=None if head is not None else 4, hidden=None if head is not None else [16],
+                   head=head, dropout=dropout, cache_dtype="fp32", cache="device", device="cuda",
                    cache_dir=str(tmp_path), seed=3, verbose=False)
     ft.fit((X, y), epochs=3, lr=1e-2, batch_size=64, cuda_graph=cuda_graph, **kw)
     return ft
 
 
+@pytest.fixture
+def replays(monkeypatch):
+    """Counts CUDA graph replays (patched before any capture binds ``graph.replay``)."""
+    count = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (count.append(1), replay(graph))[1])
+    return count
+
+
+def _assert_same_tail(got: FineTuner, want: FineTuner, tol: float) -> None:
+    for (name, w), g in zip(want.tail.state_dict().items(), got.tail.state_dict().values()):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol, msg=name)
+    assert got.history.column("loss") == pytest.approx(want.history.column("loss"), rel=tol)
+
+
 @needs_cuda
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_cuda_graph_training_equals_eager_training(tmp_path, monkeypatch, optimizer):
-    replays = []
-    replay = torch.cuda.CUDAGraph.replay
-    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(1), replay(graph))[1])
+def test_cuda_graph_training_equals_eager_training(tmp_path, replays, optimizer):
     eager = _graph_fit(tmp_path, False, optimizer=optimizer, weight_decay=0.01)
-    import warnings
-
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a failed capture would fall back silently
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture would fall back
         graphed = _graph_fit(tmp_path, True, optimizer=optimizer, weight_decay=0.01)
     assert len(replays) == 3 * 4 - 3  # every full batch after the three warm-up steps
-    for (name, want), got in zip(eager.tail.state_dict().items(), graphed.tail.state_dict().values()):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
-    assert graphed.history.column("loss") == pytest.approx(eager.history.column("loss"), rel=1e-5)
+    _assert_same_tail(graphed, eager, 1e-5)
 
 
 @needs_cuda
-def test_cuda_graph_training_under_bf16_autocast_matches_eager(tmp_path):
-    eager = _graph_fit(tmp_path, False, amp="bf16")
-    graphed = _graph_fit(tmp_path, True, amp="bf16")
-    assert graphed.history.column("loss") == pytest.approx(eager.history.column("loss"), rel=1e-3)
+@pytest.mark.parametrize("options", [{"amp": "bf16"}, {"dropout": 0.3}], ids=["bf16", "dropout"])
+def test_cuda_graph_training_with_autocast_or_dropout_matches_eager(tmp_path, replays, options):
+    # Replays draw fresh dropout masks from the same Philox stream, in eager order.
+    eager = _graph_fit(tmp_path, False, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        graphed = _graph_fit(tmp_path, True, **options)
+    assert len(replays) == 9
+    _assert_same_tail(graphed, eager, 1e-3)
+
+
+class SyncingHead(nn.Module):
+    """A head whose forward reads a value back to the host: it cannot be captured."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        if x.abs().max().item() > 1e6:  # a host synchronisation
+            x = x.clamp(-1e6, 1e6)
+        return self.fc(x)
+
+
+@needs_cuda
+def test_a_step_that_cannot_be_captured_trains_on_eagerly(tmp_path, replays):
+    torch.manual_seed(7)
+    eager = _graph_fit(tmp_path, False, head=SyncingHead())
+    torch.manual_seed(7)
+    with pytest.warns(RuntimeWarning, match="could not capture the training step"):
+        graphed = _graph_fit(tmp_path, True, head=SyncingHead())
+    assert replays == []
+    # The thread is back on its own stream and the allocator is usable.
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.cuda.empty_cache()
+    _assert_same_tail(graphed, eager, 1e-5)

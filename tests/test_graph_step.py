@@ -19,6 +19,7 @@ import torch.optim.adam as torch_adam
 from torch import nn
 
 from fastft import FineTuner, _graph_step, trainer
+from fastft.trainer import FitConfig
 from fastft._graph_step import GraphedStep, graph_unsupported
 from fastft.errors import FastFTValueError
 
@@ -135,13 +136,26 @@ def test_a_graph_per_unfreeze_stage(graphs_on_cpu):
     assert _max_diff(*runs) <= 1e-5
 
 
-def test_graphs_need_cuda_and_no_schedule_or_process_group():
+def test_graphs_need_cuda_and_no_schedule_process_group_or_syncing_loss(monkeypatch):
     cuda = torch.device("cuda")
-    assert "needs a CUDA device" in graph_unsupported(torch.device("cpu"), None, 1)
-    assert "scheduler='cosine'" in graph_unsupported(cuda, "cosine", 1)
-    assert "torch.distributed" in graph_unsupported(cuda, None, 2)
+    assert "needs a CUDA device" in graph_unsupported(torch.device("cpu"), FitConfig(), 1)
+    assert "scheduler='cosine'" in graph_unsupported(cuda, FitConfig(scheduler="cosine"), 1)
+    assert "torch.distributed" in graph_unsupported(cuda, FitConfig(), 2)
+    smoothed = FitConfig(label_smoothing=0.1, class_weights=[1.0, 2.0])
+    assert "label_smoothing and class_weights" in graph_unsupported(cuda, smoothed, 1)
     with pytest.raises(FastFTValueError, match="cuda_graph=True needs a CUDA device"):
         _fit(True)
+    # fit asks before any work is done, judging the fit as if it ran on a GPU:
+    monkeypatch.setattr(trainer, "graph_unsupported", lambda device, cfg, world: graph_unsupported(cuda, cfg, world))
+    with pytest.raises(FastFTValueError, match="scheduler='onecycle'"):
+        _fit(True, scheduler="onecycle")
+
+
+def test_cuda_without_a_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(FastFTValueError, match="no CUDA device"):
+        FineTuner(nn.Sequential(nn.Linear(32, 10)), num_classes=4, device="cuda", verbose=False)
 
 
 def test_checkpoints_of_graphed_fits_resume_to_the_same_weights(graphs_on_cpu, tmp_path):
@@ -158,3 +172,27 @@ def test_checkpoints_of_graphed_fits_resume_to_the_same_weights(graphs_on_cpu, t
                     checkpoint=ckpt, resume=True)
     assert len(resumed.history) == 3
     assert _max_diff(whole, resumed) <= 1e-6
+
+
+@pytest.mark.parametrize("first, then", [(False, True), (True, False)])
+def test_a_checkpoint_resumes_with_or_without_graphs(graphs_on_cpu, tmp_path, first, then):
+    """Adam's groups come back from a checkpoint as saved; the resumed fit sets them to its own needs."""
+    ckpt = str(tmp_path / "ckpt.pt")
+    whole = _fit(first, epochs=3)
+    _fit(first, epochs=3, checkpoint=ckpt, callbacks=[lambda ft, rec: rec["epoch"] < 2])
+    if not then:
+        graphs_on_cpu.undo()  # a plain CPU Adam again: capturable groups would fail its step
+    made = []
+    make = trainer._make_optimizer
+    graphs_on_cpu.setattr(trainer, "_make_optimizer", lambda *a, **kw: made.append(make(*a, **kw)) or made[-1])
+    if then:
+        graphs_on_cpu.setattr(trainer, "graph_unsupported", lambda *args: None)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    resumed = FineTuner(model, num_classes=4, hidden=[16], cache="host", cache_dtype="fp32", device="cpu",
+                        verbose=False)
+    resumed.fit(_data(), epochs=3, batch_size=64, lr=1e-2, weight_decay=0.01, cuda_graph=then,
+                checkpoint=ckpt, resume=True)
+    (opt,) = made
+    assert all(g["capturable"] is then for g in opt.param_groups)
+    assert _max_diff(whole, resumed) <= 1e-5
