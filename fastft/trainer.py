@@ -453,6 +453,7 @@ class FineTuner:
         ``fit`` of its own epochs (a fresh optimizer and scheduler, the batch order drawn from
         ``seed`` again) on the cache at its cut. ``lr_decay=d`` gives each unfrozen block
         ``lr * d ** depth`` (depth 1 for the top block), as optimizer parameter groups.
+        A checkpointed schedule resumes like a single stage (same ``epochs`` and ``unfreeze``).
 
         ``cuda_graph=True`` (CUDA only) captures the training step (forward, backward and
         optimizer update) as a CUDA graph after three eager warm-up steps and replays it for
@@ -475,15 +476,16 @@ class FineTuner:
             if reason is not None:
                 raise FastFTValueError(f"cuda_graph=True {reason}.")
         stages = _stages(unfreeze, cfg.epochs)
-        if len(stages) > 1 and checkpoint is not None:
-            raise FastFTValueError(
-                "checkpoint= with an unfreeze= schedule is not supported: call fit once per stage "
-                "(ft.fit(..., epochs=5); ft.unfreeze(1); ft.fit(..., epochs=3)), each with its own checkpoint."
-            )
+        # With a schedule, a checkpoint says how many epochs of the whole fit were done; the
+        # stages finished before the interruption are skipped, the one it hit is resumed.
+        resume_from = None
+        if len(stages) > 1 and resume and checkpoint is not None and Path(checkpoint).is_file():
+            resume_from = self._scheduled_checkpoint(checkpoint, stages)
         if isinstance(early_stopping, int) and not isinstance(early_stopping, bool):
             early_stopping = EarlyStopping(patience=early_stopping, monitor="val_loss" if val is not None else "loss")
         self._fit_config = cfg
         low = self._lowest_cut(train, val, stages, dataset_id) if len(stages) > 1 else None
+        stage_resume = resume if len(stages) == 1 else False
         for first_epoch, stage_epochs, blocks in stages:
             if blocks is not None:
                 self.unfreeze(blocks, train_bn=self._unfreeze[1] if self._unfreeze else False)
@@ -491,11 +493,24 @@ class FineTuner:
                     # Blocks frozen until now hold what they held at the best epoch so far.
                     for name, t in self._trainable_state().items():
                         early_stopping._state.setdefault(name, t)
+            if resume_from is not None:
+                done, end = resume_from["global_epochs_done"], first_epoch + stage_epochs
+                if end < done or end == done < cfg.epochs:
+                    continue  # trained before the interruption
+                if first_epoch < done < end:  # stopped inside this stage: _fit_stage restores the optimizer too
+                    stage_resume = True
+                else:  # stopped as this stage began, or the whole fit was done
+                    self._prepare(_example(train))
+                    self._restore_progress(resume_from, checkpoint)
+                resume_from = None
+                if done == end:
+                    break
             stop = self._fit_stage(
                 train, val, FitConfig(**{**asdict(cfg), "epochs": stage_epochs}), first_epoch,
                 early_stopping=early_stopping, callbacks=callbacks, checkpoint=checkpoint,
-                resume=resume, dataset_id=dataset_id, low=low,
+                resume=stage_resume, dataset_id=dataset_id, low=low, stages=stages,
             )
+            stage_resume = False  # later stages start afresh (the checkpoint is this fit's own by then)
             if stop:
                 break
         if early_stopping is not None and early_stopping.restore_best and early_stopping._state:
@@ -504,7 +519,8 @@ class FineTuner:
         return self.history
 
     def _fit_stage(self, train: Any, val: Any, cfg: FitConfig, first_epoch: int, *, early_stopping,
-                   callbacks, checkpoint, resume, dataset_id, low: "_LowCut | None" = None) -> bool:
+                   callbacks, checkpoint, resume, dataset_id, low: "_LowCut | None" = None,
+                   stages: list | None = None) -> bool:
         """Train ``cfg.epochs`` epochs at the current cut; True when training should stop."""
         val_cache = self._stage_caches(train, val, dataset_id, low)
         labels = self.cache.labels.to(self.device)
@@ -533,7 +549,7 @@ class FineTuner:
             self._fitted = True
             epochs_bar.set_postfix(loss=f"{record['loss']:.4f}")
             if checkpoint is not None:
-                self._checkpoint(checkpoint, engine, epoch + 1)
+                self._checkpoint(checkpoint, engine, epoch + 1, first_epoch=first_epoch, stages=stages)
             stop = any(cb(self, record) is False for cb in callbacks)
             if early_stopping is not None and early_stopping.step(record, _TunerState(self)):
                 stop = True
@@ -692,8 +708,12 @@ class FineTuner:
                 raise SurgeryError(f"{origin}: {name} has shape {tuple(t.shape)}, the model expects {tuple(own[name].shape)}.")
         self.model.load_state_dict(state, strict=False)
 
-    def _checkpoint(self, path: str, engine: "_Engine", epochs_done: int) -> None:
+    def _checkpoint(self, path: str, engine: "_Engine", epochs_done: int, *, first_epoch: int = 0,
+                    stages: list | None = None) -> None:
         save_atomic({
+            "global_epochs_done": first_epoch + epochs_done,  # of the whole fit (epochs_done: of the stage)
+            "rng": _rng_state(self.device),  # dropout in the trained layers draws from it
+            "schedule": [list(st) for st in stages] if stages and len(stages) > 1 else None,
             "config": self._config(),
             "head": None if self._head_spec is None else asdict(self._head_spec),
             "state": self._trainable_state(),
@@ -714,11 +734,31 @@ class FineTuner:
                 f"{path} was written with {saved} unfrozen block(s) but this tuner has {now}: call "
                 f"ft.unfreeze({saved}) before fit(..., resume=True), as before the interrupted fit."
             )
-        self._load_state(obj["state"], path)
+        self._restore_progress(obj, path)
         engine.load_state_dict(obj["engine"])
+        return int(obj["epochs_done"])
+
+    def _restore_progress(self, obj: dict, path: str) -> None:
+        """The trained weights, history and random state of a checkpoint (not its optimizer)."""
+        self._load_state(obj["state"], path)
+        if obj.get("rng") is not None:
+            _set_rng_state(obj["rng"], self.device)
         self.history = History(obj.get("history") or [])
         self._fitted = True
-        return int(obj["epochs_done"])
+
+    def _scheduled_checkpoint(self, path: str, stages: list) -> dict:
+        """A checkpoint of an unfreeze schedule, checked to belong to this one."""
+        obj = load_checked(path)
+        if "engine" not in obj:
+            raise FastFTValueError(f"{path} is a saved model, not a training checkpoint; resume needs a checkpoint= file.")
+        saved = obj.get("schedule")
+        if saved != [list(st) for st in stages]:
+            raise FastFTValueError(
+                f"{path} was written by a fit with stages {saved or 'none (no unfreeze=)'} (first epoch, "
+                f"epochs, blocks), this fit has {[list(st) for st in stages]}: resume with the same "
+                "epochs= and unfreeze= as the interrupted fit."
+            )
+        return obj
 
 
 class _TunerState:
@@ -880,6 +920,19 @@ def _metrics(logits: torch.Tensor, labels: torch.Tensor, cfg: FitConfig) -> dict
     if cfg.loss == "bce":
         return {"loss": loss, **multilabel_metrics(logits, labels)}
     return {"loss": loss}
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _default_device() -> torch.device:

@@ -280,8 +280,9 @@ def test_errors_say_what_to_do(tmp_path):
         ft.fit((X, y), epochs=3, unfreeze=[(3, 1)])
     with pytest.raises(FastFTValueError, match="pairs"):
         ft.fit((X, y), epochs=3, unfreeze=[1, 2])
-    with pytest.raises(FastFTValueError, match="checkpoint"):
-        ft.fit((X, y), epochs=3, unfreeze=[(1, 1)], checkpoint=str(tmp_path / "ck.pt"))
+    ft.fit((X, y), epochs=2, checkpoint=str(tmp_path / "ck.pt"), **FIT)
+    with pytest.raises(FastFTValueError, match="same epochs= and unfreeze="):
+        ft.fit((X, y), epochs=3, unfreeze=[(1, 1)], checkpoint=str(tmp_path / "ck.pt"), resume=True)
     with pytest.raises(FastFTValueError, match="lr_decay"):
         ft.fit((X, y), epochs=1, lr_decay=0)
     ft.unfreeze(1)
@@ -410,3 +411,26 @@ def test_save_load_and_export_keep_the_unfrozen_blocks(tmp_path):
     assert not any(k.startswith("_fastft_") for m in exported.modules() for k in m.__dict__)
     with torch.no_grad():
         torch.testing.assert_close(exported(X), ft.predict(X), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["mlp_stack", "hf_style_untraceable"])
+@pytest.mark.parametrize("stopped_after", [1, 2, 3, 4, 6])
+def test_an_interrupted_schedule_resumes_to_the_same_weights(case, stopped_after, tmp_path):
+    """Stopped inside a stage (1, 3), at a stage's end (2, 4) or at the very end (6)."""
+    schedule = dict(epochs=6, unfreeze=[(2, 1), (4, 2)], lr_decay=0.5, **FIT)
+    whole, X, y = _tuner(case, tmp_path / "whole")
+    whole.fit((X, y), **schedule)
+
+    ck = str(tmp_path / "ck.pt")
+    first, _, _ = _tuner(case, tmp_path / "first")
+    first.fit((X, y), checkpoint=ck, callbacks=[lambda ft, rec: rec["epoch"] < stopped_after], **schedule)
+    assert len(first.history) == stopped_after
+    resumed, _, _ = _tuner(case, tmp_path / "resumed")
+    resumed.fit((X, y), checkpoint=ck, resume=True, **schedule)
+
+    assert resumed.history.column("epoch") == list(range(1, 7))
+    assert resumed.history.column("loss") == pytest.approx(whole.history.column("loss"), rel=1e-5)
+    assert resumed._unfreeze[0] == 2
+    want, got = whole.export().state_dict(), resumed.export().state_dict()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
