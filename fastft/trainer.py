@@ -134,6 +134,13 @@ class EarlyStopping:
             self._bad += 1
         return self._bad >= self.patience
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps, so that a resumed fit stops and restores as an uninterrupted one."""
+        return {"best": self._best, "bad": self._bad, "state": self._state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._best, self._bad, self._state = float(state["best"]), int(state["bad"]), state["state"]
+
 
 class FineTuner:
     """Fine-tune ``model`` by training only its new layers on cached frozen features.
@@ -445,7 +452,10 @@ class FineTuner:
         with ``val``, ``val_loss`` / ``val_accuracy`` / ``val_macro_f1``). With
         ``checkpoint=path`` a checkpoint is written atomically after every epoch, and
         ``resume=True`` continues from it, giving the same final weights as an
-        uninterrupted run. A callback returning ``False`` stops training.
+        uninterrupted run: it restores the weights, optimizer, history, early-stopping state
+        and torch's global random state (dropout draws from it), and refuses a checkpoint of
+        a fit with other settings. A fit that early stopping ended stays ended. A callback
+        returning ``False`` stops training.
 
         Progressive unfreezing: ``unfreeze=[(epoch, n), ...]`` calls :meth:`unfreeze`
         ``(n)`` before that (0-based) epoch, e.g. ``epochs=8, unfreeze=[(5, 1)]`` trains the
@@ -476,41 +486,43 @@ class FineTuner:
             if reason is not None:
                 raise FastFTValueError(f"cuda_graph=True {reason}.")
         stages = _stages(unfreeze, cfg.epochs)
-        # With a schedule, a checkpoint says how many epochs of the whole fit were done; the
-        # stages finished before the interruption are skipped, the one it hit is resumed.
+        # A checkpoint says how many epochs of the whole fit were done: the stages finished
+        # before the interruption are skipped, the one it hit goes on from there.
         resume_from = None
-        if len(stages) > 1 and resume and checkpoint is not None and Path(checkpoint).is_file():
-            resume_from = self._scheduled_checkpoint(checkpoint, stages)
+        if resume and checkpoint is not None and Path(checkpoint).is_file():
+            resume_from = self._resumable_checkpoint(checkpoint, stages, cfg)
         if isinstance(early_stopping, int) and not isinstance(early_stopping, bool):
             early_stopping = EarlyStopping(patience=early_stopping, monitor="val_loss" if val is not None else "loss")
         self._fit_config = cfg
         low = self._lowest_cut(train, val, stages, dataset_id) if len(stages) > 1 else None
-        stage_resume = resume if len(stages) == 1 else False
         for first_epoch, stage_epochs, blocks in stages:
+            stage_resume = False
             if blocks is not None:
                 self.unfreeze(blocks, train_bn=self._unfreeze[1] if self._unfreeze else False)
-                if early_stopping is not None and early_stopping._state is not None:
-                    # Blocks frozen until now hold what they held at the best epoch so far.
-                    for name, t in self._trainable_state().items():
-                        early_stopping._state.setdefault(name, t)
             if resume_from is not None:
                 done, end = resume_from["global_epochs_done"], first_epoch + stage_epochs
-                if end < done or end == done < cfg.epochs:
+                finished = resume_from.get("early_stopped") or end >= cfg.epochs <= done
+                if done >= end and not finished:
                     continue  # trained before the interruption
-                if first_epoch < done < end:  # stopped inside this stage: _fit_stage restores the optimizer too
-                    stage_resume = True
-                else:  # stopped as this stage began, or the whole fit was done
-                    self._prepare(_example(train))
-                    self._restore_progress(resume_from, checkpoint)
+                # Weights before this stage's cache is built: its frozen part may hold blocks
+                # an earlier stage trained.
+                self._prepare(_example(train))
+                self._restore_progress(resume_from, checkpoint)
+                if early_stopping is not None and resume_from.get("early_stopping"):
+                    early_stopping.load_state_dict(resume_from["early_stopping"])
                 resume_from = None
-                if done == end:
+                if finished:
                     break
+                stage_resume = done > first_epoch  # inside this stage: its optimizer state too
+            if blocks is not None and early_stopping is not None and early_stopping._state is not None:
+                # Blocks frozen until now hold what they held at the best epoch so far.
+                for name, t in self._trainable_state().items():
+                    early_stopping._state.setdefault(name, t)
             stop = self._fit_stage(
                 train, val, FitConfig(**{**asdict(cfg), "epochs": stage_epochs}), first_epoch,
                 early_stopping=early_stopping, callbacks=callbacks, checkpoint=checkpoint,
                 resume=stage_resume, dataset_id=dataset_id, low=low, stages=stages,
             )
-            stage_resume = False  # later stages start afresh (the checkpoint is this fit's own by then)
             if stop:
                 break
         if early_stopping is not None and early_stopping.restore_best and early_stopping._state:
@@ -548,13 +560,13 @@ class FineTuner:
             self.history.append(record)
             self._fitted = True
             epochs_bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if checkpoint is not None:
-                self._checkpoint(checkpoint, engine, epoch + 1, first_epoch=first_epoch, stages=stages)
             stop = any(cb(self, record) is False for cb in callbacks)
-            if early_stopping is not None and early_stopping.step(record, _TunerState(self)):
-                stop = True
-            if stop:
-                break
+            early_stopped = early_stopping is not None and early_stopping.step(record, _TunerState(self))
+            if checkpoint is not None:  # after the callbacks: what they draw is in its random state
+                self._checkpoint(checkpoint, engine, epoch + 1, first_epoch=first_epoch, stages=stages,
+                                 early_stopping=early_stopping, early_stopped=early_stopped)
+            if stop or early_stopped:
+                return True
         if engine.graphed is not None:
             # Let the graph's memory pool go now: the captured .grad tensors keep it reserved.
             engine.graphed = None
@@ -709,11 +721,14 @@ class FineTuner:
         self.model.load_state_dict(state, strict=False)
 
     def _checkpoint(self, path: str, engine: "_Engine", epochs_done: int, *, first_epoch: int = 0,
-                    stages: list | None = None) -> None:
+                    stages: list | None = None, early_stopping: EarlyStopping | None = None,
+                    early_stopped: bool = False) -> None:
         save_atomic({
             "global_epochs_done": first_epoch + epochs_done,  # of the whole fit (epochs_done: of the stage)
             "rng": _rng_state(self.device),  # dropout in the trained layers draws from it
             "schedule": [list(st) for st in stages] if stages and len(stages) > 1 else None,
+            "early_stopping": None if early_stopping is None else early_stopping.state_dict(),
+            "early_stopped": bool(early_stopped),
             "config": self._config(),
             "head": None if self._head_spec is None else asdict(self._head_spec),
             "state": self._trainable_state(),
@@ -746,18 +761,33 @@ class FineTuner:
         self.history = History(obj.get("history") or [])
         self._fitted = True
 
-    def _scheduled_checkpoint(self, path: str, stages: list) -> dict:
-        """A checkpoint of an unfreeze schedule, checked to belong to this one."""
+    def _resumable_checkpoint(self, path: str, stages: list, cfg: FitConfig) -> dict:
+        """A training checkpoint, checked to come from a fit like this one."""
         obj = load_checked(path)
         if "engine" not in obj:
             raise FastFTValueError(f"{path} is a saved model, not a training checkpoint; resume needs a checkpoint= file.")
-        saved = obj.get("schedule")
-        if saved != [list(st) for st in stages]:
+        saved, now = obj.get("schedule"), [list(st) for st in stages] if len(stages) > 1 else None
+        if saved != now:
             raise FastFTValueError(
                 f"{path} was written by a fit with stages {saved or 'none (no unfreeze=)'} (first epoch, "
-                f"epochs, blocks), this fit has {[list(st) for st in stages]}: resume with the same "
+                f"epochs, blocks), this fit has {now or 'none (no unfreeze=)'}: resume with the same "
                 "epochs= and unfreeze= as the interrupted fit."
             )
+        # cuda_graph changes how steps run, not what they compute; epochs may grow (one stage).
+        fit = obj.get("fit") or {}
+        differ = [k for k, v in asdict(cfg).items() if k not in ("epochs", "cuda_graph") and k in fit and fit[k] != v]
+        if differ:
+            raise FastFTValueError(
+                f"{path} was written by a fit with {', '.join(f'{k}={fit[k]!r}' for k in differ)}; this fit "
+                f"has {', '.join(f'{k}={getattr(cfg, k)!r}' for k in differ)}: resume with the same settings."
+            )
+        saved_bn = bool((obj.get("unfreeze") or (0, False))[1])
+        if saved_bn != bool(self._unfreeze[1] if self._unfreeze else False):
+            raise FastFTValueError(
+                f"{path} was written with train_bn={saved_bn}: call ft.unfreeze(..., train_bn={saved_bn}) "
+                "before fit(..., resume=True), as before the interrupted fit."
+            )
+        obj.setdefault("global_epochs_done", obj["epochs_done"])  # checkpoints from before schedules
         return obj
 
 

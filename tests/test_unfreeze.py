@@ -413,24 +413,76 @@ def test_save_load_and_export_keep_the_unfrozen_blocks(tmp_path):
         torch.testing.assert_close(exported(X), ft.predict(X), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["mlp_stack", "hf_style_untraceable"])
-@pytest.mark.parametrize("stopped_after", [1, 2, 3, 4, 6])
-def test_an_interrupted_schedule_resumes_to_the_same_weights(case, stopped_after, tmp_path):
-    """Stopped inside a stage (1, 3), at a stage's end (2, 4) or at the very end (6)."""
-    schedule = dict(epochs=6, unfreeze=[(2, 1), (4, 2)], lr_decay=0.5, **FIT)
-    whole, X, y = _tuner(case, tmp_path / "whole")
-    whole.fit((X, y), **schedule)
+def _interrupted_and_resumed(case, tmp_path, stopped_after, schedule, callbacks=(), early_stopping=None, **tuner):
+    """An uninterrupted fit, and one stopped after ``stopped_after`` epochs and resumed."""
+    def stopper(limit):
+        return lambda ft, rec: rec["epoch"] < limit
 
+    whole, X, y = _tuner(case, tmp_path / "whole", **tuner)
+    whole.fit((X, y), val=(X, y), callbacks=list(callbacks), early_stopping=copy.deepcopy(early_stopping),
+              **schedule)
     ck = str(tmp_path / "ck.pt")
-    first, _, _ = _tuner(case, tmp_path / "first")
-    first.fit((X, y), checkpoint=ck, callbacks=[lambda ft, rec: rec["epoch"] < stopped_after], **schedule)
-    assert len(first.history) == stopped_after
-    resumed, _, _ = _tuner(case, tmp_path / "resumed")
-    resumed.fit((X, y), checkpoint=ck, resume=True, **schedule)
+    first, _, _ = _tuner(case, tmp_path / "first", **tuner)
+    first.fit((X, y), val=(X, y), checkpoint=ck, callbacks=[*callbacks, stopper(stopped_after)],
+              early_stopping=copy.deepcopy(early_stopping), **schedule)
+    resumed, _, _ = _tuner(case, tmp_path / "resumed", **tuner)
+    resumed.fit((X, y), val=(X, y), checkpoint=ck, resume=True, callbacks=list(callbacks),
+                early_stopping=copy.deepcopy(early_stopping), **schedule)
+    return whole, resumed
 
-    assert resumed.history.column("epoch") == list(range(1, 7))
+
+def _assert_same_fit(resumed: FineTuner, whole: FineTuner) -> None:
+    assert resumed.history.column("epoch") == whole.history.column("epoch")
     assert resumed.history.column("loss") == pytest.approx(whole.history.column("loss"), rel=1e-5)
-    assert resumed._unfreeze[0] == 2
     want, got = whole.export().state_dict(), resumed.export().state_dict()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+SCHEDULE = dict(epochs=6, unfreeze=[(2, 1), (4, 2)], lr_decay=0.5, **FIT)
+
+
+@pytest.mark.parametrize("case", ["mlp_stack", "hf_style_untraceable"])
+@pytest.mark.parametrize("stopped_after", [1, 2, 3, 4, 6])
+def test_an_interrupted_schedule_resumes_to_the_same_weights(case, stopped_after, tmp_path):
+    """Stopped inside a stage (1, 3), at a stage's end (2, 4) or at the very end (6). The
+    HF-style encoder has dropout in its blocks, and a callback draws random numbers too."""
+    whole, resumed = _interrupted_and_resumed(case, tmp_path, stopped_after, SCHEDULE,
+                                              callbacks=[lambda ft, rec: torch.randint(9, (1,)) and None])
+    assert len(whole.history) == 6 and resumed._unfreeze[0] == 2
+    _assert_same_fit(resumed, whole)
+
+
+@pytest.mark.parametrize("stopped_after", [3, 5])
+def test_a_schedule_that_freezes_blocks_again_resumes_from_the_trained_weights(stopped_after, tmp_path):
+    # The last stage's cache runs a block the stage before trained: it needs the saved weights.
+    schedule = dict(epochs=6, unfreeze=[(2, 2), (4, 1)], lr_decay=0.5, **FIT)
+    _assert_same_fit(*reversed(_interrupted_and_resumed("hf_style_untraceable", tmp_path, stopped_after, schedule)))
+
+
+@pytest.mark.parametrize("stopped_after", [1, 3])
+def test_early_stopping_state_survives_a_resume(stopped_after, tmp_path):
+    stopping = fastft.EarlyStopping(patience=1, monitor="val_loss")
+    schedule = dict(SCHEDULE, lr=0.2)  # overshoots, so the best epoch is early and restored
+    whole, resumed = _interrupted_and_resumed("mlp_stack", tmp_path, stopped_after, schedule, early_stopping=stopping)
+    assert len(whole.history) < 6  # it did stop early
+    _assert_same_fit(resumed, whole)
+    # A fit that early stopping ended stays ended when run again with resume=True.
+    again, X, y = _tuner("mlp_stack", tmp_path / "again")
+    again.fit((X, y), val=(X, y), checkpoint=str(tmp_path / "ck.pt"), resume=True,
+              early_stopping=copy.deepcopy(stopping), **schedule)
+    _assert_same_fit(again, whole)
+
+
+def test_a_resume_must_repeat_the_interrupted_fit(tmp_path):
+    ft, X, y = _tuner("mlp_stack", tmp_path)
+    ck = str(tmp_path / "ck.pt")
+    ft.fit((X, y), checkpoint=ck, callbacks=[lambda ft, rec: rec["epoch"] < 3], **SCHEDULE)
+    fresh, _, _ = _tuner("mlp_stack", tmp_path)
+    with pytest.raises(FastFTValueError, match="stages"):
+        fresh.fit((X, y), epochs=6, lr_decay=0.5, checkpoint=ck, resume=True, **FIT)  # no unfreeze=
+    with pytest.raises(FastFTValueError, match="lr=0.01.*this fit has lr=0.02"):
+        fresh.fit((X, y), checkpoint=ck, resume=True, **{**SCHEDULE, "lr": 0.02})
+    fresh.unfreeze(0, train_bn=True)
+    with pytest.raises(FastFTValueError, match="train_bn=False"):
+        fresh.fit((X, y), checkpoint=ck, resume=True, **SCHEDULE)
