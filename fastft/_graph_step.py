@@ -35,6 +35,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from fastft.errors import FastFTValueError
+
 #: Eager steps before the capture (PyTorch's recipe uses three).
 WARMUP_STEPS = 3
 
@@ -59,6 +61,13 @@ def graph_unsupported(device: torch.device, cfg, world: int) -> str | None:
     if not torch.cuda.is_available():
         return "needs a CUDA device, but torch.cuda.is_available() is False"
     return None
+
+
+def check_cuda_graph(device: torch.device, cfg, world: int) -> None:
+    """Raise a FastFTValueError saying why when ``cuda_graph=True`` cannot train ``cfg``."""
+    reason = graph_unsupported(device, cfg, world)
+    if reason is not None:
+        raise FastFTValueError(f"cuda_graph=True {reason}.")
 
 
 class _CudaGraphs:

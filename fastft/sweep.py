@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fastft import distributed as fdist
+from fastft._graph_step import check_cuda_graph
 from fastft.errors import FastFTValueError
 from fastft.heads import build_head
 from fastft.trainer import FineTuner, FitConfig, History, _Engine, _metrics
@@ -59,11 +61,14 @@ def fit_many(
     vectorize: bool = True,
     keep_best: bool = True,
     dataset_id: str | None = None,
+    cuda_graph: bool = False,
 ) -> SweepResult:
     """Train one head per config (keys: lr, weight_decay, hidden, seed, dropout) in one pass.
 
     Returns a :class:`SweepResult`; with ``keep_best`` the best head (lowest final
     ``val_loss``, else training loss) is installed in ``ft``, ready for predict/export.
+    ``cuda_graph=True`` replays the step of all heads as one CUDA graph (see
+    :meth:`FineTuner.fit`).
     """
     if not configs:
         raise FastFTValueError("fit_many needs at least one config.")
@@ -80,8 +85,10 @@ def fit_many(
             )
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=configs[0].get("lr", 1e-3),
                     optimizer=optimizer, momentum=momentum, scheduler=scheduler, loss=loss,
-                    label_smoothing=label_smoothing)
+                    label_smoothing=label_smoothing, cuda_graph=bool(cuda_graph))
     cfg.validate()
+    if cfg.cuda_graph:
+        check_cuda_graph(ft.device, cfg, fdist.rank_and_world()[1])
     t_start = time.perf_counter()
     ft.build_cache(train, dataset_id=dataset_id)
     val_cache = ft._build_cache(val, train=False) if val is not None else None
@@ -109,6 +116,7 @@ def fit_many(
                     ft.tail = ft_tail
                 record.update({f"val_{k}": v for k, v in _metrics(logits, val_cache.labels.to(logits.device), cfg).items()})
             hist.append(record)
+    engine.graphed = None  # frees the graph's memory pool
     metric = "val_loss" if val_cache is not None else "loss"
     finals = [h[-1][metric] for h in histories]
     best = min(range(len(configs)), key=lambda i: finals[i] if not math.isnan(finals[i]) else math.inf)

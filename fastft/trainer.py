@@ -39,7 +39,7 @@ from fastft.heads import build_head
 from fastft.metrics import classification_metrics, multilabel_metrics
 from fastft.objectives import LOSSES, check_labels, make_loss, prepare_targets
 from fastft._derive import can_derive, derived_cache
-from fastft._graph_step import GraphedStep, graph_unsupported
+from fastft._graph_step import GraphedStep, check_cuda_graph
 from fastft.split import split
 from fastft.unfreeze import param_groups, trained_blocks, unfreeze_blocks, unfrozen_blocks
 
@@ -482,9 +482,7 @@ class FineTuner:
         )
         cfg.validate()
         if cfg.cuda_graph:
-            reason = graph_unsupported(self.device, cfg, fdist.rank_and_world()[1])
-            if reason is not None:
-                raise FastFTValueError(f"cuda_graph=True {reason}.")
+            check_cuda_graph(self.device, cfg, fdist.rank_and_world()[1])
         stages = _stages(unfreeze, cfg.epochs)
         # A checkpoint says how many epochs of the whole fit were done: the stages finished
         # before the interruption are skipped, the one it hit goes on from there.

@@ -51,7 +51,7 @@ class FailingGraphs(RecordingGraphs):
 def graphs_on_cpu(monkeypatch):
     RecordingGraphs.instances = []
     monkeypatch.setattr(_graph_step, "_CudaGraphs", RecordingGraphs)
-    monkeypatch.setattr(trainer, "graph_unsupported", lambda *args: None)
+    monkeypatch.setattr(_graph_step, "graph_unsupported", lambda *args: None)
     # Let Adam keep its step counters as tensors on the CPU, as it does on a GPU when capturable.
     monkeypatch.setattr(torch_adam, "_get_capturable_supported_devices",
                         lambda supports_xla=True: ["cuda", "cpu"])
@@ -146,7 +146,7 @@ def test_graphs_need_cuda_and_no_schedule_process_group_or_syncing_loss(monkeypa
     with pytest.raises(FastFTValueError, match="cuda_graph=True needs a CUDA device"):
         _fit(True)
     # fit asks before any work is done, judging the fit as if it ran on a GPU:
-    monkeypatch.setattr(trainer, "graph_unsupported", lambda device, cfg, world: graph_unsupported(cuda, cfg, world))
+    monkeypatch.setattr(_graph_step, "graph_unsupported", lambda device, cfg, world: graph_unsupported(cuda, cfg, world))
     with pytest.raises(FastFTValueError, match="scheduler='onecycle'"):
         _fit(True, scheduler="onecycle")
 
@@ -186,7 +186,7 @@ def test_a_checkpoint_resumes_with_or_without_graphs(graphs_on_cpu, tmp_path, fi
     make = trainer._make_optimizer
     graphs_on_cpu.setattr(trainer, "_make_optimizer", lambda *a, **kw: made.append(make(*a, **kw)) or made[-1])
     if then:
-        graphs_on_cpu.setattr(trainer, "graph_unsupported", lambda *args: None)
+        graphs_on_cpu.setattr(_graph_step, "graph_unsupported", lambda *args: None)
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
     resumed = FineTuner(model, num_classes=4, hidden=[16], cache="host", cache_dtype="fp32", device="cpu",
@@ -196,3 +196,20 @@ def test_a_checkpoint_resumes_with_or_without_graphs(graphs_on_cpu, tmp_path, fi
     (opt,) = made
     assert all(g["capturable"] is then for g in opt.param_groups)
     assert _max_diff(whole, resumed) <= 1e-5
+
+
+def test_a_sweep_replays_all_heads_in_one_graph(graphs_on_cpu):
+    def sweep(cuda_graph):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+        ft = FineTuner(model, num_classes=4, hidden=[16], cache="host", cache_dtype="fp32", device="cpu",
+                       verbose=False)
+        return ft.fit_many([{"lr": 1e-2}, {"lr": 3e-3}, {"lr": 1e-2, "weight_decay": 0.1}], _data(), epochs=2,
+                           batch_size=64, cuda_graph=cuda_graph)
+
+    eager, graphed = sweep(False), sweep(True)
+    (backend,) = RecordingGraphs.instances
+    assert backend.captures == 1
+    for a, b in zip(eager.heads, graphed.heads):
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert (p - q).abs().max().item() <= 1e-5
