@@ -38,6 +38,7 @@ from fastft.errors import DataError, FastFTError, FastFTValueError, NotFittedErr
 from fastft.heads import build_head
 from fastft.metrics import classification_metrics, multilabel_metrics
 from fastft.objectives import LOSSES, check_labels, make_loss, prepare_targets
+from fastft.ops.cuda import deferred_row_checks
 from fastft._derive import can_derive, derived_cache
 from fastft._graph_step import GraphedStep, check_cuda_graph
 from fastft.split import split
@@ -599,10 +600,10 @@ class FineTuner:
         was_training = self.tail.training
         self.tail.eval()
         outs = []
-        with torch.no_grad():
+        with torch.no_grad(), deferred_row_checks():  # rows in range by construction: no sync per batch
             for start in range(0, cache.num_rows, batch_size):
                 rows = torch.arange(start, min(start + batch_size, cache.num_rows))
-                taps = cache.gather_shaped(rows, out_dtype=torch.float32)
+                taps = cache.gather_shaped(rows, out_dtype=torch.float32, check_rows=False)
                 outs.append(self.tail(*[t.to(self.device) for t in taps]).float())
         self.tail.train(was_training)
         return torch.cat(outs)
@@ -863,19 +864,23 @@ class _Engine:
         totals = torch.zeros(len(self.tails), dtype=torch.float64, device=self.device)
         out_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float32
         _, world = fdist.rank_and_world()
-        for start in range(0, self.n_rows, cfg.batch_size):
-            global_rows = perm[start:start + cfg.batch_size]
-            rows = fdist.local_rows(global_rows)  # all of them on a single process
-            taps = cache.gather_shaped(rows, view=None if view is None else view[rows], out_dtype=out_dtype)
-            taps = [t.to(self.device, non_blocking=True) for t in taps]
-            y = labels[rows.to(labels.device)]
-            # Each rank's mean is weighted by its share of the global batch; DDP then averages
-            # over ranks, which gives exactly the gradient of the global batch mean.
-            self._share = rows.numel() * world / global_rows.numel()
-            step_losses = self.graphed(taps, y) if self.graphed is not None else self._step(taps, y)
-            if self.scheduler is not None:
-                self.scheduler.step()
-            totals += step_losses.double() * rows.numel()
+        # The rows are a permutation of the cache's own: their range checks would only cost
+        # a host synchronisation per step on CUDA (the kernels still check what they read).
+        with deferred_row_checks():
+            for start in range(0, self.n_rows, cfg.batch_size):
+                global_rows = perm[start:start + cfg.batch_size]
+                rows = fdist.local_rows(global_rows)  # all of them on a single process
+                taps = cache.gather_shaped(rows, view=None if view is None else view[rows], out_dtype=out_dtype,
+                                           check_rows=False)
+                taps = [t.to(self.device, non_blocking=True) for t in taps]
+                y = labels[rows.to(labels.device)]
+                # Each rank's mean is weighted by its share of the global batch; DDP then averages
+                # over ranks, which gives exactly the gradient of the global batch mean.
+                self._share = rows.numel() * world / global_rows.numel()
+                step_losses = self.graphed(taps, y) if self.graphed is not None else self._step(taps, y)
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                totals += step_losses.double() * rows.numel()
         return (fdist.all_reduce_sum(totals) / self.n_rows).cpu().tolist()
 
     def _step(self, taps: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:

@@ -263,6 +263,16 @@ def test_gather_rejects_bad_rows_and_views(tmp_path):
         cache.gather(torch.tensor([0.5]))
 
 
+def test_unchecked_gathers_of_valid_rows_read_the_same(tmp_path):
+    cache = build(cnn(), images(), tmp_path, tier="host", views=2, transform=noisy)
+    rows, view = torch.tensor([3, 0, 39, 17]), torch.tensor([1, 0, 1, 0])
+    for v in (None, 1, view):
+        checked = cache.gather_shaped(rows, view=v)
+        unchecked = cache.gather_shaped(rows, view=v, check_rows=False)
+        for a, b in zip(checked, unchecked):
+            assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------- bad input
 @pytest.mark.reliability("NaN or Inf in the frozen features", "DataError naming the sample; nothing cached")
 def test_nan_features_name_the_sample(tmp_path):

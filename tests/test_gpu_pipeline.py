@@ -189,3 +189,24 @@ def test_a_step_that_cannot_be_captured_trains_on_eagerly(tmp_path, replays):
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     torch.cuda.empty_cache()
     _assert_same_tail(graphed, eager, 1e-5)
+
+
+@needs_cuda
+def test_training_steps_do_not_synchronise_with_the_host(tmp_path):
+    """The host synchronisations of an epoch stay the same however many steps it has."""
+    X, y = _data()
+    model = nn.Sequential(_prefix(), nn.ReLU(), nn.Linear(32, 3))
+    ft = FineTuner(model, num_classes=4, hidden=[16], cache_dtype="fp16", cache="device", device="cuda",
+                   cache_dir=str(tmp_path), seed=3, verbose=False)
+    ft.fit((X, y), epochs=1, batch_size=64)  # builds the cache; warms everything up
+    counts = []
+    for batch_size in (64, 8):  # 5 and 38 steps
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                ft.fit((X, y), epochs=1, batch_size=batch_size)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[1] == counts[0], counts

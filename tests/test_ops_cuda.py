@@ -261,6 +261,38 @@ def test_deferred_row_checks_raise_at_a_later_call():
 
 
 @needs_gpu
+def test_deferred_row_checks_block_raises_when_it_ends_and_only_defers_its_own_thread():
+    import threading
+
+    src = torch.zeros(4, 8, device="cuda")
+    bad = torch.tensor([7], device="cuda")
+    with pytest.raises(fastft.FastFTIndexError, match=r"rows\[0\] = 7"):
+        with fastft_cuda.deferred_row_checks():
+            out = torch.ops.fastft.cache_gather(src, torch.empty(0), bad, torch.float32)
+            assert out.shape == (1, 8)  # no error yet: nothing waited for the kernel
+            errors = []
+
+            def other_thread():
+                try:
+                    torch.ops.fastft.cache_gather(src, torch.empty(0), bad, torch.float32)
+                except fastft.FastFTIndexError as exc:
+                    errors.append(exc)
+
+            worker = threading.Thread(target=other_thread)
+            worker.start()
+            worker.join()
+            assert len(errors) == 1  # that thread still checks at once
+    fastft_cuda.raise_pending_errors()
+
+
+def test_deferred_row_checks_is_a_no_op_for_cpu_tensors():
+    src = torch.arange(32.0).reshape(4, 8)
+    with fastft_cuda.deferred_row_checks():
+        with pytest.raises(fastft.FastFTIndexError):
+            torch.ops.fastft.cache_gather(src, torch.empty(0), torch.tensor([7]), torch.float32)
+
+
+@needs_gpu
 def test_unpinned_host_cache_is_refused():
     src = torch.randn(2, 1, 8, device="cuda")
     with pytest.raises(fastft.FastFTValueError, match="pinned"):

@@ -191,7 +191,8 @@ class FeatureCache:
         return clone
 
     # ------------------------------------------------------------------ reading
-    def _physical_rows(self, rows: torch.Tensor, view: int | torch.Tensor | None) -> torch.Tensor:
+    def _physical_rows(self, rows: torch.Tensor, view: int | torch.Tensor | None,
+                       check_rows: bool = True) -> torch.Tensor:
         rows = torch.as_tensor(rows)
         if rows.dtype != torch.int64:
             if rows.is_floating_point() or rows.dtype == torch.bool:
@@ -205,20 +206,22 @@ class FeatureCache:
         if not (data.device.type == "cpu" and rows.is_cuda and data.is_pinned()):
             rows = rows.to(data.device)
         if view is None or (isinstance(view, int) and view == 0):
-            if self.num_views > 1:
+            if self.num_views > 1 and check_rows:
                 self._check_rows(rows)  # else a row >= N would silently read view 1
             return rows
         if isinstance(view, int):
             if not 0 <= view < self.num_views:
                 raise FastFTIndexError(f"gather: view {view} is outside the cache's {self.num_views} views.")
-            self._check_rows(rows)
+            if check_rows:
+                self._check_rows(rows)
             return rows + view * self.num_rows
         view = torch.as_tensor(view).to(rows.device, torch.int64)
         if view.shape != rows.shape:
             raise FastFTValueError(f"gather: view has shape {tuple(view.shape)} but rows {tuple(rows.shape)}.")
-        if view.numel() and (int(view.min()) < 0 or int(view.max()) >= self.num_views):
-            raise FastFTIndexError(f"gather: a view index is outside the cache's {self.num_views} views.")
-        self._check_rows(rows)
+        if check_rows:
+            if view.numel() and (int(view.min()) < 0 or int(view.max()) >= self.num_views):
+                raise FastFTIndexError(f"gather: a view index is outside the cache's {self.num_views} views.")
+            self._check_rows(rows)
         return rows + view * self.num_rows
 
     def _check_rows(self, rows: torch.Tensor) -> None:
@@ -239,18 +242,23 @@ class FeatureCache:
         return tuple(x if tap.source_dtype is None else x.to(out_dtype)
                      for x, tap in zip(self._gather(rows, view, out_dtype), self.taps))
 
-    def _gather(self, rows, view, out_dtype: torch.dtype) -> list[torch.Tensor]:
+    def _gather(self, rows, view, out_dtype: torch.dtype, check_rows: bool = True) -> list[torch.Tensor]:
         # A non-float tap is read in fp32, which holds its integers exactly: bf16 rounds token
         # ids above 256 (fp16 above 2048) to their neighbours.
-        physical = self._physical_rows(rows, view)
+        physical = self._physical_rows(rows, view, check_rows)
         return [torch.ops.fastft.cache_gather(s.data, s.scales, physical,
                                               out_dtype if tap.source_dtype is None else torch.float32)
                 for s, tap in zip(self._storages, self.taps)]
 
     def gather_shaped(self, rows, *, view: int | torch.Tensor | None = None,
-                      out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
-        """:meth:`gather` with each tap reshaped to ``[B, *tap.shape]``, as the tail takes it."""
-        out = self._gather(rows, view, out_dtype)
+                      out_dtype: torch.dtype = torch.float32, check_rows: bool = True) -> tuple[torch.Tensor, ...]:
+        """:meth:`gather` with each tap reshaped to ``[B, *tap.shape]``, as the tail takes it.
+
+        ``check_rows=False`` skips the range checks of ``rows`` and ``view`` made here (each
+        reads a value back to the host: a synchronisation on CUDA), for indices valid by
+        construction. The kernels still check every physical row they read.
+        """
+        out = self._gather(rows, view, out_dtype, check_rows)
         # A non-float tap (a mask, token ids) goes back to its own dtype: it is exact in fp32.
         return tuple(x.view(x.shape[0], *tap.shape) if tap.source_dtype is None
                      else x.view(x.shape[0], *tap.shape).to(tap.source_dtype)

@@ -25,7 +25,9 @@ kernel, and the error is raised by a later fastft CUDA call once the copy has la
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import warnings
 from collections import deque
 from functools import lru_cache
@@ -58,6 +60,7 @@ class CudaKernelError(FastFTError, RuntimeError):
 
 _sync_checks = os.environ.get("FASTFT_CUDA_SYNC_CHECKS", "1").strip().lower() not in {"0", "false", "no", "off"}
 _pending: deque = deque()  # (op, n_rows, rows, pinned verdict, event) of deferred checks
+_thread = threading.local()  # .deferred: inside deferred_row_checks() on this thread
 
 
 def set_sync_checks(enabled: bool) -> bool:
@@ -69,6 +72,25 @@ def set_sync_checks(enabled: bool) -> bool:
     global _sync_checks
     old, _sync_checks = _sync_checks, bool(enabled)
     return old
+
+
+@contextlib.contextmanager
+def deferred_row_checks():
+    """Within the block, this thread's CUDA row checks do not synchronise with the host.
+
+    For loops over rows that are valid by construction (the trainer's permutation): a bad
+    row still never reads or writes out of bounds, and its error is raised when the block
+    ends (or by a later fastft CUDA call). Other threads keep their own setting. A no-op
+    for CPU tensors.
+    """
+    outer = getattr(_thread, "deferred", False)
+    _thread.deferred = True
+    try:
+        yield
+    finally:
+        _thread.deferred = outer
+    if not outer:
+        raise_pending_errors()
 
 
 def raise_pending_errors(wait: bool = True) -> None:
@@ -94,7 +116,7 @@ def _report_rows(op: str, scratch: torch.Tensor, rows: torch.Tensor, n: int) -> 
     """Read (or defer reading) the row verdict the kernels left in ``scratch[0]``."""
     if torch.cuda.is_current_stream_capturing():
         return  # a graph replays without us; the kernels still never touch a bad row
-    if _sync_checks:
+    if _sync_checks and not getattr(_thread, "deferred", False):
         _raise_verdict(op, int(scratch[0]), rows, n)
         return
     verdict = torch.empty(1, dtype=torch.int64, pin_memory=True)
@@ -230,4 +252,4 @@ if BUILT_WITH_CUDA:
     torch.library.register_kernel("fastft::cache_write", "cuda", cache_write)
     torch.library.register_kernel("fastft::cache_gather", "cuda", cache_gather)
 
-__all__ = ["BUILT_WITH_CUDA", "CudaKernelError", "raise_pending_errors", "set_sync_checks"]
+__all__ = ["BUILT_WITH_CUDA", "CudaKernelError", "deferred_row_checks", "raise_pending_errors", "set_sync_checks"]
