@@ -600,11 +600,12 @@ class FineTuner:
         was_training = self.tail.training
         self.tail.eval()
         outs = []
-        with torch.no_grad(), deferred_row_checks():  # rows in range by construction: no sync per batch
+        where = cache.index_device(self.device)  # rows made where they are read: no copy, no sync
+        with torch.no_grad(), deferred_row_checks():  # rows in range by construction
             for start in range(0, cache.num_rows, batch_size):
-                rows = torch.arange(start, min(start + batch_size, cache.num_rows))
+                rows = torch.arange(start, min(start + batch_size, cache.num_rows), device=where)
                 taps = cache.gather_shaped(rows, out_dtype=torch.float32, check_rows=False)
-                outs.append(self.tail(*[t.to(self.device) for t in taps]).float())
+                outs.append(self.tail(*[t.to(self.device, non_blocking=True) for t in taps]).float())
         self.tail.train(was_training)
         return torch.cat(outs)
 
@@ -852,13 +853,16 @@ class _Engine:
         # The order is drawn on the CPU generator (the same on every device, so the oracle and
         # resumed runs see the same batches) and moved to the training device once per epoch:
         # no index copy and no host synchronisation per step.
-        perm = torch.randperm(self.n_rows, generator=self.generator)
+        order = torch.randperm(self.n_rows, generator=self.generator)
         view = None
         if cache.num_views > 1:  # one augmented view per sample per epoch
             view = torch.randint(cache.num_views, (self.n_rows,), generator=self.generator)
-        if self.device.type != "cpu":
-            perm = perm.to(self.device, non_blocking=True)
-            view = None if view is None else view.to(self.device, non_blocking=True)
+        # The order goes where the cache is read (the device; the CPU for a disk cache) and
+        # where the labels are, each once per epoch.
+        where = cache.index_device(self.device)
+        perm = order.to(where, non_blocking=True)
+        view = None if view is None else view.to(where, non_blocking=True)
+        label_perm = perm if labels.device == perm.device else order.to(labels.device, non_blocking=True)
         for t in self.tails:
             t.train()
         totals = torch.zeros(len(self.tails), dtype=torch.float64, device=self.device)
@@ -873,7 +877,7 @@ class _Engine:
                 taps = cache.gather_shaped(rows, view=None if view is None else view[rows], out_dtype=out_dtype,
                                            check_rows=False)
                 taps = [t.to(self.device, non_blocking=True) for t in taps]
-                y = labels[rows.to(labels.device)]
+                y = labels[fdist.local_rows(label_perm[start:start + cfg.batch_size])]
                 # Each rank's mean is weighted by its share of the global batch; DDP then averages
                 # over ranks, which gives exactly the gradient of the global batch mean.
                 self._share = rows.numel() * world / global_rows.numel()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fastft import FeatureCache, FineTuner
+from fastft.cache.builder import clear_registry
 from fastft.cache.staging import staged
 from fastft.errors import FastFTValueError
 
@@ -72,6 +73,7 @@ def test_staged_gpu_build_equals_the_cpu_build(tier, tmp_path):
     X, y = _data(1000)
     cpu = FeatureCache.build(_prefix(), (X, y), dtype="fp32", tier="host", cache_dir=tmp_path / "cpu",
                              batch_size=128, progress=False)
+    clear_registry()  # else the same key is found in this process instead of built on the GPU
     gpu = FeatureCache.build(_prefix().cuda(), (X, y), dtype="fp32", tier=tier, cache_dir=tmp_path / "gpu",
                              batch_size=128, progress=False, device="cuda")
     rows = torch.arange(len(y))
@@ -210,3 +212,21 @@ def test_training_steps_do_not_synchronise_with_the_host(tmp_path):
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
     assert counts[1] == counts[0], counts
+
+
+@needs_cuda
+@pytest.mark.parametrize("tier", ["device", "host"])
+def test_a_cache_built_in_this_process_for_the_cpu_is_copied_for_cuda(tier, tmp_path):
+    X, y = _data()
+    cpu = FeatureCache.build(_prefix(), (X, y), dtype="fp32", tier=tier, cache_dir=tmp_path, progress=False,
+                             device="cpu")
+    gpu = FeatureCache.build(_prefix().cuda(), (X, y), dtype="fp32", tier=tier, cache_dir=tmp_path,
+                             progress=False, device="cuda")
+    assert gpu.telemetry["reason"] == "hit: copied for this device"
+    data = gpu._storages[0].data
+    assert data.is_cuda if tier == "device" else data.is_pinned()
+    rows = torch.arange(len(y), device="cuda")
+    torch.testing.assert_close(gpu.gather(rows)[0].cpu(), cpu.gather(rows.cpu())[0], rtol=0, atol=0)
+    again = FeatureCache.build(_prefix().cuda(), (X, y), dtype="fp32", tier=tier, cache_dir=tmp_path,
+                               progress=False, device="cuda")
+    assert again._storages[0].data.data_ptr() == data.data_ptr()  # now found as it is

@@ -292,6 +292,19 @@ def test_deferred_row_checks_is_a_no_op_for_cpu_tensors():
             torch.ops.fastft.cache_gather(src, torch.empty(0), torch.tensor([7]), torch.float32)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reference_kernels_serve_a_pinned_host_cache_from_cuda():
+    """The fallback when fastft's CUDA kernels cannot run (old driver, or built without nvcc)."""
+    src = torch.randn(3, 5, 8, device="cuda")
+    dst = torch.zeros(6, 8).pin_memory()
+    rows = torch.tensor([4, 0, 2], device="cuda")
+    reference.cache_write(src, rows, dst, torch.empty(0), "mean")
+    torch.testing.assert_close(dst[rows.cpu()], src.mean(dim=1).cpu())
+    out = reference.cache_gather(dst, torch.empty(0), rows, torch.float32)
+    assert out.is_cuda
+    torch.testing.assert_close(out, src.mean(dim=1))
+
+
 @needs_gpu
 def test_unpinned_host_cache_is_refused():
     src = torch.randn(2, 1, 8, device="cuda")

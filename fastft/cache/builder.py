@@ -21,7 +21,6 @@ each rank computing its share of the chunks (:func:`build_sharded`); the memory 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import shutil
@@ -30,7 +29,7 @@ import sys
 import time
 import weakref
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -430,6 +429,10 @@ class Writer:
             rows = torch.arange(first, first + chunk.count, device=src.device)
             tap_pool = "none" if pool == "none" else self._tap_pool(tap_mask, src)
             torch.ops.fastft.cache_write(src, rows, dst, store.scales, tap_pool, tap_mask)
+            if src.is_cuda and dst.device.type == "cpu":
+                # The kernel writes the pinned rows through mapped memory: read them only once it
+                # has run (the row check may be deferred, and then nothing else waits for it).
+                torch.cuda.current_stream(src.device).synchronize()
             _check_finite(store, slice(first, first + chunk.count), tap.name, chunk.start, chunk.view, self.s.views)
         if chunk.view == 0:
             if list(labels.shape[1:]) != list(self.labels.shape[1:]) or labels.dtype != self.labels.dtype:
@@ -531,7 +534,11 @@ def build(cls, prefix: nn.Module, dataset: Any, *, dtype, tier, views, transform
 
     known = _registered(fp)
     if known is not None and s.tier in ("auto", known.tier):
-        return hit(known)
+        if known.tier == "disk" or _placed_for(known, s.device):
+            return hit(known)
+        # Built in this process for another device (a CPU run, then a CUDA one): the same
+        # bytes, copied where this device reads them best, not rebuilt and not read remotely.
+        return hit(_to_memory(cls, known, replace(s, tier=known.tier)), "hit: copied for this device")
     folder = s.root / fp
     reason = None
     if (folder / disk.MANIFEST).is_file():
@@ -567,8 +574,17 @@ def _check_length(dataset: Any, n: int) -> None:
         )
 
 
+def _placed_for(cache: FeatureCache, device: torch.device) -> bool:
+    """Whether an in-memory cache lives where its tier puts it for ``device`` (pinned or not)."""
+    where, pin = memory_device(cache.tier, device)
+    data = cache._storages[0].data
+    same = data.device.type == where.type and (
+        where.type != "cuda" or data.device.index == (where.index if where.index is not None else torch.cuda.current_device()))
+    return same and (data.device.type != "cpu" or data.is_pinned() == pin)
+
+
 def _to_memory(cls, found: FeatureCache, s: Settings) -> FeatureCache:
-    """A complete disk cache copied into the requested in-memory tier."""
+    """A complete cache (on disk, or in memory elsewhere) copied into the requested in-memory tier."""
     where, pin = memory_device(s.tier, s.device)
     storages = []
     for st in found._storages:
@@ -1033,7 +1049,7 @@ def _write_share(writer: Writer, dataset, n, s: Settings, folder: Path, plan: di
         layout, tensors = _attach(writer, folder, manifest, plan["resumed"])
         committer = _Committer(folder, layout, tensors, disk.Journal(folder, n, s.views, shard=rank), n)
         skip = _ShardSkip({tuple(c) for c in plan["committed"]}, rank, world)
-        progress = dataclasses.replace(s, progress=s.progress and rank == 0)  # one bar: rank 0's share
+        progress = replace(s, progress=s.progress and rank == 0)  # one bar: rank 0's share
         try:
             summary["rows"] = _run_chunks(writer, dataset, n, progress, probe, skip, committer.done, 0, share=True)
         except BaseException:

@@ -191,6 +191,15 @@ class FeatureCache:
         return clone
 
     # ------------------------------------------------------------------ reading
+    def index_device(self, device: torch.device) -> torch.device:
+        """Where row indices should be made to gather for training on ``device``: the cache's
+        device, or ``device`` for a pinned host cache read by CUDA kernels (no copies of rows
+        back and forth, hence no host synchronisation per batch)."""
+        data = self._storages[0].data
+        if data.device.type == "cpu" and device.type == "cuda" and data.is_pinned():
+            return device
+        return data.device
+
     def _physical_rows(self, rows: torch.Tensor, view: int | torch.Tensor | None,
                        check_rows: bool = True) -> torch.Tensor:
         rows = torch.as_tensor(rows)

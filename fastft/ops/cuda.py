@@ -169,7 +169,8 @@ def _native_usable() -> bool:
                 stacklevel=4,
             )
         return False
-    raise_pending_errors(wait=False)
+    if not torch.cuda.is_current_stream_capturing():  # event queries are illegal in a capture
+        raise_pending_errors(wait=False)
     return True
 
 
@@ -225,8 +226,7 @@ def cache_gather(src, scales, rows, out_dtype):
     if device.type != "cuda":
         raise FastFTValueError("cache_gather: a host cache needs rows on the CUDA device that reads it.")
     if not _native_usable():
-        out = reference.cache_gather(src, scales, rows.to(src.device), out_dtype)
-        return out.to(device)
+        return reference.cache_gather(src, scales, rows, out_dtype)
     on_host = _check_placement("cache_gather", "src", src, device)
     quantized = src.dtype == torch.int8
     if quantized and _check_placement("cache_gather", "scales", scales, device) != on_host:

@@ -72,6 +72,9 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
     check_cache_write(src, rows, dst, scales, pool, mask)
+    if src.device != dst.device:  # CUDA activations into a pinned host cache (the CUDA kernel's case)
+        src, rows = src.to(dst.device), rows.to(dst.device)
+        mask = None if mask is None else mask.to(dst.device)
     check_rows("cache_write", rows, dst.shape[0], unique=True)
     if src.shape[0] == 0:
         return
@@ -86,11 +89,15 @@ def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
 
 def cache_gather(src, scales, rows, out_dtype):
     check_cache_gather(src, scales, rows, out_dtype)
+    # A pinned host cache gathered with CUDA rows: the result lands on the rows' device, as
+    # the CUDA kernel's does (see the fake in _schemas.py).
+    device = rows.device if (src.device.type == "cpu" and rows.device.type == "cuda") else src.device
+    rows = rows.to(src.device)
     check_rows("cache_gather", rows, src.shape[0], unique=False)
     x = src[rows].to(torch.float32)
     if src.dtype == torch.int8:
         x = x * scales[rows].unsqueeze(1)
-    return x.to(out_dtype)
+    return x.to(out_dtype).to(device)
 
 
 # The reference is the default kernel for every device; native kernels override it per device.
