@@ -116,7 +116,7 @@ def fit_many(
                     ft.tail = ft_tail
                 record.update({f"val_{k}": v for k, v in _metrics(logits, val_cache.labels.to(logits.device), cfg).items()})
             hist.append(record)
-    engine.graphed = None  # frees the graph's memory pool
+    engine.release_graph()
     metric = "val_loss" if val_cache is not None else "loss"
     finals = [h[-1][metric] for h in histories]
     best = min(range(len(configs)), key=lambda i: finals[i] if not math.isnan(finals[i]) else math.inf)

@@ -495,7 +495,7 @@ class FineTuner:
         self._fit_config = cfg
         low = self._lowest_cut(train, val, stages, dataset_id) if len(stages) > 1 else None
         for first_epoch, stage_epochs, blocks in stages:
-            stage_resume = False
+            stage_resume = None  # the checkpoint, when this stage goes on from inside
             if blocks is not None:
                 self.unfreeze(blocks, train_bn=self._unfreeze[1] if self._unfreeze else False)
             if resume_from is not None:
@@ -509,10 +509,11 @@ class FineTuner:
                 self._restore_progress(resume_from, checkpoint)
                 if early_stopping is not None and resume_from.get("early_stopping"):
                     early_stopping.load_state_dict(resume_from["early_stopping"])
-                resume_from = None
                 if finished:
                     break
-                stage_resume = done > first_epoch  # inside this stage: its optimizer state too
+                if done > first_epoch:  # inside this stage: its optimizer state too
+                    stage_resume = resume_from
+                resume_from = None
             if blocks is not None and early_stopping is not None and early_stopping._state is not None:
                 # Blocks frozen until now hold what they held at the best epoch so far.
                 for name, t in self._trainable_state().items():
@@ -520,7 +521,7 @@ class FineTuner:
             stop = self._fit_stage(
                 train, val, FitConfig(**{**asdict(cfg), "epochs": stage_epochs}), first_epoch,
                 early_stopping=early_stopping, callbacks=callbacks, checkpoint=checkpoint,
-                resume=stage_resume, dataset_id=dataset_id, low=low, stages=stages,
+                resume_from=stage_resume, dataset_id=dataset_id, low=low, stages=stages,
             )
             if stop:
                 break
@@ -530,47 +531,44 @@ class FineTuner:
         return self.history
 
     def _fit_stage(self, train: Any, val: Any, cfg: FitConfig, first_epoch: int, *, early_stopping,
-                   callbacks, checkpoint, resume, dataset_id, low: "_LowCut | None" = None,
+                   callbacks, checkpoint, resume_from: dict | None, dataset_id, low: "_LowCut | None" = None,
                    stages: list | None = None) -> bool:
-        """Train ``cfg.epochs`` epochs at the current cut; True when training should stop."""
+        """Train ``cfg.epochs`` epochs at the current cut (from inside them when ``resume_from``
+        is a checkpoint of this stage); True when training should stop."""
         val_cache = self._stage_caches(train, val, dataset_id, low)
         labels = self.cache.labels.to(self.device)
         n_out = self._num_outputs()
         check_labels(labels, cfg.loss, n_out)
 
         engine = _Engine(self, cfg, [self.tail], n_rows=self.cache.num_rows)
-        start_epoch = 0
-        if resume and checkpoint is not None and Path(checkpoint).is_file():
-            start_epoch = self._restore(checkpoint, engine)
+        start_epoch = 0 if resume_from is None else self._restore(resume_from, checkpoint, engine)
         epochs_bar = tqdm(
             range(start_epoch, cfg.epochs), desc="fastft fit", unit="epoch",
             disable=not self.verbose or not sys.stderr.isatty(), leave=False,
         )
-        stop = False
-        for epoch in epochs_bar:
-            t0 = time.perf_counter()
-            losses = engine.run_epoch(self.cache, labels)
-            record = {"epoch": first_epoch + epoch + 1, "loss": losses[0], "lr": engine.current_lrs()[0]}
-            if self._unfreeze is not None and self._unfreeze[0]:
-                record["unfrozen_blocks"] = self._unfreeze[0]
-            if val_cache is not None:
-                record.update({f"val_{k}": v for k, v in self._evaluate_cache(val_cache, cfg).items()})
-            record["seconds"] = time.perf_counter() - t0
-            self.history.append(record)
-            self._fitted = True
-            epochs_bar.set_postfix(loss=f"{record['loss']:.4f}")
-            stop = any(cb(self, record) is False for cb in callbacks)
-            early_stopped = early_stopping is not None and early_stopping.step(record, _TunerState(self))
-            if checkpoint is not None:  # after the callbacks: what they draw is in its random state
-                self._checkpoint(checkpoint, engine, epoch + 1, first_epoch=first_epoch, stages=stages,
-                                 early_stopping=early_stopping, early_stopped=early_stopped)
-            if stop or early_stopped:
-                return True
-        if engine.graphed is not None:
-            # Let the graph's memory pool go now: the captured .grad tensors keep it reserved.
-            engine.graphed = None
-            engine.optimizer.zero_grad(set_to_none=True)
-        return stop
+        try:
+            for epoch in epochs_bar:
+                t0 = time.perf_counter()
+                losses = engine.run_epoch(self.cache, labels)
+                record = {"epoch": first_epoch + epoch + 1, "loss": losses[0], "lr": engine.current_lrs()[0]}
+                if self._unfreeze is not None and self._unfreeze[0]:
+                    record["unfrozen_blocks"] = self._unfreeze[0]
+                if val_cache is not None:
+                    record.update({f"val_{k}": v for k, v in self._evaluate_cache(val_cache, cfg).items()})
+                record["seconds"] = time.perf_counter() - t0
+                self.history.append(record)
+                self._fitted = True
+                epochs_bar.set_postfix(loss=f"{record['loss']:.4f}")
+                stop = any(cb(self, record) is False for cb in callbacks)
+                early_stopped = early_stopping is not None and early_stopping.step(record, _TunerState(self))
+                if checkpoint is not None:  # after the callbacks: what they draw is in its random state
+                    self._checkpoint(checkpoint, engine, epoch + 1, first_epoch=first_epoch, stages=stages,
+                                     early_stopping=early_stopping, early_stopped=early_stopped)
+                if stop or early_stopped:
+                    return True
+            return False
+        finally:
+            engine.release_graph()
 
     def fit_many(self, configs: Sequence[dict], train: Any, **common):
         """Train several heads (lr, width, weight decay, seed) in one pass over the cache.
@@ -739,10 +737,9 @@ class FineTuner:
             "unfreeze": self._unfreeze,
         }, path)
 
-    def _restore(self, path: str, engine: "_Engine") -> int:
-        obj = load_checked(path)
-        if "engine" not in obj:
-            raise FastFTValueError(f"{path} is a saved model, not a training checkpoint; resume needs a checkpoint= file.")
+    def _restore(self, obj: dict, path: str, engine: "_Engine") -> int:
+        """Resume inside a stage from checkpoint ``obj`` (read from ``path`` by
+        :meth:`_resumable_checkpoint`): weights, optimizer, random state; the epochs done."""
         saved, now = (obj.get("unfreeze") or (0, False))[0], (self._unfreeze or (0, False))[0]
         if saved != now:
             raise FastFTValueError(
@@ -844,6 +841,12 @@ class _Engine:
         self._share = 1.0  # this rank's share of the current global batch (see run_epoch)
         self.graphed = GraphedStep(self._step, self.device) if cfg.cuda_graph else None
 
+    def release_graph(self) -> None:
+        """Let a CUDA graph's memory pool go: the graph and the .grad tensors captured in it."""
+        if self.graphed is not None:
+            self.graphed = None
+            self.optimizer.zero_grad(set_to_none=True)
+
     def current_lrs(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]
 
@@ -867,7 +870,6 @@ class _Engine:
             t.train()
         totals = torch.zeros(len(self.tails), dtype=torch.float64, device=self.device)
         out_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float32
-        _, world = fdist.rank_and_world()
         # The rows are a permutation of the cache's own: their range checks would only cost
         # a host synchronisation per step on CUDA (the kernels still check what they read).
         with deferred_row_checks():
@@ -880,7 +882,7 @@ class _Engine:
                 y = labels[fdist.local_rows(label_perm[start:start + cfg.batch_size])]
                 # Each rank's mean is weighted by its share of the global batch; DDP then averages
                 # over ranks, which gives exactly the gradient of the global batch mean.
-                self._share = rows.numel() * world / global_rows.numel()
+                self._share = rows.numel() * self._world / global_rows.numel()
                 step_losses = self.graphed(taps, y) if self.graphed is not None else self._step(taps, y)
                 if self.scheduler is not None:
                     self.scheduler.step()
