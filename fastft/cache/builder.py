@@ -577,10 +577,10 @@ def _check_length(dataset: Any, n: int) -> None:
 def _placed_for(cache: FeatureCache, device: torch.device) -> bool:
     """Whether an in-memory cache lives where its tier puts it for ``device`` (pinned or not)."""
     where, pin = memory_device(cache.tier, device)
+    if where.type == "cuda" and where.index is None:
+        where = torch.device("cuda", torch.cuda.current_device())
     data = cache._storages[0].data
-    same = data.device.type == where.type and (
-        where.type != "cuda" or data.device.index == (where.index if where.index is not None else torch.cuda.current_device()))
-    return same and (data.device.type != "cpu" or data.is_pinned() == pin)
+    return data.device == where and (where.type != "cpu" or data.is_pinned() == pin)
 
 
 def _to_memory(cls, found: FeatureCache, s: Settings) -> FeatureCache:

@@ -209,11 +209,7 @@ class FeatureCache:
             rows = rows.long()
         if rows.dim() != 1:
             raise FastFTValueError(f"gather: rows must be 1-D, got shape {tuple(rows.shape)}.")
-        data = self._storages[0].data
-        # A pinned host cache may be gathered with CUDA rows (the kernel lands there); else
-        # the rows go where the cache is.
-        if not (data.device.type == "cpu" and rows.is_cuda and data.is_pinned()):
-            rows = rows.to(data.device)
+        rows = rows.to(self.index_device(rows.device))  # CUDA rows stay for a pinned host cache
         if view is None or (isinstance(view, int) and view == 0):
             if self.num_views > 1 and check_rows:
                 self._check_rows(rows)  # else a row >= N would silently read view 1

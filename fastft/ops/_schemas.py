@@ -148,9 +148,13 @@ def _cache_write_fake(src, rows, dst, scales, pool, mask=None) -> None:
     check_cache_write(src, rows, dst, scales, pool, mask)
 
 
+def gather_device(src: torch.Tensor, rows: torch.Tensor) -> torch.device:
+    """Where ``cache_gather`` returns its result: a pinned host cache gathered by CUDA rows
+    lands on the rows' device, any other on the cache's."""
+    return rows.device if (src.device.type == "cpu" and rows.device.type == "cuda") else src.device
+
+
 @torch.library.register_fake("fastft::cache_gather")
 def _cache_gather_fake(src, scales, rows, out_dtype):
     check_cache_gather(src, scales, rows, out_dtype)
-    # A pinned host cache gathered by CUDA rows lands on the rows' device.
-    device = rows.device if (src.device.type == "cpu" and rows.device.type == "cuda") else src.device
-    return src.new_empty((rows.shape[0], src.shape[1]), dtype=out_dtype, device=device)
+    return src.new_empty((rows.shape[0], src.shape[1]), dtype=out_dtype, device=gather_device(src, rows))

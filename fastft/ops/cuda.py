@@ -44,7 +44,7 @@ from fastft.ops._codes import (
     STATUS_ROW_OUT_OF_RANGE,
     raise_status,
 )
-from fastft.ops._schemas import check_cache_gather, check_cache_write
+from fastft.ops._schemas import check_cache_gather, check_cache_write, gather_device
 
 _C = native_module()
 #: Whether ``fastft._C`` carries CUDA kernels (compiled with nvcc; says nothing of a GPU).
@@ -222,7 +222,7 @@ def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
 
 def cache_gather(src, scales, rows, out_dtype):
     check_cache_gather(src, scales, rows, out_dtype)
-    device = src.device if src.device.type == "cuda" else rows.device
+    device = gather_device(src, rows)
     if device.type != "cuda":
         raise FastFTValueError("cache_gather: a host cache needs rows on the CUDA device that reads it.")
     if not _native_usable():

@@ -25,6 +25,7 @@ from fastft.ops._schemas import (
     check_cache_gather,
     check_cache_write,
     duplicate_row,
+    gather_device,
     row_out_of_range,
 )
 
@@ -89,9 +90,7 @@ def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
 
 def cache_gather(src, scales, rows, out_dtype):
     check_cache_gather(src, scales, rows, out_dtype)
-    # A pinned host cache gathered with CUDA rows: the result lands on the rows' device, as
-    # the CUDA kernel's does (see the fake in _schemas.py).
-    device = rows.device if (src.device.type == "cpu" and rows.device.type == "cuda") else src.device
+    device = gather_device(src, rows)  # where the CUDA kernel's result lands too
     rows = rows.to(src.device)
     check_rows("cache_gather", rows, src.shape[0], unique=False)
     x = src[rows].to(torch.float32)
