@@ -66,6 +66,10 @@ class DerivedPrefix(nn.Module):
     def signature(self) -> str:
         return self._signature
 
+    def key_mask(self):
+        """What runs after the higher cut (see :meth:`FrozenPrefix.key_mask`)."""
+        return self.high.key_mask()
+
     def forward(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         hidden, *inputs = (x[f"tap{i}"] for i in range(len(x)))
         with self._low.replaying(hidden):

@@ -57,6 +57,11 @@ class NotFittedError(FastFTError, RuntimeError):
     """A trained head is needed (predict, evaluate, export) but ``fit`` has not run."""
 
 
+class CacheReuseWarning(UserWarning):
+    """A feature cache's key cannot see everything that determines its features, so the cache
+    is used once and never reused; the message says what was not seen and how to get reuse."""
+
+
 __all__ = [
     "FastFTError",
     "FastFTValueError",
@@ -70,4 +75,5 @@ __all__ = [
     "CacheLockedError",
     "CacheTooLargeError",
     "NotFittedError",
+    "CacheReuseWarning",
 ]

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fastft import _split_fx, _split_hook, _split_replay
-from fastft._modules import FROZEN_STATS_ATTR, NEW, TRAINABLE, classify, eval_mode, eval_modules
+from fastft._modules import FROZEN_STATS_ATTR, MIXED, NEW, TRAINABLE, classify, eval_mode, eval_modules
 from fastft._split_fx import CannotSplit
 from fastft.errors import SplitError
 
@@ -58,17 +58,26 @@ class FrozenPrefix(nn.Module):
     (``"fx"`` or ``"hook"``). Its parameters are exactly the frozen ones it uses.
     """
 
-    def __init__(self, body: nn.Module, tap_names: list[str], method: str, signature: str):
+    def __init__(self, body: nn.Module, tap_names: list[str], method: str, signature: str,
+                 key_mask: tuple[list[nn.Module], list[nn.Parameter]] = ([], [])):
         super().__init__()
         self.body = body
         self.tap_names = list(tap_names)
         self.method = method
         self._signature = _ADDRESS.sub("", signature)
+        # Plain lists (not registered): the trainable modules run after the cut, in the tail.
+        self.__dict__["_key_mask"] = (list(key_mask[0]), list(key_mask[1]))
 
     def signature(self) -> str:
         """Deterministic text of the frozen structure and the cut (graph code or module
         reprs, tap names): changes with either, never with parameter values or addresses."""
         return self._signature
+
+    def key_mask(self) -> tuple[list[nn.Module], list[nn.Parameter]]:
+        """The modules and parameters that were trainable when the model was split: they run
+        after the cut, so the cache key leaves them out (training them does not change the
+        features). Everything else the prefix can reach counts, frozen or not."""
+        return self.__dict__["_key_mask"]
 
     def _eval_targets(self) -> list[nn.Module]:
         targets = getattr(self.body, "eval_targets", None)
@@ -173,7 +182,7 @@ def split(
         except CannotSplit as exc:
             reasons.append(f"{m}: {exc}")
             continue
-        prefix = FrozenPrefix(body, names, m, signature)
+        prefix = FrozenPrefix(body, names, m, signature, key_mask=trainable_parts(model, status))
         tail = TrainableTail(tail_body, names, m)
         if not check:
             return prefix, tail
@@ -191,6 +200,26 @@ def split(
         + ". Make the model traceable by torch.fx, or keep the new modules at the end of the "
         "model (replace_head / append_head / insert_layers right before the head)."
     )
+
+
+def trainable_parts(model: nn.Module, status: dict[int, str]) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """The outermost new or trainable modules of ``model`` and the trainable parameters owned
+    directly by modules that mix frozen and trainable parts (what runs after the cut)."""
+    modules: list[nn.Module] = []
+    params: list[nn.Parameter] = []
+
+    def visit(m: nn.Module) -> None:
+        s = status.get(id(m))
+        if s in (NEW, TRAINABLE):
+            modules.append(m)
+            return
+        if s == MIXED:
+            params.extend(p for p in m.parameters(recurse=False) if p.requires_grad)
+            for child in m.children():
+                visit(child)
+
+    visit(model)
+    return modules, params
 
 
 def _check_inputs(x: Any) -> None:

@@ -12,12 +12,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fastft.cache import FeatureCache, builder
+from fastft.cache.fingerprint import PART_NAMES
 from fastft.errors import DataError, FastFTIndexError, FastFTValueError
 from fastft.ops.reference import pool_rows, quantize_int8
 
 
 class Counting(nn.Module):
-    """Wraps a frozen prefix and counts its calls (the count is not part of its repr)."""
+    """Wraps a frozen prefix and counts its calls (the count is not part of the cache key)."""
+
+    fastft_key_ignore = ("calls",)
 
     def __init__(self, inner: nn.Module):
         super().__init__()
@@ -214,8 +217,9 @@ def test_any_change_rebuilds_and_says_why(tmp_path, what):
     cache = build(prefix, data, tmp_path, tier="disk", **kw)
     assert prefix.calls == before + 3
     assert cache.telemetry["hit"] is False
-    expected = {"labels": "dataset", "weights_via_data": "weights"}.get(what, what)
-    assert cache.telemetry["reason"] == f"rebuilt: {expected} changed"
+    # A plain module's layers are its "modules" part (a split prefix's cut is its structure).
+    expected = {"labels": "dataset", "weights_via_data": "weights", "structure": "modules"}.get(what, what)
+    assert cache.telemetry["reason"] == f"rebuilt: {PART_NAMES[expected]} changed"
 
 
 def test_dataset_id_replaces_the_content_hash(tmp_path):

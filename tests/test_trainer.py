@@ -130,6 +130,7 @@ def test_fastft_equals_naive_frozen_finetuning(case, optimizer, tmp_path):
     assert max((got[n] - initial[n]).abs().max().item() for n in got) > 1e-3
 
 
+@pytest.mark.filterwarnings("ignore::fastft.errors.CacheReuseWarning")  # instrumentation state
 def test_frozen_part_runs_once_per_sample_not_per_epoch(tmp_path):
     X, y = mlp_data()
     model = make_mlp()

@@ -48,6 +48,7 @@ def _oracle(make_model, X, y, tmp_path, *, blocks: int = 1, epochs: int = 2) -> 
 
 
 # ---------------------------------------------------------------------------- replay split
+@pytest.mark.filterwarnings("ignore::fastft.errors.CacheReuseWarning")  # instrumentation state
 def test_replay_restores_an_instance_forward_that_was_there(tmp_path):
     """accelerate (and users) wrap a module by setting ``module.forward`` on the instance; the
     replay's own swap must put that one back, not delete it, also when the model raises."""
@@ -259,6 +260,7 @@ def test_token_ids_come_back_exactly_in_any_out_dtype(dtype, out_dtype, tmp_path
     torch.testing.assert_close(flat[1], ids.to(out_dtype))
 
 
+@pytest.mark.filterwarnings("ignore::fastft.errors.CacheReuseWarning")  # instrumentation state
 def test_bf16_training_on_a_replay_cache_sees_the_token_ids(tmp_path):
     """The replay tail gets the model's own inputs back from the cache; under amp='bf16' the
     ids the model reads after the cut must be the cached ones."""

@@ -20,10 +20,10 @@ each rank computing its share of the chunks (:func:`build_sharded`); the memory 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import logging
-import shutil
 import socket
 import sys
 import time
@@ -35,13 +35,15 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
 
 from fastft import data as fdata
 from fastft import distributed as fdist
 from fastft.cache import disk
 from fastft.cache.feature_cache import FeatureCache, TapInfo
-from fastft.cache.fingerprint import FORMAT_VERSION, PARTS, accepts_generator, changed_parts, combine, fingerprint_parts
+from fastft.cache.fingerprint import (FORMAT_VERSION, PARTS, CacheKey, accepts_generator, changed_parts,
+                                      describe_changes, make_key, warn_if_self_changing,
+                                      warn_not_reusable)
+from fastft.sources import Chunk, Source, as_source
 from fastft.cache.manage import cache_root
 from fastft.cache.staging import staged
 from fastft.cache.storage import DTYPES, TIERS, TapStorage, allocate, choose_tier, dtype_name, memory_device, parse_bytes, row_bytes
@@ -109,7 +111,7 @@ def _explain(parts: dict, root: Path) -> str:
             best = changed
     if best is None or len(best) == len(PARTS):
         return "new: no cache with this key"
-    return f"rebuilt: {', '.join(best)} changed"
+    return f"rebuilt: {describe_changes(best)} changed"
 
 
 # ---------------------------------------------------------------------------- settings
@@ -130,6 +132,7 @@ class Settings:
     seed: int
     device: torch.device
     amp: str | None = None
+    transform_id: str | None = None
 
 
 @dataclass
@@ -209,80 +212,14 @@ def _check_exact(x: torch.Tensor, name: str, start: int) -> None:
 
 
 # ---------------------------------------------------------------------------- chunks of data
-@dataclass
-class Chunk:
-    view: int
-    start: int
-    count: int
-    load: Callable[[], tuple[Any, torch.Tensor]]
+def chunks(source: Source, s: Settings, skip: Callable[[int, int, int], bool]) -> Iterator[Chunk]:
+    """Every (view, batch of samples) still to compute, in order, with a loader of its data
+    (see :meth:`fastft.sources.Source.chunks`)."""
+    return source.chunks(s.views, s.batch_size, skip, s.num_workers)
 
 
-def _ordered_loader(loader: DataLoader) -> DataLoader:
-    """The loader itself when it yields samples in dataset order, else the same dataset,
-    batch size, collate function and workers without shuffling: cache rows must be the
-    samples in a fixed order (views line up, resumes skip the right chunks); training
-    shuffles by itself."""
-    if fdata.is_ordered(loader):
-        return loader
-    return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                      pin_memory=loader.pin_memory, drop_last=loader.drop_last)
-
-
-def chunks(dataset: Any, n: int, s: Settings, skip: Callable[[int, int, int], bool]) -> Iterator[Chunk]:
-    """Every (view, batch of samples) still to compute, in order, with a loader of its data.
-
-    Tensors are sliced lazily; a map-style Dataset goes through a DataLoader that loads only
-    the missing chunks (with workers); a DataLoader is iterated in order (committed batches
-    are loaded and dropped, never run through the prefix).
-    """
-    if isinstance(dataset, DataLoader):
-        loader = _ordered_loader(dataset)
-        for view in range(s.views):
-            start = 0
-            for inputs, labels in fdata.as_batches(loader, 1):
-                count = int(labels.shape[0])
-                if start + count > n:
-                    raise DataError(
-                        f"the DataLoader yielded more than the {n} samples its dataset's len() reported "
-                        "(did the dataset change during the build?); the cache needs a fixed dataset."
-                    )
-                if not skip(view, start, count):
-                    yield Chunk(view, start, count, lambda b=(inputs, labels): b)
-                start += count
-        return
-    spans = [(v, st, min(s.batch_size, n - st)) for v in range(s.views) for st in range(0, n, s.batch_size)]
-    todo = [sp for sp in spans if not skip(*sp)]
-    if fdata.is_tensor_pair(dataset):
-        X, y = dataset
-        for view, start, count in todo:
-            sl = slice(start, start + count)
-            load = (lambda sl=sl: ((X[sl] if isinstance(X, torch.Tensor) else {k: v[sl] for k, v in X.items()}), y[sl]))
-            yield Chunk(view, start, count, load)
-        return
-    batches = [list(range(start, start + count)) for _, start, count in todo]
-    # Its own generator: a DataLoader otherwise draws its base seed from the global one, and
-    # building a cache must not change the random stream of the training that follows.
-    loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=s.num_workers, collate_fn=fdata.collate,
-                             generator=torch.Generator().manual_seed(0)))
-    for view, start, count in todo:
-        try:
-            batch = next(loader)
-        except Exception as exc:  # the dataset's own error, or fastft's collate DataError: name the samples
-            raise DataError(_load_failure(dataset, n, start, count, exc)) from exc
-        yield Chunk(view, start, count, lambda b=fdata.as_pair(batch, "the dataset"): b)
-
-
-def _load_failure(dataset: Any, n: int, start: int, count: int, exc: Exception) -> str:
-    """Why loading samples ``start..start+count-1`` failed, naming a length change when there was one."""
-    try:
-        now = len(dataset)
-    except Exception:
-        now = n
-    changed = (f" The dataset's len() changed from {n} to {now} during the build; the cache needs a "
-               "dataset of fixed length." if now != n else "")
-    return (f"loading samples {start}..{start + count - 1} of the dataset failed: "
-            f"{type(exc).__name__}: {exc}.{changed}")
+def _first_chunk(source: Source, s: Settings) -> Chunk:
+    return next(chunks(source, s, lambda v, st, c: (v, st) != (0, 0)))
 
 
 def describe_inputs(inputs: Any) -> str:
@@ -515,16 +452,20 @@ def _progress_bar(s: Settings, total: int, done: int):
 
 def build(cls, prefix: nn.Module, dataset: Any, *, dtype, tier, views, transform, pool, mask_key,
           batch_size, num_workers, cache_dir, dataset_id, max_memory, progress, seed, device,
-          amp=None) -> FeatureCache:
+          amp=None, transform_id=None) -> FeatureCache:
     """See :meth:`FeatureCache.build`."""
     t_start = time.perf_counter()
     s = _settings(dtype, tier, views, transform, pool, mask_key, batch_size, num_workers, cache_dir,
                   max_memory, progress, seed, device, prefix, amp)
-    n = fdata.dataset_length(dataset)
-    parts = fingerprint_parts(prefix, dataset, dataset_id=dataset_id, transform=transform, views=s.views,
-                              seed=s.seed, dtype=s.dtype, pool=s.pool, mask_key=mask_key, amp=s.amp)
-    fp = combine(parts)
-    _check_length(dataset, n)
+    source = as_source(dataset)
+    n = source.n
+    key = make_key(prefix, source, dataset_id=dataset_id, transform=transform, transform_id=transform_id,
+                   views=s.views, seed=s.seed, batch_size=s.batch_size, num_workers=s.num_workers, dtype=s.dtype,
+                   pool=s.pool, mask_key=mask_key, amp=s.amp)
+    source.check_unchanged()  # before anything is made: a dataset whose len() drifts is refused
+    fp, parts = key.fingerprint, key.parts
+    if not key.reusable:
+        warn_not_reusable(key)
 
     def hit(cache: FeatureCache, reason: str = "hit") -> FeatureCache:
         _register(cache)
@@ -532,18 +473,20 @@ def build(cls, prefix: nn.Module, dataset: Any, *, dtype, tier, views, transform
                                     prefix_seconds=0.0, write_seconds=0.0, prefix_calls=0,
                                     rows_computed=0)
 
-    known = _registered(fp)
+    reason = None
+    known = _registered(fp) if key.reusable else None
     if known is not None and s.tier in ("auto", known.tier):
+        _check_labels(known, key, dataset_id)
         if known.tier == "disk" or _placed_for(known, s.device):
             return hit(known)
         # Built in this process for another device (a CPU run, then a CUDA one): the same
         # bytes, copied where this device reads them best, not rebuilt and not read remotely.
         return hit(_to_memory(cls, known, replace(s, tier=known.tier)), "hit: copied for this device")
     folder = s.root / fp
-    reason = None
-    if (folder / disk.MANIFEST).is_file():
+    if key.reusable and (folder / disk.MANIFEST).is_file():
         try:
-            found = cls.from_folder(folder)
+            found = cls.from_folder(folder, expected=fp)
+            _check_labels(found, key, dataset_id)
             if s.tier in ("auto", "disk"):
                 return hit(found)
             return hit(_to_memory(cls, found, s), "hit: loaded from disk")
@@ -551,27 +494,49 @@ def build(cls, prefix: nn.Module, dataset: Any, *, dtype, tier, views, transform
             reason = f"rebuilt: the cache on disk was corrupt ({exc})"
         except CacheError:
             pass  # an interrupted build: resumed below
-    reason = reason or _explain(parts, s.root)
+    reason = reason or (_explain(parts, s.root) if key.reusable else "built for this use only (key not reusable)")
 
     prefix_mode = prefix.training
     prefix.eval()  # the frozen part always runs in eval mode (BatchNorm running stats, no dropout)
     try:
         if s.tier == "disk" and fdist.is_distributed():
-            return build_sharded(cls, prefix, dataset, n, s, fp, parts, reason, t_start)
-        return _run(cls, prefix, dataset, n, s, fp, parts, reason, t_start)
+            cache = build_sharded(cls, prefix, source, n, s, fp, parts, reason, t_start)
+        else:
+            cache = _run(cls, prefix, source, n, s, fp, parts, reason, t_start)
     finally:
         prefix.train(prefix_mode)
+    if not key.reusable and cache.path is not None:
+        _forget_at_exit(cache.path)
+    if key.reusable and not cache.telemetry.get("hit"):
+        warn_if_self_changing(prefix, key)
+    return cache
 
 
-def _check_length(dataset: Any, n: int) -> None:
-    """DataError when the dataset's length is no longer ``n`` (a dataset that changes while it
-    is cached would give rows that belong to no fixed sample)."""
-    now = fdata.dataset_length(dataset)
-    if now != n:
-        raise DataError(
-            f"the dataset's length changed from {n} to {now} between two calls of len(); fastft caches "
-            "a fixed dataset. Make its length constant (or pass a snapshot of it)."
+def _check_labels(cache: FeatureCache, key: CacheKey, dataset_id: str | None) -> None:
+    """A reused cache must hold the labels of the data it is reused for (when they are known
+    without another pass over the data): else CacheCorruptError (rebuilt) or, when the data
+    were named by ``dataset_id``, a CacheError saying the id names other data."""
+    if key.labels is None:
+        return
+    mine = key.labels.to(cache.labels.device)
+    if mine.shape == cache.labels.shape and mine.dtype == cache.labels.dtype and torch.equal(mine, cache.labels):
+        return
+    if dataset_id is not None:
+        raise CacheError(
+            f"dataset_id={dataset_id!r} names a cache whose labels differ from the labels of the data passed now: "
+            "the id names other data. Pass a new dataset_id for these data (or none: fastft then hashes them)."
         )
+    raise CacheCorruptError(f"cache {cache.fingerprint[:12]} holds other labels than its key says")
+
+
+_FORGET: list[Path] = []
+
+
+def _forget_at_exit(folder: Path) -> None:
+    """Remove a disk cache that can never be reused when this process ends."""
+    if not _FORGET:
+        atexit.register(lambda: [disk.remove_folder(f, missing_ok=True) for f in _FORGET])
+    _FORGET.append(folder)
 
 
 def _placed_for(cache: FeatureCache, device: torch.device) -> bool:
@@ -585,6 +550,8 @@ def _placed_for(cache: FeatureCache, device: torch.device) -> bool:
 
 def _to_memory(cls, found: FeatureCache, s: Settings) -> FeatureCache:
     """A complete cache (on disk, or in memory elsewhere) copied into the requested in-memory tier."""
+    if found._verifier is not None:
+        found._verifier.check_all()  # every row is read below: every checksum first
     where, pin = memory_device(s.tier, s.device)
     storages = []
     for st in found._storages:
@@ -597,7 +564,7 @@ def _to_memory(cls, found: FeatureCache, s: Settings) -> FeatureCache:
                telemetry=dict(found.telemetry, bytes={s.tier: found.nbytes}))
 
 
-def _run(cls, prefix, dataset, n, s: Settings, fp, parts, reason, t_start) -> FeatureCache:
+def _run(cls, prefix, source, n, s: Settings, fp, parts, reason, t_start) -> FeatureCache:
     timer = Timer()
     writer = Writer(prefix, s, n, timer)
     folder = s.root / fp
@@ -606,12 +573,12 @@ def _run(cls, prefix, dataset, n, s: Settings, fp, parts, reason, t_start) -> Fe
     probe, writer_layout = None, None
     if tier in ("host", "device") or (tier == "auto" and not resuming):
         # The first chunk's activations tell the taps' widths, hence the size and the tier.
-        first = next(chunks(dataset, n, s, lambda v, st, c: (v, st) != (0, 0)))
+        first = _first_chunk(source, s)
         probe = (first, *writer.forward(first))
         writer_layout = writer.layout(probe[1], probe[2], probe[4])
         tier = choose_tier(tier, writer.total_bytes(*writer_layout), s.device, s.max_memory, s.storage_dtype)
     if tier != "disk":
-        return _build_in_memory(cls, writer, dataset, n, s, fp, parts, reason, t_start, tier, probe, writer_layout)
+        return _build_in_memory(cls, writer, source, n, s, fp, parts, reason, t_start, tier, probe, writer_layout)
     with disk.build_lock(s.root, fp, on_wait=lambda: log.warning(
             "fastft: another process is building cache %s; waiting for it to finish.", fp[:12])):
         cache = _complete_cache(cls, folder)
@@ -621,10 +588,10 @@ def _run(cls, prefix, dataset, n, s: Settings, fp, parts, reason, t_start) -> Fe
                                         build_seconds=time.perf_counter() - t_start,
                                         prefix_seconds=timer.prefix, write_seconds=0.0,
                                         prefix_calls=timer.prefix_calls, rows_computed=0)
-        return _build_on_disk(cls, writer, dataset, n, s, fp, parts, reason, t_start, probe)
+        return _build_on_disk(cls, writer, source, n, s, fp, parts, reason, t_start, probe)
 
 
-def _run_chunks(writer: Writer, dataset, n, s: Settings, probe, skip, on_done: Callable[[Chunk], None], done: int,
+def _run_chunks(writer: Writer, source, n, s: Settings, probe, skip, on_done: Callable[[Chunk], None], done: int,
                 *, share: bool = False) -> int:
     """Forward and write every chunk not skipped; ``on_done`` after each written chunk.
     Returns the number of rows written. ``share``: the chunks are one rank's share of a
@@ -632,7 +599,7 @@ def _run_chunks(writer: Writer, dataset, n, s: Settings, probe, skip, on_done: C
     bar = _progress_bar(s, None if share else n * s.views, done)
     written = 0
     try:
-        for chunk in staged(chunks(dataset, n, s, skip), s.device):
+        for chunk in staged(chunks(source, s, skip), s.device):
             if probe is not None and (chunk.view, chunk.start) == (0, 0) and chunk.count == probe[0].count:
                 _, names, tensors, inputs, labels = probe
             else:
@@ -644,7 +611,7 @@ def _run_chunks(writer: Writer, dataset, n, s: Settings, probe, skip, on_done: C
             written += chunk.count
     finally:
         bar.close()
-    _check_length(dataset, n)
+    source.check_unchanged()
     return written
 
 
@@ -654,13 +621,13 @@ def _telemetry(timer: Timer, tier: str, nbytes: int, t_start: float, reason: str
             "prefix_calls": timer.prefix_calls, "rows_computed": timer.rows_written, **extra}
 
 
-def _build_in_memory(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_start, tier, probe, layout) -> FeatureCache:
+def _build_in_memory(cls, writer: Writer, source, n, s, fp, parts, reason, t_start, tier, probe, layout) -> FeatureCache:
     taps, label_layout = layout
     where, pin = memory_device(tier, s.device)
     writer.taps = taps
     writer.storages = [allocate(n * s.views, t.dim, t.dtype, where, pin) for t in taps]
     writer.labels = torch.zeros((n, *label_layout["shape"]), dtype=disk.str_to_dtype(label_layout["dtype"]))
-    written = _run_chunks(writer, dataset, n, s, probe, lambda v, st, c: False, lambda chunk: None, 0)
+    written = _run_chunks(writer, source, n, s, probe, lambda v, st, c: False, lambda chunk: None, 0)
     if written != n * s.views:
         raise CacheError(f"the data yielded {written // s.views} samples per view but its length is {n}; "
                          "the cache was not completed.")
@@ -685,18 +652,19 @@ def _complete_cache(cls, folder: Path) -> FeatureCache | None:
     return None
 
 
-def _create_folder(writer: Writer, dataset, n, s: Settings, folder: Path, fp, parts, probe) -> tuple[dict, tuple]:
+def _create_folder(writer: Writer, source, n, s: Settings, folder: Path, fp, parts, probe) -> tuple[dict, tuple]:
     """A new cache folder (manifest and preallocated files) laid out from the first chunk's
     activations (``probe``, computed here when None); returns (manifest, probe)."""
     if probe is None:
-        first = next(chunks(dataset, n, s, lambda v, st, c: (v, st) != (0, 0)))
+        first = _first_chunk(source, s)
         probe = (first, *writer.forward(first))
     taps, label_layout = writer.layout(probe[1], probe[2], probe[4])
+    disk.check_free_space(folder, writer.total_bytes(taps, label_layout))
     try:
         with disk.write_errors(folder, f"creating its files ({writer.total_bytes(taps, label_layout)} bytes)"):
             return _new_folder(folder, fp, parts, taps, label_layout, n, s), probe
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)  # nothing in a new folder is committed: free its space
+        disk.discard_folder(folder)  # nothing in a new folder is committed: free its space
         raise
 
 
@@ -714,12 +682,12 @@ def _attach(writer: Writer, folder: Path, manifest: dict, resumed: bool) -> tupl
     return layout, tensors
 
 
-def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_start, probe) -> FeatureCache:
+def _build_on_disk(cls, writer: Writer, source, n, s, fp, parts, reason, t_start, probe) -> FeatureCache:
     folder = s.root / fp
     manifest = _resumable_manifest(folder, fp, parts, n, s)
     resumed = manifest is not None
     if manifest is None:
-        manifest, probe = _create_folder(writer, dataset, n, s, folder, fp, parts, probe)
+        manifest, probe = _create_folder(writer, source, n, s, folder, fp, parts, probe)
     layout, tensors = _attach(writer, folder, manifest, resumed)
     journal = _read_journal(folder, n, s.views)  # with the rank journals of a sharded build, if any
     reused = _drop_bad_chunks(journal, tensors, layout, n)
@@ -732,13 +700,13 @@ def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_star
     commit = committer.commit
 
     try:
-        _run_chunks(writer, dataset, n, s, probe, journal.is_committed, committer.done, reused)
+        _run_chunks(writer, source, n, s, probe, journal.is_committed, committer.done, reused)
     except _LayoutMismatch as exc:  # raised before any byte of this run was written
         log.warning("fastft: cache %s: %s; rebuilding it from scratch.", fp[:12], exc)
         del tensors, writer.storages, writer.labels
         writer.expected_layout = None
-        shutil.rmtree(folder)
-        return _build_on_disk(cls, writer, dataset, n, s, fp, parts, reason, t_start, None)
+        disk.discard_folder(folder)
+        return _build_on_disk(cls, writer, source, n, s, fp, parts, reason, t_start, None)
     except BaseException:
         try:
             commit()  # chunks fully written before an interruption are kept for the resume
@@ -753,8 +721,11 @@ def _build_on_disk(cls, writer: Writer, dataset, n, s, fp, parts, reason, t_star
     manifest.update(status="complete", telemetry=telemetry)
     with disk.write_errors(folder, "marking it complete", committed_rows=journal.rows):
         disk.write_json_atomic(folder / disk.MANIFEST, manifest)
-    del tensors, writer
-    cache = cls.from_folder(folder, telemetry=telemetry)
+    # Let the writable mapping go before the read-only one is made (two mappings of the same
+    # pages would count twice in this process's memory). Its checksums were computed here from
+    # these bytes: the cache needs no second check in this process.
+    del tensors, writer, committer
+    cache = cls.from_folder(folder, telemetry=telemetry, verified=True)
     _register(cache)
     return cache
 
@@ -821,7 +792,7 @@ def _resumable_manifest(folder: Path, fp: str, parts: dict, n: int, s: Settings)
             return manifest
     except CacheError:
         pass
-    shutil.rmtree(folder)
+    disk.discard_folder(folder)
     return None
 
 
@@ -837,6 +808,7 @@ def _drop_bad_chunks(journal: disk.Journal, tensors, layout, n: int) -> int:
 
 def _new_folder(folder: Path, fp, parts, taps: list[TapInfo], label_layout: dict, n: int, s: Settings) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
+    disk.ensure_real_folder(folder)
     manifest = {
         "format_version": FORMAT_VERSION, "fingerprint": fp, "parts": parts, "status": "building",
         "created": time.time(), "num_rows": n, "num_views": s.views, "dtype": s.dtype, "pool": s.pool,
@@ -886,7 +858,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def build_sharded(cls, prefix: nn.Module, dataset: Any, n: int, s: Settings, fp: str, parts: dict, reason: str,
+def build_sharded(cls, prefix: nn.Module, source: Source, n: int, s: Settings, fp: str, parts: dict, reason: str,
                   t_start: float) -> FeatureCache:
     """Build the disk cache ``fp`` with every rank of the torch.distributed process group.
 
@@ -914,12 +886,12 @@ def build_sharded(cls, prefix: nn.Module, dataset: Any, n: int, s: Settings, fp:
     ``prefix_calls_by_rank`` and ``rows_computed_by_rank``; the manifest's counts the whole build.
     """
     while True:
-        cache = _build_sharded_once(cls, Writer(prefix, s, n, Timer()), dataset, n, s, fp, parts, reason, t_start)
+        cache = _build_sharded_once(cls, Writer(prefix, s, n, Timer()), source, n, s, fp, parts, reason, t_start)
         if cache is not None:
             return cache
 
 
-def _build_sharded_once(cls, writer: Writer, dataset, n, s: Settings, fp, parts, reason, t_start) -> FeatureCache | None:
+def _build_sharded_once(cls, writer: Writer, source, n, s: Settings, fp, parts, reason, t_start) -> FeatureCache | None:
     """One attempt of :func:`build_sharded`; None when the interrupted build found on disk
     did not match the prefix (rank 0 removed it: build again from scratch)."""
     rank, world = fdist.rank_and_world()
@@ -940,7 +912,7 @@ def _build_sharded_once(cls, writer: Writer, dataset, n, s: Settings, fp, parts,
             try:
                 held.enter_context(disk.build_lock(s.root, fp, on_wait=lambda: log.warning(
                     "fastft: another process is building cache %s; waiting for it to finish.", fp[:12])))
-                plan, probe = _prepare_shards(cls, writer, dataset, n, s, fp, parts, reason)
+                plan, probe = _prepare_shards(cls, writer, source, n, s, fp, parts, reason)
             except BaseException as exc:
                 fdist.broadcast_object({"error": _describe(exc)})
                 raise
@@ -954,7 +926,7 @@ def _build_sharded_once(cls, writer: Writer, dataset, n, s: Settings, fp, parts,
                                         build_seconds=time.perf_counter() - t_start, prefix_seconds=0.0,
                                         write_seconds=0.0, prefix_calls=0, rows_computed=0)
 
-        summary, error = _write_share(writer, dataset, n, s, folder, plan, probe, rank, world)
+        summary, error = _write_share(writer, source, n, s, folder, plan, probe, rank, world)
         summaries = fdist.all_gather_object(summary)
         failed = [(r, o) for r, o in enumerate(summaries) if not o["ok"] and not o["layout"]]
         if failed:
@@ -969,14 +941,14 @@ def _build_sharded_once(cls, writer: Writer, dataset, n, s: Settings, fp, parts,
             if rank == 0:
                 log.warning("fastft: cache %s: %s; rebuilding it from scratch.", fp[:12],
                             next(o["error"] for o in summaries if o["layout"]))
-                shutil.rmtree(folder, ignore_errors=True)
+                disk.discard_folder(folder)
             fdist.barrier()  # the folder is gone for every rank before anyone starts again
             return None
 
         final = None
         if rank == 0:
             try:
-                final = _finish_shards(writer, dataset, n, s, folder, plan, summaries, verify, t_start)
+                final = _finish_shards(writer, source, n, s, folder, plan, summaries, verify, t_start)
             except BaseException as exc:
                 fdist.broadcast_object({"error": _describe(exc)})
                 raise
@@ -988,12 +960,12 @@ def _build_sharded_once(cls, writer: Writer, dataset, n, s: Settings, fp, parts,
                      prefix_calls=summary["prefix_calls"], rows_computed=summary["rows"],
                      build_seconds=time.perf_counter() - t_start)
     del writer
-    cache = cls.from_folder(folder, telemetry=telemetry)
+    cache = cls.from_folder(folder, telemetry=telemetry, verified=True)  # the build checked its shards
     _register(cache)
     return cache
 
 
-def _prepare_shards(cls, writer: Writer, dataset, n, s: Settings, fp, parts, reason) -> tuple[dict, Any]:
+def _prepare_shards(cls, writer: Writer, source, n, s: Settings, fp, parts, reason) -> tuple[dict, Any]:
     """Rank 0, under the build lock: (plan sent to every rank, probe of chunk 0 or None).
 
     A new folder is created from the first chunk's activations (the probe, which rank 0 then
@@ -1005,7 +977,7 @@ def _prepare_shards(cls, writer: Writer, dataset, n, s: Settings, fp, parts, rea
     manifest = _resumable_manifest(folder, fp, parts, n, s)
     probe, committed = None, []
     if manifest is None:
-        manifest, probe = _create_folder(writer, dataset, n, s, folder, fp, parts, None)
+        manifest, probe = _create_folder(writer, source, n, s, folder, fp, parts, None)
     else:
         layout = disk.arrays(manifest)
         with disk.write_errors(folder, "opening its files"):
@@ -1037,7 +1009,7 @@ def _shared_manifest(folder: Path, plan: dict, rank: int) -> dict:
     return manifest
 
 
-def _write_share(writer: Writer, dataset, n, s: Settings, folder: Path, plan: dict, probe, rank: int,
+def _write_share(writer: Writer, source, n, s: Settings, folder: Path, plan: dict, probe, rank: int,
                  world: int) -> tuple[dict, BaseException | None]:
     """Compute and commit this rank's share of the missing chunks. Returns (summary for the
     other ranks, this rank's error or None): an Exception is reported, not raised, so that
@@ -1051,7 +1023,7 @@ def _write_share(writer: Writer, dataset, n, s: Settings, folder: Path, plan: di
         skip = _ShardSkip({tuple(c) for c in plan["committed"]}, rank, world)
         progress = replace(s, progress=s.progress and rank == 0)  # one bar: rank 0's share
         try:
-            summary["rows"] = _run_chunks(writer, dataset, n, progress, probe, skip, committer.done, 0, share=True)
+            summary["rows"] = _run_chunks(writer, source, n, progress, probe, skip, committer.done, 0, share=True)
         except BaseException:
             try:
                 committer.commit()  # chunks fully written before the error are kept for the resume
@@ -1069,7 +1041,7 @@ def _write_share(writer: Writer, dataset, n, s: Settings, folder: Path, plan: di
     return summary, error
 
 
-def _finish_shards(writer: Writer, dataset, n, s: Settings, folder: Path, plan: dict, summaries: list[dict],
+def _finish_shards(writer: Writer, source, n, s: Settings, folder: Path, plan: dict, summaries: list[dict],
                    verify: bool, t_start: float) -> dict:
     """Rank 0, after every rank's share: merge the journals, complete the manifest; returns
     the build's telemetry."""
@@ -1088,7 +1060,7 @@ def _finish_shards(writer: Writer, dataset, n, s: Settings, folder: Path, plan: 
                            for t in writer.taps]
         writer.labels = tensors["labels"]
         committer = _Committer(folder, layout, tensors, journal, n)
-        repaired = _run_chunks(writer, dataset, n, s, None, journal.is_committed, committer.done, journal.rows)
+        repaired = _run_chunks(writer, source, n, s, None, journal.is_committed, committer.done, journal.rows)
         committer.commit()
         summaries[0] = dict(summaries[0], rows=summaries[0]["rows"] + repaired, prefix_calls=writer.timer.prefix_calls)
     with disk.write_errors(folder, "merging the journals of its ranks", committed_rows=journal.rows):

@@ -30,7 +30,9 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import time
+import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,7 +82,8 @@ def write_json_atomic(path: Path, payload: dict, *, durable: bool = True) -> Non
     """Write ``payload`` to ``path`` so that readers see the old or the new file, never a mix;
     ``durable`` also makes it survive a machine crash (fsync of the file and the folder)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    # O_NOFOLLOW: a link planted at the temporary name must not redirect the write.
+    with open(tmp, "w", opener=lambda name, flags: _open_nofollow(Path(name), flags)) as f:
         json.dump(payload, f, indent=1)
         f.flush()
         if durable:
@@ -179,8 +182,10 @@ def _allocate(fd: int, nbytes: int) -> None:
 
 
 def map_array(folder: Path, array: Array, *, create: bool = False, writable: bool = True) -> torch.Tensor:
-    """A tensor over the array's file, memory-mapped: shared when ``writable`` (writes reach
-    the file), copy-on-write otherwise (a reader can never change the cache on disk).
+    """A tensor over the array's file, memory-mapped and shared: writable when ``writable``
+    (writes reach the file), else read-only, so that a reader can never change the cache on
+    disk and no memory is reserved for it (a private writable mapping would be charged to
+    RAM + swap in full, and refused for a cache larger than that).
 
     ``create`` makes (or extends) the file to its full size first, with its disk blocks
     reserved (see :func:`_allocate`). The file name must be a plain name of the folder and
@@ -194,8 +199,12 @@ def map_array(folder: Path, array: Array, *, create: bool = False, writable: boo
             _allocate(f.fileno(), array.nbytes)
         if array.nbytes == 0:
             return torch.empty(array.shape, dtype=array.dtype)
-        raw = np.memmap(f, dtype=np.uint8, mode="r+" if writable else "c", shape=(array.nbytes,))
-    return torch.from_numpy(raw).view(array.dtype).view(array.shape)
+        raw = np.memmap(f, dtype=np.uint8, mode="r+" if writable or create else "r", shape=(array.nbytes,))
+    if raw.flags.writeable:
+        return torch.from_numpy(raw).view(array.dtype).view(array.shape)
+    with warnings.catch_warnings():  # torch warns that it cannot write to a read-only array: by design
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(raw).view(array.dtype).view(array.shape)
 
 
 def check_sizes(folder: Path, manifest: dict) -> None:
@@ -481,7 +490,15 @@ def build_lock(cache_dir: Path, fingerprint: str, *, timeout: float | None = Non
         timeout = float(os.environ.get("FASTFT_LOCK_TIMEOUT", LOCK_TIMEOUT_S))
     locks = cache_dir / LOCKS
     locks.mkdir(parents=True, exist_ok=True)
-    fd = os.open(locks / f"{fingerprint}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    if locks.is_symlink():
+        raise CacheError(f"{locks} is a symbolic link; fastft never follows links for its locks. Remove it.")
+    try:  # O_NOFOLLOW: a link planted at the lock's name must not make fastft create its target
+        fd = os.open(locks / f"{fingerprint}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CacheError(f"the lock file {locks / (fingerprint + '.lock')} is a symbolic link; fastft never "
+                             "follows links for its locks. Remove it.") from None
+        raise
     try:
         deadline = time.monotonic() + timeout
         waited = False
@@ -544,3 +561,143 @@ def write_errors(folder: Path, what: str, *, committed_rows: int | None = None) 
                 f"space there, or pass cache_dir= (or set FASTFT_CACHE_DIR) to a disk with room. {kept}"
             ) from exc
         raise CacheError(f"cache {folder.name}: cannot write {folder} while {what} ({exc}). {kept}") from exc
+
+
+# ---------------------------------------------------------------------------- folders
+def ensure_real_folder(folder: Path) -> None:
+    """CacheError when a cache folder is a symbolic link (fastft never writes through one)."""
+    if folder.is_symlink():
+        raise CacheError(f"{folder} is a symbolic link; fastft never reads or writes a cache through a link. "
+                         "Remove the link.")
+
+
+def discard_folder(folder: Path) -> None:
+    """Delete a folder of the cache dir that the builder named after a fingerprint and found
+    unusable (an interrupted build of other settings, a layout that does not match): all of
+    it, but never through a link."""
+    ensure_real_folder(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def owned_files(folder: Path, manifest: dict | None) -> set[str]:
+    """The names fastft writes in a cache folder: the manifest, the journals, the files the
+    manifest names, and the temporary files of their atomic rewrites."""
+    names = {MANIFEST, JOURNAL}
+    if manifest is not None:
+        names |= {a.file for a in arrays(manifest)}
+    names |= {n + ".tmp" for n in list(names)}
+    names |= {p.name for p in shard_journals(folder)} | {p.name + ".tmp" for p in shard_journals(folder)}
+    return names
+
+
+def remove_folder(folder: Path, *, missing_ok: bool = False) -> None:
+    """Delete a cache folder that fastft wrote: only the files it writes, then the folder.
+
+    Refuses (CacheError) a link, or a folder that holds anything else (it is not a cache, or
+    someone put files there), so that no path given by mistake loses data.
+    """
+    if not folder.exists() and not folder.is_symlink():
+        if missing_ok:
+            return
+        raise CacheError(f"{folder} does not exist.")
+    ensure_real_folder(folder)
+    try:
+        manifest = read_manifest(folder)
+    except CacheError:
+        manifest = None  # unreadable: only the fixed names then
+    known = owned_files(folder, manifest)
+    try:
+        entries = list(folder.iterdir())
+    except FileNotFoundError:
+        return
+    strangers = [p.name for p in entries if p.name not in known or p.is_dir() and not p.is_symlink()]
+    if strangers:
+        raise CacheError(
+            f"{folder} holds files fastft did not write ({', '.join(sorted(strangers)[:5])}"
+            f"{', ...' if len(strangers) > 5 else ''}); not removing it. Delete it yourself if you are sure."
+        )
+    for p in entries:
+        p.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except FileNotFoundError:
+        pass
+
+
+def check_free_space(folder: Path, nbytes: int) -> None:
+    """CacheTooLargeError when the disk holding ``folder`` has less than ``nbytes`` free."""
+    from fastft.cache.storage import format_gib
+    from fastft.errors import CacheTooLargeError
+
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if nbytes > free:
+        raise CacheTooLargeError(
+            f"the disk is full for this cache: it needs {format_gib(nbytes)} ({nbytes:,} bytes) but {probe} has "
+            f"{format_gib(free)} free. Free space there, pass cache_dir= (or set FASTFT_CACHE_DIR) to a disk "
+            "with room, or make the cache smaller (a smaller cache_dtype, fewer views or samples)."
+        )
+
+
+# ---------------------------------------------------------------------------- checks on read
+#: Caches up to this size are checked whole when opened (a corrupt one is then rebuilt before
+#: anything reads it); larger ones chunk by chunk, the first time a row of a chunk is read.
+VERIFY_AT_OPEN_BYTES = 1 << 30
+
+
+class ChunkVerifier:
+    """Checks a complete cache's bytes against its journal's checksums before they are used:
+    the labels when the cache is opened, each chunk of features the first time a row of it
+    is read in this process (:meth:`check`), so that corrupt features never reach training."""
+
+    def __init__(self, folder: Path, manifest: dict, tensors: dict[str, torch.Tensor]):
+        self.folder, self.tensors = folder, tensors
+        self.n, views = manifest["num_rows"], manifest["num_views"]
+        self.layout = arrays(manifest)
+        journal = Journal(folder, self.n, views)
+        entries = sorted((v, s, c, sums) for (v, s), (c, sums) in journal.chunks.items())
+        self._chunks = entries
+        # Chunk of every row: physical row r = view * n + sample; chunks cover each view in order.
+        starts = [v * self.n + s for v, s, _, _ in entries]
+        self._starts = torch.tensor(starts, dtype=torch.int64)
+        self._ends = torch.tensor([v * self.n + s + c for v, s, c, _ in entries], dtype=torch.int64)
+        self._verified = torch.zeros(len(entries), dtype=torch.bool)
+        self.done = False
+        self._check_files([a for a in self.layout if not a.per_view], range(len(entries)))
+
+    def check(self, rows: torch.Tensor) -> None:
+        """CacheCorruptError unless every chunk holding one of the physical ``rows`` matches its checksums."""
+        if self.done or rows.numel() == 0:
+            return
+        index = torch.searchsorted(self._starts, rows.to("cpu", torch.int64), right=True) - 1
+        index = index.clamp_(min=0).unique()
+        todo = index[~self._verified[index]]
+        if todo.numel():
+            self._check_files([a for a in self.layout if a.per_view], todo.tolist())
+            self._verified[todo] = True
+            self.done = bool(self._verified.all())
+
+    def check_all(self) -> None:
+        """Check every chunk now."""
+        if not self.done:
+            self._check_files([a for a in self.layout if a.per_view], range(len(self._chunks)))
+            self._verified[:] = True
+            self.done = True
+
+    def _check_files(self, layout: list[Array], chunk_ids) -> None:
+        bad = []
+        for i in chunk_ids:
+            view, start, count, sums = self._chunks[i]
+            actual = chunk_checksums(self.tensors, layout, view, start, count, self.n)
+            bad += [f"{f} (view {view}, samples {start}..{start + count - 1})"
+                    for f, crc in actual.items() if sums.get(f) != crc]
+            if bad:
+                break
+        if bad:
+            raise CacheCorruptError(
+                f"cache {self.folder.name}: checksum mismatch in {', '.join(bad)}; the bytes on disk changed "
+                "after they were written. Its features are not used: remove the cache (fastft cache rm "
+                f"{self.folder.name[:12]}) and build it again."
+            )

@@ -82,6 +82,7 @@ class FeatureCache:
         self.num_views = num_views
         self.path = path
         self.telemetry = telemetry or {}
+        self._verifier: disk.ChunkVerifier | None = None  # a disk cache's checks on first read
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -100,6 +101,7 @@ class FeatureCache:
         num_workers: int = 0,
         cache_dir: str | Path | None = None,
         dataset_id: str | None = None,
+        transform_id: str | None = None,
         max_memory: int | str | None = None,
         progress: bool = True,
         seed: int = 0,
@@ -126,7 +128,12 @@ class FeatureCache:
             batch_size, num_workers: how raw samples are loaded (a DataLoader is used as is,
                 in dataset order).
             cache_dir: disk caches' folder (default ``$FASTFT_CACHE_DIR`` or ``~/.cache/fastft``).
-            dataset_id: a name that identifies the dataset's content, skipping its hash pass.
+            dataset_id: a name for the data's content: the key then uses it instead of hashing
+                every sample (which reads the whole dataset once per build); the labels of
+                ``(X, y)`` tensors still count. Change it whenever the data change.
+            transform_id: a name for what the transform computes with that fastft cannot see
+                (files it reads, an object without readable state); without it, such a
+                transform's caches are never reused.
             progress: show a tqdm bar (only on a terminal).
             device: where the prefix runs (default: where its parameters are). On a CUDA
                 device each chunk's inputs are pinned and copied on a side stream while the
@@ -134,24 +141,26 @@ class FeatureCache:
             amp: ``'bf16'`` runs the prefix under bf16 autocast (faster on GPUs with bf16
                 tensor cores; the features carry bf16 rounding, so it is part of the key).
 
-        The same key (prefix weights and structure, dataset, transform, views, dtype, pool)
-        returns the existing cache without running the prefix: from this process for any
-        tier, from ``cache_dir`` for disk caches; an interrupted disk build resumes.
-        ``telemetry`` says whether it was a hit and why it was (re)built.
+        The same key returns the existing cache without running the prefix: from this process
+        for any tier, from ``cache_dir`` for disk caches; an interrupted disk build resumes.
+        The key is computed again at every call from the prefix's modules and weights, the
+        data, the transform and the settings (see :mod:`fastft.cache.fingerprint` for what it
+        covers). ``telemetry`` says whether it was a hit and why it was (re)built.
         """
         from fastft.cache.builder import build
 
         return build(cls, prefix, dataset, dtype=dtype, tier=tier, views=views, transform=transform,
                      pool=pool, mask_key=mask_key, batch_size=batch_size, num_workers=num_workers,
                      cache_dir=cache_dir, dataset_id=dataset_id, max_memory=max_memory,
-                     progress=progress, seed=seed, device=device, amp=amp)
+                     progress=progress, seed=seed, device=device, amp=amp, transform_id=transform_id)
 
     @classmethod
     def open(cls, fingerprint_or_path: str | Path, cache_dir: str | Path | None = None) -> "FeatureCache":
-        """Reopen a complete disk cache by fingerprint (or a unique prefix of it) or folder.
+        """Reopen a complete disk cache by fingerprint (or a unique prefix of it) in ``cache_dir``,
+        or by folder (a ``Path``, or a string with a ``/``).
 
-        File sizes are checked (a truncated file raises CacheCorruptError); checksums are
-        checked by :meth:`verify`.
+        Checked as in :meth:`from_folder` (sizes, fingerprint, labels; the features' checksums
+        before they are first read).
         """
         from fastft.cache.manage import resolve
 
@@ -159,9 +168,27 @@ class FeatureCache:
         return cls.from_folder(folder, telemetry={"hit": True, "reason": "opened"})
 
     @classmethod
-    def from_folder(cls, folder: Path, telemetry: dict | None = None) -> "FeatureCache":
-        """Map a complete cache folder (sizes checked)."""
+    def from_folder(cls, folder: Path, telemetry: dict | None = None, *, expected: str | None = None,
+                    verified: bool = False) -> "FeatureCache":
+        """Map a complete cache folder, read-only.
+
+        Checked: the manifest (valid, complete, its fingerprint that of the folder and, when
+        given, the ``expected`` key), every file's size, the labels' checksums; the features'
+        checksums are checked before they are first read in this process (at once for caches
+        up to ``disk.VERIFY_AT_OPEN_BYTES``, chunk by chunk on first read for larger ones).
+        Raises CacheCorruptError when a check fails. ``verified``: the caller has just built
+        the cache and checksummed its bytes in this process (no second pass over them).
+        """
+        from fastft.errors import CacheCorruptError
+
+        disk.ensure_real_folder(folder)
         manifest = disk.read_manifest(folder)
+        if manifest["fingerprint"] != folder.name or (expected is not None and manifest["fingerprint"] != expected):
+            raise CacheCorruptError(
+                f"cache folder {folder} holds a manifest of cache {manifest['fingerprint'][:12]}"
+                + (f", not of the key asked for ({expected[:12]})" if expected and expected != folder.name else "")
+                + ": a cache folder is named by its own fingerprint. Remove it and build again."
+            )
         if manifest.get("status") != "complete":
             from fastft.errors import CacheError
 
@@ -173,16 +200,22 @@ class FeatureCache:
             raise CacheError(f"cache {folder.name} is incomplete (an interrupted build); build it again to resume.")
         disk.check_sizes(folder, manifest)
         tensors = {a.name: disk.map_array(folder, a, writable=False) for a in disk.arrays(manifest)}
+        verifier = None if verified else disk.ChunkVerifier(folder, manifest, tensors)  # checks the labels
         taps = [TapInfo.from_json(t) for t in manifest["taps"]]
         empty = torch.empty(0, dtype=torch.float32)
         storages = [TapStorage(tensors[t.name], tensors.get(t.name + ".scales", empty)) for t in taps]
-        nbytes = sum(s.nbytes for s in storages) + tensors["labels"].numel() * tensors["labels"].element_size()
+        if verifier is not None and sum(s.nbytes for s in storages) <= disk.VERIFY_AT_OPEN_BYTES:
+            verifier.check_all()
+        labels = tensors["labels"].clone()  # small, and writable like those of the other tiers
+        nbytes = sum(s.nbytes for s in storages) + labels.numel() * labels.element_size()
         info = {"rows": manifest["num_rows"] * manifest["num_views"], "bytes": {"disk": nbytes},
                 "build_seconds": 0.0, "prefix_seconds": 0.0, "write_seconds": 0.0}
         info.update(telemetry or {})
-        return cls(fingerprint=manifest["fingerprint"], parts=manifest["parts"], tier="disk", taps=taps,
-                   storages=storages, labels=tensors["labels"], num_rows=manifest["num_rows"],
-                   num_views=manifest["num_views"], path=folder, telemetry=info)
+        cache = cls(fingerprint=manifest["fingerprint"], parts=manifest["parts"], tier="disk", taps=taps,
+                    storages=storages, labels=labels, num_rows=manifest["num_rows"],
+                    num_views=manifest["num_views"], path=folder, telemetry=info)
+        cache._verifier = None if verifier is None or verifier.done else verifier
+        return cache
 
     def with_telemetry(self, **telemetry) -> "FeatureCache":
         """The same cache (shared storage) with its own telemetry, for a reuse of it."""
@@ -251,6 +284,8 @@ class FeatureCache:
         # A non-float tap is read in fp32, which holds its integers exactly: bf16 rounds token
         # ids above 256 (fp16 above 2048) to their neighbours.
         physical = self._physical_rows(rows, view, check_rows)
+        if self._verifier is not None:
+            self._verifier.check(physical)  # a chunk's checksums before its first row is used
         return [torch.ops.fastft.cache_gather(s.data, s.scales, physical,
                                               out_dtype if tap.source_dtype is None else torch.float32)
                 for s, tap in zip(self._storages, self.taps)]

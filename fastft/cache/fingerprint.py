@@ -1,10 +1,32 @@
-"""The content address of a feature cache.
+"""The content address of a feature cache: what a cache hit promises.
 
-A cache is identified by a hash of everything that determines its bytes: the frozen prefix
-(structure and cut, parameters and buffers by content), the dataset (``dataset_id`` or its
-length and a content hash of its samples), the transform and view settings, pooling, the
-storage dtype and the format version. Each part is hashed on its own and kept in the
-manifest, so that when a key changes fastft can say *which* part changed.
+A hit means the cached features equal what the frozen prefix would compute now. The key is
+therefore recomputed at every build from everything that determines the features, each
+part hashed on its own and kept in the manifest so that fastft can say *which* part changed:
+
+==========  ===================================================================================
+part        what it covers
+==========  ===================================================================================
+format      the cache format version
+structure   the cut: split method, graph code (fx) or cut module (hooks), tap names
+modules     every frozen module by value: class and its code (the user's by bytecode, libraries
+            by name and version), every attribute (hyper-parameters, plain tensors, configs),
+            forward hooks, parameter and buffer names and shapes; the trainable modules after
+            the cut are left out (training them does not change the features)
+weights     the content of every frozen parameter and buffer
+dataset     the samples: every input and label by content (for a DataLoader, its sampler's
+            samples after its collate function), or ``dataset_id``
+transform   the transform by value (as modules), the seed and the batch size it is applied to
+views       the number of augmented views
+dtype       the storage dtype (and bf16 autocast of the prefix)
+pool        the pooling (and the mask key of ``masked_mean``)
+==========  ===================================================================================
+
+What the key cannot see soundly (an open file, a transform that calls ``open()``, an object
+without readable state) makes the key *opaque*: the cache is built for this use only and
+never reused, with one warning that says how to get reuse (``transform_id=``,
+``dataset_id=``, or making the model's attribute hashable). See
+:mod:`fastft.content_hash` for how objects are hashed.
 """
 
 from __future__ import annotations
@@ -12,18 +34,31 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
+import uuid
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from fastft import data as fdata
+from fastft.content_hash import ContentHasher, first_difference
+from fastft.errors import CacheReuseWarning, FastFTValueError
+from fastft.sources import Source
 
-#: Bump when the on-disk layout or the meaning of stored bytes changes.
-FORMAT_VERSION = 1
+#: Bump when the on-disk layout or the meaning of stored bytes or keys changes.
+FORMAT_VERSION = 2
 
 #: The parts of a fingerprint, in the order they are reported when they change.
-PARTS = ("format", "structure", "weights", "dataset", "transform", "views", "dtype", "pool")
+PARTS = ("format", "structure", "modules", "weights", "dataset", "transform", "views", "dtype", "pool")
+
+#: How each part is named when it changed ("rebuilt: the frozen weights changed").
+PART_NAMES = {
+    "format": "the cache format", "structure": "the cut (split method, graph or cut module, taps)",
+    "modules": "the frozen modules' code or attributes", "weights": "the frozen weights", "dataset": "the data",
+    "transform": "the transform (its code, state, seed or batch size)", "views": "the number of views",
+    "dtype": "the storage dtype", "pool": "the pooling",
+}
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
@@ -32,52 +67,127 @@ def _sha(text: str | bytes) -> str:
     return hashlib.sha256(text if isinstance(text, bytes) else text.encode()).hexdigest()
 
 
+@dataclass
+class CacheKey:
+    """The key of one build: its parts, the fingerprint they give, what could not be seen
+    (``opaque``: then the fingerprint is unique to this build and never reused) and the
+    data's labels when reading the key gave them (a reused cache must hold the same)."""
+
+    parts: dict[str, str]
+    opaque: list[str] = field(default_factory=list)
+    labels: torch.Tensor | None = None
+    fingerprint: str = ""
+    trace: list = field(default_factory=list, repr=False)  # of the prefix's modules, see warn_if_self_changing
+
+    def __post_init__(self) -> None:
+        if not self.reusable and "once" not in self.parts:
+            self.parts["once"] = uuid.uuid4().hex  # a fingerprint no later build can have
+        if not self.fingerprint:
+            self.fingerprint = combine(self.parts)
+
+    @property
+    def reusable(self) -> bool:
+        return not self.opaque
+
+
 def structure_key(prefix: nn.Module) -> str:
-    """The prefix's graph, structure and cut: its ``signature()`` when it has one, else the
-    repr of its module tree (layer types and hyper-parameters)."""
+    """The prefix's graph, structure and cut: its ``signature()`` when it has one (a split's
+    prefix), else nothing more than "a module" (the modules part covers what it is made of)."""
     signature = getattr(prefix, "signature", None)
-    text = str(signature()) if callable(signature) else f"{type(prefix).__qualname__}\n{prefix!r}"
+    text = str(signature()) if callable(signature) else "a module"
     return _sha(_ADDRESS.sub("", text))
 
 
-def weights_key(prefix: nn.Module) -> str:
-    """Hash of every parameter and buffer by name and content."""
-    h = hashlib.sha256()
-    # named_buffers also covers non-persistent buffers, which state_dict() leaves out.
-    for name, tensor in [*prefix.named_parameters(), *prefix.named_buffers()]:
-        h.update(name.encode() + fdata.tensor_digest(tensor))
-    return h.hexdigest()
+def prefix_parts(prefix: nn.Module) -> tuple[dict[str, str], list[str], list]:
+    """``({structure, modules, weights}, opaque, trace)`` of a frozen prefix, read now.
+
+    A prefix that knows which modules of its model run only after its cut (a
+    :class:`~fastft.FrozenPrefix`: ``key_mask()``) leaves them out."""
+    mask = prefix.key_mask() if callable(getattr(prefix, "key_mask", None)) else ((), ())
+    hasher = ContentHasher(mask_modules=mask[0], mask_params=mask[1], weights_apart=True, trace=True)
+    hasher.update(prefix, "the frozen model")
+    return ({"structure": structure_key(prefix), "modules": hasher.hexdigest(),
+             "weights": hasher.weights_hexdigest()}, hasher.opaque, hasher.trace)
 
 
-def callable_key(fn: Callable | None) -> str:
-    """A stable description of a transform: its repr when that is meaningful (torchvision
-    transforms list their parameters), else the function's name, code and closure, so that
-    the key survives a new process (a bare repr holds a memory address) yet changes with
-    the code."""
-    if fn is None:
-        return "none"
-    code = getattr(fn, "__code__", None)
-    if code is not None:  # a Python function or lambda
-        closure = [c.cell_contents for c in (fn.__closure__ or ()) if _has_contents(c)]
-        parts = [fn.__module__ or "", fn.__qualname__, code.co_code.hex(), repr(code.co_consts),
-                 repr(code.co_names), _ADDRESS.sub("", repr(closure)), repr(fn.__defaults__)]
-        return _sha("|".join(parts))
-    text = repr(fn)
-    if _ADDRESS.search(text):  # the default object repr: use its class and its state instead
-        state = getattr(fn, "__dict__", {})
-        text = f"{type(fn).__module__}.{type(fn).__qualname__}:{_ADDRESS.sub('', repr(sorted(state.items(), key=str)))}"
-        call = getattr(type(fn), "__call__", None)
-        if call is not None and hasattr(call, "__code__"):
-            text += call.__code__.co_code.hex()
-    return _sha(text)
+def warn_if_self_changing(prefix: nn.Module, key: CacheKey) -> None:
+    """After a build: warn when running the prefix changed its own modules (a call counter, an
+    attention map kept on ``self``): the next build's key differs, so the cache is never reused."""
+    now, _, trace = prefix_parts(prefix)
+    if (now["modules"], now["weights"]) == (key.parts["modules"], key.parts["weights"]):
+        return
+    where = first_difference(key.trace, trace) or "an attribute"
+    owner, _, attr = where.rpartition(".")
+    warnings.warn(
+        f"fastft: running the frozen layers changed {where!r}, so the next build's key will differ and this "
+        "cache will not be reused. If that attribute does not change what the module computes (a counter, an "
+        f"output kept for display), list it on its module: fastft_key_ignore = ({attr!r},); else keep such "
+        "state outside the frozen layers.",
+        CacheReuseWarning, stacklevel=4,
+    )
 
 
-def _has_contents(cell) -> bool:
-    try:
-        cell.cell_contents
-        return True
-    except ValueError:
-        return False
+def transform_part(transform: Callable | None, transform_id: str | None, seed: int,
+                   batch_size: int) -> tuple[str, list[str]]:
+    """``(part, opaque)`` of a transform: by value, with the seed its randomness is drawn from
+    and the batch size it is applied to (a per-batch transform's output depends on it).
+    ``transform_id`` vouches for what fastft cannot see in it (its opaque parts)."""
+    if transform is None:
+        if transform_id is not None:
+            raise FastFTValueError("transform_id= names a transform, but no transform= was given.")
+        return "none", []
+    hasher = ContentHasher().update(transform, "the transform")
+    named = "" if transform_id is None else f"id:{transform_id}|"
+    opaque = [] if transform_id is not None else hasher.opaque
+    return f"{named}{hasher.hexdigest()},seed={seed},batch={batch_size}", opaque
+
+
+def make_key(prefix: nn.Module, source: Source, *, dataset_id: str | None, transform: Callable | None,
+             transform_id: str | None, views: int, seed: int, batch_size: int, num_workers: int, dtype: str,
+             pool: str, mask_key: str, amp: str | None = None) -> CacheKey:
+    """The :class:`CacheKey` of a build (reads every sample once unless ``dataset_id`` is given;
+    see the module docstring for what each part covers)."""
+    parts, opaque, trace = prefix_parts(prefix)
+    labels = None
+    if dataset_id is not None:
+        dataset = f"id:{dataset_id}:n={source.n}"
+        if hasattr(source, "y"):  # (X, y) tensors: the labels are at hand, so they still count
+            labels = source.y
+            dataset += ":labels=" + ContentHasher().update(labels).hexdigest()
+    else:
+        found = source.content_key(batch_size, num_workers)
+        dataset, labels = found.digest, found.labels
+        opaque += [f"the data: {o}" for o in found.opaque]
+    t_part, t_opaque = transform_part(transform, transform_id, seed, source.chunk_size or batch_size)
+    opaque += t_opaque
+    parts.update({
+        "format": str(FORMAT_VERSION),
+        "dataset": _sha(dataset),
+        "transform": t_part,
+        "views": f"views={views}",
+        "dtype": dtype + (f",prefix under {amp} autocast" if amp else ""),
+        "pool": pool + (f":{mask_key}" if pool == "masked_mean" else ""),
+    })
+    return CacheKey(parts, opaque, labels, trace=trace)
+
+
+def warn_not_reusable(key: CacheKey) -> None:
+    """The one warning of a build whose key is opaque: what was not seen and how to get reuse."""
+    where = " ".join(key.opaque[:3]) + (f" (and {len(key.opaque) - 3} more)" if len(key.opaque) > 3 else "")
+    how = []
+    if any(o.startswith("the transform") for o in key.opaque):
+        how.append("pass transform_id='...' naming what the transform does (change it when what the "
+                   "transform reads changes)")
+    if any(o.startswith("the data") for o in key.opaque):
+        how.append("pass dataset_id='...' naming the data (change it when the data change)")
+    if any(o.startswith("the frozen model") for o in key.opaque):
+        how.append("make that attribute of the frozen model a tensor, number, string or a container of those "
+                   "(or a registered buffer), or delete it")
+    warnings.warn(
+        f"fastft: this feature cache is built for this use only and will not be reused, because its key cannot "
+        f"see everything that determines the features: {where}. To reuse it: {'; '.join(how)}.",
+        CacheReuseWarning, stacklevel=4,
+    )
 
 
 def accepts_generator(fn: Callable) -> bool:
@@ -88,43 +198,18 @@ def accepts_generator(fn: Callable) -> bool:
         return False
 
 
-def fingerprint_parts(
-    prefix: nn.Module,
-    dataset: Any,
-    *,
-    dataset_id: str | None,
-    transform: Callable | None,
-    views: int,
-    seed: int,
-    dtype: str,
-    pool: str,
-    mask_key: str,
-    amp: str | None = None,
-) -> dict[str, str]:
-    """The hash of each part of the key (see :data:`PARTS`). A prefix run under autocast
-    gives other bytes: ``amp`` goes into the dtype part (absent without it, so the keys of
-    ordinary caches do not change)."""
-    n = fdata.dataset_length(dataset)
-    dataset_part = f"id:{dataset_id}" if dataset_id is not None else f"n={n}:{fdata.sample_hash(dataset)}"
-    # The seed only matters when there is a (random) transform: it is part of the transform.
-    transform_part = callable_key(transform) + (f",seed={seed}" if transform is not None else "")
-    return {
-        "format": str(FORMAT_VERSION),
-        "structure": structure_key(prefix),
-        "weights": weights_key(prefix),
-        "dataset": _sha(dataset_part),
-        "transform": transform_part,
-        "views": f"views={views}",
-        "dtype": dtype + (f",prefix under {amp} autocast" if amp else ""),
-        "pool": pool + (f":{mask_key}" if pool == "masked_mean" else ""),
-    }
-
-
 def combine(parts: dict[str, str]) -> str:
     """The fingerprint (40 hex characters) of a set of parts."""
-    return _sha("\n".join(f"{k}={parts[k]}" for k in PARTS))[:40]
+    order = [k for k in PARTS if k in parts] + sorted(set(parts) - set(PARTS))
+    return _sha("\n".join(f"{k}={parts[k]}" for k in order))[:40]
 
 
 def changed_parts(old: dict[str, str], new: dict[str, str]) -> list[str]:
     """Names of the parts that differ between two keys, in :data:`PARTS` order."""
     return [k for k in PARTS if old.get(k) != new.get(k)]
+
+
+def describe_changes(changed: list[str]) -> str:
+    """``'the frozen weights and the data'`` for a list of part names."""
+    names = [PART_NAMES.get(k, k) for k in changed]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
