@@ -129,6 +129,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         print(f"{'fingerprint':<18} {'rows':>9} {'views':>5} {'size':>10} {'status':<10} age")
         for e in entries:
             status = e.get("status") or ("complete" if e.get("complete") else "partial")
+            if status == "complete" and e.get("reusable") is False:
+                status = "once"  # a key that could not see everything: never reused, safe to remove
             print(f"{str(e.get('fingerprint', '?'))[:16]:<18} {e.get('num_rows', '?'):>9} "
                   f"{e.get('num_views', '?'):>5} {_human_bytes(e.get('disk_bytes', 0)):>10} {status:<10} "
                   f"{_human_age(e.get('created'))}")
@@ -216,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run a fine-tuning job from a JSON/YAML config (works under torchrun)",
                        description="Run a job described by CONFIG: model and data factories "
                                    "('package.module:function'), surgery, FineTuner and fit settings, output folder. "
-                                   "See fastft/jobs.py for the format.")
+                                   "See fastft/jobs.py for the format. A job config is code: the functions it names "
+                                   "are imported and called, so run only configs you trust.")
     t.add_argument("config", help="path to the .json (or .yaml) config")
     t.set_defaults(func=_cmd_train)
 
@@ -227,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     csub.add_parser("ls", help="list caches")
     for name, text in (("info", "show one cache"), ("verify", "check sizes and checksums"), ("rm", "delete a cache")):
         q = csub.add_parser(name, help=text)
-        q.add_argument("cache", help="fingerprint (or a unique prefix of one) or folder")
+        q.add_argument("cache", help="fingerprint (or a unique prefix of one) in the cache dir, or a folder "
+                                     "written as a path (./name, /abs/path)")
     c.set_defaults(func=_cmd_cache)
     return p
 

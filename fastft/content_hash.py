@@ -142,7 +142,7 @@ _GRAPH_MODULE_SKIP = frozenset({
 #: Class attributes that are not behaviour.
 _CLASS_SKIP = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
                          "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__",
-                         "_abc_impl", "__slots__", "__annotate_func__", "__annotations_cache__",
+                         "_abc_impl", "__slots__", "__slotnames__", "__annotate_func__", "__annotations_cache__",
                          # display only: never part of what an object computes
                          "__repr__", "__str__", "__format__", "__dir__", "__sizeof__", "__del__", "extra_repr"})
 #: Objects that never determine what is computed (a lock, a logger): hashed by type only.

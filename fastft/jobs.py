@@ -13,6 +13,10 @@ The config names factories by import path, so a batch job needs no Python of its
       "output": "runs/resnet-cifar"
     }
 
+**A job config is code.** The ``model`` and ``data`` entries name functions that fastft
+imports and calls, with the config's keyword arguments: running a config runs whatever those
+functions do, like running a Python script. Run only configs you trust.
+
 It runs the same under ``python -m fastft.cli train`` and under ``torchrun`` (a process
 group is then initialised from the environment, gloo on CPU and nccl on GPU, and training is
 data-parallel); rank 0 writes ``model.pt`` (the exported model's state_dict),

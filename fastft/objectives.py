@@ -10,12 +10,14 @@ from fastft.errors import DataError, FastFTValueError
 LOSSES = ("ce", "bce", "mse")
 
 
-def check_labels(labels: torch.Tensor, loss: str, num_outputs: int) -> None:
-    """Reject labels that do not fit the loss, saying what was expected."""
+def check_labels(labels: torch.Tensor, loss: str, num_outputs: int, what: str = "training") -> None:
+    """Reject labels that do not fit the loss (before any training), saying what was expected.
+    ``what`` names the data in the message (``"training"``, ``"val"``)."""
+    where = f"the {what} labels"
     if loss == "ce":
         if labels.is_floating_point() or labels.dtype == torch.bool or labels.dim() != 1:
             raise DataError(
-                f"loss='ce' needs integer class labels of shape [N]; got {labels.dtype} of shape "
+                f"loss='ce' needs integer class labels of shape [N]; {where} are {labels.dtype} of shape "
                 f"{tuple(labels.shape)}. Convert with labels.long(), or use loss='bce' for "
                 "multi-label 0/1 targets or loss='mse' for regression."
             )
@@ -24,18 +26,38 @@ def check_labels(labels: torch.Tensor, loss: str, num_outputs: int) -> None:
             if lo < 0 or hi >= num_outputs:
                 bad = int(((labels < 0) | (labels >= num_outputs)).nonzero()[0, 0])
                 raise DataError(
-                    f"label {int(labels[bad])} of sample {bad} is outside [0, {num_outputs}); "
+                    f"label {int(labels[bad])} of sample {bad} of {where} is outside [0, {num_outputs}); "
                     f"the model has num_classes={num_outputs}. Remap labels to 0..{num_outputs - 1} "
                     "or pass the right num_classes."
                 )
-    elif loss == "bce":
+        return
+    if loss == "bce":
         if labels.dim() != 2 or labels.shape[1] != num_outputs:
             raise DataError(
-                f"loss='bce' needs 0/1 targets of shape [N, {num_outputs}]; got {tuple(labels.shape)}."
+                f"loss='bce' needs 0/1 targets of shape [N, {num_outputs}]; {where} have shape {tuple(labels.shape)}."
+            )
+        _check_finite(labels, where, loss)
+        values = labels.float()
+        if labels.numel() and (bool((values < 0).any()) or bool((values > 1).any())):
+            bad = int(((values < 0) | (values > 1)).any(dim=1).nonzero()[0, 0])
+            raise DataError(
+                f"loss='bce' needs targets in [0, 1]; sample {bad} of {where} has {labels[bad].tolist()[:8]}. "
+                "Scale the targets to [0, 1] (probabilities or 0/1 labels)."
             )
     elif loss == "mse":
         if not labels.is_floating_point():
-            raise DataError(f"loss='mse' needs float targets; got {labels.dtype}.")
+            raise DataError(f"loss='mse' needs float targets; {where} are {labels.dtype}. Convert with labels.float().")
+        _check_finite(labels, where, loss)
+
+
+def _check_finite(labels: torch.Tensor, where: str, loss: str) -> None:
+    if labels.is_floating_point() and labels.numel() and not bool(torch.isfinite(labels).all()):
+        flat = labels.reshape(labels.shape[0], -1) if labels.dim() else labels.reshape(1, 1)
+        bad = int((~torch.isfinite(flat)).any(dim=1).nonzero()[0, 0])
+        raise DataError(
+            f"loss={loss!r}: sample {bad} of {where} is NaN or Inf; training on it would make every weight NaN. "
+            "Drop or fix that sample."
+        )
 
 
 def make_loss(loss: str, *, label_smoothing: float = 0.0, class_weights=None) -> nn.Module:

@@ -369,15 +369,16 @@ def _sampler_indices(loader: DataLoader) -> list[int]:
     draw a different set each epoch."""
     n = len(loader.dataset)
     sampler = loader.sampler
+    batches = loader.batch_sampler
+    if batches is not None and not (isinstance(batches, BatchSampler) and batches.sampler is sampler):
+        raise DataError(
+            "the DataLoader has a custom batch_sampler; fastft reads samples in batches of its own. Pass a "
+            "DataLoader with batch_size= and a sampler instead (its collate_fn is kept)."
+        )
     if loader.batch_size is None:
         raise DataError(
             "the DataLoader has batch_size=None (its dataset returns whole batches); fastft needs samples. "
             "Pass a DataLoader with batch_size= over a dataset of (input, label) samples."
-        )
-    if not isinstance(loader.batch_sampler, BatchSampler) or loader.batch_sampler.sampler is not sampler:
-        raise DataError(
-            "the DataLoader has a custom batch_sampler; fastft reads samples in batches of its own. Pass a "
-            "DataLoader with batch_size= and a sampler instead (its collate_fn is kept)."
         )
     if isinstance(sampler, SequentialSampler):
         return list(range(n))

@@ -23,7 +23,8 @@ from fastft import distributed as fdist
 from fastft._graph_step import check_cuda_graph
 from fastft.errors import FastFTValueError
 from fastft.heads import build_head
-from fastft.trainer import FineTuner, FitConfig, History, _Engine, _metrics
+from fastft.objectives import check_labels
+from fastft.trainer import FineTuner, FitConfig, History, _Engine, _metrics, _training_batch_size
 
 SWEEPABLE = {"lr", "weight_decay", "hidden", "seed", "dropout"}
 
@@ -52,7 +53,7 @@ def fit_many(
     *,
     val: Any = None,
     epochs: int = 10,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     optimizer: str = "adamw",
     scheduler: str | None = None,
     loss: str = "ce",
@@ -83,7 +84,7 @@ def fit_many(
             raise FastFTValueError(
                 f"fit_many configs may set {', '.join(sorted(SWEEPABLE))}; got unknown {', '.join(sorted(unknown))}."
             )
-    cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=configs[0].get("lr", 1e-3),
+    cfg = FitConfig(epochs=epochs, batch_size=_training_batch_size(train, batch_size), lr=configs[0].get("lr", 1e-3),
                     optimizer=optimizer, momentum=momentum, scheduler=scheduler, loss=loss,
                     label_smoothing=label_smoothing, cuda_graph=bool(cuda_graph))
     cfg.validate()
@@ -95,6 +96,9 @@ def fit_many(
     labels = ft.cache.labels.to(ft.device)
 
     heads = [_head_for(ft, c) for c in configs]
+    check_labels(labels, cfg.loss, ft.num_classes)
+    if val_cache is not None:
+        check_labels(val_cache.labels, cfg.loss, ft.num_classes, what="val")
     tails = [_tail_with_head(ft, h) for h in heads]
     engine = _Engine(ft, cfg, tails, n_rows=ft.cache.num_rows,
                      per_tail=[{"lr": c.get("lr", cfg.lr), "weight_decay": c.get("weight_decay", cfg.weight_decay)}

@@ -16,15 +16,18 @@ the same batch order and optimizer: that is the package's correctness oracle.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fastft import data as fdata
@@ -32,8 +35,10 @@ from fastft import distributed as fdist
 from fastft import surgery
 from fastft.cache import FeatureCache
 from fastft.cache.builder import check_amp, check_views
+from fastft.cache.fingerprint import dataset_part
 from fastft.cache.storage import DTYPES
 from fastft.checkpoint import load_checked, save_atomic
+from fastft.content_hash import ContentHasher, tensor_digest
 from fastft.errors import DataError, FastFTError, FastFTValueError, NotFittedError, SurgeryError
 from fastft.heads import build_head
 from fastft.metrics import classification_metrics, multilabel_metrics
@@ -41,6 +46,7 @@ from fastft.objectives import LOSSES, check_labels, make_loss, prepare_targets
 from fastft.ops.cuda import deferred_row_checks
 from fastft._derive import can_derive, derived_cache
 from fastft._graph_step import GraphedStep, check_cuda_graph
+from fastft.sources import as_source
 from fastft.split import split
 from fastft.unfreeze import param_groups, trained_blocks, unfreeze_blocks, unfrozen_blocks
 
@@ -71,8 +77,16 @@ class FitConfig:
             raise FastFTValueError(f"epochs must be ≥ 1, got {self.epochs}.")
         if int(self.batch_size) <= 0:
             raise FastFTValueError(f"batch_size must be a positive integer, got {self.batch_size}.")
-        if not self.lr > 0:
-            raise FastFTValueError(f"lr must be > 0, got {self.lr}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FastFTValueError(f"lr must be a finite number > 0, got {self.lr}.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise FastFTValueError(f"weight_decay must be a finite number ≥ 0, got {self.weight_decay}.")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise FastFTValueError(f"momentum must be in [0, 1), got {self.momentum}.")
+        if not (math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 1):
+            raise FastFTValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if self.class_weights is not None and not all(math.isfinite(w) and w >= 0 for w in self.class_weights):
+            raise FastFTValueError(f"class_weights must be finite numbers ≥ 0, got {self.class_weights}.")
         if self.optimizer not in OPTIMIZERS:
             raise FastFTValueError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}.")
         if self.scheduler not in SCHEDULERS:
@@ -81,7 +95,7 @@ class FitConfig:
             raise FastFTValueError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}.")
         if self.amp not in (None, "bf16"):
             raise FastFTValueError(f"amp must be None or 'bf16', got {self.amp!r}.")
-        if self.lr_decay is not None and not self.lr_decay > 0:
+        if self.lr_decay is not None and not (self.lr_decay > 0 and math.isfinite(self.lr_decay)):
             raise FastFTValueError(f"lr_decay must be > 0 (e.g. 0.5 halves the rate per block going down), got {self.lr_decay}.")
 
 
@@ -172,6 +186,9 @@ class FineTuner:
         extract_batch_size: batch size of the one frozen pass.
         extract_amp: ``'bf16'`` runs the frozen pass under bf16 autocast (on GPUs with bf16
             tensor cores; the cached features then carry bf16 rounding).
+        transform_id: a name for what ``transform`` computes with that fastft cannot hash (a
+            file it reads, an object without readable state); without it such a transform's
+            caches are used once and never reused (see :meth:`FeatureCache.build`).
         verbose: progress bars and messages.
     """
 
@@ -198,6 +215,7 @@ class FineTuner:
         max_memory: int | None = None,
         extract_batch_size: int = 256,
         extract_amp: str | None = None,
+        transform_id: str | None = None,
         verbose: bool = True,
     ):
         if num_classes is not None and int(num_classes) < 2 and head is None:
@@ -234,6 +252,7 @@ class FineTuner:
         self.max_memory = max_memory
         self.extract_batch_size = int(extract_batch_size)
         self.extract_amp = extract_amp
+        self.transform_id = transform_id
         self.verbose = verbose
 
         self.prefix: nn.Module | None = None
@@ -245,6 +264,8 @@ class FineTuner:
         self._fitted = False
         self._fit_config: FitConfig | None = None
         self._unfreeze: tuple[int, bool] | None = None  # (blocks, train_bn) of the last unfreeze()
+        self._split_state: str | None = None  # the model as split (see _model_state)
+        self._train_data_key: str | None = None  # the training data's part of the cache key
         # Heads of the usual layouts can be attached right away; encoders need a probe batch.
         if self.head is not None or self.num_classes is not None:
             try:
@@ -358,11 +379,25 @@ class FineTuner:
         return "none" if any(True for _ in unfrozen_blocks(self.model)) else self.pool
 
     def _prepare(self, example_inputs: Any) -> None:
-        """Edit (if a probe was needed) and split the model at the frozen frontier."""
+        """Edit (if a probe was needed) and split the model at the frozen frontier; split
+        again when the model changed since (a module replaced, a frozen attribute or weight
+        changed, other parameters made trainable): a traced prefix holds the graph and the
+        module objects of the moment it was made."""
         self._edit(example_inputs)
+        if self.prefix is not None and self._split_state != self._model_state():
+            self.prefix = self.tail = None
+            self.cache = None
         if self.prefix is None:
             probe = fdata.to_device(example_inputs, self.device)
             self.prefix, self.tail = split(self.model, probe)
+            self._split_state = self._model_state()
+
+    def _model_state(self) -> str:
+        """The model as the split sees it: everything but what trains (by value), and which
+        parameters train."""
+        modules, params = self.prefix.key_mask()
+        hasher = ContentHasher(mask_modules=modules, mask_params=params).update(self.model, "the model")
+        return hasher.hexdigest() + "".join("1" if p.requires_grad else "0" for p in self.model.parameters())
 
     # ------------------------------------------------------------------ caches
     def _build_settings(self) -> dict[str, Any]:
@@ -374,7 +409,7 @@ class FineTuner:
     def _build_cache(self, data: Any, *, train: bool, dataset_id: str | None = None) -> FeatureCache:
         return FeatureCache.build(
             self.prefix, data, views=self.views if train else 1, transform=self.transform if train else None,
-            dataset_id=dataset_id, **self._build_settings(),
+            transform_id=self.transform_id if train else None, dataset_id=dataset_id, **self._build_settings(),
         )
 
     def _lowest_cut(self, train: Any, val: Any, stages: list, dataset_id: str | None) -> "_LowCut | None":
@@ -419,6 +454,7 @@ class FineTuner:
         if evaluation:
             return self._build_cache(data, train=False, dataset_id=dataset_id)
         self.cache = self._build_cache(data, train=True, dataset_id=dataset_id)
+        self._train_data_key = self.cache.parts["dataset"]
         return self.cache
 
     # ------------------------------------------------------------------ training
@@ -427,7 +463,7 @@ class FineTuner:
         train: Any,
         val: Any = None,
         epochs: int = 10,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         lr: float = 1e-3,
         optimizer: str = "adamw",
         weight_decay: float = 0.0,
@@ -448,6 +484,10 @@ class FineTuner:
         cuda_graph: bool = False,
     ) -> History:
         """Train the new layers for ``epochs`` epochs on the cached frozen features.
+
+        ``batch_size``: of training (default: a DataLoader's own ``batch_size``, else 256). A
+        DataLoader is read with its own batch size, collate function and workers for the one
+        frozen pass, and its sampler decides which samples are cached (a subset stays a subset).
 
         Returns the :class:`History` (one dict per epoch: ``loss``, ``seconds``, ``lr`` and,
         with ``val``, ``val_loss`` / ``val_accuracy`` / ``val_macro_f1``). With
@@ -474,6 +514,7 @@ class FineTuner:
         correction rounds in the last bits unlike the default's. It does not combine with
         a ``scheduler`` or with torch.distributed.
         """
+        batch_size = _training_batch_size(train, batch_size)
         cfg = FitConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
             weight_decay=weight_decay, momentum=momentum, scheduler=scheduler, loss=loss,
@@ -503,8 +544,10 @@ class FineTuner:
                 finished = resume_from.get("early_stopped") or end >= cfg.epochs <= done
                 if done >= end and not finished:
                     continue  # trained before the interruption
-                # Weights before this stage's cache is built: its frozen part may hold blocks
+                # The data first (nothing of the checkpoint is taken on other data), then the
+                # weights before this stage's cache is built: its frozen part may hold blocks
                 # an earlier stage trained.
+                self._check_resumed_data(resume_from, checkpoint, train, dataset_id)
                 self._prepare(_example(train))
                 self._restore_progress(resume_from, checkpoint)
                 if early_stopping is not None and resume_from.get("early_stopping"):
@@ -539,6 +582,8 @@ class FineTuner:
         labels = self.cache.labels.to(self.device)
         n_out = self._num_outputs()
         check_labels(labels, cfg.loss, n_out)
+        if val_cache is not None:  # before the first epoch, not after it
+            check_labels(val_cache.labels, cfg.loss, n_out, what="val")
 
         engine = _Engine(self, cfg, [self.tail], n_rows=self.cache.num_rows)
         start_epoch = 0 if resume_from is None else self._restore(resume_from, checkpoint, engine)
@@ -613,6 +658,7 @@ class FineTuner:
         The frozen part runs once over ``data`` into a cache of its own (reused on later calls).
         """
         self._require_fitted("evaluate")
+        self._prepare(_example(data))  # after load() or unfreeze() there is no split yet
         cache = self._build_cache(data, train=False)
         return self._evaluate_cache(cache, self._fit_config or FitConfig(batch_size=batch_size))
 
@@ -721,7 +767,11 @@ class FineTuner:
     def _checkpoint(self, path: str, engine: "_Engine", epochs_done: int, *, first_epoch: int = 0,
                     stages: list | None = None, early_stopping: EarlyStopping | None = None,
                     early_stopped: bool = False) -> None:
+        state = self._trainable_state()
         save_atomic({
+            # What the fit trained on, so that a resume on other data or another backbone is refused.
+            "data_key": self._train_data_key,
+            "backbone": self._backbone_digest(state),
             "global_epochs_done": first_epoch + epochs_done,  # of the whole fit (epochs_done: of the stage)
             "rng": _rng_state(self.device),  # dropout in the trained layers draws from it
             "schedule": [list(st) for st in stages] if stages and len(stages) > 1 else None,
@@ -729,7 +779,7 @@ class FineTuner:
             "early_stopped": bool(early_stopped),
             "config": self._config(),
             "head": None if self._head_spec is None else asdict(self._head_spec),
-            "state": self._trainable_state(),
+            "state": state,
             "history": list(self.history),
             "fit": asdict(self._fit_config),
             "epochs_done": epochs_done,
@@ -758,11 +808,40 @@ class FineTuner:
         self.history = History(obj.get("history") or [])
         self._fitted = True
 
+    def _backbone_digest(self, trainable: dict[str, torch.Tensor]) -> str:
+        """Digest of every tensor of the model that a checkpoint does not hold (the frozen
+        backbone as the fit found it)."""
+        h = hashlib.sha256()
+        for name, t in self.model.state_dict().items():
+            if name not in trainable:
+                h.update(name.encode() + tensor_digest(t))
+        return h.hexdigest()
+
+    def _check_resumed_data(self, obj: dict, path: str, train: Any, dataset_id: str | None) -> None:
+        """FastFTValueError when the checkpoint was written by a fit on other training data
+        (their key is computed here: one more read of a Dataset, paid only by a resume)."""
+        saved = obj.get("data_key")
+        if saved is None:
+            return
+        if dataset_part(as_source(train), dataset_id, self.extract_batch_size)[0] != saved:
+            raise FastFTValueError(
+                f"{path} was written by a fit on other training data than the data given now: resuming would "
+                "continue that fit on these data. Resume with the same data (and dataset_id=), or start a new fit "
+                "(another checkpoint= path, or resume=False)."
+            )
+
     def _resumable_checkpoint(self, path: str, stages: list, cfg: FitConfig) -> dict:
-        """A training checkpoint, checked to come from a fit like this one."""
+        """A training checkpoint, checked to come from a fit like this one (same settings,
+        schedule, backbone; the data are checked once their cache is built)."""
         obj = load_checked(path)
         if "engine" not in obj:
             raise FastFTValueError(f"{path} is a saved model, not a training checkpoint; resume needs a checkpoint= file.")
+        if obj.get("backbone") is not None and obj["backbone"] != self._backbone_digest(obj["state"]):
+            raise FastFTValueError(
+                f"{path} was written by a fit of another backbone: the frozen weights of this model differ from "
+                "those the checkpoint was trained on. Resume with the same pretrained model (a fresh copy of it), "
+                "or start a new fit."
+            )
         saved, now = obj.get("schedule"), [list(st) for st in stages] if len(stages) > 1 else None
         if saved != now:
             raise FastFTValueError(
@@ -770,8 +849,15 @@ class FineTuner:
                 f"epochs, blocks), this fit has {now or 'none (no unfreeze=)'}: resume with the same "
                 "epochs= and unfreeze= as the interrupted fit."
             )
-        # cuda_graph changes how steps run, not what they compute; epochs may grow (one stage).
+        # cuda_graph changes how steps run, not what they compute; epochs may grow (one stage)
+        # unless a scheduler planned the learning rate over the epochs the fit was given.
         fit = obj.get("fit") or {}
+        if cfg.scheduler is not None and fit.get("epochs") not in (None, cfg.epochs):
+            raise FastFTValueError(
+                f"{path} was written by a fit of epochs={fit['epochs']} with scheduler={cfg.scheduler!r}, whose "
+                f"learning rate is planned over those {fit['epochs']} epochs: it cannot continue exactly for "
+                f"epochs={cfg.epochs}. Resume with epochs={fit['epochs']}, or start a new fit."
+            )
         differ = [k for k, v in asdict(cfg).items() if k not in ("epochs", "cuda_graph") and k in fit and fit[k] != v]
         if differ:
             raise FastFTValueError(
@@ -1006,14 +1092,20 @@ def _stages(schedule: Sequence[tuple[int, int]] | None, epochs: int) -> list[tup
 
 def _example(data: Any, n: int = 2) -> Any:
     """Two samples of ``data`` for probing and the split's parity check (enough to check the
-    batch axis; each probe is a frozen forward, paid before the cache is built)."""
-    length = fdata.dataset_length(data)
-    if length == 0:
-        raise DataError("the dataset is empty: there is nothing to train on.")
-    # A DataLoader's iterator draws its base seed from the global generator: dropout in the
-    # unfrozen blocks must see the stream it would see with tensors.
-    with torch.random.fork_rng(devices=[]):
-        inputs, _ = next(iter(fdata.as_batches(data, min(n, length))))
-    return inputs
+    batch axis; each probe is a frozen forward, paid before the cache is built). The global
+    random stream is left as it was (dropout in unfrozen blocks draws from it)."""
+    return as_source(data).example(n)
 
 
+def _training_batch_size(train: Any, batch_size: int | None) -> int:
+    """fit's batch size: the one given, else a DataLoader's own, else 256; a DataLoader whose
+    batch size differs from the one given is told that it only reads the samples."""
+    loader = train.batch_size if isinstance(train, DataLoader) else None
+    if batch_size is None:
+        return loader or 256
+    if loader is not None and loader != batch_size:
+        warnings.warn(
+            f"fit(batch_size={batch_size}) trains in batches of {batch_size}; the DataLoader's batch_size={loader} "
+            "only reads the samples for the one frozen pass. Leave fit's batch_size unset to train with the "
+            "DataLoader's.", UserWarning, stacklevel=3)
+    return batch_size

@@ -15,6 +15,6 @@ for training. Modules, one job each:
 from __future__ import annotations
 
 from fastft.cache.feature_cache import FeatureCache, TapInfo
-from fastft.cache.manage import default_cache_dir, info, list, remove, verify
+from fastft.cache.manage import default_cache_dir, info, list, list_caches, remove, verify
 
-__all__ = ["FeatureCache", "TapInfo", "default_cache_dir", "list", "info", "verify", "remove"]
+__all__ = ["FeatureCache", "TapInfo", "default_cache_dir", "list", "list_caches", "info", "verify", "remove"]

@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import hashlib
 import logging
+import random
 import socket
 import sys
 import time
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -286,15 +288,24 @@ class Writer:
 
     def _transform(self, inputs: Any, chunk: Chunk) -> Any:
         # Each chunk's randomness depends only on (seed, view, start): views are reproducible
-        # and a resumed build draws exactly what an uninterrupted one would have.
+        # and a resumed build draws exactly what an uninterrupted one would have. Python's and
+        # NumPy's global generators are seeded too (transforms draw from them as often as from
+        # torch's), and every generator is put back as it was afterwards.
         seed = _chunk_seed(self.s.seed, chunk.view, chunk.start)
         devices = [self.s.device] if self.s.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            if self._pass_generator:
-                g = torch.Generator(device=self.s.device).manual_seed(seed)
-                return self.s.transform(inputs, generator=g)
-            return self.s.transform(inputs)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                if self._pass_generator:
+                    g = torch.Generator(device=self.s.device).manual_seed(seed)
+                    return self.s.transform(inputs, generator=g)
+                return self.s.transform(inputs)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
     def layout(self, names: list[str], tensors: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[TapInfo], dict]:
         """Taps and label layout from the first chunk's activations."""

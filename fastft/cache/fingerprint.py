@@ -142,27 +142,32 @@ def transform_part(transform: Callable | None, transform_id: str | None, seed: i
     return f"{named}{hasher.hexdigest()},seed={seed},batch={batch_size}", opaque
 
 
+def dataset_part(source: Source, dataset_id: str | None, batch_size: int = 256,
+                 num_workers: int = 0) -> tuple[str, torch.Tensor | None, list[str]]:
+    """``(part, labels, opaque)`` of the data: every sample by content (one read of the data),
+    or ``dataset_id`` (no read; the labels of ``(X, y)`` tensors still count, they are at hand)."""
+    if dataset_id is not None:
+        text, labels = f"id:{dataset_id}:n={source.n}", getattr(source, "y", None)
+        if labels is not None:
+            text += ":labels=" + ContentHasher().update(labels).hexdigest()
+        return _sha(text), labels, []
+    found = source.content_key(batch_size, num_workers)
+    return _sha(found.digest), found.labels, [f"the data: {o}" for o in found.opaque]
+
+
 def make_key(prefix: nn.Module, source: Source, *, dataset_id: str | None, transform: Callable | None,
              transform_id: str | None, views: int, seed: int, batch_size: int, num_workers: int, dtype: str,
              pool: str, mask_key: str, amp: str | None = None) -> CacheKey:
     """The :class:`CacheKey` of a build (reads every sample once unless ``dataset_id`` is given;
     see the module docstring for what each part covers)."""
     parts, opaque, trace = prefix_parts(prefix)
-    labels = None
-    if dataset_id is not None:
-        dataset = f"id:{dataset_id}:n={source.n}"
-        if hasattr(source, "y"):  # (X, y) tensors: the labels are at hand, so they still count
-            labels = source.y
-            dataset += ":labels=" + ContentHasher().update(labels).hexdigest()
-    else:
-        found = source.content_key(batch_size, num_workers)
-        dataset, labels = found.digest, found.labels
-        opaque += [f"the data: {o}" for o in found.opaque]
+    dataset, labels, data_opaque = dataset_part(source, dataset_id, batch_size, num_workers)
+    opaque += data_opaque
     t_part, t_opaque = transform_part(transform, transform_id, seed, source.chunk_size or batch_size)
     opaque += t_opaque
     parts.update({
         "format": str(FORMAT_VERSION),
-        "dataset": _sha(dataset),
+        "dataset": dataset,
         "transform": t_part,
         "views": f"views={views}",
         "dtype": dtype + (f",prefix under {amp} autocast" if amp else ""),
