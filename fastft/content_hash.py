@@ -160,6 +160,8 @@ _CODE_FIELDS = ("co_argcount", "co_posonlyargcount", "co_kwonlyargcount", "co_fl
                 "co_varnames", "co_freevars", "co_cellvars", "co_exceptiontable")
 _SIMPLE = (type(None), bool, int, float, complex, str, type(Ellipsis), type(NotImplemented), range, slice,
            torch.dtype, torch.device, torch.layout, torch.memory_format)
+#: Values whose repr is their content (the same in every process): hashed in bulk in containers.
+_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
 _OPAQUE_TYPES = (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType, types.FrameType,
                  weakref.ReferenceType, weakref.ProxyType, io.IOBase, memoryview)
 _MAX_DEPTH = 200
@@ -345,6 +347,9 @@ class ContentHasher:
 
     def _sequence(self, seq) -> None:
         self._emit(type(seq).__name__, str(len(seq)))
+        if len(seq) > 8 and all(type(item) in _PLAIN for item in seq):  # a vocabulary, a shape list: at once
+            self._emit("plain", repr(list(seq)))
+            return
         for i, item in enumerate(seq):
             self._child(item, f"[{i}]")
 
@@ -361,7 +366,11 @@ class ContentHasher:
         self._emit(type(mapping).__name__, str(len(mapping)))
         if isinstance(mapping, defaultdict):
             self._child(mapping.default_factory, "default_factory")
-        for key, value in list(mapping.items()):
+        items = list(mapping.items())
+        if len(items) > 8 and all(type(k) in _PLAIN and type(v) in _PLAIN for k, v in items):
+            self._emit("plain", repr(items))  # a tokenizer's vocabulary: one update, not 60,000
+            return
+        for key, value in items:
             self._child(key, "key")
             self._child(value, f"[{key!r:.40}]")
 

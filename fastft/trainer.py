@@ -393,11 +393,16 @@ class FineTuner:
             self._split_state = self._model_state()
 
     def _model_state(self) -> str:
-        """The model as the split sees it: everything but what trains (by value), and which
-        parameters train."""
+        """The model as the split sees it: everything but what trains, by value; which module
+        and parameter objects it holds (a traced prefix holds the objects of its time) and
+        which parameters train. Not the weights' values: the prefix shares the parameter
+        tensors, so it computes with new values anyway (and the cache key sees them)."""
         modules, params = self.prefix.key_mask()
-        hasher = ContentHasher(mask_modules=modules, mask_params=params).update(self.model, "the model")
-        return hasher.hexdigest() + "".join("1" if p.requires_grad else "0" for p in self.model.parameters())
+        hasher = ContentHasher(mask_modules=modules, mask_params=params, weights_apart=True)
+        hasher.update(self.model, "the model")
+        objects = [id(m) for m in self.model.modules()] + [id(p) for p in self.model.parameters()]
+        trains = "".join("1" if p.requires_grad else "0" for p in self.model.parameters())
+        return f"{hasher.hexdigest()}:{hash(tuple(objects))}:{trains}"
 
     # ------------------------------------------------------------------ caches
     def _build_settings(self) -> dict[str, Any]:

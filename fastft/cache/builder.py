@@ -42,7 +42,7 @@ from fastft import data as fdata
 from fastft import distributed as fdist
 from fastft.cache import disk
 from fastft.cache.feature_cache import FeatureCache, TapInfo
-from fastft.cache.fingerprint import (FORMAT_VERSION, PARTS, CacheKey, accepts_generator, changed_parts,
+from fastft.cache.fingerprint import (FORMAT_VERSION, PARTS, CacheKey, accepts_generator, changed_parts, combine,
                                       describe_changes, make_key, warn_if_self_changing,
                                       warn_not_reusable)
 from fastft.sources import Chunk, Source, as_source
@@ -906,6 +906,9 @@ def _build_sharded_once(cls, writer: Writer, source, n, s: Settings, fp, parts, 
     """One attempt of :func:`build_sharded`; None when the interrupted build found on disk
     did not match the prefix (rank 0 removed it: build again from scratch)."""
     rank, world = fdist.rank_and_world()
+    if "once" in parts:  # a key that is never reused: every rank builds rank 0's one
+        parts = {**parts, "once": fdist.broadcast_object(parts["once"])}
+        fp = combine(parts)
     folder = s.root / fp
     keys = fdist.all_gather_object((fp, socket.gethostname()))
     differ = [r for r, (key, _) in enumerate(keys) if key != keys[0][0]]
