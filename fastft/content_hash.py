@@ -8,22 +8,21 @@ transform, the collate function) by everything that determines what they compute
 - ``nn.Module`` objects by their class, every attribute in ``__dict__`` (hyper-parameters,
   plain tensors, configs), forward hooks, parameters, buffers and submodules;
 - functions by value: bytecode, constants, defaults, closure cells and the globals their
-  code reads (the rule cloudpickle uses to pickle a function by value), recursively;
+  code reads, followed through the attributes it reads of the user's modules (the rule
+  cloudpickle uses to pickle a function by value, made exact by reading the bytecode);
   ``functools.partial`` by its function and arguments, bound methods by function and owner;
 - classes defined by the user by value (every method and class attribute);
 - other objects by their state (``__dict__``/``__slots__``, or what ``__reduce_ex__`` gives,
   as pickle and joblib do); sets in a canonical order (joblib's rule), dicts in order.
 
-Library code (torch, numpy, torchvision, transformers, the standard library, fastft
-itself; anything installed and not editable) is hashed by qualified name and the installed
-version of its package: its source is what that version ships. Code of the user (scripts,
-notebooks, editable installs, modules on ``sys.path``) is hashed by value, without file
-names or line numbers, so that moving a function or re-running a notebook cell does not
-change its hash.
+Library code (see :mod:`fastft.code_reads`) is hashed by qualified name and the installed
+version of its package; a method of a library class replaced by the user is hashed by value.
+Code of the user is hashed by value, without file names or line numbers, so that moving a
+function or re-running a notebook cell does not change its hash.
 
 What cannot be seen soundly is reported, not guessed: objects whose state cannot be read
 (open files, sockets, generators, C objects without pickle support) and code that reads
-the outside world directly (``open``, ``os``, ``time``, ``socket``, ...). Such a hash is
+the outside world (``open``, ``os``, ``np.load``, ``sys.modules``, ...). Such a hash is
 *opaque*: :attr:`ContentHasher.opaque` says where and why, and the cache key built from it
 is never reused unless the caller names the content with an explicit id.
 
@@ -37,7 +36,6 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import dis
 import enum
 import functools
 import hashlib
@@ -49,18 +47,20 @@ import threading
 import types
 import weakref
 from collections import OrderedDict, defaultdict, deque
-from importlib import metadata
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ContentHasher", "content_hash", "tensor_digest", "is_library_module", "first_difference", "KEY_IGNORE"]
+from fastft import code_reads as reads
+
+__all__ = ["ContentHasher", "content_hash", "tensor_digest", "first_difference", "KEY_IGNORE"]
 
 #: A class or instance attribute of an ``nn.Module``: names of its attributes that do not
 #: change what it computes (a call counter, outputs kept for display), left out of its hash.
 KEY_IGNORE = "fastft_key_ignore"
+
 
 # ---------------------------------------------------------------------------- tensors
 def tensor_digest(t: torch.Tensor) -> bytes:
@@ -70,69 +70,20 @@ def tensor_digest(t: torch.Tensor) -> bytes:
     version counter, so a memo could return the hash of old content.
     """
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    flat = t.detach().reshape(-1)
+    flat = t.detach().resolve_conj().resolve_neg().reshape(-1)
     if flat.numel():
         h.update(memoryview(flat.cpu().contiguous().view(torch.uint8).numpy()))
     return h.digest()
 
 
-# ---------------------------------------------------------------------------- library or user code
-#: Names that read the outside world (files, the clock, the environment, other processes):
-#: code that refers to them directly computes with something no hash of the objects sees.
-IMPURE_BUILTINS = frozenset({"open", "input", "exec", "eval", "compile", "__import__", "breakpoint"})
-IMPURE_MODULES = frozenset({
-    "os", "io", "pathlib", "shutil", "glob", "fnmatch", "tempfile", "socket", "ssl", "select", "urllib", "http",
-    "requests", "subprocess", "time", "datetime", "uuid", "secrets", "sqlite3", "mmap", "fcntl", "signal",
-    "multiprocessing", "h5py", "zarr", "lmdb", "webdataset",
-})
-#: Packages whose code and objects are library code even when installed in editable mode.
-ALWAYS_LIBRARY = frozenset({"fastft", "torch", "numpy", "builtins"})
-
-
-@functools.lru_cache(maxsize=None)
-def _distributions() -> dict[str, list[str]]:
-    return metadata.packages_distributions()
-
-
-@functools.lru_cache(maxsize=None)
-def _package_version(top: str) -> str | None:
-    """``dist==version`` of the installed, non-editable distribution providing package
-    ``top``; None when there is none (user code)."""
-    if top in ALWAYS_LIBRARY:
-        mod = sys.modules.get(top)
-        return f"{top}=={getattr(mod, '__version__', '?')}"
-    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
-        return f"python=={sys.version.split()[0]}"
-    for dist_name in _distributions().get(top, []):
-        try:
-            dist = metadata.distribution(dist_name)
-        except metadata.PackageNotFoundError:
-            continue
-        direct = dist.read_text("direct_url.json") or ""
-        if '"editable": true' in direct.replace(" ", "").replace('"editable":true', '"editable": true'):
-            return None  # the user's own package, installed to be edited: hashed by value
-        return f"{dist_name}=={dist.version}"
-    return None
-
-
-def _top(module_name: str | None) -> str:
-    return (module_name or "").partition(".")[0]
-
-
-def is_library_module(module_name: str | None) -> bool:
-    """True for the standard library and installed, non-editable packages (and fastft,
-    torch, numpy), whose code is identified by name and version."""
-    return bool(module_name) and _package_version(_top(module_name)) is not None
-
-
-# ---------------------------------------------------------------------------- the hasher
+# ---------------------------------------------------------------------------- what is skipped
 #: nn.Module bookkeeping that does not change what ``forward`` computes.
 _MODULE_SKIP = frozenset({
-    "training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_backward_hooks",
+    "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_backward_hooks",
     "_backward_pre_hooks", "_is_full_backward_hook", "_state_dict_hooks", "_state_dict_pre_hooks",
     "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_forward_hooks", "_forward_pre_hooks",
     "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
-    "_compiled_call_impl", "_version",
+    "_compiled_call_impl", "_version", "_is_torch_compile",  # torch.compile's marks
 })
 #: torch.fx.GraphModule internals: its generated code stands for the graph.
 _GRAPH_MODULE_SKIP = frozenset({
@@ -142,10 +93,7 @@ _GRAPH_MODULE_SKIP = frozenset({
 #: Class attributes that are not behaviour.
 _CLASS_SKIP = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
                          "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__",
-                         "_abc_impl", "__slots__", "__slotnames__", "__annotate_func__", "__annotations_cache__",
-                         # display only: never part of what an object computes
-                         "__repr__", "__str__", "__format__", "__dir__", "__sizeof__", "__del__", "extra_repr"})
-#: Objects that never determine what is computed (a lock, a logger): hashed by type only.
+                         "_abc_impl", "__slots__", "__slotnames__", "__annotate_func__", "__annotations_cache__"})
 #: Methods that build or save an object and do not run when it computes: what they read (a
 #: vocabulary file opened in __init__) ends up in the object's state, which is hashed itself,
 #: so reading files there does not make the hash opaque. Their code is still hashed.
@@ -153,9 +101,14 @@ _SETUP_METHODS = frozenset({"__init__", "__new__", "__init_subclass__", "__post_
                             "__getstate__", "__reduce__", "__reduce_ex__", "__deepcopy__", "__copy__",
                             "reset_parameters", "init_weights", "_init_weights", "load_state_dict",
                             "_load_from_state_dict", "state_dict", "save", "load", "from_pretrained",
-                            "save_pretrained"})
+                            "save_pretrained", "__repr__", "__str__", "__format__", "__dir__", "__sizeof__",
+                            "__del__", "extra_repr"})
+#: Where an nn.Module's computation starts (the methods reachable from these run when it computes).
+_MODULE_ENTRY = ("forward", "__call__", "_call_impl")
+#: Objects that never determine what is computed (a lock, a logger, a weak cache): by type only.
 _INERT = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event,
-          threading.Semaphore, logging.Logger, logging.Handler, logging.Formatter, logging.Filter)
+          threading.Semaphore, logging.Logger, logging.Handler, logging.Formatter, logging.Filter,
+          weakref.WeakKeyDictionary, weakref.WeakValueDictionary, weakref.WeakSet)
 _CODE_FIELDS = ("co_argcount", "co_posonlyargcount", "co_kwonlyargcount", "co_flags", "co_code", "co_names",
                 "co_varnames", "co_freevars", "co_cellvars", "co_exceptiontable")
 _SIMPLE = (type(None), bool, int, float, complex, str, type(Ellipsis), type(NotImplemented), range, slice,
@@ -163,40 +116,50 @@ _SIMPLE = (type(None), bool, int, float, complex, str, type(Ellipsis), type(NotI
 #: Values whose repr is their content (the same in every process): hashed in bulk in containers.
 _PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
 _OPAQUE_TYPES = (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType, types.FrameType,
-                 weakref.ReferenceType, weakref.ProxyType, io.IOBase, memoryview)
+                 weakref.ProxyType, io.IOBase, memoryview)
 _MAX_DEPTH = 200
 _ADDRESS = re.compile(r"( at)? 0x[0-9a-fA-F]+")
+_BUILTIN_TYPES = (types.BuiltinFunctionType, types.BuiltinMethodType, types.WrapperDescriptorType,
+                  types.MethodWrapperType, types.MethodDescriptorType, types.ClassMethodDescriptorType,
+                  types.GetSetDescriptorType, types.MemberDescriptorType, np.ufunc)
 
 
 class _Opaque(Exception):
     """Internal: this object's content cannot be seen."""
 
 
+# ---------------------------------------------------------------------------- the hasher
 class ContentHasher:
     """Feeds objects into one sha256, by value (see the module docstring).
 
     ``mask_modules`` / ``mask_params``: modules and parameters (by identity) that are known not
     to take part in the computation being keyed (the trainable tail of a split model, which
     runs after the cut): they are hashed as a placeholder, so that training them does not
-    change the key. ``weights_apart``: the content of registered parameters and buffers goes
-    into a digest of its own (:meth:`weights_hexdigest`), their names and shapes into the main
-    one, so that a key can say whether weights or something else changed.
+    change the key. ``weights``: what of registered parameters and buffers is hashed:
+    ``"inline"`` their content, ``"apart"`` their content into a digest of their own
+    (:meth:`weights_hexdigest`) and their names and shapes into the main one, ``"layout"``
+    names and shapes only. ``eval_mode``: the modules hashed always run in eval mode (a frozen
+    prefix), so their ``training`` flag does not count. ``trace``: see :attr:`trace`.
     """
 
     def __init__(self, *, mask_modules: Iterable[nn.Module] = (), mask_params: Iterable[torch.Tensor] = (),
-                 weights_apart: bool = False, trace: bool = False):
+                 weights: str = "inline", eval_mode: bool = False, trace: bool = False):
+        if weights not in ("inline", "apart", "layout"):
+            raise ValueError(f"weights must be 'inline', 'apart' or 'layout', got {weights!r}")
         self._h = hashlib.sha256()
         #: With ``trace=True``: ``(path, running digest)`` after each attribute, parameter and
         #: buffer of every module, so that two hashes of the same object can say where they
         #: first differ (:func:`first_difference`).
         self.trace: list[tuple[str, bytes]] | None = [] if trace else None
-        self._weights = hashlib.sha256() if weights_apart else None
+        self._weights_mode = weights
+        self._weights = hashlib.sha256() if weights == "apart" else None
+        self._eval_mode = eval_mode
         self._memo: dict[int, int] = {}
         self._alive: list[Any] = []  # keeps memoised temporaries alive, so ids are not reused
         self._masked = {id(m) for m in mask_modules} | {id(p) for p in mask_params}
         self._path: list[str] = []
         self._depth = 0
-        self._setup = 0  # > 0 inside a setup method (see _SETUP_METHODS)
+        self._setup = 0  # > 0 in code that does not run when the object computes (no opaque notes)
         #: What could not be seen, as ``"where: why"`` (empty when the hash is sound).
         self.opaque: list[str] = []
 
@@ -205,9 +168,9 @@ class ContentHasher:
         return self._h.hexdigest()
 
     def weights_hexdigest(self) -> str:
-        """Digest of the registered parameters and buffers (with ``weights_apart=True``)."""
+        """Digest of the registered parameters and buffers (with ``weights="apart"``)."""
         if self._weights is None:
-            raise ValueError("this ContentHasher hashes weights inline (weights_apart=False)")
+            raise ValueError("this ContentHasher does not hash weights apart (weights='apart')")
         return self._weights.hexdigest()
 
     def _emit(self, tag: str, payload: bytes | str = b"") -> None:
@@ -219,6 +182,13 @@ class ContentHasher:
         if len(self.opaque) < 8 and f"{where}: {why}" not in self.opaque:
             self.opaque.append(f"{where}: {why}")
         self._emit("opaque", _ADDRESS.sub("", why))  # what was not seen, stable across processes
+
+    def _mark(self, name: str) -> None:
+        if self.trace is not None:
+            digest = self._h.copy()
+            if self._weights is not None:
+                digest.update(self._weights.digest())
+            self.trace.append((".".join(self._path[1:] + [name]), digest.digest()))
 
     # ------------------------------------------------------------------ entry points
     def update(self, obj: Any, name: str = "") -> "ContentHasher":
@@ -235,6 +205,10 @@ class ContentHasher:
             self._walk(obj)
         except _Opaque as exc:
             self._note_opaque(str(exc))
+        except RecursionError:
+            self._note_opaque("nested too deeply to read")
+        except Exception as exc:  # an object that fails when read: it cannot be seen, never a crash
+            self._note_opaque(f"a {_type_name(obj)} that cannot be read ({type(exc).__name__}: {exc})"[:300])
         finally:
             self._depth -= 1
             self._path.pop()
@@ -255,71 +229,74 @@ class ContentHasher:
         if id(obj) in self._masked:
             self._emit("masked")
             return
+        handler = self._handler(obj)
+        handler(obj)
+
+    def _handler(self, obj: Any):  # noqa: C901 - one dispatch table, in the order types are tried
         if isinstance(obj, torch.Tensor):
-            self._tensor(obj)
-        elif isinstance(obj, np.ndarray):
-            self._array(obj)
-        elif isinstance(obj, np.generic):
-            self._emit("np." + obj.dtype.str, obj.tobytes())
-        elif isinstance(obj, torch.Size):
-            self._emit("Size", repr(tuple(obj)))
-        elif isinstance(obj, nn.Module):
-            self._module(obj)
-        elif isinstance(obj, types.ModuleType):
-            self._module_object(obj)
-        elif isinstance(obj, types.FunctionType):
-            self._function(obj)
-        elif isinstance(obj, types.MethodType):
-            self._emit("method", obj.__func__.__name__)
-            self._child(obj.__func__, "__func__")
-            self._child(obj.__self__, "__self__")
-        elif isinstance(obj, (types.BuiltinFunctionType, types.BuiltinMethodType, types.WrapperDescriptorType,
-                              types.MethodWrapperType, types.MethodDescriptorType, types.ClassMethodDescriptorType,
-                              types.GetSetDescriptorType, types.MemberDescriptorType, np.ufunc)):
-            self._builtin(obj)
-        elif isinstance(obj, types.CodeType):
-            self._code(obj)
-        elif isinstance(obj, type):
-            self._class(obj)
-        elif isinstance(obj, functools.partial):
-            self._emit("partial", type(obj).__qualname__)
-            self._child(obj.func, "func")
-            self._child(obj.args, "args")
-            self._child(obj.keywords, "keywords")
-            self._child(getattr(obj, "__dict__", {}), "__dict__")
-        elif isinstance(obj, (staticmethod, classmethod)):
-            self._emit(type(obj).__name__)
-            self._child(obj.__func__, "__func__")
-        elif isinstance(obj, property):
-            self._emit("property")
-            for part in ("fget", "fset", "fdel"):
-                self._child(getattr(obj, part), part)
-        elif isinstance(obj, enum.Enum):
-            self._emit("enum", obj.name)
-            self._child(type(obj), "__class__")
-        elif isinstance(obj, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-            self._emit("op", f"{obj}@{_package_version('torch')}")
-        elif isinstance(obj, torch.Generator):
-            self._emit("generator", str(obj.device))
-            self._tensor(obj.get_state())
-        elif isinstance(obj, (list, tuple, deque)) and type(obj) in (list, tuple, deque):
-            self._sequence(obj)
-        elif isinstance(obj, dict) and type(obj) in (dict, OrderedDict, defaultdict):
-            self._mapping(obj)
-        elif isinstance(obj, types.MappingProxyType):
-            self._mapping(dict(obj))
-        elif isinstance(obj, (set, frozenset)) and type(obj) in (set, frozenset):
-            self._set(obj)
-        elif isinstance(obj, (str, bytes, int, float, tuple, list, dict)):  # a subclass of a builtin value
-            self._builtin_subclass(obj)
-        elif isinstance(obj, _INERT):
-            self._emit("inert", type(obj).__qualname__)
-        elif isinstance(obj, io.IOBase) and obj in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-            self._emit("stdio", str(obj.fileno()) if not obj.closed else "closed")
-        elif isinstance(obj, _OPAQUE_TYPES):
+            return self._tensor
+        if isinstance(obj, np.ndarray):
+            return self._array
+        if isinstance(obj, np.generic):
+            return lambda o: self._emit("np." + str(o.dtype), o.tobytes())
+        if isinstance(obj, torch.Size):
+            return lambda o: self._emit("Size", repr(tuple(o)))
+        if _is_compiled(obj):  # torch.compile's wrapper: what it compiles
+            return lambda o: (self._emit("compiled"), self._child(o._orig_mod, "_orig_mod"))
+        if isinstance(obj, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+            return self._script
+        if isinstance(obj, nn.Module):
+            return self._module
+        if isinstance(obj, types.ModuleType):
+            return self._module_value
+        if isinstance(obj, types.FunctionType):
+            return self._function
+        if isinstance(obj, types.MethodType):
+            return self._method
+        if isinstance(obj, _BUILTIN_TYPES):
+            return self._builtin
+        if isinstance(obj, types.CodeType):
+            return self._code
+        if isinstance(obj, type):
+            return self._class
+        if isinstance(obj, functools.partial):
+            return self._partial
+        if type(obj).__name__ == "_lru_cache_wrapper":  # @lru_cache / @cache: the function it wraps
+            return lambda o: (self._emit("lru_cache", repr(o.cache_parameters())), self._child(o.__wrapped__, "fn"))
+        if isinstance(obj, (staticmethod, classmethod)):
+            return lambda o: (self._emit(type(o).__name__), self._child(o.__func__, "__func__"))
+        if isinstance(obj, property):
+            return lambda o: (self._emit("property"), [self._child(getattr(o, p), p) for p in ("fget", "fset", "fdel")])
+        if isinstance(obj, enum.Enum):
+            return lambda o: (self._emit("enum", repr(o.name) if o.name is not None else repr(o.value)),
+                              self._child(o.value, "value"), self._child(type(o), "__class__"))
+        if isinstance(obj, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            return lambda o: self._emit("op", f"{o}@{reads.library_version('torch')}")
+        if isinstance(obj, (torch.finfo, torch.iinfo)):
+            return lambda o: self._emit("info", f"{type(o).__name__}({o.dtype})")
+        if isinstance(obj, re.Pattern):
+            return lambda o: self._emit("re", f"{o.flags}:{o.pattern!r}")
+        if isinstance(obj, torch.Generator):
+            return lambda o: (self._emit("generator", str(o.device)), self._tensor(o.get_state()))
+        if isinstance(obj, weakref.ReferenceType):  # what it refers to (an RNN's flat weights)
+            return lambda o: (self._emit("weakref"), self._child(o(), "referent"))
+        if isinstance(obj, (list, tuple, deque)) and type(obj) in (list, tuple, deque):
+            return self._sequence
+        if isinstance(obj, dict) and type(obj) in (dict, OrderedDict, defaultdict):
+            return self._mapping
+        if isinstance(obj, types.MappingProxyType):
+            return lambda o: self._mapping(dict(o))
+        if isinstance(obj, (set, frozenset)) and type(obj) in (set, frozenset):
+            return self._set
+        if isinstance(obj, (str, bytes, int, float, tuple, list, dict)):  # a subclass of a builtin value
+            return self._builtin_subclass
+        if isinstance(obj, _INERT):
+            return lambda o: self._emit("inert", type(o).__qualname__)
+        if isinstance(obj, io.IOBase) and obj in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            return lambda o: self._emit("stdio", str(o.fileno()) if not o.closed else "closed")
+        if isinstance(obj, _OPAQUE_TYPES):
             raise _Opaque(f"a {_type_name(obj)}, whose content cannot be read")
-        else:
-            self._object(obj)
+        return self._object
 
     # ------------------------------------------------------------------ values
     def _tensor(self, t: torch.Tensor) -> None:
@@ -334,15 +311,26 @@ class ContentHasher:
                 return
             raise _Opaque(f"a tensor with layout {t.layout}")
         if t.is_quantized:
-            raise _Opaque("a quantized tensor")
+            self._emit("quantized", f"{t.qscheme()}")
+            self._tensor(t.int_repr())
+            self._child(t.q_per_channel_scales() if t.qscheme() in (torch.per_channel_affine,
+                                                                    torch.per_channel_symmetric)
+                        else torch.tensor([t.q_scale(), t.q_zero_point()], dtype=torch.float64), "quantization")
+            return
         self._emit("tensor", tensor_digest(t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t))
 
     def _array(self, a: np.ndarray) -> None:
+        if type(a) is not np.ndarray:  # a masked or matrix array: its class and extra state too
+            self._child(type(a), "__class__")
+            self._child(getattr(a, "__dict__", {}), "__dict__")
+            if isinstance(a, np.ma.MaskedArray):
+                self._child(np.ma.getmaskarray(a).copy(), "mask")
+            a = np.asarray(a)
         if a.dtype.hasobject:
             self._emit("objarray", repr(a.shape))
             self._child(a.tolist(), "items")
             return
-        self._emit("array", f"{a.dtype.str}{a.shape}")
+        self._emit("array", f"{a.dtype.descr}{a.shape}")  # descr: a structured dtype's fields too
         self._emit("bytes", np.ascontiguousarray(a).tobytes())
 
     def _sequence(self, seq) -> None:
@@ -358,9 +346,14 @@ class ContentHasher:
         value as the builtin it extends, and any attributes of its own."""
         self._emit("subclass")
         self._child(type(obj), "__class__")
-        base = next(b for b in (str, bytes, int, float, tuple, list, dict) if isinstance(obj, b))
-        self._child(base(obj) if base is not dict else dict(obj.items()), "value")
-        self._child(getattr(obj, "__dict__", {}), "__dict__")
+        # The builtin's own methods: a subclass's __int__ or __iter__ may say something else.
+        value = (str.__str__(obj) if isinstance(obj, str) else bytes.__getitem__(obj, slice(None))
+                 if isinstance(obj, bytes) else int.__int__(obj) if isinstance(obj, int)
+                 else float.__float__(obj) if isinstance(obj, float) else dict(dict.items(obj))
+                 if isinstance(obj, dict) else list.__getitem__(obj, slice(None)) if isinstance(obj, list)
+                 else tuple.__getitem__(obj, slice(None)))
+        self._child(value, "value")
+        self._child(dict(getattr(obj, "__dict__", {})), "__dict__")
 
     def _mapping(self, mapping: dict) -> None:
         self._emit(type(mapping).__name__, str(len(mapping)))
@@ -378,8 +371,9 @@ class ContentHasher:
         # Hash order of strings changes between processes: sort by each element's own digest.
         digests = []
         for item in items:
-            sub = ContentHasher()
-            sub._masked = self._masked
+            sub = ContentHasher(weights=self._weights_mode if self._weights_mode != "apart" else "inline",
+                                eval_mode=self._eval_mode)
+            sub._masked, sub._depth, sub._path = self._masked, self._depth, list(self._path)
             sub.update(item, "element")
             self.opaque.extend(x for x in sub.opaque if x not in self.opaque)
             digests.append(sub.hexdigest())
@@ -404,10 +398,10 @@ class ContentHasher:
 
     def _function(self, fn: types.FunctionType) -> None:
         module = getattr(fn, "__module__", None)
-        if is_library_module(module) and module != "builtins":  # exec'd code claims builtins
+        if reads.is_library_code(module, fn.__code__):
             # The library's code by name and version; what a library closure or default was
             # given (a factory's arguments) by value.
-            self._emit("libfn", f"{module}.{fn.__qualname__}@{_package_version(_top(module))}")
+            self._emit("libfn", f"{module}.{fn.__qualname__}@{reads.library_version(module.partition('.')[0])}")
             if fn.__closure__ or fn.__defaults__ or fn.__kwdefaults__:
                 self._child(fn.__defaults__, "__defaults__")
                 self._child(fn.__kwdefaults__, "__kwdefaults__")
@@ -421,70 +415,99 @@ class ContentHasher:
         self._child(fn.__kwdefaults__, "__kwdefaults__")
         self._child(_cell_values(fn), "__closure__")
         self._globals(fn)
-        extra = {k: v for k, v in vars(fn).items() if k not in ("__wrapped__",)} if hasattr(fn, "__dict__") else {}
-        if "__wrapped__" in getattr(fn, "__dict__", {}):
-            extra["__wrapped__"] = fn.__wrapped__
-        self._child(extra, "__dict__")
+        self._child(dict(getattr(fn, "__dict__", {})), "__dict__")
 
     def _globals(self, fn: types.FunctionType) -> None:
-        """The globals and builtins ``fn``'s code reads: cloudpickle's rule, made exact by
-        reading the bytecode (names loaded as globals, nested code objects included; an
-        attribute ``self.x`` is not the global ``x``)."""
-        for module in sorted(_imports(fn.__code__)):  # `import os` inside the function
-            if _top(module) in IMPURE_MODULES and not self._setup:
-                self._path.append(module)
-                self._note_opaque(f"the code imports the module {module} (files, clock or processes)")
-                self._path.pop()
-        attributes = sorted(_code_names(fn.__code__))
-        names = sorted(_global_names(fn.__code__))
+        """What ``fn``'s code reads from its globals: every global it loads, and along the
+        attribute chains it reads of the user's modules (``cfg.sub.MEAN``), the values at
+        their ends; library modules by name and version. Code that reads the outside world
+        makes the hash opaque (outside setup code)."""
         scope = fn.__globals__
         builtin_names = scope.get("__builtins__", builtins)
         builtin_names = builtin_names if isinstance(builtin_names, dict) else vars(builtin_names)
-        for name in names:
+        if not self._setup:
+            for why in reads.outside_reads(fn.__code__, scope, builtin_names):
+                self._note_opaque(f"the code {why}")
+        chains = reads.attribute_chains(fn.__code__)
+        dynamic = "getattr" in reads.global_names(fn.__code__)
+        for name in sorted(reads.global_names(fn.__code__)):
             if name in scope:
                 value = scope[name]
+                self._emit("global", name)
                 if isinstance(value, types.ModuleType):
-                    self._module_reference(value, name, attributes)
+                    self._module_reference(value, name, [c[1:] for c in chains if c[0] == name], dynamic)
                 else:
-                    self._emit("global", name)
                     self._child(value, name)
             elif name in builtin_names:
-                if name in IMPURE_BUILTINS and not self._setup:
-                    self._path.append(name)
-                    self._note_opaque(f"the code calls the builtin {name}() (reads outside state)")
-                    self._path.pop()
-                else:
-                    self._emit("builtin", name)
+                self._emit("builtin", name)
 
-    def _module_reference(self, mod: types.ModuleType, name: str, names: list[str]) -> None:
-        """A module the code refers to: by name for library modules (refusing those that read
-        the outside world); for the user's own modules, the attributes the code may read."""
+    def _module_reference(self, mod: types.ModuleType, name: str, chains: list[tuple[str, ...]],
+                          dynamic: bool) -> None:
+        """A module the code reads from: a library's by name and version; the user's by what
+        the code reads of it, following each attribute chain through the user's submodules to
+        the value it ends at (all of the module when the code also looks names up with getattr)."""
         mod_name = getattr(mod, "__name__", name)
-        if (_top(mod_name) in IMPURE_MODULES or mod_name in IMPURE_MODULES) and not self._setup:
-            self._path.append(name)
-            self._note_opaque(f"the code uses the module {mod_name} (files, clock or processes)")
-            self._path.pop()
+        if reads.is_library_module(mod_name):
+            self._emit("libmodule", f"{mod_name}@{reads.library_version(mod_name.partition('.')[0])}")
+            for chain in sorted(set(chains)):  # a library function the user replaced (F.gelu = ...)
+                value = reads.resolve(mod, chain)
+                if _is_user_function(value):
+                    self._emit("patched", ".".join(chain))
+                    self._child(value, ".".join((name, *chain)))
             return
-        self._emit("globalmodule", f"{name}={mod_name}")
-        if is_library_module(mod_name):
-            self._emit("version", _package_version(_top(mod_name)) or "")
+        if dynamic or not chains:
+            self._module_value(mod)
             return
-        for attr in names:
-            if attr in vars(mod) and not isinstance(vars(mod)[attr], types.ModuleType):
-                self._emit("attr", attr)
-                self._child(vars(mod)[attr], f"{name}.{attr}")
+        self._emit("module", mod_name)
+        for chain in sorted(set(chains)):
+            value: Any = mod
+            path = [name]
+            for attr in chain:
+                if not isinstance(value, types.ModuleType) or reads.is_library_module(value.__name__):
+                    break
+                if attr not in vars(value):
+                    value = _MISSING
+                    break
+                value = vars(value)[attr]
+                path.append(attr)
+            self._emit("chain", ".".join(path))
+            if value is not _MISSING and not (isinstance(value, types.ModuleType)
+                                              and not reads.is_library_module(value.__name__)):
+                self._child(value, ".".join(path))
 
-    def _module_object(self, mod: types.ModuleType) -> None:
+    def _module_value(self, mod: types.ModuleType) -> None:
+        """A module held as a value (an attribute, a default argument): a library's by name and
+        version; the user's by everything in it (its functions by value, its settings)."""
         mod_name = getattr(mod, "__name__", "?")
         self._emit("module", mod_name)
-        if is_library_module(mod_name):
-            self._emit("version", _package_version(_top(mod_name)) or "")
+        if reads.is_library_module(mod_name):
+            self._emit("version", reads.library_version(mod_name.partition(".")[0]) or "")
+            return
+        for key, value in list(vars(mod).items()):
+            if key.startswith("__") and key.endswith("__"):
+                continue
+            self._emit("attr", key)
+            self._child(value, f"{mod_name}.{key}")
+
+    def _method(self, obj: types.MethodType) -> None:
+        self._emit("method", obj.__func__.__name__)
+        self._child(obj.__func__, "__func__")
+        self._child(obj.__self__, "__self__")
+
+    def _partial(self, obj: functools.partial) -> None:
+        self._emit("partial", type(obj).__qualname__)
+        self._child(obj.func, "func")
+        self._child(obj.args, "args")
+        self._child(obj.keywords, "keywords")
+        self._child(getattr(obj, "__dict__", {}), "__dict__")
 
     def _builtin(self, obj: Any) -> None:
         owner = getattr(obj, "__self__", None)
         module = getattr(obj, "__module__", None) or getattr(type(owner), "__module__", None)
         qualname = getattr(obj, "__qualname__", getattr(obj, "__name__", repr(obj)))
         self._emit("builtin", f"{module}.{qualname}")
+        if f"{module}.{qualname}" in reads.IMPURE_FUNCTIONS and not self._setup:
+            self._note_opaque(f"{module}.{qualname} reads a file")
         # A method bound to an object computes with that object (pybind11's function records
         # are the implementation's own, not data).
         if (owner is not None and not isinstance(owner, (types.ModuleType, type))
@@ -493,23 +516,60 @@ class ContentHasher:
 
     def _class(self, cls: type) -> None:
         module = cls.__module__
-        really = module != "builtins" or getattr(builtins, cls.__qualname__, None) is cls  # exec'd code claims builtins
-        if is_library_module(module) and really and "<locals>" not in cls.__qualname__:
-            self._emit("libclass", f"{module}.{cls.__qualname__}@{_package_version(_top(module))}")
+        if _is_library_class(cls):
+            self._emit("libclass", f"{module}.{cls.__qualname__}@{reads.library_version(module.partition('.')[0])}")
+            self._patched_methods(cls, module)
             return
         self._emit("class", cls.__qualname__)
         for i, base in enumerate(cls.__bases__):
             self._child(base, f"__bases__[{i}]")
         ignore = set(vars(cls).get(KEY_IGNORE, ()) or ())
+        reachable = _reachable_methods(cls) if issubclass(cls, nn.Module) else None
         for key, value in list(vars(cls).items()):
             if key in _CLASS_SKIP or key in ignore:
                 continue
             self._emit("classattr", key)
-            self._setup += key in _SETUP_METHODS
+            if reachable is not None and isinstance(value, types.FunctionType) and key not in reachable:
+                # A method forward never names (a training step, a dump to disk): its code counts,
+                # not what it reads; it never runs when the module computes.
+                self._child(value.__code__, key)
+                continue
+            setup = key in _SETUP_METHODS
+            self._setup += setup
             try:
                 self._child(value, key)
             finally:
-                self._setup -= key in _SETUP_METHODS
+                self._setup -= setup
+
+    def _patched_methods(self, cls: type, module: str) -> None:
+        """What the user changed in a library class (a monkeypatch): its methods replaced by
+        the user's code, its plain class attributes (``nn.Linear.gain = 2.0``), and the
+        library functions its methods call that the user replaced (``F.gelu = ...``)."""
+        for klass in cls.__mro__:
+            # nn.Module itself is left out: torch.compile patches it once a process compiles.
+            if klass in (object, nn.Module) or not _is_library_class(klass):
+                continue
+            for key, value in list(vars(klass).items()):
+                if key in _CLASS_SKIP:
+                    continue
+                if _is_user_function(value):
+                    self._emit("patched", key)
+                    self._child(value, key)
+                elif type(value) in _PLAIN or isinstance(value, (tuple, frozenset)) and all(
+                        type(v) in _PLAIN for v in value):
+                    self._emit("classattr", f"{key}={value!r}"[:200])
+                elif isinstance(value, types.FunctionType):
+                    for target in _replaced_references(value):
+                        self._emit("patched call", target[0])
+                        self._child(target[1], target[0])
+
+    def _script(self, obj: Any) -> None:
+        """TorchScript: its code (every method's), its state and its submodules."""
+        self._emit("torchscript", type(obj).__name__)
+        self._emit("code", getattr(obj, "code", "") or "")
+        if isinstance(obj, torch.jit.ScriptModule):
+            self._child({n: getattr(m, "code", "") for n, m in obj.named_modules()}, "code of submodules")
+            self._child(dict(obj.state_dict()), "state_dict")
 
     # ------------------------------------------------------------------ objects
     def _module(self, m: nn.Module) -> None:
@@ -518,12 +578,14 @@ class ContentHasher:
         graph_module = isinstance(m, torch.fx.GraphModule)
         if graph_module:  # its generated code (the class's forward, hashed with it, calls it)
             self._emit("fx.code", m.code)
+        if not self._eval_mode:  # a transform runs in its own mode (dropout on or off)
+            self._emit("training", repr(m.training))
         # Bookkeeping that a module declares not to change what it computes (a call counter,
         # the last attention map kept for display): fastft_key_ignore = ("calls", ...).
         ignore = set(getattr(m, KEY_IGNORE, ()) or ())
         for key, value in list(vars(m).items()):
-            if (key in _MODULE_SKIP or key.startswith("_fastft_") or key in ignore or key == KEY_IGNORE
-                    or (graph_module and key in _GRAPH_MODULE_SKIP)):
+            if (key in _MODULE_SKIP or key == "training" or key.startswith("_fastft_") or key in ignore
+                    or key == KEY_IGNORE or (graph_module and key in _GRAPH_MODULE_SKIP)):
                 continue
             self._emit("attr", key)
             self._child(value, key)
@@ -548,30 +610,30 @@ class ContentHasher:
             self._emit("child", name)
             self._child(child, name)
 
-    def _mark(self, name: str) -> None:
-        if self.trace is not None:
-            digest = self._h.copy()
-            if self._weights is not None:
-                digest.update(self._weights.digest())
-            self.trace.append((".".join(self._path[1:] + [name]), digest.digest()))
-
     def _registered(self, t: torch.Tensor | None, name: str) -> None:
         if t is None:
             self._emit("None")
         elif id(t) in self._masked:
             self._emit("masked")
-        elif self._weights is not None and t.is_meta:
-            self._note_opaque(f"{name} is a meta tensor (no data)")
-        elif self._weights is not None:
-            self._emit("layout", f"{t.dtype}{tuple(t.shape)}")
-            self._weights.update(".".join(self._path + [name]).encode() + tensor_digest(t))
-        else:
+        elif self._weights_mode == "inline":
             self._child(t, name)
+        elif t.is_meta:
+            self._note_opaque(f"{name} is a meta tensor (no data)")
+        else:
+            self._emit("layout", f"{t.dtype}{tuple(t.shape)}")
+            if self._weights is not None:
+                self._weights.update(".".join(self._path + [name]).encode() + tensor_digest(t))
 
     def _object(self, obj: Any) -> None:
         cls = type(obj)
         self._emit("object")
         self._child(cls, "__class__")
+        if not _is_library_class(cls) and (hasattr(obj, "__dict__") or _slots(cls)):
+            # The user's object by all it holds (its __getstate__ may leave out what it computes with).
+            self._child(dict(getattr(obj, "__dict__", {})), "__dict__")
+            self._child({s: getattr(obj, s, "<unset>") for s in _slots(cls) if s not in ("__dict__", "__weakref__")},
+                        "__slots__")
+            return
         if dataclasses.is_dataclass(obj) or _plain_state(cls):
             state = obj.__getstate__() if hasattr(obj, "__getstate__") else getattr(obj, "__dict__", None)
             if state is None and not hasattr(obj, "__dict__") and not _slots(cls):
@@ -596,6 +658,73 @@ class ContentHasher:
             self._child(list(parts[4]), "__reduce__()[4]")
 
 
+_MISSING = object()
+
+
+def _is_user_function(value: Any) -> bool:
+    return isinstance(value, types.FunctionType) and not reads.is_library_code(value.__module__, value.__code__)
+
+
+def _replaced_references(fn: types.FunctionType) -> list[tuple[str, types.FunctionType]]:
+    """Functions a library function calls through its module globals (``F.gelu``) that the
+    user replaced with code of their own."""
+    found = []
+    scope = fn.__globals__
+    for chain in sorted(reads.attribute_chains(fn.__code__)):
+        head = scope.get(chain[0])
+        if isinstance(head, types.ModuleType):
+            value = reads.resolve(head, chain[1:])
+            if _is_user_function(value):
+                found.append((".".join(chain), value))
+    for name in sorted(reads.global_names(fn.__code__)):
+        value = scope.get(name)
+        if _is_user_function(value):
+            found.append((name, value))
+    return found
+
+
+def _is_library_class(cls: type) -> bool:
+    """A class of the standard library or of an installed library, defined at module level
+    (code exec'd without a module name claims ``builtins``: it is the user's)."""
+    module = cls.__module__
+    if module == "builtins" and getattr(builtins, cls.__qualname__, None) is not cls:
+        return False
+    return reads.is_library_module(module) and "<locals>" not in cls.__qualname__
+
+
+def _is_compiled(obj: Any) -> bool:
+    return type(obj).__name__ == "OptimizedModule" and hasattr(obj, "_orig_mod")
+
+
+def _reachable_methods(cls: type) -> set[str]:
+    """Methods of a module class that can run when it computes: those named (as attributes or
+    strings) in the code of ``forward`` and of what that code names, transitively, with the
+    methods its user base classes define; everything else (a training step, an export) is
+    left out of what the hash reads."""
+    methods: dict[str, types.FunctionType] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or _is_library_class(klass):
+            continue
+        for key, value in vars(klass).items():
+            func = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+            func = func.fget if isinstance(func, property) else func
+            if isinstance(func, types.FunctionType):
+                methods[key] = func
+    reachable, todo = set(), [m for m in _MODULE_ENTRY if m in methods]
+    while todo:
+        name = todo.pop()
+        if name in reachable:
+            continue
+        reachable.add(name)
+        code = methods[name].__code__
+        named = set(code.co_names) | {c for c in code.co_consts if isinstance(c, str)}
+        for nested in (c for c in code.co_consts if isinstance(c, types.CodeType)):
+            named |= set(nested.co_names) | {c for c in nested.co_consts if isinstance(c, str)}
+        todo.extend(n for n in named if n in methods and n not in reachable)
+    # Methods of a class with no forward of its own (a mixin, a base) are all reachable.
+    return reachable if reachable else set(methods)
+
+
 def _cell_values(fn: types.FunctionType) -> list[Any]:
     cells = []
     for cell in fn.__closure__ or ():
@@ -606,41 +735,13 @@ def _cell_values(fn: types.FunctionType) -> list[Any]:
     return cells
 
 
-def _code_names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _code_names(const)
-    return names
-
-
-_GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME", "STORE_NAME", "DELETE_NAME"})
-
-
-def _global_names(code: types.CodeType) -> set[str]:
-    """Names the code reads or writes as globals (nested code objects too)."""
-    found = {ins.argval for ins in dis.get_instructions(code) if ins.opname in _GLOBAL_OPS}
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            found |= _global_names(const)
-    return found
-
-
-def _imports(code: types.CodeType) -> set[str]:
-    """Modules imported by ``import`` statements inside the code (nested code objects too)."""
-    found = {ins.argval for ins in dis.get_instructions(code) if ins.opname == "IMPORT_NAME"}
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            found |= _imports(const)
-    return found
-
-
 def _type_name(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def _slots(cls: type) -> list[str]:
-    return [s for c in cls.__mro__ for s in getattr(c, "__slots__", ())]
+    return [s for c in cls.__mro__ for s in ([c.__slots__] if isinstance(getattr(c, "__slots__", ()), str)
+                                              else getattr(c, "__slots__", ()))]
 
 
 def _plain_state(cls: type) -> bool:

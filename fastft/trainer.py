@@ -398,7 +398,7 @@ class FineTuner:
         which parameters train. Not the weights' values: the prefix shares the parameter
         tensors, so it computes with new values anyway (and the cache key sees them)."""
         modules, params = self.prefix.key_mask()
-        hasher = ContentHasher(mask_modules=modules, mask_params=params, weights_apart=True)
+        hasher = ContentHasher(mask_modules=modules, mask_params=params, weights="layout", eval_mode=True)
         hasher.update(self.model, "the model")
         objects = [id(m) for m in self.model.modules()] + [id(p) for p in self.model.parameters()]
         trains = "".join("1" if p.requires_grad else "0" for p in self.model.parameters())

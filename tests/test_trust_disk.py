@@ -321,3 +321,38 @@ def test_absurd_sizes_are_refused_before_allocation(tmp_path, tier):
         FeatureCache.build(prefix(), (X, y), views=10**8, transform=lambda x: x, tier=tier, cache_dir=tmp_path,
                            progress=False, dtype="fp32")
     assert [p for p in tmp_path.iterdir() if p.name != ".locks"] == []
+
+
+# ---------------------------------------------------------------------------- odds and ends of removal and reuse
+def test_rm_of_a_name_too_long_for_the_filesystem_is_a_clear_error(tmp_path):
+    with pytest.raises(CacheError, match="no fastft cache"):
+        fcache.remove("a" * 300, tmp_path)
+
+
+def test_rm_by_path_leaves_the_folder_around_it_as_it_was(tmp_path):
+    project = tmp_path / "project"
+    cache = build(project)
+    shutil.rmtree(project / disk.LOCKS)  # as if the cache had been copied here
+    fcache.remove(cache.path)
+    assert list(project.iterdir()) == []
+
+
+@pytest.mark.reliability("a corrupt cache folder that also holds a file of the user's, rebuilt",
+                         "CacheError naming the file; nothing deleted (never rmtree of a folder with user files)")
+def test_a_rebuild_never_deletes_a_users_file(tmp_path):
+    cache = build(tmp_path)
+    folder = cache.path
+    (folder / "my_notes.txt").write_text("mine")
+    (folder / "tap0.bin").write_bytes(b"\0")  # truncated: corrupt
+    builder.clear_registry()
+    with pytest.raises(CacheError, match="my_notes.txt"):
+        build(tmp_path)
+    assert (folder / "my_notes.txt").read_text() == "mine"
+
+
+def test_labels_changed_in_place_in_memory_rebuild_the_cache(tmp_path):
+    X, y = data()
+    first = FeatureCache.build(prefix(), (X, y), tier="host", cache_dir=tmp_path, progress=False)
+    first.labels[0] = (first.labels[0] + 1) % 3  # a caller edits the labels it was given
+    again = FeatureCache.build(prefix(), (X, y), tier="host", cache_dir=tmp_path, progress=False)
+    assert again.telemetry["hit"] is False and torch.equal(again.labels, y)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -74,8 +75,32 @@ settings.FACTOR = 2.0
 sys.modules[settings.__name__] = settings
 
 
+package = types.ModuleType("fastft_trust_pkg")  # a user package with a settings submodule
+package.sub = types.ModuleType("fastft_trust_pkg.sub")
+package.sub.MEAN = 0.0
+sys.modules.update({package.__name__: package, package.sub.__name__: package.sub})
+
+
 def times_scale(x):
     return x * SCALE
+
+
+def minus_package_mean(x):
+    return x - package.sub.MEAN
+
+
+@functools.wraps(torch.nn.functional.normalize)  # looks like torch's; is the user's
+def wrapped_like_torch(x):
+    return x * SCALE
+
+
+@functools.lru_cache(maxsize=None)
+def cached_offset():
+    return 0.5
+
+
+def plus_cached_offset(x):
+    return x + cached_offset()
 
 
 def times_setting(x):
@@ -199,6 +224,119 @@ def _code_of_a_transform():
     return Scenario(frozen_mlp(), change, {"transform": shifted})
 
 
+
+
+def _with_buffer():
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 5)
+            self.register_buffer("shift", torch.zeros(5), persistent=False)
+
+        def forward(self, x):
+            return self.lin(x) + self.shift
+    return Shifted()
+
+
+def _package_attribute():
+    def change(s):
+        package.sub.MEAN = 1.0
+    def undo():
+        package.sub.MEAN = 0.0
+    return Scenario(frozen_mlp(), change, {"transform": minus_package_mean}, undo=undo)
+
+
+class HoldsSettings(nn.Module):
+    """Holds a user module of settings as an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.cfg = settings
+
+    def forward(self, x):
+        return self.lin(x) * self.cfg.FACTOR
+
+
+def _module_as_attribute():
+    def change(s):
+        settings.FACTOR = 3.0
+    def undo():
+        settings.FACTOR = 2.0
+    return Scenario(HoldsSettings(), change, undo=undo)
+
+
+def _wraps_library():
+    def change(s):
+        global SCALE
+        SCALE = 3.0
+    def undo():
+        global SCALE
+        SCALE = 2.0
+    return Scenario(frozen_mlp(), change, {"transform": wrapped_like_torch}, undo=undo)
+
+
+def _lru_cache_helper():
+    def change(s):
+        global cached_offset
+        cached_offset = functools.lru_cache(maxsize=None)(lambda: 1.5)
+    def undo():
+        global cached_offset
+        cached_offset = _cached_offset
+    return Scenario(frozen_mlp(), change, {"transform": plus_cached_offset}, undo=undo)
+
+
+_cached_offset = cached_offset
+
+
+class ModeScale(nn.Module):
+    """A transform that computes differently in train and eval mode."""
+
+    def forward(self, x):
+        return x * (2.0 if self.training else 1.0)
+
+
+def _library_method_patched():
+    original = nn.LeakyReLU.forward
+    def undo():
+        nn.LeakyReLU.forward = original
+    return Scenario(frozen_mlp(), lambda s: setattr(nn.LeakyReLU, "forward", lambda self, x: x * 3), undo=undo)
+
+
+def _library_function_replaced():
+    original = nn.functional.leaky_relu
+    def undo():
+        nn.functional.leaky_relu = original
+    def change(s):
+        nn.functional.leaky_relu = lambda x, negative_slope=0.01, inplace=False: x * 0.5
+    return Scenario(frozen_mlp(), change, undo=undo)
+
+
+def _global_module_hook():
+    handles = []
+    def change(s):
+        handles.append(nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: o + 1 if isinstance(m, nn.LeakyReLU) else o))
+    return Scenario(frozen_mlp(), change, undo=lambda: [h.remove() for h in handles])
+
+
+def _matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    return Scenario(frozen_mlp(), lambda s: torch.set_float32_matmul_precision("medium"),
+                    undo=lambda: torch.set_float32_matmul_precision(before))
+
+
+def _patchable():
+    class Patched(nn.Module):  # a class of its own per scenario: patching it touches nothing else
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.lin(x)
+    return Patched()
+
+
 SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "partial arguments": lambda: Scenario(frozen_mlp(), lambda s: {"transform": functools.partial(shift, by=1.0)},
                                           {"transform": functools.partial(shift, by=0.5)}),
@@ -233,6 +371,16 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
         _patchable(), lambda s: setattr(type(s.prefix), "forward", lambda self, x: self.lin(x) - 1.0)),
     "module replaced by a twin of other weights": lambda: Scenario(
         frozen_mlp(), lambda s: s.prefix.__setitem__(0, nn.Linear(6, 8))),
+    "user package's submodule attribute (pkg.sub.MEAN)": _package_attribute,
+    "user module held as an attribute": _module_as_attribute,
+    "function wrapped to look like torch's (functools.wraps)": _wraps_library,
+    "lru_cache helper redefined": _lru_cache_helper,
+    "transform module switched to train mode": lambda: Scenario(
+        frozen_mlp(), lambda s: s.kwargs["transform"].train(), {"transform": ModeScale().eval()}),
+    "library class's method patched": _library_method_patched,
+    "library function replaced (F.leaky_relu)": _library_function_replaced,
+    "global module hook": _global_module_hook,
+    "float32 matmul precision": _matmul_precision,
     "seed of a random transform": lambda: Scenario(
         frozen_mlp(), lambda s: {**s.kwargs, "seed": 1}, {"transform": lambda x: x + torch.randn_like(x)},
         random=True),
@@ -241,33 +389,11 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
 }
 
 
-def _with_buffer():
-    class Shifted(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(6, 5)
-            self.register_buffer("shift", torch.zeros(5), persistent=False)
-
-        def forward(self, x):
-            return self.lin(x) + self.shift
-    return Shifted()
-
-
-def _patchable():
-    class Patched(nn.Module):  # a class of its own per scenario: patching it touches nothing else
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(6, 5)
-
-        def forward(self, x):
-            return self.lin(x)
-    return Patched()
-
-
 @pytest.mark.parametrize("what", list(SCENARIOS))
-@pytest.mark.reliability("a change of what determines the features (partials, transform modules, globals and user "
-                         "modules a transform reads, closures, defaults, code, frozen attributes, plain tensors, "
-                         "hyper-parameters, hooks, patched methods, seeds)",
+@pytest.mark.reliability("a change of what determines the features (partials, transform modules and their mode, "
+                         "globals, user modules and packages a transform reads, closures, defaults, code, wraps "
+                         "and lru_cache wrappers, frozen attributes, plain tensors, hyper-parameters, hooks "
+                         "(global ones too), patched methods and library functions, matmul precision, seeds)",
                          "the cache is rebuilt and holds prefix(transform(X)) as they are now; built again "
                          "unchanged, it is reused")
 def test_every_change_is_seen_and_nothing_else_rebuilds(tmp_path, what):
@@ -350,6 +476,18 @@ def reads_a_file(path):
     return transform
 
 
+def loads_an_array(path):
+    def transform(x):
+        return x * float(np.load(path))
+    return transform
+
+
+def reads_a_global_by_name(path):
+    def transform(x):
+        return x * globals()["SCALE"]
+    return transform
+
+
 class HoldsAFile:
     def __init__(self, path):
         self.f = open(path)  # noqa: SIM115 - an open handle is the point
@@ -358,8 +496,9 @@ class HoldsAFile:
         return x
 
 
-@pytest.mark.parametrize("kind", ["calls open()", "holds an open file"])
-@pytest.mark.reliability("a transform that reads a file (calls open()) or holds an open file handle",
+@pytest.mark.parametrize("kind", ["calls open()", "calls np.load()", "reads globals() by name", "holds an open file"])
+@pytest.mark.reliability("a transform that reads a file (open(), np.load()), reads globals() by name, or holds an "
+                         "open file handle",
                          "never reused, one CacheReuseWarning saying to pass transform_id=; with transform_id the "
                          "cache is reused, and a change fastft can see still rebuilds it")
 def test_what_the_key_cannot_see_is_never_reused(tmp_path, kind):
@@ -367,7 +506,10 @@ def test_what_the_key_cannot_see_is_never_reused(tmp_path, kind):
     prefix = frozen_mlp()
     source = tmp_path / "factor.txt"
     source.write_text("2.0")
-    transform = reads_a_file(source) if kind == "calls open()" else HoldsAFile(source)
+    np.save(tmp_path / "factor.npy", np.array(2.0))
+    transform = {"calls open()": lambda: reads_a_file(source), "calls np.load()": lambda: loads_an_array(
+                 tmp_path / "factor.npy"), "reads globals() by name": lambda: reads_a_global_by_name(source),
+                 "holds an open file": lambda: HoldsAFile(source)}[kind]()
     with pytest.warns(CacheReuseWarning, match="transform_id="):
         first = build(prefix, (X, y), tmp_path, transform=transform)
     with pytest.warns(CacheReuseWarning):
@@ -501,3 +643,109 @@ def test_copies_of_a_model_share_a_cache(tmp_path):
     first = build(prefix, (X, y), tmp_path)
     twin = copy.deepcopy(prefix)
     assert build(twin, (X, y), tmp_path).fingerprint == first.fingerprint
+
+
+# ---------------------------------------------------------------------------- models fastft must reuse
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(6, 5, batch_first=True)  # keeps weak references to its weights
+
+    def forward(self, x):
+        return self.gru(x.unsqueeze(1))[0][:, 0]
+
+
+ARGS = types.SimpleNamespace(lr=1e-3)
+
+
+class WithTrainingCode(nn.Module):
+    """A model class with methods that never run when it computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=ARGS.lr)
+
+    def dump(self, path):
+        with open(path, "w") as f:
+            f.write(repr(self.lin.weight))
+
+
+@pytest.mark.parametrize("model", ["recurrent", "methods that never run"])
+@pytest.mark.reliability("a frozen GRU (weak references to its weights); a model class whose unused methods open "
+                         "files or read globals that change", "reused: nothing that computes changed")
+def test_what_does_not_compute_does_not_count(tmp_path, model):
+    X, y = data()
+    prefix = Recurrent() if model == "recurrent" else WithTrainingCode()
+    build(prefix, (X, y), tmp_path)
+    ARGS.lr = 0.5  # read only by configure_optimizers
+    try:
+        assert build(prefix, (X, y), tmp_path).telemetry["hit"] is True
+    finally:
+        ARGS.lr = 1e-3
+
+
+def test_a_compiled_model_has_a_key_of_its_own_and_the_same_in_every_process():
+    """torch.compile's wrapper holds an id(); the key reads what it compiles (and that it is
+    compiled: its kernels round differently)."""
+    from fastft.cache.fingerprint import prefix_parts
+
+    first = prefix_parts(torch.compile(frozen_mlp(), backend="eager"))[0]
+    assert first == prefix_parts(torch.compile(frozen_mlp(), backend="eager"))[0]
+    assert first["modules"] != prefix_parts(frozen_mlp())[0]["modules"]
+
+
+class BadState:
+    def __getstate__(self):
+        raise TypeError("no state for you")
+
+
+def _deep_sets(depth):
+    value = frozenset({1})
+    for _ in range(depth):
+        value = frozenset({value})
+    return value
+
+
+UNUSUAL = {
+    "TorchScript model": lambda: torch.jit.script(nn.Sequential(nn.Linear(6, 5), nn.Tanh())),
+    "attribute whose __getstate__ raises": lambda: _with(frozen_mlp(), odd=BadState()),
+    "lazy module not yet run": lambda: _with(frozen_mlp(), lazy=nn.LazyLinear(4)),
+    "conjugate tensor attribute": lambda: _with(frozen_mlp(), filt=torch.randn(3, dtype=torch.complex64).conj()),
+    "empty enum.Flag attribute": lambda: _with(frozen_mlp(), flags=_Flags(0)),
+    "sets nested 300 deep": lambda: _with(frozen_mlp(), deep=_deep_sets(300)),
+    "memoryview attribute": lambda: _with(frozen_mlp(), view=memoryview(b"abc")),
+}
+
+
+class _Flags(__import__("enum").Flag):
+    A = 1
+    B = 2
+
+
+def _with(module, **attributes):
+    for k, v in attributes.items():
+        object.__setattr__(module, k, v) if isinstance(v, nn.Module) else setattr(module, k, v)
+    return module
+
+
+@pytest.mark.parametrize("what", list(UNUSUAL))
+@pytest.mark.reliability("unusual objects in the frozen model: TorchScript, a __getstate__ that raises, a lazy module, "
+                         "a conjugate tensor, an empty Flag, sets nested 300 deep, a memoryview",
+                         "never a raw exception: reused when readable, else a CacheReuseWarning")
+def test_unusual_objects_never_crash_the_key(tmp_path, what):
+    import warnings
+
+    X, y = data()
+    prefix = UNUSUAL[what]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build(prefix, (X, y), tmp_path)
+        again = build(prefix, (X, y), tmp_path)
+    opaque = [w for w in caught if issubclass(w.category, CacheReuseWarning)]
+    assert again.telemetry["hit"] is not bool(opaque)

@@ -87,6 +87,12 @@ def _registered(fp: str) -> FeatureCache | None:
     return found
 
 
+def forget(fp: str) -> None:
+    """Forget the cache ``fp`` of this process (it is rebuilt, or reopened from disk)."""
+    _recent.pop(fp, None)
+    _alive.pop(fp, None)
+
+
 def clear_registry() -> None:
     """Forget the caches of this process (they are rebuilt, or reopened from disk, next time)."""
     _recent.clear()
@@ -487,7 +493,12 @@ def build(cls, prefix: nn.Module, dataset: Any, *, dtype, tier, views, transform
     reason = None
     known = _registered(fp) if key.reusable else None
     if known is not None and s.tier in ("auto", known.tier):
-        _check_labels(known, key, dataset_id)
+        try:
+            _check_labels(known, key, dataset_id)
+        except CacheCorruptError:  # its labels were changed in place since: built again
+            forget(fp)
+            known = None
+    if known is not None and s.tier in ("auto", known.tier):
         if known.tier == "disk" or _placed_for(known, s.device):
             return hit(known)
         # Built in this process for another device (a CPU run, then a CUDA one): the same
@@ -508,19 +519,28 @@ def build(cls, prefix: nn.Module, dataset: Any, *, dtype, tier, views, transform
     reason = reason or (_explain(parts, s.root) if key.reusable else "built for this use only (key not reusable)")
 
     prefix_mode = prefix.training
-    prefix.eval()  # the frozen part always runs in eval mode (BatchNorm running stats, no dropout)
+    _eval(prefix)  # the frozen part always runs in eval mode (BatchNorm running stats, no dropout)
     try:
         if s.tier == "disk" and fdist.is_distributed():
             cache = build_sharded(cls, prefix, source, n, s, fp, parts, reason, t_start)
         else:
             cache = _run(cls, prefix, source, n, s, fp, parts, reason, t_start)
     finally:
-        prefix.train(prefix_mode)
+        _eval(prefix, prefix_mode)
     if not key.reusable and cache.path is not None:
         _forget_at_exit(cache.path)
     if key.reusable and not cache.telemetry.get("hit"):
         warn_if_self_changing(prefix, key)
     return cache
+
+
+def _eval(prefix: nn.Module, mode: bool = False) -> None:
+    """``prefix.train(mode)``; a module that has no modes (torch.export's, which refuses
+    train() and eval()) is left as it is: it computes in the mode it was exported in."""
+    try:
+        prefix.train(mode)
+    except NotImplementedError:
+        pass
 
 
 def _check_labels(cache: FeatureCache, key: CacheKey, dataset_id: str | None) -> None:

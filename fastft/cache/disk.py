@@ -572,21 +572,24 @@ def ensure_real_folder(folder: Path) -> None:
 
 
 def discard_folder(folder: Path) -> None:
-    """Delete a folder of the cache dir that the builder named after a fingerprint and found
-    unusable (an interrupted build of other settings, a layout that does not match): all of
-    it, but never through a link."""
-    ensure_real_folder(folder)
-    shutil.rmtree(folder, ignore_errors=True)
+    """Delete a folder of the cache dir that the builder found unusable (corrupt, an
+    interrupted build of other settings, a layout that does not match), to build it again:
+    like :func:`remove_folder`, only fastft's files, never through a link."""
+    remove_folder(folder, missing_ok=True)
+
+
+#: Names fastft gives the files of a cache folder (whatever its manifest says, or if it has none).
+_OWN_NAME = re.compile(r"(manifest\.json|journal(\.rank\d{1,6})?\.json|tap\d+(\.scales)?\.bin|labels\.bin)(\.tmp)?")
 
 
 def owned_files(folder: Path, manifest: dict | None) -> set[str]:
     """The names fastft writes in a cache folder: the manifest, the journals, the files the
-    manifest names, and the temporary files of their atomic rewrites."""
-    names = {MANIFEST, JOURNAL}
+    manifest names or that fastft names so, and the temporary files of their atomic rewrites."""
+    names = {p.name for p in folder.iterdir() if _OWN_NAME.fullmatch(p.name)} if folder.is_dir() else set()
+    names |= {MANIFEST, JOURNAL}
     if manifest is not None:
         names |= {a.file for a in arrays(manifest)}
     names |= {n + ".tmp" for n in list(names)}
-    names |= {p.name for p in shard_journals(folder)} | {p.name + ".tmp" for p in shard_journals(folder)}
     return names
 
 
@@ -604,7 +607,9 @@ def remove_folder(folder: Path, *, missing_ok: bool = False) -> None:
     try:
         manifest = read_manifest(folder)
     except CacheError:
-        manifest = None  # unreadable: only the fixed names then
+        manifest = None  # unreadable: only the names fastft gives its files then
+    except FileNotFoundError:
+        return
     known = owned_files(folder, manifest)
     try:
         entries = list(folder.iterdir())

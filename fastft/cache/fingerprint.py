@@ -19,6 +19,8 @@ dataset     the samples: every input and label by content (for a DataLoader, its
 transform   the transform by value (as modules), the seed and the batch size it is applied to
 views       the number of augmented views
 dtype       the storage dtype (and bf16 autocast of the prefix)
+numerics    torch's global numeric settings: default dtype, float32 matmul precision, TF32 and
+            reduced-precision flags, deterministic algorithms
 pool        the pooling (and the mask key of ``masked_mean``)
 ==========  ===================================================================================
 
@@ -50,14 +52,16 @@ from fastft.sources import Source
 FORMAT_VERSION = 2
 
 #: The parts of a fingerprint, in the order they are reported when they change.
-PARTS = ("format", "structure", "modules", "weights", "dataset", "transform", "views", "dtype", "pool")
+PARTS = ("format", "structure", "modules", "weights", "dataset", "transform", "views", "dtype", "numerics", "pool")
 
 #: How each part is named when it changed ("rebuilt: the frozen weights changed").
 PART_NAMES = {
     "format": "the cache format", "structure": "the cut (split method, graph or cut module, taps)",
     "modules": "the frozen modules' code or attributes", "weights": "the frozen weights", "dataset": "the data",
     "transform": "the transform (its code, state, seed or batch size)", "views": "the number of views",
-    "dtype": "the storage dtype", "pool": "the pooling",
+    "dtype": "the storage dtype",
+    "numerics": "torch's numeric settings (default dtype, matmul precision, TF32, deterministic algorithms)",
+    "pool": "the pooling",
 }
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -103,20 +107,46 @@ def prefix_parts(prefix: nn.Module) -> tuple[dict[str, str], list[str], list]:
 
     A prefix that knows which modules of its model run only after its cut (a
     :class:`~fastft.FrozenPrefix`: ``key_mask()``) leaves them out."""
-    mask = prefix.key_mask() if callable(getattr(prefix, "key_mask", None)) else ((), ())
-    hasher = ContentHasher(mask_modules=mask[0], mask_params=mask[1], weights_apart=True, trace=True)
-    hasher.update(prefix, "the frozen model")
+    hasher = _prefix_hasher(prefix, weights="apart")
     return ({"structure": structure_key(prefix), "modules": hasher.hexdigest(),
              "weights": hasher.weights_hexdigest()}, hasher.opaque, hasher.trace)
+
+
+def _prefix_hasher(prefix: nn.Module, weights: str) -> ContentHasher:
+    """The prefix hashed by value (it runs in eval mode; what runs after its cut left out),
+    with torch's global module hooks, which every module calls."""
+    mask = prefix.key_mask() if callable(getattr(prefix, "key_mask", None)) else ((), ())
+    hasher = ContentHasher(mask_modules=mask[0], mask_params=mask[1], weights=weights, eval_mode=True, trace=True)
+    hasher.update(prefix, "the frozen model")
+    module_hooks = torch.nn.modules.module
+    global_hooks = [list(getattr(module_hooks, name, {}).values())
+                    for name in ("_global_forward_pre_hooks", "_global_forward_hooks")]
+    if any(global_hooks):
+        hasher.update(global_hooks, "torch's global module hooks")
+    return hasher
+
+
+def numerics() -> str:
+    """torch's global settings that change what a forward computes, beyond the objects."""
+    settings = {"default_dtype": torch.get_default_dtype(), "matmul": torch.get_float32_matmul_precision(),
+                "deterministic": torch.are_deterministic_algorithms_enabled(),
+                "mkldnn": torch.backends.mkldnn.enabled}
+    cuda = torch.backends.cuda.matmul
+    for flag in ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction"):
+        settings[f"cuda.{flag}"] = getattr(cuda, flag, None)
+    settings["cudnn.allow_tf32"] = torch.backends.cudnn.allow_tf32
+    return ",".join(f"{k}={v}" for k, v in settings.items())
 
 
 def warn_if_self_changing(prefix: nn.Module, key: CacheKey) -> None:
     """After a build: warn when running the prefix changed its own modules (a call counter, an
     attention map kept on ``self``): the next build's key differs, so the cache is never reused."""
-    now, _, trace = prefix_parts(prefix)
-    if (now["modules"], now["weights"]) == (key.parts["modules"], key.parts["weights"]):
+    # Attributes only (a module that changed its weights in eval mode would be rarer still):
+    # one walk without reading the weights again.
+    hasher = _prefix_hasher(prefix, weights="layout")
+    if hasher.hexdigest() == key.parts["modules"]:
         return
-    where = first_difference(key.trace, trace) or "an attribute"
+    where = first_difference(key.trace, hasher.trace) or "an attribute"
     owner, _, attr = where.rpartition(".")
     warnings.warn(
         f"fastft: running the frozen layers changed {where!r}, so the next build's key will differ and this "
@@ -171,6 +201,7 @@ def make_key(prefix: nn.Module, source: Source, *, dataset_id: str | None, trans
         "transform": t_part,
         "views": f"views={views}",
         "dtype": dtype + (f",prefix under {amp} autocast" if amp else ""),
+        "numerics": numerics(),
         "pool": pool + (f":{mask_key}" if pool == "masked_mean" else ""),
     })
     return CacheKey(parts, opaque, labels, trace=trace)

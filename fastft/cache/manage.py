@@ -49,8 +49,11 @@ def resolve(fingerprint_or_path: str | Path, cache_dir: str | Path | None = None
         return folder
     root = cache_root(cache_dir)
     key = str(fingerprint_or_path)
-    if key and (root / key / disk.MANIFEST).is_file():
-        return root / key
+    try:
+        if key and (root / key / disk.MANIFEST).is_file():
+            return root / key
+    except OSError:  # a name the filesystem refuses (too long): no such cache
+        raise CacheError(f"no fastft cache {key[:80]!r} in {root}.") from None
     # A prefix of a fingerprint: compared by name, never used as a glob.
     matches = []
     if key and root.is_dir():
@@ -149,9 +152,18 @@ def remove(fingerprint_or_path: str | Path, cache_dir: str | Path | None = None)
     (CacheLockedError) while a process is building it."""
     folder = resolve(fingerprint_or_path, cache_dir)
     check_removable(folder, cache_dir)
+    locks = folder.parent / disk.LOCKS
+    had_locks = locks.exists()
     try:
         with disk.build_lock(folder.parent, folder.name, timeout=0):
             disk.remove_folder(folder)
     except CacheLockedError:
         raise CacheLockedError(f"cache {folder.name} is being built by another process; remove it later.") from None
+    finally:
+        if not had_locks:  # leave a folder outside the cache dir as it was
+            (locks / f"{folder.name}.lock").unlink(missing_ok=True)
+            try:
+                locks.rmdir()
+            except OSError:
+                pass
     return folder
