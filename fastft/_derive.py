@@ -56,6 +56,8 @@ class CacheRows(Dataset):
 class DerivedPrefix(nn.Module):
     """``high`` (a frozen prefix of the model) evaluated on rows of a lower replay cut's cache."""
 
+    _fastft_prefix = True  # asked for its signature() and key_mask() by the cache key
+
     def __init__(self, high: FrozenPrefix, low_tail: TrainableTail):
         super().__init__()
         self.high = high

@@ -35,6 +35,7 @@ IMPURE_MODULES = frozenset({
     "os", "io", "pathlib", "shutil", "glob", "fnmatch", "tempfile", "socket", "ssl", "select", "urllib", "http",
     "requests", "subprocess", "sqlite3", "mmap", "fcntl", "signal", "multiprocessing", "h5py", "zarr", "lmdb",
     "webdataset", "importlib", "pickle", "shelve", "dbm", "csv", "zipfile", "tarfile", "gzip", "bz2", "lzma",
+    "linecache",
 })
 #: Library functions that read files (reached as ``module.function`` or imported by name).
 IMPURE_FUNCTIONS = frozenset({
@@ -43,7 +44,9 @@ IMPURE_FUNCTIONS = frozenset({
     "cv2.imread", "imageio.imread", "imageio.v3.imread", "soundfile.read", "librosa.load", "torchaudio.load",
     "torchvision.io.read_image", "torchvision.io.read_file", "torchvision.io.decode_image",
     "safetensors.torch.load_file", "pandas.read_csv", "pandas.read_parquet", "pandas.read_json",
-    "pandas.read_pickle", "pandas.read_feather", "pandas.read_hdf", "pandas.read_excel",
+    "pandas.read_pickle", "pandas.read_feather", "pandas.read_hdf", "pandas.read_excel", "builtins.open",
+    "codecs.open", "numpy.lib.format.open_memmap", "safetensors.safe_open", "safetensors.numpy.load_file",
+    "safetensors._safetensors_rust.safe_open", "tokenizers.Tokenizer.from_file",
 })
 #: Packages that are library code even when installed from a local directory (this one, in
 #: development) or whose installed version names their code exactly.
@@ -84,8 +87,20 @@ def library_version(top: str) -> str | None:
             dist = metadata.distribution(dist_name)
         except metadata.PackageNotFoundError:
             continue
-        return None if _from_local_source(dist) else f"{dist_name}=={dist.version}"
+        if _from_local_source(dist) or not _installed(dist):
+            return None
+        return f"{dist_name}=={dist.version}"
     return None
+
+
+def _installed(dist: metadata.Distribution) -> bool:
+    """Whether a distribution's metadata lies in a folder of installed packages (not the
+    ``*.egg-info`` a build left in the user's project folder, found through ``sys.path``)."""
+    try:
+        where = os.path.realpath(str(dist.locate_file(""))) + os.sep
+    except Exception:
+        return False
+    return any(where.startswith(root) for root in _library_roots())
 
 
 def is_library_module(module_name: str | None) -> bool:
@@ -139,6 +154,9 @@ def _library_roots() -> tuple[str, ...]:
 # ---------------------------------------------------------------------------- what code reads
 _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME", "STORE_NAME", "DELETE_NAME"})
 _ATTR_OPS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
+#: Where an attribute chain can start: a global, or a variable of an enclosing function (a
+#: module imported there and used in a closure).
+_CHAIN_HEADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLASSDEREF"})
 
 
 def _codes(code: types.CodeType):
@@ -156,13 +174,14 @@ def global_names(code: types.CodeType) -> frozenset[str]:
 
 @functools.lru_cache(maxsize=4096)
 def attribute_chains(code: types.CodeType) -> frozenset[tuple[str, ...]]:
-    """``(global, attr, attr, ...)`` for every global the code reads attributes of, e.g.
-    ``("cfg", "sub", "MEAN")`` for ``cfg.sub.MEAN`` and ``("np", "load")`` for ``np.load(...)``."""
+    """``(name, attr, attr, ...)`` for every global or closure variable the code reads
+    attributes of, e.g. ``("cfg", "sub", "MEAN")`` for ``cfg.sub.MEAN`` and ``("np", "load")``
+    for ``np.load(...)``."""
     chains = set()
     for c in _codes(code):
         chain: list[str] = []
         for ins in dis.get_instructions(c):
-            if ins.opname in _GLOBAL_OPS and ins.opname.startswith("LOAD"):
+            if ins.opname in _CHAIN_HEADS:
                 if len(chain) > 1:
                     chains.add(tuple(chain))
                 chain = [ins.argval]
@@ -180,6 +199,19 @@ def attribute_chains(code: types.CodeType) -> frozenset[tuple[str, ...]]:
 
 
 @functools.lru_cache(maxsize=4096)
+def escaping_globals(code: types.CodeType) -> frozenset[str]:
+    """Globals the code uses other than by reading an attribute of them (passed to a call,
+    given a local name, indexed): a module used so may be read anywhere, by any name."""
+    escaped = set()
+    for c in _codes(code):
+        instructions = [i for i in dis.get_instructions(c) if i.opname not in ("CACHE", "PRECALL", "EXTENDED_ARG")]
+        for ins, nxt in zip(instructions, instructions[1:] + [None]):
+            if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and (nxt is None or nxt.opname not in _ATTR_OPS):
+                escaped.add(ins.argval)
+    return frozenset(escaped)
+
+
+@functools.lru_cache(maxsize=4096)
 def imports(code: types.CodeType) -> frozenset[str]:
     """Modules imported by ``import`` statements inside the code."""
     return frozenset(ins.argval for c in _codes(code) for ins in dis.get_instructions(c) if ins.opname == "IMPORT_NAME")
@@ -191,7 +223,8 @@ def qualified(obj: object) -> str:
 
 def outside_reads(code: types.CodeType, scope: dict, builtin_names: dict) -> list[str]:
     """How the code reads the outside world: impure builtins it calls, impure modules it uses
-    or imports, library functions that read files (``np.load``), ``sys.modules``."""
+    or imports, library functions that read files (``np.load``), ``sys.modules``. ``scope``:
+    the function's globals and closure variables."""
     found = []
     for module in sorted(imports(code)):
         if _top(module) in IMPURE_MODULES:

@@ -39,14 +39,17 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import importlib.util
 import io
 import logging
+import os
 import re
 import sys
 import threading
 import types
 import weakref
 from collections import OrderedDict, defaultdict, deque
+from collections.abc import Mapping
 from typing import Any, Iterable
 
 import numpy as np
@@ -94,17 +97,12 @@ _GRAPH_MODULE_SKIP = frozenset({
 _CLASS_SKIP = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
                          "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__",
                          "_abc_impl", "__slots__", "__slotnames__", "__annotate_func__", "__annotations_cache__"})
-#: Methods that build or save an object and do not run when it computes: what they read (a
-#: vocabulary file opened in __init__) ends up in the object's state, which is hashed itself,
-#: so reading files there does not make the hash opaque. Their code is still hashed.
+#: Methods that make, copy or show an object and never run when it computes: hashed by their
+#: code alone. What they read (a vocabulary file opened in __init__) is in the object's state,
+#: which is hashed itself, so reading files there does not make the hash opaque.
 _SETUP_METHODS = frozenset({"__init__", "__new__", "__init_subclass__", "__post_init__", "__setstate__",
                             "__getstate__", "__reduce__", "__reduce_ex__", "__deepcopy__", "__copy__",
-                            "reset_parameters", "init_weights", "_init_weights", "load_state_dict",
-                            "_load_from_state_dict", "state_dict", "save", "load", "from_pretrained",
-                            "save_pretrained", "__repr__", "__str__", "__format__", "__dir__", "__sizeof__",
-                            "__del__", "extra_repr"})
-#: Where an nn.Module's computation starts (the methods reachable from these run when it computes).
-_MODULE_ENTRY = ("forward", "__call__", "_call_impl")
+                            "__repr__", "__str__", "__format__", "__dir__", "__sizeof__", "__del__", "extra_repr"})
 #: Objects that never determine what is computed (a lock, a logger, a weak cache): by type only.
 _INERT = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event,
           threading.Semaphore, logging.Logger, logging.Handler, logging.Formatter, logging.Filter,
@@ -159,7 +157,7 @@ class ContentHasher:
         self._masked = {id(m) for m in mask_modules} | {id(p) for p in mask_params}
         self._path: list[str] = []
         self._depth = 0
-        self._setup = 0  # > 0 in code that does not run when the object computes (no opaque notes)
+        self._class_ignore: list[set[str]] = []  # fastft_key_ignore of the classes being walked
         #: What could not be seen, as ``"where: why"`` (empty when the hash is sound).
         self.opaque: list[str] = []
 
@@ -288,8 +286,8 @@ class ContentHasher:
             return lambda o: self._mapping(dict(o))
         if isinstance(obj, (set, frozenset)) and type(obj) in (set, frozenset):
             return self._set
-        if isinstance(obj, (str, bytes, int, float, tuple, list, dict)):  # a subclass of a builtin value
-            return self._builtin_subclass
+        if isinstance(obj, (str, bytes, int, float, tuple, list, dict, set, frozenset, deque)):
+            return self._builtin_subclass  # a subclass of a builtin value
         if isinstance(obj, _INERT):
             return lambda o: self._emit("inert", type(o).__qualname__)
         if isinstance(obj, io.IOBase) and obj in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
@@ -351,6 +349,9 @@ class ContentHasher:
                  if isinstance(obj, bytes) else int.__int__(obj) if isinstance(obj, int)
                  else float.__float__(obj) if isinstance(obj, float) else dict(dict.items(obj))
                  if isinstance(obj, dict) else list.__getitem__(obj, slice(None)) if isinstance(obj, list)
+                 else frozenset(set.__iter__(obj)) if isinstance(obj, set)
+                 else frozenset(frozenset.__iter__(obj)) if isinstance(obj, frozenset)
+                 else list(deque.__iter__(obj)) if isinstance(obj, deque)
                  else tuple.__getitem__(obj, slice(None)))
         self._child(value, "value")
         self._child(dict(getattr(obj, "__dict__", {})), "__dict__")
@@ -425,37 +426,62 @@ class ContentHasher:
         scope = fn.__globals__
         builtin_names = scope.get("__builtins__", builtins)
         builtin_names = builtin_names if isinstance(builtin_names, dict) else vars(builtin_names)
-        if not self._setup:
-            for why in reads.outside_reads(fn.__code__, scope, builtin_names):
-                self._note_opaque(f"the code {why}")
-        chains = reads.attribute_chains(fn.__code__)
-        dynamic = "getattr" in reads.global_names(fn.__code__)
+        closure = dict(zip(fn.__code__.co_freevars, _cell_values(fn)))
+        for why in reads.outside_reads(fn.__code__, {**scope, **closure}, builtin_names):
+            self._note_opaque(f"the code {why}")
+        chains = [c for c in reads.attribute_chains(fn.__code__) if c[0] not in closure]
+        escaping = reads.escaping_globals(fn.__code__)
         for name in sorted(reads.global_names(fn.__code__)):
             if name in scope:
                 value = scope[name]
                 self._emit("global", name)
                 if isinstance(value, types.ModuleType):
-                    self._module_reference(value, name, [c[1:] for c in chains if c[0] == name], dynamic)
+                    self._module_reference(value, name, [c[1:] for c in chains if c[0] == name], name in escaping)
                 else:
                     self._child(value, name)
             elif name in builtin_names:
                 self._emit("builtin", name)
+        for module_name in sorted(reads.imports(fn.__code__)):  # `import cfg` inside the function
+            self._imported(module_name)
+
+    def _imported(self, module_name: str) -> None:
+        """A module imported inside a function: a library's by name and version; the user's
+        whole (loaded, or its source file when it is not imported yet)."""
+        self._emit("import", module_name)
+        if reads.is_library_module(module_name):
+            self._emit("version", reads.library_version(module_name.partition(".")[0]) or "")
+            return
+        loaded = sys.modules.get(module_name)
+        if loaded is not None:
+            self._child(loaded, module_name)
+            return
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except (ImportError, ValueError):
+            spec = None
+        origin = getattr(spec, "origin", None)
+        if origin and os.path.isfile(origin):
+            with open(origin, "rb") as f:
+                self._emit("source", f.read())
+        else:
+            self._note_opaque(f"the code imports {module_name}, which cannot be found to be read")
 
     def _module_reference(self, mod: types.ModuleType, name: str, chains: list[tuple[str, ...]],
-                          dynamic: bool) -> None:
+                          escapes: bool) -> None:
         """A module the code reads from: a library's by name and version; the user's by what
         the code reads of it, following each attribute chain through the user's submodules to
-        the value it ends at (all of the module when the code also looks names up with getattr)."""
+        the value it ends at, or whole when the code uses the module otherwise (passes it on,
+        gives it another name, looks names up in it with getattr)."""
         mod_name = getattr(mod, "__name__", name)
         if reads.is_library_module(mod_name):
             self._emit("libmodule", f"{mod_name}@{reads.library_version(mod_name.partition('.')[0])}")
-            for chain in sorted(set(chains)):  # a library function the user replaced (F.gelu = ...)
+            for chain in sorted(set(chains)):  # a library function replaced (F.gelu = ...)
                 value = reads.resolve(mod, chain)
-                if _is_user_function(value):
+                if _replaced(value, chain[-1]):
                     self._emit("patched", ".".join(chain))
                     self._child(value, ".".join((name, *chain)))
             return
-        if dynamic or not chains:
+        if escapes or not chains:
             self._module_value(mod)
             return
         self._emit("module", mod_name)
@@ -465,11 +491,11 @@ class ContentHasher:
             for attr in chain:
                 if not isinstance(value, types.ModuleType) or reads.is_library_module(value.__name__):
                     break
-                if attr not in vars(value):
-                    value = _MISSING
-                    break
-                value = vars(value)[attr]
+                # A PEP 562 module __getattr__ computes what is not in the namespace: its answer counts.
+                value = vars(value)[attr] if attr in vars(value) else getattr(value, attr, _MISSING)
                 path.append(attr)
+                if value is _MISSING:
+                    break
             self._emit("chain", ".".join(path))
             if value is not _MISSING and not (isinstance(value, types.ModuleType)
                                               and not reads.is_library_module(value.__name__)):
@@ -506,7 +532,7 @@ class ContentHasher:
         module = getattr(obj, "__module__", None) or getattr(type(owner), "__module__", None)
         qualname = getattr(obj, "__qualname__", getattr(obj, "__name__", repr(obj)))
         self._emit("builtin", f"{module}.{qualname}")
-        if f"{module}.{qualname}" in reads.IMPURE_FUNCTIONS and not self._setup:
+        if f"{module}.{qualname}" in reads.IMPURE_FUNCTIONS:
             self._note_opaque(f"{module}.{qualname} reads a file")
         # A method bound to an object computes with that object (pybind11's function records
         # are the implementation's own, not data).
@@ -521,25 +547,24 @@ class ContentHasher:
             self._patched_methods(cls, module)
             return
         self._emit("class", cls.__qualname__)
-        for i, base in enumerate(cls.__bases__):
-            self._child(base, f"__bases__[{i}]")
-        ignore = set(vars(cls).get(KEY_IGNORE, ()) or ())
-        reachable = _reachable_methods(cls) if issubclass(cls, nn.Module) else None
-        for key, value in list(vars(cls).items()):
-            if key in _CLASS_SKIP or key in ignore:
-                continue
-            self._emit("classattr", key)
-            if reachable is not None and isinstance(value, types.FunctionType) and key not in reachable:
-                # A method forward never names (a training step, a dump to disk): its code counts,
-                # not what it reads; it never runs when the module computes.
-                self._child(value.__code__, key)
-                continue
-            setup = key in _SETUP_METHODS
-            self._setup += setup
-            try:
+        # Names a class leaves out of its hash apply to its base classes' attributes too.
+        ignore = _ignored(getattr(cls, KEY_IGNORE, ())) | (self._class_ignore[-1] if self._class_ignore else set())
+        self._class_ignore.append(ignore)
+        try:
+            for i, base in enumerate(cls.__bases__):
+                self._child(base, f"__bases__[{i}]")
+            for key, value in list(vars(cls).items()):
+                if key in _CLASS_SKIP or key in ignore:
+                    continue
+                self._emit("classattr", key)
+                if key in _SETUP_METHODS and isinstance(value, types.FunctionType):
+                    self._emit("setup", key)  # never runs when the object computes: its code alone
+                    self._code(value.__code__)
+                    self._child(value.__defaults__, "__defaults__")
+                    continue
                 self._child(value, key)
-            finally:
-                self._setup -= setup
+        finally:
+            self._class_ignore.pop()
 
     def _patched_methods(self, cls: type, module: str) -> None:
         """What the user changed in a library class (a monkeypatch): its methods replaced by
@@ -550,26 +575,41 @@ class ContentHasher:
             if klass in (object, nn.Module) or not _is_library_class(klass):
                 continue
             for key, value in list(vars(klass).items()):
-                if key in _CLASS_SKIP:
+                if key in _CLASS_SKIP or key == "__abstractmethods__":
                     continue
-                if _is_user_function(value):
-                    self._emit("patched", key)
-                    self._child(value, key)
-                elif type(value) in _PLAIN or isinstance(value, (tuple, frozenset)) and all(
-                        type(v) in _PLAIN for v in value):
-                    self._emit("classattr", f"{key}={value!r}"[:200])
-                elif isinstance(value, types.FunctionType):
+                if isinstance(value, types.FunctionType):
+                    if _is_user_function(value) or value.__qualname__ != f"{klass.__qualname__}.{key}":
+                        self._emit("patched", key)  # the user's code, or another function put there
+                        self._child(value, key)
                     for target in _replaced_references(value):
                         self._emit("patched call", target[0])
                         self._child(target[1], target[0])
+                elif type(value) in _PLAIN:
+                    self._emit("classattr", f"{key}={value!r}"[:200])
+                elif isinstance(value, (tuple, frozenset)) and all(type(v) in _PLAIN for v in value):
+                    shown = sorted(map(repr, value)) if isinstance(value, frozenset) else list(map(repr, value))
+                    self._emit("classattr", f"{key}={shown}"[:400])
+                elif isinstance(value, (functools.partial, functools.partialmethod)) or (
+                        callable(value) and not isinstance(value, (type, staticmethod, classmethod, property,
+                                                                   *_BUILTIN_TYPES))):
+                    self._emit("patched", key)  # a partial or callable object put on the class
+                    self._child(value, key)
 
     def _script(self, obj: Any) -> None:
-        """TorchScript: its code (every method's), its state and its submodules."""
+        """TorchScript: every module's code and attributes (read through the compiled module:
+        its Python object holds none of them), parameters and buffers."""
         self._emit("torchscript", type(obj).__name__)
-        self._emit("code", getattr(obj, "code", "") or "")
-        if isinstance(obj, torch.jit.ScriptModule):
-            self._child({n: getattr(m, "code", "") for n, m in obj.named_modules()}, "code of submodules")
-            self._child(dict(obj.state_dict()), "state_dict")
+        if not isinstance(obj, torch.jit.ScriptModule):
+            self._emit("code", getattr(obj, "code", "") or "")
+            return
+        for name, sub in obj.named_modules():
+            self._emit("submodule", name)
+            self._emit("code", getattr(sub, "code", "") or "")
+            for attr in _script_attributes(sub):
+                value = sub._c.getattr(attr)
+                if not isinstance(value, torch._C.ScriptObject):  # submodules: in named_modules
+                    self._child(value, f"{name}.{attr}")
+        self._child(dict(obj.state_dict()), "state_dict")
 
     # ------------------------------------------------------------------ objects
     def _module(self, m: nn.Module) -> None:
@@ -582,7 +622,8 @@ class ContentHasher:
             self._emit("training", repr(m.training))
         # Bookkeeping that a module declares not to change what it computes (a call counter,
         # the last attention map kept for display): fastft_key_ignore = ("calls", ...).
-        ignore = set(getattr(m, KEY_IGNORE, ()) or ())
+        # Read without the instance's __getattr__ (a model may answer anything from a dict, or raise).
+        ignore = _ignored(vars(m).get(KEY_IGNORE) or getattr(type(m), KEY_IGNORE, ()))
         for key, value in list(vars(m).items()):
             if (key in _MODULE_SKIP or key == "training" or key.startswith("_fastft_") or key in ignore
                     or key == KEY_IGNORE or (graph_module and key in _GRAPH_MODULE_SKIP)):
@@ -591,11 +632,11 @@ class ContentHasher:
             self._child(value, key)
             self._mark(key)
         for kind in ("_forward_pre_hooks", "_forward_hooks"):
-            hooks = getattr(m, kind, None) or {}
+            hooks = vars(m).get(kind) or {}
             if hooks:  # the hooks in order; their ids are process counters
                 self._emit(kind, str(len(hooks)))
                 self._child(list(hooks.values()), kind)
-                with_kwargs = getattr(m, kind + "_with_kwargs", {})
+                with_kwargs = vars(m).get(kind + "_with_kwargs", {})
                 self._emit("with_kwargs", repr([k in with_kwargs for k in hooks]))
                 self._mark(kind.strip("_").replace("_", " "))
         for name, p in list(m._parameters.items()):
@@ -665,21 +706,59 @@ def _is_user_function(value: Any) -> bool:
     return isinstance(value, types.FunctionType) and not reads.is_library_code(value.__module__, value.__code__)
 
 
-def _replaced_references(fn: types.FunctionType) -> list[tuple[str, types.FunctionType]]:
-    """Functions a library function calls through its module globals (``F.gelu``) that the
-    user replaced with code of their own."""
-    found = []
+def _replaced(value: Any, name: str) -> bool:
+    """Whether a library module's attribute ``name`` holds something put there in place of the
+    library's own function: the user's code, another function (``F.relu = F.leaky_relu``),
+    a partial or a callable object of the user's."""
+    if isinstance(value, types.MethodType):  # a bound method: replaced when its function is
+        value = value.__func__
+    if isinstance(value, types.FunctionType):
+        return _is_user_function(value) or value.__name__ != name
+    if isinstance(value, (functools.partial, functools.partialmethod)):
+        return True
+    return callable(value) and not isinstance(value, (type, *_BUILTIN_TYPES)) and not _is_library_class(type(value))
+
+
+#: How deep the calls of library functions are followed to find a replaced one (a model's
+#: class calls F.multi_head_attention_forward, which calls F.softmax).
+_LIBRARY_CALL_DEPTH = 3
+
+
+def _replaced_references(fn: types.FunctionType, depth: int = _LIBRARY_CALL_DEPTH,
+                         seen: set | None = None) -> list[tuple[str, Any]]:
+    """What a library function calls through its module's globals (``F.gelu``,
+    ``apply_rotary_pos_emb``) that was replaced (see :func:`_replaced`), following the
+    library functions it calls ``depth`` levels down."""
+    seen = set() if seen is None else seen
+    if fn.__code__ in seen:
+        return []
+    seen.add(fn.__code__)
+    found, callees = [], []
     scope = fn.__globals__
     for chain in sorted(reads.attribute_chains(fn.__code__)):
         head = scope.get(chain[0])
         if isinstance(head, types.ModuleType):
             value = reads.resolve(head, chain[1:])
-            if _is_user_function(value):
+            if _replaced(value, chain[-1]):
                 found.append((".".join(chain), value))
+            elif isinstance(value, types.FunctionType):
+                callees.append(value)
     for name in sorted(reads.global_names(fn.__code__)):
         value = scope.get(name)
-        if _is_user_function(value):
-            found.append((name, value))
+        if isinstance(value, types.FunctionType):
+            if _is_user_function(value) or value.__name__ != name and not name.startswith("_"):
+                found.append((name, value))
+            else:
+                callees.append(value)
+        elif isinstance(value, Mapping) and not isinstance(value, types.ModuleType) and len(value) <= 1000:
+            # A registry of functions the library looks up (transformers' attention functions):
+            # a function of the user's registered in it.
+            for key, entry in list(value.items()):
+                if _is_user_function(entry) or isinstance(entry, functools.partial):
+                    found.append((f"{name}[{key!r}]", entry))
+    if depth > 1:
+        for callee in callees:
+            found += _replaced_references(callee, depth - 1, seen)
     return found
 
 
@@ -696,33 +775,18 @@ def _is_compiled(obj: Any) -> bool:
     return type(obj).__name__ == "OptimizedModule" and hasattr(obj, "_orig_mod")
 
 
-def _reachable_methods(cls: type) -> set[str]:
-    """Methods of a module class that can run when it computes: those named (as attributes or
-    strings) in the code of ``forward`` and of what that code names, transitively, with the
-    methods its user base classes define; everything else (a training step, an export) is
-    left out of what the hash reads."""
-    methods: dict[str, types.FunctionType] = {}
-    for klass in reversed(cls.__mro__):
-        if klass is object or _is_library_class(klass):
-            continue
-        for key, value in vars(klass).items():
-            func = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
-            func = func.fget if isinstance(func, property) else func
-            if isinstance(func, types.FunctionType):
-                methods[key] = func
-    reachable, todo = set(), [m for m in _MODULE_ENTRY if m in methods]
-    while todo:
-        name = todo.pop()
-        if name in reachable:
-            continue
-        reachable.add(name)
-        code = methods[name].__code__
-        named = set(code.co_names) | {c for c in code.co_consts if isinstance(c, str)}
-        for nested in (c for c in code.co_consts if isinstance(c, types.CodeType)):
-            named |= set(nested.co_names) | {c for c in nested.co_consts if isinstance(c, str)}
-        todo.extend(n for n in named if n in methods and n not in reachable)
-    # Methods of a class with no forward of its own (a mixin, a base) are all reachable.
-    return reachable if reachable else set(methods)
+def _ignored(names: Any) -> set[str]:
+    """``fastft_key_ignore`` as a set of names (one name written without a tuple's comma too)."""
+    if not names:
+        return set()
+    return {names} if isinstance(names, str) else set(names)
+
+
+def _script_attributes(module: Any) -> list[str]:
+    """Names of a TorchScript module's attributes (its compiled type lists them when dumped)."""
+    text = module._c.dump_to_str(False, True, False)
+    block = text.split("attributes {", 1)[1].split("\n  }", 1)[0] if "attributes {" in text else ""
+    return sorted({m.group(1) for m in re.finditer(r"^ {4}(\w+) = ", block, re.M)} - {"training"})
 
 
 def _cell_values(fn: types.FunctionType) -> list[Any]:

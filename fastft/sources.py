@@ -394,10 +394,15 @@ def _sampler_indices(loader: DataLoader) -> list[int]:
                                   f"{' with replacement' if sampler.replacement else ''}, a different set "
                                   "every epoch")
         return list(range(n))
-    if isinstance(sampler, SubsetRandomSampler):
-        indices = sorted(int(i) for i in sampler.indices)
-    else:  # a sampler of its own: cacheable when it draws the same samples every time
-        first, second = sorted(int(i) for i in sampler), sorted(int(i) for i in sampler)
+    try:
+        if isinstance(sampler, SubsetRandomSampler):
+            indices = sorted(int(i) for i in sampler.indices)
+        else:  # a sampler of its own: cacheable when it draws the same samples every time
+            first, second = sorted(int(i) for i in sampler), sorted(int(i) for i in sampler)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"the DataLoader's sampler yields something other than sample indices ({exc}); fastft "
+                        "caches the samples of a map-style dataset by their integer index.") from None
+    if not isinstance(sampler, SubsetRandomSampler):
         if first != second:
             raise _refuse_sampler(f"({type(sampler).__name__}) drew a different set of samples on two passes")
         indices = first

@@ -58,6 +58,8 @@ class FrozenPrefix(nn.Module):
     (``"fx"`` or ``"hook"``). Its parameters are exactly the frozen ones it uses.
     """
 
+    _fastft_prefix = True  # asked for its signature() and key_mask() by the cache key
+
     def __init__(self, body: nn.Module, tap_names: list[str], method: str, signature: str,
                  key_mask: tuple[list[nn.Module], list[nn.Parameter]] = ([], [])):
         super().__init__()

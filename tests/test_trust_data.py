@@ -213,3 +213,9 @@ def test_changed_data_rebuild(tmp_path, what):
     else:
         after = build(loader(subset=(1, 2, 3, 5)), tmp_path)
     assert after.telemetry["hit"] is False and after.fingerprint != before.fingerprint
+
+
+def test_a_sampler_of_other_keys_than_indices_is_a_clear_error(tmp_path):
+    ds = dataset(n=10)
+    with pytest.raises(DataError, match="something other than sample indices"):
+        build(DataLoader(ds, batch_size=2, sampler=["a", "b"]), tmp_path)

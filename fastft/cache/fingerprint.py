@@ -19,8 +19,9 @@ dataset     the samples: every input and label by content (for a DataLoader, its
 transform   the transform by value (as modules), the seed and the batch size it is applied to
 views       the number of augmented views
 dtype       the storage dtype (and bf16 autocast of the prefix)
-numerics    torch's global numeric settings: default dtype, float32 matmul precision, TF32 and
-            reduced-precision flags, deterministic algorithms
+numerics    the kind of device the prefix runs on and torch's global numeric settings: default
+            dtype, float32 matmul precision, TF32 and reduced-precision flags, deterministic
+            algorithms
 pool        the pooling (and the mask key of ``masked_mean``)
 ==========  ===================================================================================
 
@@ -60,7 +61,8 @@ PART_NAMES = {
     "modules": "the frozen modules' code or attributes", "weights": "the frozen weights", "dataset": "the data",
     "transform": "the transform (its code, state, seed or batch size)", "views": "the number of views",
     "dtype": "the storage dtype",
-    "numerics": "torch's numeric settings (default dtype, matmul precision, TF32, deterministic algorithms)",
+    "numerics": "the device kind or torch's numeric settings (default dtype, matmul precision, TF32, deterministic "
+                "algorithms)",
     "pool": "the pooling",
 }
 
@@ -82,6 +84,7 @@ class CacheKey:
     labels: torch.Tensor | None = None
     fingerprint: str = ""
     trace: list = field(default_factory=list, repr=False)  # of the prefix's modules, see warn_if_self_changing
+    transform_digest: str = ""  # the transform as hashed, see warn_if_transform_changed
 
     def __post_init__(self) -> None:
         if not self.reusable and "once" not in self.parts:
@@ -97,8 +100,8 @@ class CacheKey:
 def structure_key(prefix: nn.Module) -> str:
     """The prefix's graph, structure and cut: its ``signature()`` when it has one (a split's
     prefix), else nothing more than "a module" (the modules part covers what it is made of)."""
-    signature = getattr(prefix, "signature", None)
-    text = str(signature()) if callable(signature) else "a module"
+    # Only fastft's own prefixes are asked (a user's module may have anything called signature).
+    text = str(prefix.signature()) if getattr(type(prefix), "_fastft_prefix", False) else "a module"
     return _sha(_ADDRESS.sub("", text))
 
 
@@ -115,7 +118,7 @@ def prefix_parts(prefix: nn.Module) -> tuple[dict[str, str], list[str], list]:
 def _prefix_hasher(prefix: nn.Module, weights: str) -> ContentHasher:
     """The prefix hashed by value (it runs in eval mode; what runs after its cut left out),
     with torch's global module hooks, which every module calls."""
-    mask = prefix.key_mask() if callable(getattr(prefix, "key_mask", None)) else ((), ())
+    mask = prefix.key_mask() if getattr(type(prefix), "_fastft_prefix", False) else ((), ())
     hasher = ContentHasher(mask_modules=mask[0], mask_params=mask[1], weights=weights, eval_mode=True, trace=True)
     hasher.update(prefix, "the frozen model")
     module_hooks = torch.nn.modules.module
@@ -126,9 +129,11 @@ def _prefix_hasher(prefix: nn.Module, weights: str) -> ContentHasher:
     return hasher
 
 
-def numerics() -> str:
-    """torch's global settings that change what a forward computes, beyond the objects."""
-    settings = {"default_dtype": torch.get_default_dtype(), "matmul": torch.get_float32_matmul_precision(),
+def numerics(device: torch.device | str = "cpu") -> str:
+    """What changes a forward's bits beyond the objects: the kind of device it runs on and
+    torch's global numeric settings."""
+    settings = {"device": torch.device(device).type, "default_dtype": torch.get_default_dtype(),
+                "matmul": torch.get_float32_matmul_precision(),
                 "deterministic": torch.are_deterministic_algorithms_enabled(),
                 "mkldnn": torch.backends.mkldnn.enabled}
     cuda = torch.backends.cuda.matmul
@@ -158,18 +163,18 @@ def warn_if_self_changing(prefix: nn.Module, key: CacheKey) -> None:
 
 
 def transform_part(transform: Callable | None, transform_id: str | None, seed: int,
-                   batch_size: int) -> tuple[str, list[str]]:
-    """``(part, opaque)`` of a transform: by value, with the seed its randomness is drawn from
-    and the batch size it is applied to (a per-batch transform's output depends on it).
-    ``transform_id`` vouches for what fastft cannot see in it (its opaque parts)."""
+                   batch_size: int) -> tuple[str, list[str], str]:
+    """``(part, opaque, digest)`` of a transform: by value, with the seed its randomness is
+    drawn from and the batch size it is applied to (a per-batch transform's output depends on
+    it). ``transform_id`` vouches for what fastft cannot see in it (its opaque parts)."""
     if transform is None:
         if transform_id is not None:
             raise FastFTValueError("transform_id= names a transform, but no transform= was given.")
-        return "none", []
+        return "none", [], ""
     hasher = ContentHasher().update(transform, "the transform")
     named = "" if transform_id is None else f"id:{transform_id}|"
     opaque = [] if transform_id is not None else hasher.opaque
-    return f"{named}{hasher.hexdigest()},seed={seed},batch={batch_size}", opaque
+    return f"{named}{hasher.hexdigest()},seed={seed},batch={batch_size}", opaque, hasher.hexdigest()
 
 
 def dataset_part(source: Source, dataset_id: str | None, batch_size: int = 256,
@@ -187,13 +192,13 @@ def dataset_part(source: Source, dataset_id: str | None, batch_size: int = 256,
 
 def make_key(prefix: nn.Module, source: Source, *, dataset_id: str | None, transform: Callable | None,
              transform_id: str | None, views: int, seed: int, batch_size: int, num_workers: int, dtype: str,
-             pool: str, mask_key: str, amp: str | None = None) -> CacheKey:
+             pool: str, mask_key: str, amp: str | None = None, device: torch.device | str = "cpu") -> CacheKey:
     """The :class:`CacheKey` of a build (reads every sample once unless ``dataset_id`` is given;
     see the module docstring for what each part covers)."""
     parts, opaque, trace = prefix_parts(prefix)
     dataset, labels, data_opaque = dataset_part(source, dataset_id, batch_size, num_workers)
     opaque += data_opaque
-    t_part, t_opaque = transform_part(transform, transform_id, seed, source.chunk_size or batch_size)
+    t_part, t_opaque, t_digest = transform_part(transform, transform_id, seed, source.chunk_size or batch_size)
     opaque += t_opaque
     parts.update({
         "format": str(FORMAT_VERSION),
@@ -201,15 +206,15 @@ def make_key(prefix: nn.Module, source: Source, *, dataset_id: str | None, trans
         "transform": t_part,
         "views": f"views={views}",
         "dtype": dtype + (f",prefix under {amp} autocast" if amp else ""),
-        "numerics": numerics(),
+        "numerics": numerics(device),
         "pool": pool + (f":{mask_key}" if pool == "masked_mean" else ""),
     })
-    return CacheKey(parts, opaque, labels, trace=trace)
+    return CacheKey(parts, opaque, labels, trace=trace, transform_digest=t_digest)
 
 
 def warn_not_reusable(key: CacheKey) -> None:
     """The one warning of a build whose key is opaque: what was not seen and how to get reuse."""
-    where = " ".join(key.opaque[:3]) + (f" (and {len(key.opaque) - 3} more)" if len(key.opaque) > 3 else "")
+    where = "; ".join(key.opaque[:3]) + (f" (and {len(key.opaque) - 3} more)" if len(key.opaque) > 3 else "")
     how = []
     if any(o.startswith("the transform") for o in key.opaque):
         how.append("pass transform_id='...' naming what the transform does (change it when what the "
@@ -218,11 +223,25 @@ def warn_not_reusable(key: CacheKey) -> None:
         how.append("pass dataset_id='...' naming the data (change it when the data change)")
     if any(o.startswith("the frozen model") for o in key.opaque):
         how.append("make that attribute of the frozen model a tensor, number, string or a container of those "
-                   "(or a registered buffer), or delete it")
+                   "(or a registered buffer), or delete it; a method that never runs when the model computes "
+                   "(a training step, an export) can be listed in its class's fastft_key_ignore = ('name',)")
     warnings.warn(
         f"fastft: this feature cache is built for this use only and will not be reused, because its key cannot "
-        f"see everything that determines the features: {where}. To reuse it: {'; '.join(how)}.",
+        f"see everything that determines the features: {where}. To reuse it: {'; or '.join(how)}.",
         CacheReuseWarning, stacklevel=4,
+    )
+
+
+def warn_if_transform_changed(transform: Callable | None, key: CacheKey) -> None:
+    """After a build: warn when running the transform changed its own state (a random
+    generator of its own): the next build's key differs, so its caches are never reused."""
+    if transform is None or ContentHasher().update(transform, "the transform").hexdigest() == key.transform_digest:
+        return
+    warnings.warn(
+        "fastft: running the transform changed its own state (a random generator it holds?), so the next build's "
+        "key will differ and its caches will never be reused. Draw randomness from torch's global generator or "
+        "from the generator= keyword fastft passes (both seeded per chunk), not from a generator the transform "
+        "keeps.", CacheReuseWarning, stacklevel=4,
     )
 
 
