@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 # installed (the CPU build pinned here) only when none is importable.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench docs clean
 
 $(PY):
 	python3 -m venv --system-site-packages $(VENV)
@@ -24,6 +24,10 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/fastft demo
+
+# The reliability table, from a run of the whole suite (never written by an ordinary test run).
+docs: setup
+	FASTFT_RELIABILITY_REPORT=docs/reliability.md $(PY) -m pytest tests -q
 
 bench: setup
 	$(VENV)/bin/fastft bench --kernels
