@@ -38,7 +38,7 @@ from fastft.cache.builder import check_amp, check_views
 from fastft.cache.fingerprint import dataset_part
 from fastft.cache.storage import DTYPES
 from fastft.checkpoint import load_checked, save_atomic
-from fastft.content_hash import ContentHasher, tensor_digest
+from fastft.hashing import ContentHasher, tensor_digest
 from fastft.errors import DataError, FastFTError, FastFTValueError, NotFittedError, SurgeryError
 from fastft.heads import build_head
 from fastft.metrics import classification_metrics, multilabel_metrics
@@ -46,7 +46,7 @@ from fastft.objectives import LOSSES, check_labels, make_loss, prepare_targets
 from fastft.ops.cuda import deferred_row_checks
 from fastft._derive import can_derive, derived_cache
 from fastft._graph_step import GraphedStep, check_cuda_graph
-from fastft.sources import as_source
+from fastft.data.sources import as_source
 from fastft.split import split
 from fastft.unfreeze import param_groups, trained_blocks, unfreeze_blocks, unfrozen_blocks
 

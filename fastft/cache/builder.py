@@ -45,7 +45,7 @@ from fastft.cache.feature_cache import FeatureCache, TapInfo
 from fastft.cache.fingerprint import (FORMAT_VERSION, PARTS, CacheKey, accepts_generator, changed_parts, combine,
                                       describe_changes, make_key, warn_if_self_changing, warn_if_transform_changed,
                                       warn_not_reusable)
-from fastft.sources import Chunk, Source, as_source
+from fastft.data.sources import Chunk, Source, as_source
 from fastft.cache.manage import cache_root
 from fastft.cache.staging import staged
 from fastft.cache.storage import DTYPES, TIERS, TapStorage, allocate, choose_tier, dtype_name, memory_device, parse_bytes, row_bytes
@@ -222,7 +222,7 @@ def _check_exact(x: torch.Tensor, name: str, start: int) -> None:
 # ---------------------------------------------------------------------------- chunks of data
 def chunks(source: Source, s: Settings, skip: Callable[[int, int, int], bool]) -> Iterator[Chunk]:
     """Every (view, batch of samples) still to compute, in order, with a loader of its data
-    (see :meth:`fastft.sources.Source.chunks`)."""
+    (see :meth:`fastft.data.sources.Source.chunks`)."""
     return source.chunks(s.views, s.batch_size, skip, s.num_workers)
 
 

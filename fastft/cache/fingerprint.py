@@ -29,7 +29,7 @@ What the key cannot see soundly (an open file, a transform that calls ``open()``
 without readable state) makes the key *opaque*: the cache is built for this use only and
 never reused, with one warning that says how to get reuse (``transform_id=``,
 ``dataset_id=``, or making the model's attribute hashable). See
-:mod:`fastft.content_hash` for how objects are hashed.
+:mod:`fastft.hashing` for how objects are hashed.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fastft.content_hash import ContentHasher, first_difference
+from fastft.hashing import ContentHasher, first_difference
 from fastft.errors import CacheReuseWarning, FastFTValueError
-from fastft.sources import Source
+from fastft.data.sources import Source
 
 #: Bump when the on-disk layout or the meaning of stored bytes or keys changes.
 FORMAT_VERSION = 2

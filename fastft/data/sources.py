@@ -33,7 +33,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from fastft import data as fdata
-from fastft.content_hash import ContentHasher
+from fastft.hashing import ContentHasher
 from fastft.errors import DataError
 
 __all__ = ["Source", "as_source", "Chunk"]

@@ -15,7 +15,7 @@ transform, the collate function) by everything that determines what they compute
 - other objects by their state (``__dict__``/``__slots__``, or what ``__reduce_ex__`` gives,
   as pickle and joblib do); sets in a canonical order (joblib's rule), dicts in order.
 
-Library code (see :mod:`fastft.code_reads`) is hashed by qualified name and the installed
+Library code (see :mod:`fastft.hashing.reads`) is hashed by qualified name and the installed
 version of its package; a method of a library class replaced by the user is hashed by value.
 Code of the user is hashed by value, without file names or line numbers, so that moving a
 function or re-running a notebook cell does not change its hash.
@@ -34,36 +34,30 @@ neither reads tensors at hashing speed.
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import enum
 import functools
 import hashlib
-import importlib.util
 import io
 import logging
-import os
 import re
 import sys
 import threading
 import types
 import weakref
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Mapping
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from fastft import code_reads as reads
+from fastft.hashing import reads
+from fastft.hashing._common import (BUILTIN_TYPES, KEY_IGNORE, PLAIN, Opaque, ignored, is_library_class,
+                                    type_name)
+from fastft.hashing.code import CodeHashing
 
 __all__ = ["ContentHasher", "content_hash", "tensor_digest", "first_difference", "KEY_IGNORE"]
-
-#: A class or instance attribute of an ``nn.Module``: names of its attributes that do not
-#: change what it computes (a call counter, outputs kept for display), left out of its hash.
-KEY_IGNORE = "fastft_key_ignore"
-
 
 # ---------------------------------------------------------------------------- tensors
 def tensor_digest(t: torch.Tensor) -> bytes:
@@ -93,41 +87,20 @@ _GRAPH_MODULE_SKIP = frozenset({
     "_graph", "_code", "_lineno_map", "_prologue_start", "_tracer_cls", "_tracer_extras", "meta",
     "shape_env", "_create_node_hooks", "_deepcopy_hooks", "_erase_node_hooks", "_replace_hooks",
 })
-#: Class attributes that are not behaviour.
-_CLASS_SKIP = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
-                         "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__",
-                         "_abc_impl", "__slots__", "__slotnames__", "__annotate_func__", "__annotations_cache__"})
-#: Methods that make, copy or show an object and never run when it computes: hashed by their
-#: code alone. What they read (a vocabulary file opened in __init__) is in the object's state,
-#: which is hashed itself, so reading files there does not make the hash opaque.
-_SETUP_METHODS = frozenset({"__init__", "__new__", "__init_subclass__", "__post_init__", "__setstate__",
-                            "__getstate__", "__reduce__", "__reduce_ex__", "__deepcopy__", "__copy__",
-                            "__repr__", "__str__", "__format__", "__dir__", "__sizeof__", "__del__", "extra_repr"})
 #: Objects that never determine what is computed (a lock, a logger, a weak cache): by type only.
 _INERT = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event,
           threading.Semaphore, logging.Logger, logging.Handler, logging.Formatter, logging.Filter,
           weakref.WeakKeyDictionary, weakref.WeakValueDictionary, weakref.WeakSet)
-_CODE_FIELDS = ("co_argcount", "co_posonlyargcount", "co_kwonlyargcount", "co_flags", "co_code", "co_names",
-                "co_varnames", "co_freevars", "co_cellvars", "co_exceptiontable")
 _SIMPLE = (type(None), bool, int, float, complex, str, type(Ellipsis), type(NotImplemented), range, slice,
            torch.dtype, torch.device, torch.layout, torch.memory_format)
-#: Values whose repr is their content (the same in every process): hashed in bulk in containers.
-_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
 _OPAQUE_TYPES = (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType, types.FrameType,
                  weakref.ProxyType, io.IOBase, memoryview)
 _MAX_DEPTH = 200
 _ADDRESS = re.compile(r"( at)? 0x[0-9a-fA-F]+")
-_BUILTIN_TYPES = (types.BuiltinFunctionType, types.BuiltinMethodType, types.WrapperDescriptorType,
-                  types.MethodWrapperType, types.MethodDescriptorType, types.ClassMethodDescriptorType,
-                  types.GetSetDescriptorType, types.MemberDescriptorType, np.ufunc)
-
-
-class _Opaque(Exception):
-    """Internal: this object's content cannot be seen."""
 
 
 # ---------------------------------------------------------------------------- the hasher
-class ContentHasher:
+class ContentHasher(CodeHashing):
     """Feeds objects into one sha256, by value (see the module docstring).
 
     ``mask_modules`` / ``mask_params``: modules and parameters (by identity) that are known not
@@ -199,14 +172,14 @@ class ContentHasher:
         self._depth += 1
         try:
             if self._depth > _MAX_DEPTH:
-                raise _Opaque(f"nested more than {_MAX_DEPTH} levels deep")
+                raise Opaque(f"nested more than {_MAX_DEPTH} levels deep")
             self._walk(obj)
-        except _Opaque as exc:
+        except Opaque as exc:
             self._note_opaque(str(exc))
         except RecursionError:
             self._note_opaque("nested too deeply to read")
         except Exception as exc:  # an object that fails when read: it cannot be seen, never a crash
-            self._note_opaque(f"a {_type_name(obj)} that cannot be read ({type(exc).__name__}: {exc})"[:300])
+            self._note_opaque(f"a {type_name(obj)} that cannot be read ({type(exc).__name__}: {exc})"[:300])
         finally:
             self._depth -= 1
             self._path.pop()
@@ -251,7 +224,7 @@ class ContentHasher:
             return self._function
         if isinstance(obj, types.MethodType):
             return self._method
-        if isinstance(obj, _BUILTIN_TYPES):
+        if isinstance(obj, BUILTIN_TYPES):
             return self._builtin
         if isinstance(obj, types.CodeType):
             return self._code
@@ -293,13 +266,13 @@ class ContentHasher:
         if isinstance(obj, io.IOBase) and obj in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
             return lambda o: self._emit("stdio", str(o.fileno()) if not o.closed else "closed")
         if isinstance(obj, _OPAQUE_TYPES):
-            raise _Opaque(f"a {_type_name(obj)}, whose content cannot be read")
+            raise Opaque(f"a {type_name(obj)}, whose content cannot be read")
         return self._object
 
     # ------------------------------------------------------------------ values
     def _tensor(self, t: torch.Tensor) -> None:
         if t.is_meta or t.device.type == "meta":
-            raise _Opaque("a meta tensor (no data)")
+            raise Opaque("a meta tensor (no data)")
         if t.layout != torch.strided:
             if t.is_sparse:
                 t = t.coalesce()
@@ -307,7 +280,7 @@ class ContentHasher:
                 self._tensor(t.indices())
                 self._tensor(t.values())
                 return
-            raise _Opaque(f"a tensor with layout {t.layout}")
+            raise Opaque(f"a tensor with layout {t.layout}")
         if t.is_quantized:
             self._emit("quantized", f"{t.qscheme()}")
             self._tensor(t.int_repr())
@@ -333,7 +306,7 @@ class ContentHasher:
 
     def _sequence(self, seq) -> None:
         self._emit(type(seq).__name__, str(len(seq)))
-        if len(seq) > 8 and all(type(item) in _PLAIN for item in seq):  # a vocabulary, a shape list: at once
+        if len(seq) > 8 and all(type(item) in PLAIN for item in seq):  # a vocabulary, a shape list: at once
             self._emit("plain", repr(list(seq)))
             return
         for i, item in enumerate(seq):
@@ -361,7 +334,7 @@ class ContentHasher:
         if isinstance(mapping, defaultdict):
             self._child(mapping.default_factory, "default_factory")
         items = list(mapping.items())
-        if len(items) > 8 and all(type(k) in _PLAIN and type(v) in _PLAIN for k, v in items):
+        if len(items) > 8 and all(type(k) in PLAIN and type(v) in PLAIN for k, v in items):
             self._emit("plain", repr(items))  # a tokenizer's vocabulary: one update, not 60,000
             return
         for key, value in items:
@@ -380,237 +353,6 @@ class ContentHasher:
             digests.append(sub.hexdigest())
         self._emit(type(items).__name__, ",".join(sorted(digests)))
 
-    # ------------------------------------------------------------------ code
-    def _code(self, code: types.CodeType) -> None:
-        # No file name, line numbers or position tables: moving code does not change it.
-        self._emit("code", code.co_name)
-        for field in _CODE_FIELDS:
-            value = getattr(code, field, None)
-            if field == "co_flags":  # without the __future__ flags, which only change how it was compiled
-                value &= 0xFFFF
-            if value is not None:
-                self._emit(field, value if isinstance(value, bytes) else repr(value))
-        self._emit("consts", str(len(code.co_consts)))
-        for i, const in enumerate(code.co_consts):
-            if isinstance(const, frozenset):
-                self._emit("frozenset", repr(sorted(map(repr, const))))
-            else:
-                self._child(const, f"co_consts[{i}]")
-
-    def _function(self, fn: types.FunctionType) -> None:
-        module = getattr(fn, "__module__", None)
-        if reads.is_library_code(module, fn.__code__):
-            # The library's code by name and version; what a library closure or default was
-            # given (a factory's arguments) by value.
-            self._emit("libfn", f"{module}.{fn.__qualname__}@{reads.library_version(module.partition('.')[0])}")
-            if fn.__closure__ or fn.__defaults__ or fn.__kwdefaults__:
-                self._child(fn.__defaults__, "__defaults__")
-                self._child(fn.__kwdefaults__, "__kwdefaults__")
-                self._child(_cell_values(fn), "__closure__")
-            return
-        # The user's code by value, not by where it lives: the same function run as a script
-        # (__main__) or imported has the same hash.
-        self._emit("fn", fn.__qualname__)
-        self._code(fn.__code__)
-        self._child(fn.__defaults__, "__defaults__")
-        self._child(fn.__kwdefaults__, "__kwdefaults__")
-        self._child(_cell_values(fn), "__closure__")
-        self._globals(fn)
-        self._child(dict(getattr(fn, "__dict__", {})), "__dict__")
-
-    def _globals(self, fn: types.FunctionType) -> None:
-        """What ``fn``'s code reads from its globals: every global it loads, and along the
-        attribute chains it reads of the user's modules (``cfg.sub.MEAN``), the values at
-        their ends; library modules by name and version. Code that reads the outside world
-        makes the hash opaque (outside setup code)."""
-        scope = fn.__globals__
-        builtin_names = scope.get("__builtins__", builtins)
-        builtin_names = builtin_names if isinstance(builtin_names, dict) else vars(builtin_names)
-        closure = dict(zip(fn.__code__.co_freevars, _cell_values(fn)))
-        for why in reads.outside_reads(fn.__code__, {**scope, **closure}, builtin_names):
-            self._note_opaque(f"the code {why}")
-        chains = [c for c in reads.attribute_chains(fn.__code__) if c[0] not in closure]
-        escaping = reads.escaping_globals(fn.__code__)
-        for name in sorted(reads.global_names(fn.__code__)):
-            if name in scope:
-                value = scope[name]
-                self._emit("global", name)
-                if isinstance(value, types.ModuleType):
-                    self._module_reference(value, name, [c[1:] for c in chains if c[0] == name], name in escaping)
-                else:
-                    self._child(value, name)
-            elif name in builtin_names:
-                self._emit("builtin", name)
-        for module_name in sorted(reads.imports(fn.__code__)):  # `import cfg` inside the function
-            self._imported(module_name)
-
-    def _imported(self, module_name: str) -> None:
-        """A module imported inside a function: a library's by name and version; the user's
-        whole (loaded, or its source file when it is not imported yet)."""
-        self._emit("import", module_name)
-        if reads.is_library_module(module_name):
-            self._emit("version", reads.library_version(module_name.partition(".")[0]) or "")
-            return
-        loaded = sys.modules.get(module_name)
-        if loaded is not None:
-            self._child(loaded, module_name)
-            return
-        try:
-            spec = importlib.util.find_spec(module_name)
-        except (ImportError, ValueError):
-            spec = None
-        origin = getattr(spec, "origin", None)
-        if origin and os.path.isfile(origin):
-            with open(origin, "rb") as f:
-                self._emit("source", f.read())
-        else:
-            self._note_opaque(f"the code imports {module_name}, which cannot be found to be read")
-
-    def _module_reference(self, mod: types.ModuleType, name: str, chains: list[tuple[str, ...]],
-                          escapes: bool) -> None:
-        """A module the code reads from: a library's by name and version; the user's by what
-        the code reads of it, following each attribute chain through the user's submodules to
-        the value it ends at, or whole when the code uses the module otherwise (passes it on,
-        gives it another name, looks names up in it with getattr)."""
-        mod_name = getattr(mod, "__name__", name)
-        if reads.is_library_module(mod_name):
-            self._emit("libmodule", f"{mod_name}@{reads.library_version(mod_name.partition('.')[0])}")
-            for chain in sorted(set(chains)):  # a library function replaced (F.gelu = ...)
-                value = reads.resolve(mod, chain)
-                if _replaced(value, chain[-1]):
-                    self._emit("patched", ".".join(chain))
-                    self._child(value, ".".join((name, *chain)))
-            return
-        if escapes or not chains:
-            self._module_value(mod)
-            return
-        self._emit("module", mod_name)
-        for chain in sorted(set(chains)):
-            value: Any = mod
-            path = [name]
-            for attr in chain:
-                if not isinstance(value, types.ModuleType) or reads.is_library_module(value.__name__):
-                    break
-                # A PEP 562 module __getattr__ computes what is not in the namespace: its answer counts.
-                value = vars(value)[attr] if attr in vars(value) else getattr(value, attr, _MISSING)
-                path.append(attr)
-                if value is _MISSING:
-                    break
-            self._emit("chain", ".".join(path))
-            if value is not _MISSING and not (isinstance(value, types.ModuleType)
-                                              and not reads.is_library_module(value.__name__)):
-                self._child(value, ".".join(path))
-
-    def _module_value(self, mod: types.ModuleType) -> None:
-        """A module held as a value (an attribute, a default argument): a library's by name and
-        version; the user's by everything in it (its functions by value, its settings)."""
-        mod_name = getattr(mod, "__name__", "?")
-        self._emit("module", mod_name)
-        if reads.is_library_module(mod_name):
-            self._emit("version", reads.library_version(mod_name.partition(".")[0]) or "")
-            return
-        for key, value in list(vars(mod).items()):
-            if key.startswith("__") and key.endswith("__"):
-                continue
-            self._emit("attr", key)
-            self._child(value, f"{mod_name}.{key}")
-
-    def _method(self, obj: types.MethodType) -> None:
-        self._emit("method", obj.__func__.__name__)
-        self._child(obj.__func__, "__func__")
-        self._child(obj.__self__, "__self__")
-
-    def _partial(self, obj: functools.partial) -> None:
-        self._emit("partial", type(obj).__qualname__)
-        self._child(obj.func, "func")
-        self._child(obj.args, "args")
-        self._child(obj.keywords, "keywords")
-        self._child(getattr(obj, "__dict__", {}), "__dict__")
-
-    def _builtin(self, obj: Any) -> None:
-        owner = getattr(obj, "__self__", None)
-        module = getattr(obj, "__module__", None) or getattr(type(owner), "__module__", None)
-        qualname = getattr(obj, "__qualname__", getattr(obj, "__name__", repr(obj)))
-        self._emit("builtin", f"{module}.{qualname}")
-        if f"{module}.{qualname}" in reads.IMPURE_FUNCTIONS:
-            self._note_opaque(f"{module}.{qualname} reads a file")
-        # A method bound to an object computes with that object (pybind11's function records
-        # are the implementation's own, not data).
-        if (owner is not None and not isinstance(owner, (types.ModuleType, type))
-                and type(owner).__module__ != "pybind11_builtins"):
-            self._child(owner, "__self__")
-
-    def _class(self, cls: type) -> None:
-        module = cls.__module__
-        if _is_library_class(cls):
-            self._emit("libclass", f"{module}.{cls.__qualname__}@{reads.library_version(module.partition('.')[0])}")
-            self._patched_methods(cls, module)
-            return
-        self._emit("class", cls.__qualname__)
-        # Names a class leaves out of its hash apply to its base classes' attributes too.
-        ignore = _ignored(getattr(cls, KEY_IGNORE, ())) | (self._class_ignore[-1] if self._class_ignore else set())
-        self._class_ignore.append(ignore)
-        try:
-            for i, base in enumerate(cls.__bases__):
-                self._child(base, f"__bases__[{i}]")
-            for key, value in list(vars(cls).items()):
-                if key in _CLASS_SKIP or key in ignore:
-                    continue
-                self._emit("classattr", key)
-                if key in _SETUP_METHODS and isinstance(value, types.FunctionType):
-                    self._emit("setup", key)  # never runs when the object computes: its code alone
-                    self._code(value.__code__)
-                    self._child(value.__defaults__, "__defaults__")
-                    continue
-                self._child(value, key)
-        finally:
-            self._class_ignore.pop()
-
-    def _patched_methods(self, cls: type, module: str) -> None:
-        """What the user changed in a library class (a monkeypatch): its methods replaced by
-        the user's code, its plain class attributes (``nn.Linear.gain = 2.0``), and the
-        library functions its methods call that the user replaced (``F.gelu = ...``)."""
-        for klass in cls.__mro__:
-            # nn.Module itself is left out: torch.compile patches it once a process compiles.
-            if klass in (object, nn.Module) or not _is_library_class(klass):
-                continue
-            for key, value in list(vars(klass).items()):
-                if key in _CLASS_SKIP or key == "__abstractmethods__":
-                    continue
-                if isinstance(value, types.FunctionType):
-                    if _is_user_function(value) or value.__qualname__ != f"{klass.__qualname__}.{key}":
-                        self._emit("patched", key)  # the user's code, or another function put there
-                        self._child(value, key)
-                    for target in _replaced_references(value):
-                        self._emit("patched call", target[0])
-                        self._child(target[1], target[0])
-                elif type(value) in _PLAIN:
-                    self._emit("classattr", f"{key}={value!r}"[:200])
-                elif isinstance(value, (tuple, frozenset)) and all(type(v) in _PLAIN for v in value):
-                    shown = sorted(map(repr, value)) if isinstance(value, frozenset) else list(map(repr, value))
-                    self._emit("classattr", f"{key}={shown}"[:400])
-                elif isinstance(value, (functools.partial, functools.partialmethod)) or (
-                        callable(value) and not isinstance(value, (type, staticmethod, classmethod, property,
-                                                                   *_BUILTIN_TYPES))):
-                    self._emit("patched", key)  # a partial or callable object put on the class
-                    self._child(value, key)
-
-    def _script(self, obj: Any) -> None:
-        """TorchScript: every module's code and attributes (read through the compiled module:
-        its Python object holds none of them), parameters and buffers."""
-        self._emit("torchscript", type(obj).__name__)
-        if not isinstance(obj, torch.jit.ScriptModule):
-            self._emit("code", getattr(obj, "code", "") or "")
-            return
-        for name, sub in obj.named_modules():
-            self._emit("submodule", name)
-            self._emit("code", getattr(sub, "code", "") or "")
-            for attr in _script_attributes(sub):
-                value = sub._c.getattr(attr)
-                if not isinstance(value, torch._C.ScriptObject):  # submodules: in named_modules
-                    self._child(value, f"{name}.{attr}")
-        self._child(dict(obj.state_dict()), "state_dict")
-
     # ------------------------------------------------------------------ objects
     def _module(self, m: nn.Module) -> None:
         self._emit("nn.Module")
@@ -623,7 +365,7 @@ class ContentHasher:
         # Bookkeeping that a module declares not to change what it computes (a call counter,
         # the last attention map kept for display): fastft_key_ignore = ("calls", ...).
         # Read without the instance's __getattr__ (a model may answer anything from a dict, or raise).
-        ignore = _ignored(vars(m).get(KEY_IGNORE) or getattr(type(m), KEY_IGNORE, ()))
+        ignore = ignored(vars(m).get(KEY_IGNORE) or getattr(type(m), KEY_IGNORE, ()))
         for key, value in list(vars(m).items()):
             if (key in _MODULE_SKIP or key == "training" or key.startswith("_fastft_") or key in ignore
                     or key == KEY_IGNORE or (graph_module and key in _GRAPH_MODULE_SKIP)):
@@ -669,7 +411,7 @@ class ContentHasher:
         cls = type(obj)
         self._emit("object")
         self._child(cls, "__class__")
-        if not _is_library_class(cls) and (hasattr(obj, "__dict__") or _slots(cls)):
+        if not is_library_class(cls) and (hasattr(obj, "__dict__") or _slots(cls)):
             # The user's object by all it holds (its __getstate__ may leave out what it computes with).
             self._child(dict(getattr(obj, "__dict__", {})), "__dict__")
             self._child({s: getattr(obj, s, "<unset>") for s in _slots(cls) if s not in ("__dict__", "__weakref__")},
@@ -678,13 +420,13 @@ class ContentHasher:
         if dataclasses.is_dataclass(obj) or _plain_state(cls):
             state = obj.__getstate__() if hasattr(obj, "__getstate__") else getattr(obj, "__dict__", None)
             if state is None and not hasattr(obj, "__dict__") and not _slots(cls):
-                raise _Opaque(f"a {_type_name(obj)} with no readable state")
+                raise Opaque(f"a {type_name(obj)} with no readable state")
             self._child(state, "__getstate__()")
             return
         try:
             reduced = obj.__reduce_ex__(4)
         except Exception as exc:
-            raise _Opaque(f"a {_type_name(obj)}, whose content cannot be read ({type(exc).__name__}: {exc})") from None
+            raise Opaque(f"a {type_name(obj)}, whose content cannot be read ({type(exc).__name__}: {exc})") from None
         if isinstance(reduced, str):  # a global singleton, pickled by name
             self._emit("global", reduced)
             return
@@ -699,108 +441,8 @@ class ContentHasher:
             self._child(list(parts[4]), "__reduce__()[4]")
 
 
-_MISSING = object()
-
-
-def _is_user_function(value: Any) -> bool:
-    return isinstance(value, types.FunctionType) and not reads.is_library_code(value.__module__, value.__code__)
-
-
-def _replaced(value: Any, name: str) -> bool:
-    """Whether a library module's attribute ``name`` holds something put there in place of the
-    library's own function: the user's code, another function (``F.relu = F.leaky_relu``),
-    a partial or a callable object of the user's."""
-    if isinstance(value, types.MethodType):  # a bound method: replaced when its function is
-        value = value.__func__
-    if isinstance(value, types.FunctionType):
-        return _is_user_function(value) or value.__name__ != name
-    if isinstance(value, (functools.partial, functools.partialmethod)):
-        return True
-    return callable(value) and not isinstance(value, (type, *_BUILTIN_TYPES)) and not _is_library_class(type(value))
-
-
-#: How deep the calls of library functions are followed to find a replaced one (a model's
-#: class calls F.multi_head_attention_forward, which calls F.softmax).
-_LIBRARY_CALL_DEPTH = 3
-
-
-def _replaced_references(fn: types.FunctionType, depth: int = _LIBRARY_CALL_DEPTH,
-                         seen: set | None = None) -> list[tuple[str, Any]]:
-    """What a library function calls through its module's globals (``F.gelu``,
-    ``apply_rotary_pos_emb``) that was replaced (see :func:`_replaced`), following the
-    library functions it calls ``depth`` levels down."""
-    seen = set() if seen is None else seen
-    if fn.__code__ in seen:
-        return []
-    seen.add(fn.__code__)
-    found, callees = [], []
-    scope = fn.__globals__
-    for chain in sorted(reads.attribute_chains(fn.__code__)):
-        head = scope.get(chain[0])
-        if isinstance(head, types.ModuleType):
-            value = reads.resolve(head, chain[1:])
-            if _replaced(value, chain[-1]):
-                found.append((".".join(chain), value))
-            elif isinstance(value, types.FunctionType):
-                callees.append(value)
-    for name in sorted(reads.global_names(fn.__code__)):
-        value = scope.get(name)
-        if isinstance(value, types.FunctionType):
-            if _is_user_function(value) or value.__name__ != name and not name.startswith("_"):
-                found.append((name, value))
-            else:
-                callees.append(value)
-        elif isinstance(value, Mapping) and not isinstance(value, types.ModuleType) and len(value) <= 1000:
-            # A registry of functions the library looks up (transformers' attention functions):
-            # a function of the user's registered in it.
-            for key, entry in list(value.items()):
-                if _is_user_function(entry) or isinstance(entry, functools.partial):
-                    found.append((f"{name}[{key!r}]", entry))
-    if depth > 1:
-        for callee in callees:
-            found += _replaced_references(callee, depth - 1, seen)
-    return found
-
-
-def _is_library_class(cls: type) -> bool:
-    """A class of the standard library or of an installed library, defined at module level
-    (code exec'd without a module name claims ``builtins``: it is the user's)."""
-    module = cls.__module__
-    if module == "builtins" and getattr(builtins, cls.__qualname__, None) is not cls:
-        return False
-    return reads.is_library_module(module) and "<locals>" not in cls.__qualname__
-
-
 def _is_compiled(obj: Any) -> bool:
     return type(obj).__name__ == "OptimizedModule" and hasattr(obj, "_orig_mod")
-
-
-def _ignored(names: Any) -> set[str]:
-    """``fastft_key_ignore`` as a set of names (one name written without a tuple's comma too)."""
-    if not names:
-        return set()
-    return {names} if isinstance(names, str) else set(names)
-
-
-def _script_attributes(module: Any) -> list[str]:
-    """Names of a TorchScript module's attributes (its compiled type lists them when dumped)."""
-    text = module._c.dump_to_str(False, True, False)
-    block = text.split("attributes {", 1)[1].split("\n  }", 1)[0] if "attributes {" in text else ""
-    return sorted({m.group(1) for m in re.finditer(r"^ {4}(\w+) = ", block, re.M)} - {"training"})
-
-
-def _cell_values(fn: types.FunctionType) -> list[Any]:
-    cells = []
-    for cell in fn.__closure__ or ():
-        try:
-            cells.append(cell.cell_contents)
-        except ValueError:  # an empty cell (a name assigned later)
-            cells.append("<empty cell>")
-    return cells
-
-
-def _type_name(obj: Any) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def _slots(cls: type) -> list[str]:
