@@ -11,7 +11,8 @@ from fastft.errors import *  # noqa: F401,F403
 from fastft.errors import __all__ as _error_names
 from fastft import ops
 from fastft.cache import FeatureCache
-from fastft import surgery, unfreeze
+from fastft.model import surgery
+from fastft.model.surgery import freeze, unfreeze  # fastft.unfreeze(model, ...) is surgery's
 from fastft.split import split, FrozenPrefix, TrainableTail
 from fastft import data
 from fastft.trainer import EarlyStopping, FineTuner, History
@@ -27,6 +28,7 @@ __all__ = [
     "ops",
     "FeatureCache",
     "surgery",
+    "freeze",
     "unfreeze",
     "split",
     "FrozenPrefix",

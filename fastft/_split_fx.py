@@ -22,7 +22,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fastft._modules import FROZEN, NEW, TRAINABLE, all_eval
+from fastft.model.status import FROZEN, NEW, TRAINABLE, all_eval
 
 
 class CannotSplit(Exception):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastft._modules import MIXED, NEW, TRAINABLE, all_eval
+from fastft.model.status import MIXED, NEW, TRAINABLE, all_eval
 from fastft._split_fx import CannotSplit, _batch_size
 from fastft.errors import SplitError
 

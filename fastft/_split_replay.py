@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from fastft._modules import FROZEN
+from fastft.model.status import FROZEN
 from fastft._split_fx import CannotSplit, _batch_size
 from fastft._split_hook import _HookPrefix, _outermost, _record_calls, _units, signature_text
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 import fastft
 from fastft.bench import BenchSettings, Task, _accuracy, _index, _machine, bbc_task, quick_defaults
-from fastft.unfreeze import find_blocks
+from fastft.model.blocks import find_blocks
 
 
 @dataclass

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from fastft import distributed as fdist
-from fastft import surgery
+from fastft.model import surgery
 from fastft.errors import FastFTValueError
 from fastft.trainer import FineTuner
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fastft import _split_fx, _split_hook, _split_replay
-from fastft._modules import FROZEN_STATS_ATTR, MIXED, NEW, TRAINABLE, classify, eval_mode, eval_modules
+from fastft.model.status import FROZEN_STATS_ATTR, MIXED, NEW, TRAINABLE, classify, eval_mode, eval_modules
 from fastft._split_fx import CannotSplit
 from fastft.errors import SplitError
 

@@ -22,7 +22,7 @@ from torch.func import functional_call, vmap
 from fastft import distributed as fdist
 from fastft._graph_step import check_cuda_graph
 from fastft.errors import FastFTValueError
-from fastft.heads import build_head
+from fastft.model.heads import build_head
 from fastft.objectives import check_labels
 from fastft.trainer import FineTuner, FitConfig, History, _Engine, _metrics, _training_batch_size
 
@@ -158,7 +158,7 @@ def _current_head(ft: FineTuner) -> nn.Module:
     if spec.mode == "replace":
         return ft.model.get_submodule(spec.name)
     # Appended heads are the first new module of the tail.
-    from fastft import surgery
+    from fastft.model import surgery
 
     return ft.model.get_submodule(surgery.new_modules(ft.model)[0])
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from fastft import data as fdata
 from fastft import distributed as fdist
-from fastft import surgery
+from fastft.model import surgery
 from fastft.cache import FeatureCache
 from fastft.cache.builder import check_amp, check_views
 from fastft.cache.fingerprint import dataset_part
@@ -40,7 +40,7 @@ from fastft.cache.storage import DTYPES
 from fastft.checkpoint import load_checked, save_atomic
 from fastft.hashing import ContentHasher, tensor_digest
 from fastft.errors import DataError, FastFTError, FastFTValueError, NotFittedError, SurgeryError
-from fastft.heads import build_head
+from fastft.model.heads import build_head
 from fastft.metrics import classification_metrics, multilabel_metrics
 from fastft.objectives import LOSSES, check_labels, make_loss, prepare_targets
 from fastft.ops.cuda import deferred_row_checks
@@ -48,7 +48,7 @@ from fastft._derive import can_derive, derived_cache
 from fastft._graph_step import GraphedStep, check_cuda_graph
 from fastft.data.sources import as_source
 from fastft.split import split
-from fastft.unfreeze import param_groups, trained_blocks, unfreeze_blocks, unfrozen_blocks
+from fastft.model.blocks import param_groups, trained_blocks, unfreeze_blocks, unfrozen_blocks
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = (None, "cosine", "onecycle")
@@ -354,7 +354,7 @@ class FineTuner:
         freezes them again) and move the cut down to the input of the lowest one.
 
         Blocks are the children of the model's Sequential/ModuleList stacks (``encoder.layer``,
-        ``layer4``, ``blocks``; see :func:`fastft.unfreeze.find_blocks`). The next ``fit``
+        ``layer4``, ``blocks``; see :func:`fastft.model.blocks.find_blocks`). The next ``fit``
         caches the frozen part below the new cut (whole sequences or feature maps, ``pool``
         ``'none'``; reused by fingerprint) and trains the unfrozen blocks with the new layers,
         with learning rates decayed per block when ``fit(lr_decay=...)`` is given.

@@ -1,12 +1,16 @@
-"""Loading the native module: a missing one warns once and never breaks ``import fastft``."""
+"""Loading the native module: a missing or mismatched one warns once and never breaks
+``import fastft``, unless FASTFT_REQUIRE_NATIVE=1 asks for an error instead."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -99,3 +103,144 @@ def test_disabled_native_gives_the_same_answers(tmp_path):
             assert torch.equal(nat[0], ref[0]) and torch.equal(nat[1], ref[1]), key
         else:
             assert torch.equal(nat, ref), key
+
+
+# ---------------------------------------------------------------- mismatch and FASTFT_REQUIRE_NATIVE
+# In-process tests load afresh: they clear the loader's cache, patch what it sees, and clear
+# it again so that later tests load the real module. fastft.ops keeps the module it got at
+# import, so the kernels other tests use are unaffected.
+
+needs_native = pytest.mark.skipif(not fastft.has_native(), reason="native module not built")
+
+
+@pytest.fixture
+def fresh_load(monkeypatch):
+    """Run fastft._native's loader afresh, without FASTFT_REQUIRE/DISABLE_NATIVE from outside."""
+    from fastft import _native
+
+    monkeypatch.delenv("FASTFT_REQUIRE_NATIVE", raising=False)
+    monkeypatch.delenv("FASTFT_DISABLE_NATIVE", raising=False)
+    _native._load.cache_clear()
+    yield _native
+    _native._load.cache_clear()
+
+
+def real_module():
+    return importlib.import_module("fastft._C")
+
+
+def mismatched_codes(_native):
+    """The module's codes with pool 'max' renumbered, as a build from other sources has them."""
+    codes = {table: dict(names) for table, names in _native.NATIVE_CODES.items()}
+    codes["pools"]["max"] = 7
+    return codes
+
+
+@needs_native
+def test_mismatched_module_warns_once_and_falls_back(fresh_load, monkeypatch):
+    monkeypatch.setattr(real_module(), "codes", lambda: mismatched_codes(fresh_load))
+    with pytest.warns(RuntimeWarning) as caught:
+        assert fastft.has_native() is False
+        info = fastft.build_info()
+        assert fresh_load.native_module() is None and fastft.has_cuda() is False
+    msgs = [str(w.message) for w in caught if "fastft._C" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert "does not match this fastft Python code" in msgs[0]
+    assert "pools['max'] is 2 here but 7 in fastft._C" in msgs[0]
+    assert "pip install -e ." in msgs[0] and "pure-PyTorch" in msgs[0]
+    assert info["native"] is False
+    assert info["reason"].startswith("NativeMismatchError: ") and "pools['max']" in info["reason"]
+
+
+@needs_native
+def test_module_without_codes_is_a_mismatch(fresh_load, monkeypatch):
+    monkeypatch.delattr(real_module(), "codes")
+    with pytest.warns(RuntimeWarning, match="no codes"):
+        info = fastft.build_info()
+    assert info["native"] is False and info["reason"].startswith("NativeMismatchError")
+
+
+def test_require_native_raises_when_the_module_is_missing(fresh_load, monkeypatch):
+    monkeypatch.setenv("FASTFT_REQUIRE_NATIVE", "1")
+    monkeypatch.setitem(sys.modules, "fastft._C", None)  # `import fastft._C` fails like a missing build
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # raises instead of warning
+        with pytest.raises(fastft.NativeUnavailableError, match="could not be loaded") as info:
+            fastft.has_native()
+    assert not isinstance(info.value, fastft.NativeMismatchError)
+    assert "pip install -e ." in str(info.value)
+    assert isinstance(info.value.__cause__, ImportError)
+
+
+@needs_native
+def test_require_native_raises_on_a_mismatch(fresh_load, monkeypatch):
+    monkeypatch.setenv("FASTFT_REQUIRE_NATIVE", "1")
+    monkeypatch.setattr(real_module(), "codes", lambda: mismatched_codes(fresh_load))
+    with pytest.raises(fastft.NativeMismatchError, match=r"pools\['max'\] is 2 here but 7") as info:
+        fastft.build_info()
+    assert isinstance(info.value, fastft.NativeUnavailableError)
+    assert "pip install -e ." in str(info.value)
+
+
+def test_require_native_contradicting_disable_native_raises(fresh_load, monkeypatch):
+    monkeypatch.setenv("FASTFT_REQUIRE_NATIVE", "1")
+    monkeypatch.setenv("FASTFT_DISABLE_NATIVE", "1")
+    with pytest.raises(fastft.NativeUnavailableError, match="unset one of them"):
+        fastft.has_native()
+
+
+@needs_native
+def test_require_native_with_a_matching_module_loads_quietly(fresh_load, monkeypatch):
+    monkeypatch.setenv("FASTFT_REQUIRE_NATIVE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fastft.has_native() is True
+        assert fastft.build_info()["native"] is True
+
+
+def test_require_native_makes_import_fail_without_the_module():
+    """End to end: with FASTFT_REQUIRE_NATIVE=1, `import fastft` itself raises."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["fastft._C"] = None
+        try:
+            import fastft
+        except Exception as exc:
+            from fastft.errors import NativeUnavailableError
+            print(type(exc).__name__, isinstance(exc, NativeUnavailableError))
+        else:
+            print("imported")
+        """
+    )
+    env = {**os.environ, "FASTFT_REQUIRE_NATIVE": "1"}
+    env.pop("FASTFT_DISABLE_NATIVE", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "NativeUnavailableError True", out.stdout + out.stderr
+
+
+@needs_native
+def test_mismatched_module_at_import_gives_reference_answers():
+    """End to end: a fastft._C with other codes is never called; the reference answers."""
+    path = importlib.util.find_spec("fastft._C").origin
+    out = run_python(
+        f"""
+        import importlib.util, sys, warnings
+        spec = importlib.util.spec_from_file_location("fastft._C", {path!r})
+        C = importlib.util.module_from_spec(spec); spec.loader.exec_module(C)
+        real = C.codes()
+        C.codes = lambda: {{**real, "dtypes": {{**real["dtypes"], "float16": 2, "bfloat16": 1}}}}
+        sys.modules["fastft._C"] = C
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import fastft, torch
+            out = torch.ops.fastft.cache_gather(torch.ones(3, 2), torch.empty(0), torch.tensor([2]), torch.float16)
+        msgs = [str(w.message) for w in caught if "fastft._C" in str(w.message)]
+        print(len(msgs), fastft.has_native(), out.dtype, out.tolist())
+        print(fastft.build_info()["reason"])
+        """,
+        FASTFT_DISABLE_NATIVE="0", FASTFT_REQUIRE_NATIVE="0",
+    )
+    lines = out.strip().splitlines()
+    assert lines[0] == "1 False torch.float16 [[1.0, 1.0]]", out
+    assert lines[1].startswith("NativeMismatchError: ") and "dtypes['bfloat16'] is 2 here but 1" in lines[1], out

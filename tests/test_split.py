@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import fastft
-from fastft import surgery
+from fastft.model import surgery
 from fastft.errors import SplitError
 
 from models import (image_batch, load_minilm_or_skip, make_dict_encoder, make_dynamic, make_mlp, make_resnet,
@@ -269,7 +269,7 @@ def test_warns_once_when_frozen_batchnorm_or_dropout_was_in_train_mode():
 def test_no_warning_for_batchnorm_kept_frozen_in_unfrozen_blocks():
     model = edited(make_resnet())
     model.eval()
-    fastft.unfreeze.unfreeze_blocks(model, 1)
+    fastft.model.blocks.unfreeze_blocks(model, 1)
     model.layer2[1].train()  # the user's block in train mode: its BatchNorm stats stay frozen on purpose
     with warnings.catch_warnings():
         warnings.simplefilter("error")

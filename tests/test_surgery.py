@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastft import surgery
+from fastft.model import surgery
 from fastft.errors import SurgeryError
 
 from models import (ResNetish, image_batch, make_dict_encoder, make_dynamic, make_mlp, make_resnet,

@@ -18,7 +18,7 @@ import fastft
 from fastft import FineTuner
 from fastft.data import index_select
 from fastft.errors import CacheTooLargeError, FastFTValueError, SurgeryError
-from fastft.unfreeze import find_blocks, param_groups, unfreeze_blocks
+from fastft.model.blocks import find_blocks, param_groups, unfreeze_blocks
 from models import load_minilm_or_skip, make_resnet, make_text_encoder
 from naive import naive_finetune
 
@@ -310,7 +310,7 @@ def test_memory_guard_names_the_size_and_the_options(tmp_path):
 
 
 def test_public_api():
-    assert fastft.unfreeze.find_blocks is find_blocks
+    assert fastft.model.blocks.find_blocks is find_blocks
     assert issubclass(CacheTooLargeError, fastft.CacheError)
 
 

@@ -19,8 +19,8 @@ from fastft.cache import FeatureCache
 from fastft.cache.storage import _check_fits
 from fastft.data import index_select
 from fastft.errors import CacheTooLargeError, FastFTError, FastFTValueError
-from fastft.surgery import freeze, replace_head
-from fastft.unfreeze import find_blocks, trained_blocks, unfreeze_blocks, unfrozen_blocks
+from fastft.model.surgery import freeze, replace_head
+from fastft.model.blocks import find_blocks, trained_blocks, unfreeze_blocks, unfrozen_blocks
 from models import Rows
 from naive import naive_finetune
 from test_unfreeze import FIT, HFStyleEncoder, _MaskedAttention, make_hf_style, make_mlp_stack, mlp_data, token_data

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import fastft
-from fastft import surgery
+from fastft.model import surgery
 from fastft.data import index_select
 from fastft.demo.bbc_data import load_bbc, load_minilm, stratified_split, tokenize
 from fastft.metrics import classification_metrics

@@ -17,7 +17,7 @@ from torch import nn
 from fastft.errors import SurgeryError
 
 NEW_ATTR = "_fastft_new"
-FROZEN_STATS_ATTR = "_fastft_frozen_stats"  # set by fastft.unfreeze on BatchNorm layers
+FROZEN_STATS_ATTR = "_fastft_frozen_stats"  # set by fastft.model.blocks on BatchNorm layers
 
 # Status of a module, from its parameters and marks (see classify).
 NEW, FROZEN, TRAINABLE, MIXED = "new", "frozen", "trainable", "mixed"
@@ -78,7 +78,7 @@ def eval_modules(root: nn.Module, status: dict[int, str] | None = None) -> list[
         s = status.get(id(m), FROZEN)
         if s in (NEW, TRAINABLE):
             # BatchNorm layers of an unfrozen block keep their running statistics (see
-            # fastft.unfreeze): they run in eval mode although their weights train.
+            # fastft.model.blocks): they run in eval mode although their weights train.
             out.extend(x for x in m.modules() if x.__dict__.get(FROZEN_STATS_ATTR))
             return
         if s == FROZEN:

@@ -26,8 +26,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from fastft._modules import all_eval, close_names, get_module, is_marked_new, mark_new, parent_of, suggest
 from fastft.errors import SurgeryError
+from fastft.model.heads import find_head
+from fastft.model.status import all_eval, close_names, get_module, is_marked_new, mark_new, parent_of, suggest
 
 __all__ = [
     "EncoderWithHead",
@@ -41,12 +42,6 @@ __all__ = [
     "summary",
     "unfreeze",
 ]
-
-#: Attribute names that hold the output layer in common model families, in search order
-#: (torchvision ``fc``/``classifier``, timm ``head``/``head.fc``, ViT ``heads.head``,
-#: Hugging Face ``classifier``/``score``).
-HEAD_NAMES = ("fc", "classifier", "head", "heads.head", "score")
-
 
 # ---------------------------------------------------------------------------- the new record
 def new_modules(model: nn.Module) -> list[str]:
@@ -78,56 +73,6 @@ def _device_of(module: nn.Module) -> torch.device | None:
 
 
 # ---------------------------------------------------------------------------- output layer
-def _as_output_linear(name: str, m: nn.Module) -> tuple[str, nn.Linear] | None:
-    """The output Linear inside a head-like module: itself, the Linear a Sequential ends in
-    (parameterless layers after it allowed), or timm's ``ClassifierHead.fc``."""
-    if isinstance(m, nn.Linear):
-        return name, m
-    if isinstance(m, nn.Sequential):
-        for key, child in reversed(list(m._modules.items())):
-            if isinstance(child, nn.Linear):
-                return f"{name}.{key}", child
-            if any(True for _ in child.parameters()):
-                return None  # a layer with weights after the last Linear: not an output layer
-        return None
-    fc = getattr(m, "fc", None)
-    if isinstance(fc, nn.Linear):
-        return f"{name}.fc", fc
-    return None
-
-
-def find_head(model: nn.Module) -> tuple[str, nn.Module]:
-    """Locate the output layer: ``(qualified name, module)``.
-
-    Looks for ``fc``, ``classifier`` (also a Sequential ending in a Linear: its last Linear
-    is returned), ``head`` (or ``head.fc``), ``heads.head`` and ``score``; then, when the
-    model itself is an ``nn.Sequential``, its last direct ``nn.Linear`` child (when only
-    parameterless layers follow it). Raises :class:`~fastft.SurgeryError` listing the
-    Linear layers of the model when none of these is present.
-    """
-    for attr in HEAD_NAMES:
-        try:
-            m = model.get_submodule(attr)
-        except AttributeError:
-            continue
-        found = _as_output_linear(attr, m)
-        if found is not None:
-            return found
-    if isinstance(model, nn.Sequential):
-        for key, child in reversed(list(model._modules.items())):
-            if isinstance(child, nn.Linear):
-                return key, child
-            if any(True for _ in child.parameters()):
-                break
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    listing = ", ".join(repr(n) for n in linears[-8:]) if linears else "none"
-    raise SurgeryError(
-        f"no output layer found in {type(model).__name__} (looked for {', '.join(HEAD_NAMES)} and "
-        f"the last Linear of an nn.Sequential). Linear layers in the model (last 8): {listing}. "
-        "Pass name= naming the layer to replace, or use append_head() for an encoder."
-    )
-
-
 def replace_head(
     model: nn.Module,
     num_classes: int | None = None,

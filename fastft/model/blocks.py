@@ -8,7 +8,7 @@ Blocks are listed in registration order, which is the order they run in those co
 the *top* blocks are the last ones. Modules added by surgery (the new head) are never blocks.
 
 Unfrozen blocks are marked on the module objects (like new modules, see
-``fastft._modules``), so the marks survive later surgery and the trainer can tell each
+``fastft.model.status``), so the marks survive later surgery and the trainer can tell each
 parameter's block depth for :func:`param_groups`.
 """
 
@@ -18,7 +18,7 @@ from typing import Iterator
 
 from torch import nn
 
-from fastft._modules import FROZEN_STATS_ATTR, is_marked_new
+from fastft.model.status import FROZEN_STATS_ATTR, is_marked_new
 from fastft.errors import FastFTValueError, SurgeryError
 
 __all__ = ["find_blocks", "unfreeze_blocks", "unfrozen_blocks", "trained_blocks", "param_groups"]
