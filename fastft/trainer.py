@@ -44,7 +44,7 @@ from fastft.model.heads import build_head
 from fastft.metrics import classification_metrics, multilabel_metrics
 from fastft.objectives import LOSSES, check_labels, make_loss, prepare_targets
 from fastft.ops.cuda import deferred_row_checks
-from fastft._derive import can_derive, derived_cache
+from fastft.cache.derive import can_derive, derived_cache
 from fastft._graph_step import GraphedStep, check_cuda_graph
 from fastft.data.sources import as_source
 from fastft.split import split
@@ -420,7 +420,7 @@ class FineTuner:
     def _lowest_cut(self, train: Any, val: Any, stages: list, dataset_id: str | None) -> "_LowCut | None":
         """For an unfreeze schedule, build the caches (train, and val when given) at the
         deepest cut first; when it is a replay cut, the earlier stages' caches are computed
-        from them (``fastft._derive``) instead of by frozen passes over the data."""
+        from them (``fastft.cache.derive``) instead of by frozen passes over the data."""
         first = self._unfreeze[0] if self._unfreeze else 0
         deepest = max((n for _, _, n in stages if n is not None), default=0)
         if deepest <= first or self.views > 1:

@@ -386,7 +386,7 @@ def test_schedule_runs_the_layers_below_the_deepest_cut_once(tmp_path):
 
 
 def test_derived_cache_equals_the_cache_built_from_data(tmp_path):
-    from fastft._derive import derived_cache
+    from fastft.cache.derive import derived_cache
 
     ft, X, y = _tuner("hf_style_untraceable", tmp_path)
     ft.unfreeze(1)

@@ -5,7 +5,7 @@ caches: at the head's input and at the input of the lowest block it will unfreez
 from the data, each costs a frozen pass. When the lower cut is a replay split (its cache
 holds the hidden states at the cut and the model's own inputs), the higher cut's features
 follow from the lower cache by running only the layers between the two cuts: the model's
-forward is replayed with everything below the low cut skipped (see ``fastft._split_replay``)
+forward is replayed with everything below the low cut skipped (see ``fastft.split.replay``)
 while the higher cut's prefix captures its taps. For MiniLM with its top layer as the only
 gap, that is one layer instead of six.
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fastft._split_replay import _ReplayTail
+from fastft.split.replay import ReplayTail
 from fastft.cache import FeatureCache
 from fastft.split import FrozenPrefix, TrainableTail
 
@@ -29,7 +29,7 @@ from fastft.split import FrozenPrefix, TrainableTail
 def can_derive(low_tail: TrainableTail | None, low_cache: FeatureCache | None) -> bool:
     """Whether caches of higher cuts can be computed from ``low_cache`` (a one-view cache of a
     replay split)."""
-    return (low_tail is not None and low_cache is not None and isinstance(low_tail.body, _ReplayTail)
+    return (low_tail is not None and low_cache is not None and isinstance(low_tail.body, ReplayTail)
             and low_cache.num_views == 1)
 
 

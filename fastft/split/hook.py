@@ -13,73 +13,19 @@ recorded forward on the example checks all of that and explains what breaks it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from fastft.model.status import MIXED, NEW, TRAINABLE, all_eval
-from fastft._split_fx import CannotSplit, _batch_size
+from fastft.model.status import MIXED, NEW, TRAINABLE
+from fastft.split._common import CannotSplit, batch_size, outermost, record_calls, signature_text, units
 from fastft.errors import SplitError
 
 
 class _Stop(BaseException):
     """Raised by the cut's pre-hook to end the frozen forward early. A BaseException, so
     that a model's own ``except Exception`` cannot swallow it."""
-
-
-@dataclass
-class _Call:
-    name: str
-    module: nn.Module
-    index: int
-    parent: "_Call | None"
-    args: tuple
-    kwargs: dict
-    output: Any = field(default=None)
-
-
-def _record_calls(model: nn.Module, example: Any) -> list[_Call]:
-    """Every module call of one forward, in the order they start, with inputs and outputs."""
-    calls: list[_Call] = []
-    stack: list[_Call] = []
-    handles = []
-
-    def pre(name):
-        def hook(mod, args, kwargs):
-            call = _Call(name, mod, len(calls), stack[-1] if stack else None, args, kwargs)
-            calls.append(call)
-            stack.append(call)
-        return hook
-
-    def post(mod, args, kwargs, output):
-        stack.pop().output = output
-
-    for name, m in model.named_modules():
-        handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
-        handles.append(m.register_forward_hook(post, with_kwargs=True))
-    try:
-        with torch.no_grad(), all_eval(model):
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return calls
-
-
-def _units(model: nn.Module, status: dict[int, str]) -> dict[int, str]:
-    """Outermost modules that train: new, wholly trainable, or owning a trainable parameter."""
-    units: dict[int, str] = {}
-    taken: list[str] = []
-    for name, m in model.named_modules():
-        if any(name.startswith(t + ".") or t == "" for t in taken):
-            continue
-        s = status.get(id(m))
-        if s in (NEW, TRAINABLE) or (s == MIXED and any(p.requires_grad for p in m.parameters(recurse=False))):
-            units[id(m)] = name
-            taken.append(name)
-    return units
 
 
 def _stateless(m: nn.Module) -> bool:
@@ -92,9 +38,9 @@ def _tensors_only(args: tuple, kwargs: dict) -> bool:
 
 def build(model: nn.Module, example: Any, status: dict[int, str]):
     """Return ``(prefix body, tail body, tap names, signature text)``."""
-    units = _units(model, status)
-    calls = _record_calls(model, example)
-    start = next((c for c in calls if id(c.module) in units), None)
+    trainable_units = units(model, status)
+    calls = record_calls(model, example)
+    start = next((c for c in calls if id(c.module) in trainable_units), None)
     if start is None:
         raise CannotSplit("no trainable module runs on the example inputs")
     if start.index == 0:
@@ -103,7 +49,7 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     chain = [c for c in calls[start.index:] if c.parent is not None and c.parent.index < start.index]
     seen: set[int] = set()
     for prev, c in zip([None, *chain[:-1]], chain):
-        if id(c.module) in units:
+        if id(c.module) in trainable_units:
             if id(c.module) in seen:
                 raise CannotSplit(f"the trainable module {c.name!r} runs more than once")
             seen.add(id(c.module))
@@ -125,40 +71,19 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
             f"the model does not return the output of its last module {chain[-1].name!r} as is "
             f"(it returns {type(calls[0].output).__name__} built from it)"
         )
-    batch = _batch_size(example)
+    batch = batch_size(example)
     for i, t in enumerate(start.args):
         if t.dim() == 0 or t.shape[0] != batch:
             raise CannotSplit(f"input {i} of {cut!r} has shape {tuple(t.shape)}, not [batch={batch}, ...]")
 
-    frozen_ran = _outermost([c.name for c in calls[1:start.index] if status.get(id(c.module)) not in (NEW, TRAINABLE, MIXED)])
-    body = _HookPrefix(model, start.module, cut, frozen_ran, status)
+    frozen_ran = outermost([c.name for c in calls[1:start.index] if status.get(id(c.module)) not in (NEW, TRAINABLE, MIXED)])
+    body = HookPrefix(model, start.module, cut, frozen_ran, status)
     names = [f"{cut}.input"] if len(start.args) == 1 else [f"{cut}.input{i}" for i in range(len(start.args))]
     tail = _Chain([c.module for c in chain], [c.name for c in chain])
     return body, tail, names, signature_text("hook", model, cut, start.module, names, frozen_ran)
 
 
-def signature_text(method: str, model: nn.Module, cut: str, cut_module: nn.Module, names: list[str],
-                   frozen_ran: list[str], cut_note: str = "") -> str:
-    """The prefix signature of a cut at a module's input: method, model class, cut, taps, and
-    the frozen modules that run before it (their reprs)."""
-    lines = [
-        f"method: {method}",
-        f"model: {type(model).__module__}.{type(model).__qualname__}",
-        f"cut: input of {cut} ({type(cut_module).__qualname__}){cut_note}",
-        f"taps: {names}",
-    ] + [f"{n} = {model.get_submodule(n)!r}" for n in frozen_ran]
-    return "\n".join(lines)
-
-
-def _outermost(names: list[str]) -> list[str]:
-    out: list[str] = []
-    for n in names:
-        if n not in out and not any(n.startswith(o + ".") for o in out):
-            out = [o for o in out if not o.startswith(n + ".")] + [n]
-    return out
-
-
-class _HookPrefix(nn.Module):
+class HookPrefix(nn.Module):
     """Runs the model up to the cut and returns the cut module's inputs.
 
     The model is held without being registered as a submodule, so that the prefix's

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from fastft.model.status import FROZEN
-from fastft._split_fx import CannotSplit, _batch_size
-from fastft._split_hook import _HookPrefix, _outermost, _record_calls, _units, signature_text
+from fastft.split._common import CannotSplit, batch_size, outermost, record_calls, signature_text, units
+from fastft.split.hook import HookPrefix
 
 _NONE = object()  # no instance attribute
 _REPLAY_LOCK = threading.RLock()  # re-entrant: a derived cache replays inside a replay's thread
@@ -60,7 +60,7 @@ def _input_keys(example: Any) -> list[str] | None:
     """Keys of the batch-major tensors of a dict input (None: the input is one tensor)."""
     if isinstance(example, torch.Tensor):
         return None
-    batch = _batch_size(example)
+    batch = batch_size(example)
     return [k for k, v in example.items() if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch]
 
 
@@ -69,16 +69,16 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     if not isinstance(example, (torch.Tensor, Mapping)):
         raise CannotSplit("the model input is neither a tensor nor a dict of tensors")
     keys = _input_keys(example)  # before the forward: some encoders add their outputs to the dict
-    units = _units(model, status)
-    calls = _record_calls(model, example if keys is None else dict(example))
-    start = next((c for c in calls if id(c.module) in units), None)
+    trainable_units = units(model, status)
+    calls = record_calls(model, example if keys is None else dict(example))
+    start = next((c for c in calls if id(c.module) in trainable_units), None)
     if start is None:
         raise CannotSplit("no trainable module runs on the example inputs")
     if start.index == 0:
         raise CannotSplit("the model's own forward uses trainable parameters: nothing frozen runs before them")
     if sum(c.module is start.module for c in calls) != 1:
         raise CannotSplit(f"the first trainable module {start.name!r} runs more than once")
-    batch = _batch_size(example)
+    batch = batch_size(example)
     slot = _hidden_slot(start.args, start.kwargs, batch)
     if slot is None:
         raise CannotSplit(
@@ -86,7 +86,7 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
             "a keyword (hidden_states=...)")
     main = start.args[0] if slot == 0 else start.kwargs[slot]
 
-    frozen_ran = _outermost([c.name for c in calls[1:start.index] if status.get(id(c.module)) == FROZEN])
+    frozen_ran = outermost([c.name for c in calls[1:start.index] if status.get(id(c.module)) == FROZEN])
     by_name = {}
     for c in calls:
         by_name.setdefault(c.name, []).append(c)
@@ -96,7 +96,7 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
         raise CannotSplit(f"no frozen module before {start.name!r} produces its input, so there is nothing to skip")
     cut = start.name
     prefix = _ReplayPrefix(model, start.module, cut, frozen_ran, status, keys, slot)
-    tail = _ReplayTail(model, start.module, skip, keys, slot)
+    tail = ReplayTail(model, start.module, skip, keys, slot)
     names = [f"{cut}.input"] + (["input"] if keys is None else [f"input.{k}" for k in keys])
     note = "" if slot == 0 else f", keyword {slot}"
     return prefix, tail, names, signature_text("replay", model, cut, start.module, names, frozen_ran, note)
@@ -117,7 +117,7 @@ def _hidden_slot(args: tuple, kwargs: dict, batch: int) -> int | str | None:
     return next((k for k, v in kwargs.items() if _is_hidden(v, batch)), None)
 
 
-class _ReplayPrefix(_HookPrefix):
+class _ReplayPrefix(HookPrefix):
     """The hook prefix's frozen run to the cut; returns the cut's hidden states followed by
     the model's tensor inputs (which the replaying tail needs)."""
 
@@ -132,7 +132,7 @@ class _ReplayPrefix(_HookPrefix):
         return (args[0] if self.slot == 0 else kwargs[self.slot], *inputs)
 
 
-class _ReplayTail(nn.Module):
+class ReplayTail(nn.Module):
     """Replays the model's forward on cached taps, skipping the frozen modules below the cut."""
 
     def __init__(self, model: nn.Module, cut: nn.Module, skip: list[tuple[nn.Module, tuple | None]],

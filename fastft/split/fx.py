@@ -23,10 +23,7 @@ import torch.fx
 from torch import nn
 
 from fastft.model.status import FROZEN, NEW, TRAINABLE, all_eval
-
-
-class CannotSplit(Exception):
-    """This split method does not apply to the model; the message says why."""
+from fastft.split._common import CannotSplit, batch_size
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -73,11 +70,6 @@ def trace(model: nn.Module, status: dict[int, str]) -> torch.fx.Graph:
         raise CannotSplit(f"torch.fx cannot trace it ({type(exc).__name__}: {first[:300]})") from exc
 
 
-def _batch_size(example: Any) -> int:
-    t = example if isinstance(example, torch.Tensor) else next(v for v in example.values() if isinstance(v, torch.Tensor))
-    return int(t.shape[0]) if t.dim() else 0
-
-
 def _tap_name(n: torch.fx.Node) -> str:
     return str(n.target) if n.op == "call_module" else ("input" if n.op == "placeholder" else n.name)
 
@@ -114,7 +106,7 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     if all(frozen[a] for a in output.all_input_nodes):
         raise CannotSplit("the model's output does not depend on any trainable module")
 
-    batch = _batch_size(example)
+    batch = batch_size(example)
     while True:
         frontier = [n for n in graph.nodes if frozen[n] and any(not frozen[u] for u in n.users)]
         # Not a per-sample activation: recompute it in the tail from what it is made of.
