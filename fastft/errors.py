@@ -25,6 +25,10 @@ class NativeUnavailableError(FastFTError, RuntimeError):
     """A native kernel was requested explicitly but ``fastft._C`` is not usable."""
 
 
+class NativeMismatchError(NativeUnavailableError):
+    """``fastft._C`` was built from other sources than this Python code (its codes differ)."""
+
+
 class SurgeryError(FastFTError, ValueError):
     """A layer-surgery request cannot be carried out (unknown name, shapes that no longer fit)."""
 
@@ -67,6 +71,7 @@ __all__ = [
     "FastFTValueError",
     "FastFTIndexError",
     "NativeUnavailableError",
+    "NativeMismatchError",
     "SurgeryError",
     "SplitError",
     "DataError",

@@ -18,8 +18,17 @@ import torch
 import fastft
 
 
+_SWITCHES = ("FASTFT_DISABLE_NATIVE", "FASTFT_REQUIRE_NATIVE")
+
+
+def clean_env(**env) -> dict:
+    """This process's environment without the native-loading switches of the outer run
+    (a suite may run with FASTFT_REQUIRE_NATIVE=1), plus ``env``."""
+    return {**{k: v for k, v in os.environ.items() if k not in _SWITCHES}, **env}
+
+
 def run_python(code: str, **env) -> str:
-    full_env = {**os.environ, **env}
+    full_env = clean_env(**env)
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=full_env, capture_output=True, text=True, timeout=120,
@@ -89,7 +98,7 @@ def test_disabled_native_gives_the_same_answers(tmp_path):
     outs = {}
     for flag in ("0", "1"):
         target = tmp_path / f"out{flag}.pt"
-        env = {**os.environ, "FASTFT_DISABLE_NATIVE": flag}
+        env = clean_env(FASTFT_DISABLE_NATIVE=flag)
         subprocess.run([sys.executable, str(path_script), str(target)], env=env, check=True, timeout=120)
         outs[flag] = torch.load(target)
     for key, ref in outs["1"].items():
@@ -160,6 +169,13 @@ def test_module_without_codes_is_a_mismatch(fresh_load, monkeypatch):
     assert info["native"] is False and info["reason"].startswith("NativeMismatchError")
 
 
+def test_missing_module_reason_and_rebuild_hint(fresh_load, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastft._C", None)
+    with pytest.warns(RuntimeWarning, match=r"could not be loaded .*pip install -e \."):
+        info = fastft.build_info()
+    assert info["native"] is False and info["reason"].startswith("ModuleNotFoundError: ")
+
+
 def test_require_native_raises_when_the_module_is_missing(fresh_load, monkeypatch):
     monkeypatch.setenv("FASTFT_REQUIRE_NATIVE", "1")
     monkeypatch.setitem(sys.modules, "fastft._C", None)  # `import fastft._C` fails like a missing build
@@ -213,9 +229,7 @@ def test_require_native_makes_import_fail_without_the_module():
             print("imported")
         """
     )
-    env = {**os.environ, "FASTFT_REQUIRE_NATIVE": "1"}
-    env.pop("FASTFT_DISABLE_NATIVE", None)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=clean_env(FASTFT_REQUIRE_NATIVE="1"), capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "NativeUnavailableError True", out.stdout + out.stderr
 
 
@@ -238,8 +252,7 @@ def test_mismatched_module_at_import_gives_reference_answers():
         msgs = [str(w.message) for w in caught if "fastft._C" in str(w.message)]
         print(len(msgs), fastft.has_native(), out.dtype, out.tolist())
         print(fastft.build_info()["reason"])
-        """,
-        FASTFT_DISABLE_NATIVE="0", FASTFT_REQUIRE_NATIVE="0",
+        """
     )
     lines = out.strip().splitlines()
     assert lines[0] == "1 False torch.float16 [[1.0, 1.0]]", out

@@ -1,4 +1,6 @@
-// Integer codes shared with Python (keep in sync with fastft/ops/_codes.py).
+// Integer codes shared with Python. bindings.cpp exports them through codes(), and
+// fastft/_native.py compares that with its own table (NATIVE_CODES) when it loads fastft._C:
+// a change here must be made there too, or fastft will not use the built module.
 #pragma once
 #include <cstdint>
 

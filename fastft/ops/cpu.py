@@ -18,22 +18,38 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# fastft._C takes keyword arguments only (see csrc/bindings.cpp): of its many integers, two
+# swapped ones would otherwise run and write wrong rows without an error.
+
+
 def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
     check_cache_write(src, rows, dst, scales, pool, mask)
     B, L, D = src.shape
     if B == 0:
         return
     rows = rows.contiguous()
-    if mask is not None:
-        mask_code = DTYPE_CODES[mask.dtype]
-        mask_strides = mask.stride()
-    else:
-        mask_code, mask_strides = 0, (0, 0)
+    src_stride_b, src_stride_l, src_stride_d = src.stride()
+    mask_stride_b, mask_stride_l = mask.stride() if mask is not None else (0, 0)
     status = _C.cache_write_cpu(
-        src.data_ptr(), DTYPE_CODES[src.dtype], B, L, D, *src.stride(),
-        rows.data_ptr(), dst.data_ptr(), DTYPE_CODES[dst.dtype], dst.shape[0],
-        _ptr(scales) if dst.dtype == torch.int8 else 0, POOL_CODES[pool],
-        _ptr(mask), mask_code, *mask_strides, torch.get_num_threads(),
+        src_ptr=src.data_ptr(),
+        src_dtype=DTYPE_CODES[src.dtype],
+        batch=B,
+        length=L,
+        dim=D,
+        src_stride_b=src_stride_b,
+        src_stride_l=src_stride_l,
+        src_stride_d=src_stride_d,
+        rows_ptr=rows.data_ptr(),
+        dst_ptr=dst.data_ptr(),
+        dst_dtype=DTYPE_CODES[dst.dtype],
+        cache_rows=dst.shape[0],
+        scales_ptr=_ptr(scales) if dst.dtype == torch.int8 else 0,
+        pool=POOL_CODES[pool],
+        mask_ptr=_ptr(mask),
+        mask_dtype=DTYPE_CODES[mask.dtype] if mask is not None else 0,
+        mask_stride_b=mask_stride_b,
+        mask_stride_l=mask_stride_l,
+        num_threads=torch.get_num_threads(),
     )
     raise_status("cache_write", status, rows, dst.shape[0])
 
@@ -45,10 +61,16 @@ def cache_gather(src, scales, rows, out_dtype):
     if rows.shape[0] == 0:
         return out
     status = _C.cache_gather_cpu(
-        src.data_ptr(), DTYPE_CODES[src.dtype], src.shape[0], src.shape[1],
-        _ptr(scales) if src.dtype == torch.int8 else 0,
-        rows.data_ptr(), rows.shape[0], out.data_ptr(), DTYPE_CODES[out_dtype],
-        torch.get_num_threads(),
+        src_ptr=src.data_ptr(),
+        src_dtype=DTYPE_CODES[src.dtype],
+        cache_rows=src.shape[0],
+        dim=src.shape[1],
+        scales_ptr=_ptr(scales) if src.dtype == torch.int8 else 0,
+        rows_ptr=rows.data_ptr(),
+        batch=rows.shape[0],
+        out_ptr=out.data_ptr(),
+        out_dtype=DTYPE_CODES[out_dtype],
+        num_threads=torch.get_num_threads(),
     )
     raise_status("cache_gather", status, rows, src.shape[0])
     return out

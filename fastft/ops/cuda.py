@@ -39,7 +39,12 @@ from fastft.errors import FastFTError, FastFTValueError
 from fastft.ops import reference
 from fastft.ops._codes import (
     DTYPE_CODES,
+    LAUNCH_BAD_ARGUMENT,
+    LAUNCH_OK,
     POOL_CODES,
+    ROW_KIND_OUT_OF_RANGE,
+    ROW_KIND_SHIFT,
+    ROWS_OK,
     STATUS_DUPLICATE_ROW,
     STATUS_ROW_OUT_OF_RANGE,
     raise_status,
@@ -49,9 +54,6 @@ from fastft.ops._schemas import check_cache_gather, check_cache_write, gather_de
 _C = native_module()
 #: Whether ``fastft._C`` carries CUDA kernels (compiled with nvcc; says nothing of a GPU).
 BUILT_WITH_CUDA = _C is not None and bool(_C.build_info().get("cuda", False))
-
-_LAUNCH_OK, _LAUNCH_BAD_ARGUMENT = 0, 3
-_ROW_KIND_SHIFT = 62  # scratch[0]: -1 (rows fine) or (kind << 62) | index; see csrc/kernels/cuda/kernels.h
 
 
 class CudaKernelError(FastFTError, RuntimeError):
@@ -105,10 +107,10 @@ def raise_pending_errors(wait: bool = True) -> None:
 
 
 def _raise_verdict(op: str, key: int, rows: torch.Tensor, n: int) -> None:
-    if key == -1:
+    if key == ROWS_OK:  # else (kind << ROW_KIND_SHIFT) | index; see csrc/kernels/cuda/kernels.h
         return
-    kind, index = key >> _ROW_KIND_SHIFT, key & ((1 << _ROW_KIND_SHIFT) - 1)
-    code = STATUS_ROW_OUT_OF_RANGE if kind == 0 else STATUS_DUPLICATE_ROW
+    kind, index = key >> ROW_KIND_SHIFT, key & ((1 << ROW_KIND_SHIFT) - 1)
+    code = STATUS_ROW_OUT_OF_RANGE if kind == ROW_KIND_OUT_OF_RANGE else STATUS_DUPLICATE_ROW
     raise_status(op, (code, index), rows, n)
 
 
@@ -128,9 +130,9 @@ def _report_rows(op: str, scratch: torch.Tensor, rows: torch.Tensor, n: int) -> 
 
 def _check_launch(op: str, status: tuple[int, str]) -> None:
     code, message = status
-    if code == _LAUNCH_OK:
+    if code == LAUNCH_OK:
         return
-    if code == _LAUNCH_BAD_ARGUMENT:
+    if code == LAUNCH_BAD_ARGUMENT:
         raise FastFTValueError(f"{message}.")
     raise CudaKernelError(f"{message}. The CUDA kernel of fastft.{op} could not run.")
 
@@ -205,16 +207,34 @@ def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
     if B == 0:
         return
     rows = rows.contiguous()
-    mask_code, mask_strides = (DTYPE_CODES[mask.dtype], mask.stride()) if mask is not None else (0, (0, 0))
+    src_stride_b, src_stride_l, src_stride_d = src.stride()
+    mask_stride_b, mask_stride_l = mask.stride() if mask is not None else (0, 0)
     # Stream-ordered scratch from PyTorch's caching allocator: no cudaMalloc, no sync.
-    scratch = torch.empty(_C.cuda_write_scratch_len(B), dtype=torch.int64, device=device)
-    status = _C.cache_write_cuda(
-        src.data_ptr(), DTYPE_CODES[src.dtype], B, L, D, *src.stride(),
-        rows.data_ptr(), dst.data_ptr(), DTYPE_CODES[dst.dtype], dst.shape[0],
-        _ptr(scales) if quantized else 0, on_host, POOL_CODES[pool],
-        _ptr(mask), mask_code, *mask_strides,
-        scratch.data_ptr(), scratch.numel(), device.index,
-        torch.cuda.current_stream(device).cuda_stream,
+    scratch = torch.empty(_C.cuda_write_scratch_len(batch=B), dtype=torch.int64, device=device)
+    status = _C.cache_write_cuda(  # keywords only, as every fastft._C call (see cpu.py)
+        src_ptr=src.data_ptr(),
+        src_dtype=DTYPE_CODES[src.dtype],
+        batch=B,
+        length=L,
+        dim=D,
+        src_stride_b=src_stride_b,
+        src_stride_l=src_stride_l,
+        src_stride_d=src_stride_d,
+        rows_ptr=rows.data_ptr(),
+        dst_ptr=dst.data_ptr(),
+        dst_dtype=DTYPE_CODES[dst.dtype],
+        cache_rows=dst.shape[0],
+        scales_ptr=_ptr(scales) if quantized else 0,
+        dst_on_host=on_host,
+        pool=POOL_CODES[pool],
+        mask_ptr=_ptr(mask),
+        mask_dtype=DTYPE_CODES[mask.dtype] if mask is not None else 0,
+        mask_stride_b=mask_stride_b,
+        mask_stride_l=mask_stride_l,
+        scratch_ptr=scratch.data_ptr(),
+        scratch_len=scratch.numel(),
+        device=device.index,
+        stream=torch.cuda.current_stream(device).cuda_stream,
     )
     _check_launch("cache_write", status)
     _report_rows("cache_write", scratch, rows, dst.shape[0])
@@ -238,10 +258,19 @@ def cache_gather(src, scales, rows, out_dtype):
         return out
     scratch = torch.empty(1, dtype=torch.int64, device=device)
     status = _C.cache_gather_cuda(
-        src.data_ptr(), DTYPE_CODES[src.dtype], src.shape[0], D,
-        _ptr(scales) if quantized else 0, on_host,
-        rows.data_ptr(), B, out.data_ptr(), DTYPE_CODES[out_dtype],
-        scratch.data_ptr(), device.index, torch.cuda.current_stream(device).cuda_stream,
+        src_ptr=src.data_ptr(),
+        src_dtype=DTYPE_CODES[src.dtype],
+        cache_rows=src.shape[0],
+        dim=D,
+        scales_ptr=_ptr(scales) if quantized else 0,
+        src_on_host=on_host,
+        rows_ptr=rows.data_ptr(),
+        batch=B,
+        out_ptr=out.data_ptr(),
+        out_dtype=DTYPE_CODES[out_dtype],
+        scratch_ptr=scratch.data_ptr(),
+        device=device.index,
+        stream=torch.cuda.current_stream(device).cuda_stream,
     )
     _check_launch("cache_gather", status)
     _report_rows("cache_gather", scratch, rows, src.shape[0])

@@ -21,7 +21,7 @@ __global__ void gather_kernel(const TIn* __restrict__ src, const float* __restri
        b += int64_t(gridDim.x) * blockDim.y) {
     const int64_t r = rows[b];
     const bool bad = r < 0 || r >= N;
-    if (bad && threadIdx.x == 0) report_row(status, 0, b);
+    if (bad && threadIdx.x == 0) report_row(status, kRowKindOutOfRange, b);
     // A bad row is never dereferenced; its output row is zeros (the call then raises).
     const float scale = bad ? 0.0f : (kQuantized ? scales[r] : 1.0f);
     const Vec<TIn, V>* in = reinterpret_cast<const Vec<TIn, V>*>(src + (bad ? 0 : r) * D);

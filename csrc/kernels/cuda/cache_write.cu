@@ -29,7 +29,7 @@ __global__ void check_rows(const int64_t* __restrict__ rows, int64_t B, int64_t 
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = rows[i];
     if (r < 0 || r >= N) {
-      report_row(status, 0, i);
+      report_row(status, kRowKindOutOfRange, i);
       continue;
     }
     const unsigned long long key = static_cast<unsigned long long>(r);
@@ -39,7 +39,7 @@ __global__ void check_rows(const int64_t* __restrict__ rows, int64_t B, int64_t 
       const unsigned long long prev = atomicCAS(&table[slot], kEmpty, key);
       if (prev == kEmpty) break;  // first time this row is seen
       if (prev == key) {          // seen before: a duplicate
-        report_row(status, 1, i);
+        report_row(status, kRowKindDuplicate, i);
         break;
       }
       ++slot;  // linear probing; the table is at least half empty

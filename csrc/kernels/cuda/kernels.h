@@ -11,13 +11,16 @@
 #include <cstdint>
 #include <string>
 
+#include "../../common/codes.h"
+
 namespace fastft {
 namespace cuda {
 
-// What a launch returned. Row errors are not reported here but in scratch[0].
+// What a launch returned. Row errors are not reported here but in scratch[0]. Exported to
+// Python by codes() in bindings.cpp.
 enum LaunchCode : int {
-  kLaunchOk = 0,
-  kLaunchBadArgument = 3,  // e.g. a host pointer that is not pinned (common/codes.h value)
+  kLaunchOk = kOk,
+  kLaunchBadArgument = kBadArgument,  // e.g. a host pointer that is not pinned
   kLaunchCudaError = 100,  // a CUDA runtime error; `message` holds cudaGetErrorString
 };
 
@@ -31,6 +34,8 @@ struct LaunchStatus {
 // on the CPU. Read as int64, kRowsOk is -1.
 constexpr unsigned long long kRowsOk = ~0ull;
 constexpr int kRowKindShift = 62;
+constexpr int kRowKindOutOfRange = 0;
+constexpr int kRowKindDuplicate = 1;
 
 // int64 elements of device scratch that cache_write needs for a batch of B rows: the
 // status word plus an open-addressing hash set of rows (duplicates detection).
