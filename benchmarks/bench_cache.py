@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fastft import data as fdata
-from fastft.cache import FeatureCache, builder
+from fastft.cache import FeatureCache, registry
 
 RESULTS = Path(__file__).parent / "results"
 _medians: dict[tuple[str, str], float] = {}
@@ -88,7 +88,7 @@ def prefix_alone(prefix, data):
 def cold_build(prefix, data, pool, dtype="fp16"):
     """One build that reuses nothing: fresh folder, empty registry."""
     folder = tempfile.mkdtemp(prefix="fastft-bench-")
-    builder.clear_registry()
+    registry.clear()
     try:
         cache = FeatureCache.build(prefix, data, tier="disk", dtype=dtype, pool=pool, batch_size=BATCH,
                                    cache_dir=folder, progress=False)
@@ -97,7 +97,7 @@ def cold_build(prefix, data, pool, dtype="fp16"):
         _in_run.setdefault(pool, []).append(t["build_seconds"] / t["prefix_seconds"])
         return cache.nbytes
     finally:
-        builder.clear_registry()
+        registry.clear()
         shutil.rmtree(folder)
 
 

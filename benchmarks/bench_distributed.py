@@ -48,7 +48,7 @@ def make_case():
 
 def _worker(rank: int, world: int, init: str, jobs, done) -> None:
     """Build the cache into every folder that arrives on ``jobs`` (None ends), then report."""
-    from fastft.cache import FeatureCache, builder
+    from fastft.cache import FeatureCache, registry
 
     torch.set_num_threads(1)
     if world > 1:
@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, init: str, jobs, done) -> None:
     prefix, data = make_case()
     try:
         while (folder := jobs[rank].get()) is not None:
-            builder.clear_registry()  # a cold build each time (a new folder, same key)
+            registry.clear()  # a cold build each time (a new folder, same key)
             cache = FeatureCache.build(prefix, data, tier="disk", dtype="fp16", pool="mean", batch_size=BATCH,
                                        cache_dir=folder, progress=False)
             done.put((rank, cache.telemetry["prefix_calls"], cache.num_rows))

@@ -129,12 +129,12 @@ def images():
 
 @pytest.mark.parametrize("heads", [1, 8])
 def test_sweep_end_to_end_cold_cache(benchmark, recorder, images, heads, tmp_path_factory):
-    from fastft.cache import builder
+    from fastft.cache import registry
 
     X, y = images
 
     def run():
-        builder.clear_registry()  # cold: the frozen pass is paid in every round
+        registry.clear()  # cold: the frozen pass is paid in every round
         ft = FineTuner(_conv_backbone(), num_classes=10, hidden=[256], cache="host",
                        cache_dir=str(tmp_path_factory.mktemp("c")), verbose=False)
         ft.fit_many(SWEEP[:heads], (X, y), epochs=3, batch_size=BATCH, keep_best=False)

@@ -119,7 +119,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from fastft import cache
 
     if args.cache_cmd == "ls":
-        entries = cache.list(args.cache_dir)
+        entries = cache.list_caches(args.cache_dir)
         if args.json:
             print(json.dumps(entries, indent=2, default=str))
             return 0

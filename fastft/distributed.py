@@ -5,7 +5,7 @@ When a process group is initialised:
 - **Sharded cache building** (``tier="disk"``): every rank runs the frozen prefix on its own
   share of the chunks and writes them into the one cache folder, which must be on a
   filesystem every rank sees; rank 0 creates the folder first and marks it complete after
-  all ranks are done (see :func:`fastft.cache.builder.build_sharded`). The memory tiers
+  all ranks are done (see :func:`fastft.cache.sharded.build_sharded`). The memory tiers
   (``host``, ``device``) and ``auto`` are built by every rank for itself, as on one process.
 - **Head training**: :class:`fastft.FineTuner` trains its new layers with
   ``DistributedDataParallel``: every rank draws the same global ``randperm`` (same seed),
@@ -14,7 +14,7 @@ When a process group is initialised:
   GPU).
 
 This module only wraps torch.distributed (it imports nothing else of fastft), so the cache
-builder and the trainer can both use it.
+cache builds and the trainer can both use it.
 """
 
 from __future__ import annotations

@@ -34,12 +34,12 @@ from fastft import data as fdata
 from fastft import distributed as fdist
 from fastft.model import surgery
 from fastft.cache import FeatureCache
-from fastft.cache.builder import check_amp, check_views
+from fastft.cache.build import check_amp, check_views
 from fastft.cache.fingerprint import dataset_part
-from fastft.cache.storage import DTYPES
+from fastft.cache.layout import DTYPES
 from fastft.checkpoint import load_checked, save_atomic
 from fastft.hashing import ContentHasher, tensor_digest
-from fastft.errors import DataError, FastFTError, FastFTValueError, NotFittedError, SurgeryError
+from fastft.errors import FastFTError, FastFTValueError, NotFittedError, SurgeryError
 from fastft.model.heads import build_head
 from fastft.metrics import classification_metrics, multilabel_metrics
 from fastft.objectives import LOSSES, check_labels, make_loss, prepare_targets

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from fastft.cache import FeatureCache, builder
+from fastft.cache import FeatureCache, registry
 from fastft.cache.fingerprint import PART_NAMES
 from fastft.errors import DataError, FastFTIndexError, FastFTValueError
 from fastft.ops.reference import pool_rows, quantize_int8
@@ -45,9 +45,9 @@ def images(n=40, seed=1):
 @pytest.fixture(autouse=True)
 def fresh_registry():
     # Each test starts without caches from earlier tests in this process.
-    builder.clear_registry()
+    registry.clear()
     yield
-    builder.clear_registry()
+    registry.clear()
 
 
 def build(prefix, data, tmp_path, **kw):
@@ -107,7 +107,7 @@ def test_every_tier_returns_identical_rows(tmp_path, dtype):
     rows = torch.randperm(40)[:25]
     got = {}
     for tier in ["host", "device", "disk"]:
-        builder.clear_registry()
+        registry.clear()
         cache = build(prefix, (X, y), tmp_path / tier, dtype=dtype, tier=tier)
         assert cache.tier == tier
         assert (cache.path is not None) == (tier == "disk")
@@ -153,7 +153,7 @@ def test_datasets_and_loaders_give_the_same_cache(tmp_path):
 
     want = build(prefix, (X, y), tmp_path, dtype="fp32", tier="host").gather(torch.arange(40))[0]
     for data in [Pairs(), DataLoader(TensorDataset(X, y), batch_size=7, shuffle=True)]:
-        builder.clear_registry()
+        registry.clear()
         cache = build(prefix, data, tmp_path, dtype="fp32", tier="host")
         # a shuffling loader is read in dataset order: row i is sample i
         assert torch.equal(cache.gather(torch.arange(40))[0], want)
@@ -173,7 +173,7 @@ def test_same_key_is_reused_without_running_the_prefix(tmp_path, tier):
     assert second.fingerprint == first.fingerprint
     assert first.telemetry["hit"] is False  # the first cache keeps its own telemetry
     if tier == "disk":  # a new process (no registry) reuses the disk cache too
-        builder.clear_registry()
+        registry.clear()
         third = build(prefix, data, tmp_path, tier=tier)
         assert prefix.calls == calls and third.telemetry["hit"] is True
 
@@ -250,7 +250,7 @@ def test_views_are_distinct_real_passes_and_reproducible(tmp_path, transform):
     pick = torch.randint(0, 3, (40,))
     mixed = cache.gather(rows, view=pick)[0]
     assert torch.equal(mixed, torch.stack([v[int(k)][i] for i, k in enumerate(pick)]))
-    builder.clear_registry()
+    registry.clear()
     again = build(prefix, (X, y), tmp_path, tier="host", dtype="fp32", pool="mean", views=3, transform=transform, seed=7)
     assert again.telemetry["hit"] is False and torch.equal(again.gather(rows, view=2)[0], v[2])
     other = build(prefix, (X, y), tmp_path, tier="host", dtype="fp32", pool="mean", views=3, transform=transform, seed=8)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import fastft.cache as fcache
-from fastft.cache import FeatureCache, builder
+from fastft.cache import FeatureCache, disk_build, folders, registry
 from fastft.errors import CacheCorruptError, CacheError, CacheLockedError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,11 +57,11 @@ make = namespace["make"]
 WORKER = SETUP + textwrap.dedent("""
     import json, os, signal, sys, time
     from pathlib import Path
-    from fastft.cache import FeatureCache, builder
+    from fastft.cache import FeatureCache, disk_build, folders, registry
 
     mode, cache_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     if mode == "kill":  # commit every chunk, die by SIGKILL in the 6th prefix call
-        builder.COMMIT_INTERVAL_S = 0.0
+        disk_build.COMMIT_INTERVAL_S = 0.0
         prefix, data = make(on_call=lambda k: k == 6 and os.kill(os.getpid(), signal.SIGKILL))
     else:  # race: slow prefix; start when the test says so
         prefix, data = make(on_call=lambda k: time.sleep(0.05))
@@ -77,9 +77,9 @@ WORKER = SETUP + textwrap.dedent("""
 
 @pytest.fixture(autouse=True)
 def fresh_registry():
-    builder.clear_registry()
+    registry.clear()
     yield
-    builder.clear_registry()
+    registry.clear()
 
 
 def build(prefix, data, cache_dir, **kw):
@@ -149,7 +149,7 @@ def test_two_processes_build_one_cache(tmp_path):
     results = sorted((json.loads(o.read_text()) for o in outs), key=lambda r: r["calls"])
     assert results[0] == {"calls": 0, "hit": True, "reason": "hit: built by another process"}
     assert results[1]["calls"] == 10 and results[1]["hit"] is False
-    cache = FeatureCache.open(fcache.list(cache_dir)[0]["fingerprint"], cache_dir=cache_dir)
+    cache = FeatureCache.open(fcache.list_caches(cache_dir)[0]["fingerprint"], cache_dir=cache_dir)
     assert cache.verify()["ok"]
 
 
@@ -164,7 +164,7 @@ def test_truncated_file_is_detected_and_rebuilt(tmp_path):
         f.truncate(1000)
     with pytest.raises(CacheCorruptError, match="tap0.bin has 1000 bytes"):
         FeatureCache.open(fp, cache_dir=tmp_path)
-    builder.clear_registry()
+    registry.clear()
     rebuilt = build(prefix, data, tmp_path)
     assert prefix.calls == 20 and rebuilt.telemetry["reason"].startswith("rebuilt: the cache on disk was corrupt")
     torch.testing.assert_close(rebuilt.gather(torch.arange(100))[0], expected(data), rtol=0, atol=0)
@@ -205,7 +205,7 @@ def test_list_info_open_and_remove(tmp_path):
     prefix, data = make()
     cache = build(prefix, data, tmp_path)
     fp = cache.fingerprint
-    listed = fcache.list(tmp_path)
+    listed = fcache.list_caches(tmp_path)
     assert [d["fingerprint"] for d in listed] == [fp]
     info = fcache.info(fp[:8], cache_dir=tmp_path)  # a unique prefix is enough
     assert info["status"] == "complete" and info["num_rows"] == 100 and info["path"] == str(cache.path)
@@ -213,18 +213,18 @@ def test_list_info_open_and_remove(tmp_path):
     assert reopened.tier == "disk" and reopened.telemetry["reason"] == "opened"
     assert torch.equal(reopened.gather(torch.arange(10))[0], cache.gather(torch.arange(10))[0])
     fcache.remove(fp, cache_dir=tmp_path)
-    assert fcache.list(tmp_path) == []
+    assert fcache.list_caches(tmp_path) == []
     with pytest.raises(CacheError, match="no fastft cache"):
         FeatureCache.open(fp, cache_dir=tmp_path)
 
 
 def test_remove_refuses_while_a_build_holds_the_lock(tmp_path):
-    from fastft.cache import disk
+    from fastft.cache import disk_build, folders, registry
 
     prefix, data = make()
     fp = build(prefix, data, tmp_path).fingerprint
     # flock is per open file description: a second descriptor in this process contends too
-    with disk.build_lock(tmp_path, fp):
+    with folders.build_lock(tmp_path, fp):
         with pytest.raises(CacheLockedError):
             fcache.remove(fp, cache_dir=tmp_path)
     fcache.remove(fp, cache_dir=tmp_path)

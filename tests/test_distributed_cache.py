@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fastft
-from fastft.cache import FeatureCache, builder, disk
+from fastft.cache import FeatureCache, disk, disk_build, journal, registry, sharded
 from fastft.errors import CacheCorruptError, CacheError, DataError
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -136,27 +136,27 @@ def one_thread():
 
 
 def single(name: str, cache_dir: Path) -> FeatureCache:
-    builder.clear_registry()
+    registry.clear()
     return build(name, str(cache_dir))
 
 
 # ---------------------------------------------------------------------------- the journals
 def test_rank_journals_are_read_with_the_journal_and_folded_into_it(tmp_path):
-    journal = disk.Journal(tmp_path)
-    journal.add(0, 0, 4, {"tap0.bin": 1})
-    journal.save()
+    record = journal.Journal(tmp_path)
+    record.add(0, 0, 4, {"tap0.bin": 1})
+    record.save()
     for rank, (start, count, crc) in enumerate([(0, 2, 3), (4, 4, 2)]):
-        mine = disk.Journal(tmp_path, shard=rank)  # a rank reads and writes only its own file
+        mine = journal.Journal(tmp_path, shard=rank)  # a rank reads and writes only its own file
         assert mine.chunks == {}
         mine.add(0, start, count, {"tap0.bin": crc})
         mine.save()
-    assert [p.name for p in disk.shard_journals(tmp_path)] == ["journal.rank0.json", "journal.rank1.json"]
+    assert [p.name for p in journal.shard_journals(tmp_path)] == ["journal.rank0.json", "journal.rank1.json"]
 
-    merged = disk.Journal(tmp_path)  # rank 0 rewrote samples 0..1: its newer chunk wins
+    merged = journal.Journal(tmp_path)  # rank 0 rewrote samples 0..1: its newer chunk wins
     assert merged.chunks == {(0, 0): (2, {"tap0.bin": 3}), (0, 4): (4, {"tap0.bin": 2})}
     merged.save()
-    assert disk.shard_journals(tmp_path) == []
-    assert disk.Journal(tmp_path).chunks == merged.chunks
+    assert journal.shard_journals(tmp_path) == []
+    assert journal.Journal(tmp_path).chunks == merged.chunks
     with pytest.raises(CacheCorruptError, match="not a plain file name"):
         disk.safe_path(tmp_path, "journal.rank3.json")  # a manifest may not name a journal as data
 
@@ -180,8 +180,8 @@ def test_sharded_build_equals_single_process(tmp_path, one_thread):
         sharded = FeatureCache.from_folder(tmp_path / "shared" / ref.fingerprint)
         assert sharded.fingerprint == ref.fingerprint
         assert data_files(sharded) == data_files(ref), name  # byte for byte
-        assert not disk.shard_journals(Path(sharded.path))  # merged into journal.json
-        assert disk.Journal(Path(sharded.path)).chunks == disk.Journal(Path(ref.path)).chunks
+        assert not journal.shard_journals(Path(sharded.path))  # merged into journal.json
+        assert journal.Journal(Path(sharded.path)).chunks == journal.Journal(Path(ref.path)).chunks
 
         # Each rank ran the prefix on its own chunks only: the shares are disjoint, together
         # every chunk of every view, and as even as 13 chunks per view allow.
@@ -193,12 +193,12 @@ def test_sharded_build_equals_single_process(tmp_path, one_thread):
         assert {rep["fingerprint"] for rep in reports} == {ref.fingerprint}
         assert [rep["telemetry"]["prefix_calls"] for rep in reports] == [len(c) for c in calls]
         assert reports[0]["telemetry"]["prefix_calls_by_rank"] == [len(c) for c in calls]
-        assert disk.verify_folder(Path(sharded.path))["complete"]
+        assert journal.verify_folder(Path(sharded.path))["complete"]
 
 
 # ---------------------------------------------------------------------------- a rank dies
 def _killed_build(rank: int, cache_dir: str, logs: str, kill_at: int) -> None:
-    builder.COMMIT_INTERVAL_S = 0.0  # commit every chunk: what a kill loses is then exact
+    disk_build.COMMIT_INTERVAL_S = 0.0  # commit every chunk: what a kill loses is then exact
     build("fp32", cache_dir, log=f"{logs}/rank{rank}", kill_at=kill_at if rank == 1 else None)
 
 
@@ -219,9 +219,9 @@ def test_rank_killed_mid_build_then_relaunch_recomputes_nothing_committed(tmp_pa
         spawn(_killed_build, str(tmp_path / "init1"), str(shared), str(first), 3)
     folder = next(p for p in shared.iterdir() if not p.name.startswith("."))
     assert disk.read_manifest(folder)["status"] == "building"
-    rank1 = disk.Journal(folder, shard=1)
+    rank1 = journal.Journal(folder, shard=1)
     assert sorted(start for _, start in rank1.chunks) == logged_starts(first / "rank1") == [STARTS[1], STARTS[3]]
-    committed = {start for _, start in disk.Journal(folder).chunks}  # every rank's journal
+    committed = {start for _, start in journal.Journal(folder).chunks}  # every rank's journal
     assert committed >= {STARTS[1], STARTS[3]} and committed < set(STARTS)
     interrupted = tmp_path / "interrupted"
     shutil.copytree(folder, interrupted / folder.name)  # for the one-process resume below
@@ -238,14 +238,14 @@ def test_rank_killed_mid_build_then_relaunch_recomputes_nothing_committed(tmp_pa
     resumed = FeatureCache.from_folder(folder)
     assert resumed.fingerprint == ref.fingerprint
     assert data_files(resumed) == data_files(ref)
-    assert disk.verify_folder(folder)["complete"]
+    assert journal.verify_folder(folder)["complete"]
 
     # The same interrupted folder resumed by one process (no torchrun) gives the same bytes.
-    builder.clear_registry()
+    registry.clear()
     alone = build("fp32", str(interrupted), log=str(tmp_path / "alone"))
     assert sorted(logged_starts(tmp_path / "alone")) == sorted(set(STARTS) - committed)
     assert data_files(alone) == data_files(ref)
-    assert not disk.shard_journals(Path(alone.path))
+    assert not journal.shard_journals(Path(alone.path))
 
 
 # ---------------------------------------------------------------------------- FineTuner.fit
@@ -297,19 +297,19 @@ def _fit_and_misuse(rank: int, cache_dir: str, out: str) -> None:
     # Rows of rank 1 clobbered after it committed them (as a network filesystem that writes
     # back whole pages could do): the checksum pass before completion finds them and rank 0
     # recomputes that chunk.
-    finish, builder.VERIFY_SHARDS = builder._finish_shards, True
+    finish, sharded.VERIFY_SHARDS = sharded._finish_shards, True
 
-    def clobber_then_finish(writer, dataset, n, s, folder, *rest):
-        with open(folder / "tap0.bin", "r+b") as f:
+    def clobber_then_finish(job, *rest):
+        with open(job.folder / "tap0.bin", "r+b") as f:
             f.seek(BATCH * 48 * 4)  # the first row of chunk 1, rank 1's
             f.write(bytes(8))
-        return finish(writer, dataset, n, s, folder, *rest)
+        return finish(job, *rest)
 
-    builder._finish_shards = clobber_then_finish
+    sharded._finish_shards = clobber_then_finish
     try:
         build("fp32", f"{cache_dir}-clobbered", log=f"{out}.clobbered.rank{rank}")
     finally:
-        builder._finish_shards, builder.VERIFY_SHARDS = finish, None
+        sharded._finish_shards, sharded.VERIFY_SHARDS = finish, None
     torch.save(result, f"{out}.rank{rank}")
 
 
@@ -318,7 +318,7 @@ def test_fit_with_a_disk_cache_builds_it_sharded_and_trains_like_one_process(tmp
     spawn(_fit_and_misuse, str(tmp_path / "init"), str(tmp_path / "shared"), out)
     ranks = [torch.load(f"{out}.rank{r}") for r in range(WORLD)]
 
-    builder.clear_registry()
+    registry.clear()
     one = finetuner(str(tmp_path / "single"))
     one.fit(fit_data(), **FIT)
     want = trainable_state(one.model)

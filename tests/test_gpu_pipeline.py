@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fastft import FeatureCache, FineTuner
-from fastft.cache.builder import clear_registry
+from fastft.cache import clear_registry
 from fastft.cache.staging import staged
 from fastft.errors import FastFTValueError
 
@@ -84,7 +84,7 @@ def test_staged_gpu_build_equals_the_cpu_build(tier, tmp_path):
 
 @needs_cuda
 def test_staged_chunks_arrive_on_the_device_in_order():
-    from fastft.cache.builder import Chunk
+    from fastft.data.sources import Chunk
 
     def load(i):
         return lambda: (torch.full((4, 3), float(i)), torch.tensor([i] * 4))
@@ -223,10 +223,10 @@ def test_a_cache_built_in_this_process_for_the_cpu_is_copied_for_cuda(tier, tmp_
     gpu = FeatureCache.build(_prefix().cuda(), (X, y), dtype="fp32", tier=tier, cache_dir=tmp_path,
                              progress=False, device="cuda")
     assert gpu.telemetry["reason"] == "hit: copied for this device"
-    data = gpu._storages[0].data
+    data = gpu.storages[0].data
     assert data.is_cuda if tier == "device" else data.is_pinned()
     rows = torch.arange(len(y), device="cuda")
     torch.testing.assert_close(gpu.gather(rows)[0].cpu(), cpu.gather(rows.cpu())[0], rtol=0, atol=0)
     again = FeatureCache.build(_prefix().cuda(), (X, y), dtype="fp32", tier=tier, cache_dir=tmp_path,
                                progress=False, device="cuda")
-    assert again._storages[0].data.data_ptr() == data.data_ptr()  # now found as it is
+    assert again.storages[0].data.data_ptr() == data.data_ptr()  # now found as it is

@@ -24,7 +24,7 @@ from torch import nn
 
 import fastft
 import fastft.cache as fcache
-from fastft.cache import FeatureCache, builder, disk
+from fastft.cache import FeatureCache, disk, disk_build, journal, registry
 from fastft.cache.fingerprint import FORMAT_VERSION
 from fastft.errors import CacheCorruptError, CacheError, FastFTError
 
@@ -67,10 +67,10 @@ make = namespace["make"]
 
 @pytest.fixture(autouse=True)
 def fresh_registry(monkeypatch):
-    builder.clear_registry()
-    monkeypatch.setattr(builder, "COMMIT_INTERVAL_S", 0.0)  # commit after every chunk: exact fault points
+    registry.clear()
+    monkeypatch.setattr(disk_build, "COMMIT_INTERVAL_S", 0.0)  # commit after every chunk: exact fault points
     yield
-    builder.clear_registry()
+    registry.clear()
 
 
 def build(prefix, data, cache_dir, **kw):
@@ -81,9 +81,9 @@ def build(prefix, data, cache_dir, **kw):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     prefix, data = make()
-    builder.clear_registry()
+    registry.clear()
     cache = build(prefix, data, tmp_path_factory.mktemp("ref"))
-    builder.clear_registry()
+    registry.clear()
     return cache.fingerprint, (cache.path / "tap0.bin").read_bytes(), (cache.path / "labels.bin").read_bytes()
 
 
@@ -125,14 +125,14 @@ def test_disk_full_during_a_commit_leaves_a_resumable_cache(tmp_path, monkeypatc
     calls = [0]
     with monkeypatch.context() as m:
         if where == "fsync":
-            fsync_files = disk.fsync_files
+            fsync_files = journal.fsync_files
 
             def failing(folder, layout):
                 calls[0] += 1
                 if calls[0] >= 4:  # the disk stays full
                     enospc()
                 fsync_files(folder, layout)
-            m.setattr(disk, "fsync_files", failing)
+            m.setattr(journal, "fsync_files", failing)
         else:
             dump = json.dump
 
@@ -149,10 +149,10 @@ def test_disk_full_during_a_commit_leaves_a_resumable_cache(tmp_path, monkeypatc
             build(prefix, data, tmp_path)
     folder = only_folder(tmp_path)
     assert len(json.loads((folder / disk.JOURNAL).read_text())["chunks"]) == 3
-    assert disk.verify_folder(folder)["complete"] is False
+    assert journal.verify_folder(folder)["complete"] is False
     with pytest.raises(CacheError, match="incomplete"):
         FeatureCache.open(folder)
-    builder.clear_registry()
+    registry.clear()
     prefix, data = make()
     cache = build(prefix, data, tmp_path)
     assert prefix.calls == 7 and cache.telemetry["reason"] == "resumed: 30 of 100 rows were already committed"
@@ -175,7 +175,7 @@ def test_disk_full_when_marking_complete(tmp_path, monkeypatch, reference):
             build(prefix, data, tmp_path)
     with pytest.raises(CacheError, match="incomplete"):
         FeatureCache.open(only_folder(tmp_path))
-    builder.clear_registry()
+    registry.clear()
     prefix, data = make()
     cache = build(prefix, data, tmp_path)
     assert prefix.calls == 0
@@ -186,15 +186,15 @@ def test_disk_full_when_marking_complete(tmp_path, monkeypatch, reference):
                          "the KeyboardInterrupt is what the caller sees (the commit failure is logged)")
 def test_interruption_is_not_masked_by_a_failing_commit(tmp_path, monkeypatch):
     prefix, data = make(fail_at=5)
-    monkeypatch.setattr(builder, "COMMIT_INTERVAL_S", 1e9)  # nothing committed before the interruption
-    monkeypatch.setattr(disk, "fsync_files", enospc)
+    monkeypatch.setattr(disk_build, "COMMIT_INTERVAL_S", 1e9)  # nothing committed before the interruption
+    monkeypatch.setattr(journal, "fsync_files", enospc)
     with pytest.raises(KeyboardInterrupt):
         build(prefix, data, tmp_path)
 
 
 RUN_BUILD = SETUP + textwrap.dedent("""
     import resource, signal, sys
-    from fastft.cache import FeatureCache
+    from fastft.cache import FeatureCache, disk, disk_build, journal, registry
     from fastft.errors import CacheError
     if sys.argv[2] == "fsize":  # a real file-size limit: writes past it fail with EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -256,8 +256,8 @@ def test_really_full_filesystem_is_a_clear_error(tiny_tmpfs):
 # ---------------------------------------------------------------------------- readers and builders
 BUILDER = SETUP + textwrap.dedent("""
     import sys
-    from fastft.cache import FeatureCache, builder
-    builder.COMMIT_INTERVAL_S = 0.0
+    from fastft.cache import FeatureCache, disk, disk_build, journal, registry
+    disk_build.COMMIT_INTERVAL_S = 0.0
     prefix, data = make(delay=0.08)
     FeatureCache.build(prefix, data, tier="disk", dtype="fp32", batch_size=10, cache_dir=sys.argv[1], progress=False)
 """)
@@ -283,7 +283,7 @@ def test_reader_during_a_build_never_sees_partial_features(tmp_path, reference):
             else:
                 torch.testing.assert_close(cache.gather(torch.arange(100))[0], expected, rtol=0, atol=0)
                 opened += 1
-            for call in (lambda: fcache.list(tmp_path), lambda: fcache.info(fp, cache_dir=tmp_path),
+            for call in (lambda: fcache.list_caches(tmp_path), lambda: fcache.info(fp, cache_dir=tmp_path),
                          lambda: fcache.verify(fp, cache_dir=tmp_path)):
                 try:
                     call()
@@ -311,12 +311,12 @@ def test_other_format_versions_are_never_read(tmp_path, version, reference):
     manifest = json.loads((folder / disk.MANIFEST).read_text())
     manifest["format_version"] = version
     (folder / disk.MANIFEST).write_text(json.dumps(manifest))
-    builder.clear_registry()
+    registry.clear()
     with pytest.raises(CacheCorruptError, match="format version") as info:
         FeatureCache.open(folder)
     if isinstance(version, int):
         assert ("older" if version < FORMAT_VERSION else "newer") in str(info.value)
-    assert fcache.list(tmp_path)[0]["status"] == "unreadable"
+    assert fcache.list_caches(tmp_path)[0]["status"] == "unreadable"
     prefix, data = make()
     rebuilt = build(prefix, data, tmp_path)
     assert prefix.calls == 10 and rebuilt.telemetry["reason"].startswith("rebuilt: the cache on disk was corrupt")
@@ -348,7 +348,7 @@ def test_manifest_file_names_never_leave_the_cache_folder(tmp_path, field, name)
     for status in ("complete", "building"):
         manifest["status"] = status
         (folder / disk.MANIFEST).write_text(json.dumps(manifest))
-        builder.clear_registry()
+        registry.clear()
         for call in (lambda: FeatureCache.open(folder), lambda: fcache.info(folder),
                      lambda: fcache.verify(folder)):
             with pytest.raises(CacheCorruptError):
@@ -379,7 +379,7 @@ def test_symlinked_data_files_are_refused(tmp_path, status):
     manifest["status"] = status
     (folder / disk.MANIFEST).write_text(json.dumps(manifest))
     (folder / disk.JOURNAL).unlink()  # a resume would rewrite every chunk: through the link, were it followed
-    builder.clear_registry()
+    registry.clear()
     with pytest.raises(CacheCorruptError, match="symbolic link"):
         FeatureCache.open(folder)
     with pytest.raises(CacheCorruptError, match="symbolic link"):

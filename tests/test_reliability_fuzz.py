@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 import fastft.cache as fcache
-from fastft.cache import FeatureCache, builder, disk
+from fastft.cache import FeatureCache, disk, journal, registry
 from fastft.errors import FastFTError
 
 FUZZ = settings(max_examples=int(__import__("os").environ.get("FASTFT_FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -38,7 +38,7 @@ def make():
 def build(root, prefix=None, data=None):
     if prefix is None:
         prefix, data = make()
-    builder.clear_registry()
+    registry.clear()
     return FeatureCache.build(prefix, data, tier="disk", dtype="int8", batch_size=10, cache_dir=root, progress=False)
 
 
@@ -79,13 +79,13 @@ def read_everything(folder: Path, rows: torch.Tensor) -> None:
     else:  # it opened: then it must hold the true rows
         torch.testing.assert_close(cache.gather(torch.arange(40))[0], rows, rtol=0, atol=0)
         del cache
-    for call in (lambda: fcache.info(folder), lambda: fcache.verify(folder), lambda: disk.verify_folder(folder),
-                 lambda: disk.read_manifest(folder), lambda: disk.Journal(folder)):
+    for call in (lambda: fcache.info(folder), lambda: fcache.verify(folder), lambda: journal.verify_folder(folder),
+                 lambda: disk.read_manifest(folder), lambda: journal.Journal(folder)):
         try:
             call()
         except FastFTError:
             pass
-    listed = fcache.list(folder.parent)  # list never raises: unreadable caches say so
+    listed = fcache.list_caches(folder.parent)  # list never raises: unreadable caches say so
     assert len(listed) == 1
 
 

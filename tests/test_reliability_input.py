@@ -10,15 +10,15 @@ from torch.utils.data import DataLoader
 
 import fastft
 from fastft import DataError, FeatureCache
-from fastft.cache import builder
+from fastft.cache import registry
 from models import Rows
 
 
 @pytest.fixture(autouse=True)
 def fresh_registry():
-    builder.clear_registry()
+    registry.clear()
     yield
-    builder.clear_registry()
+    registry.clear()
 
 
 def prefix():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastft.cache import FeatureCache, builder, disk
+from fastft.cache import FeatureCache, disk, disk_build, journal, registry, writer
 from fastft.errors import CacheError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ SETUP = textwrap.dedent("""
         return TwoTaps(on_call), (X, y)
 
     def build(prefix, data, cache_dir):
-        from fastft.cache import FeatureCache
+        from fastft.cache import FeatureCache, disk, disk_build, journal, registry, writer
         return FeatureCache.build(prefix, data, tier="disk", dtype="int8", batch_size=10,
                                   cache_dir=cache_dir, progress=False)
 """)
@@ -67,38 +67,38 @@ exec(SETUP, namespace)
 WORKER = SETUP + textwrap.dedent("""
     import json as _json, os, signal, sys, time
     from pathlib import Path
-    from fastft.cache import builder, disk
+    from fastft.cache import disk, disk_build, journal, registry, writer
 
     point, cache_dir = sys.argv[1], sys.argv[2]
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    builder.COMMIT_INTERVAL_S = 0.0  # commit after every chunk: kill points are exact
+    disk_build.COMMIT_INTERVAL_S = 0.0  # commit after every chunk: kill points are exact
     on_call = None
     if point == "in_prefix":  # inside the 8th prefix call: chunk 7 not written at all
         on_call = lambda k: k == 8 and die()
     elif point == "mid_chunk":  # chunk 7: tap a written, tap b and labels not
-        check = builder._check_finite
+        check = writer.check_finite
         def _check_finite(store, rows, name, start, view, views):
             check(store, rows, name, start, view, views)
             if start == 70 and name == "tap0":
                 die()
-        builder._check_finite = _check_finite
+        writer.check_finite = _check_finite
     elif point == "written_not_committed":  # chunk 7 fully in the mapped files, not fsynced
-        write = builder.Writer.write
+        write = writer.Writer.write
         def write_then_die(self, chunk, *a):
             write(self, chunk, *a)
             if chunk.start == 70:
                 die()
-        builder.Writer.write = write_then_die
+        writer.Writer.write = write_then_die
     elif point == "fsynced_not_journaled":  # chunk 7's bytes durable, the journal not written
-        save, saves = disk.Journal.save, [0]
+        save, saves = journal.Journal.save, [0]
         def save_or_die(self):
             saves[0] += 1
             if saves[0] == 8:
                 die()
             save(self)
-        disk.Journal.save = save_or_die
+        journal.Journal.save = save_or_die
     elif point in ("journal_torn", "journal_not_renamed"):  # 8th journal: half a tmp file / tmp not renamed
         dump, replace, n = _json.dump, os.replace, [0]
         def torn_dump(payload, f, **kw):
@@ -123,7 +123,7 @@ WORKER = SETUP + textwrap.dedent("""
             write_json(path, payload, **kw)
         disk.write_json_atomic = write_or_die
     elif point == "timed_commits":  # the real commit interval: some chunks written, not committed
-        builder.COMMIT_INTERVAL_S = 0.25
+        disk_build.COMMIT_INTERVAL_S = 0.25
         on_call = lambda k: (time.sleep(0.06), k == 15 and die())
     else:
         raise SystemExit(f"unknown point {point}")
@@ -149,9 +149,9 @@ DATA_FILES = ("tap0.bin", "tap0.scales.bin", "tap1.bin", "tap1.scales.bin", "lab
 
 @pytest.fixture(autouse=True)
 def fresh_registry():
-    builder.clear_registry()
+    registry.clear()
     yield
-    builder.clear_registry()
+    registry.clear()
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     prefix, data = namespace["make"]()
     cache = namespace["build"](prefix, data, root)
-    builder.clear_registry()
+    registry.clear()
     files = {name: (cache.path / name).read_bytes() for name in DATA_FILES}
     journal = json.loads((cache.path / disk.JOURNAL).read_text())
     return cache.fingerprint, files, journal
@@ -197,7 +197,7 @@ def test_killed_build_resumes_to_identical_bytes(point, tmp_path, reference):
         # The interrupted cache is never opened as features, and what its journal lists is intact.
         with pytest.raises(CacheError, match="incomplete"):
             FeatureCache.open(folder)
-        assert disk.verify_folder(folder)["complete"] is (committed == CHUNKS)
+        assert journal.verify_folder(folder)["complete"] is (committed == CHUNKS)
     prefix, data = namespace["make"]()
     cache = namespace["build"](prefix, data, tmp_path)
     assert prefix.calls == CHUNKS - committed  # committed chunks are reused, every other one recomputed

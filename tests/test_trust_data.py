@@ -15,15 +15,15 @@ from torch.utils.data import (DataLoader, Dataset, RandomSampler, SubsetRandomSa
 from torch.utils.data.distributed import DistributedSampler
 
 from fastft import FineTuner
-from fastft.cache import FeatureCache, builder
+from fastft.cache import FeatureCache, registry
 from fastft.errors import DataError
 
 
 @pytest.fixture(autouse=True)
 def fresh_registry():
-    builder.clear_registry()
+    registry.clear()
     yield
-    builder.clear_registry()
+    registry.clear()
 
 
 def dataset(n=100, seed=0):

@@ -32,7 +32,7 @@ from torch import nn
 
 import fastft.cache as fcache
 from fastft import FineTuner
-from fastft.cache import FeatureCache, builder, disk
+from fastft.cache import FeatureCache, disk, folders, journal, registry
 from fastft.cache.fingerprint import FORMAT_VERSION
 from fastft.errors import CacheCorruptError, CacheError, CacheLockedError, CacheTooLargeError
 
@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def fresh_registry():
-    builder.clear_registry()
+    registry.clear()
     yield
-    builder.clear_registry()
+    registry.clear()
 
 
 def prefix(seed=0):
@@ -134,7 +134,7 @@ def test_rm_refuses_everything_but_its_own_folders(tmp_path, case):
 def test_rm_removes_its_own_cache_and_waits_for_no_builder(tmp_path):
     root = tmp_path / "caches"
     cache = build(root)
-    with disk.build_lock(root, cache.fingerprint):
+    with folders.build_lock(root, cache.fingerprint):
         with pytest.raises(CacheLockedError, match="being built"):
             fcache.remove(cache.fingerprint, root)
     assert fcache.remove(cache.fingerprint, root) == cache.path
@@ -192,7 +192,7 @@ def test_damaged_complete_caches_never_reach_training(tmp_path, damage):
     ft = FineTuner(model, num_classes=3, cache="disk", cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False)
     ft.fit((X, y), epochs=1, batch_size=8)
     folder = ft.cache.path
-    builder.clear_registry()
+    registry.clear()
     if damage == "labels altered":
         stored = np.memmap(folder / "labels.bin", dtype=np.int64, mode="r+")
         stored[5] = (stored[5] + 1) % 3
@@ -215,11 +215,11 @@ def test_large_caches_are_checked_before_each_chunk_is_first_read(tmp_path, monk
     cache = build(tmp_path)
     folder = cache.path
     del cache
-    builder.clear_registry()
+    registry.clear()
     tap = np.memmap(folder / "tap0.bin", dtype=np.float32, mode="r+").reshape(64, 16)
     tap[20, 3] = np.nan  # sample 20: in the chunk of samples 16..23
     del tap
-    monkeypatch.setattr(disk, "VERIFY_AT_OPEN_BYTES", 0)
+    monkeypatch.setattr(journal, "VERIFY_AT_OPEN_BYTES", 0)
     opened = FeatureCache.open(folder)
     (rows,) = opened.gather(torch.arange(0, 16))
     assert torch.isfinite(rows).all()
@@ -234,7 +234,7 @@ def test_a_folder_must_hold_its_own_cache(tmp_path):
     other = build(tmp_path, p=prefix(seed=5))
     shutil.rmtree(other.path)
     shutil.copytree(real.path, other.path)  # real's files under other's name
-    builder.clear_registry()
+    registry.clear()
     with pytest.raises(CacheCorruptError, match="named by its own fingerprint"):
         FeatureCache.open(other.path)
     again = build(tmp_path, p=prefix(seed=5))
@@ -249,7 +249,7 @@ def test_a_folder_must_hold_its_own_cache(tmp_path):
                          "CacheError naming the link; the link's target is never created or written")
 def test_planted_links_are_never_followed(tmp_path, where):
     fp = build(tmp_path / "probe").fingerprint
-    builder.clear_registry()  # the same key is built below in another folder
+    registry.clear()  # the same key is built below in another folder
     root = tmp_path / "caches"
     victim = tmp_path / "victim"
     if where == "lock":
@@ -288,7 +288,7 @@ def test_readers_racing_builds_and_removals(tmp_path):
             seed += 1
             try:
                 cache = build(tmp_path, p=prefix(seed % 4), d=data(n=16, seed=seed % 4))
-                builder.clear_registry()
+                registry.clear()
                 fcache.remove(cache.fingerprint, tmp_path)
             except (CacheLockedError, CacheError):
                 continue
@@ -344,7 +344,7 @@ def test_a_rebuild_never_deletes_a_users_file(tmp_path):
     folder = cache.path
     (folder / "my_notes.txt").write_text("mine")
     (folder / "tap0.bin").write_bytes(b"\0")  # truncated: corrupt
-    builder.clear_registry()
+    registry.clear()
     with pytest.raises(CacheError, match="my_notes.txt"):
         build(tmp_path)
     assert (folder / "my_notes.txt").read_text() == "mine"

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fastft import FineTuner
-from fastft.cache import FeatureCache, builder
+from fastft.cache import FeatureCache, registry
 from fastft.cache.fingerprint import PART_NAMES
 from fastft.errors import CacheReuseWarning
 
@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def fresh_registry():
-    builder.clear_registry()
+    registry.clear()
     yield
-    builder.clear_registry()
+    registry.clear()
 
 
 def data(n=24, d=6, seed=1):
@@ -686,7 +686,7 @@ def test_a_cache_that_cannot_be_reused_leaves_nothing_on_disk(tmp_path):
     script = textwrap.dedent(f"""
         import torch
         from torch import nn
-        from fastft.cache import FeatureCache
+        from fastft.cache import FeatureCache, registry
         prefix = nn.Linear(6, 5)
         def t(x):
             open({str(tmp_path / 'x')!r}, 'w').close()
@@ -745,7 +745,7 @@ KEY_SCRIPT = textwrap.dedent("""
     from torch import nn
     sys.path.insert(0, {tests!r})
     from test_trust_key import Scaled, data, times_scale
-    from fastft.cache import FeatureCache
+    from fastft.cache import FeatureCache, registry
     torch.manual_seed(0)
     prefix = Scaled()
     cache = FeatureCache.build(prefix, data(), dtype="fp32", tier="disk", transform=times_scale, batch_size=8,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastft import FineTuner
-from fastft.cache import builder
+from fastft.cache import registry
 from fastft.errors import DataError, FastFTValueError
 
 from naive import trainable_state
@@ -24,9 +24,9 @@ from naive import trainable_state
 
 @pytest.fixture(autouse=True)
 def fresh_registry():
-    builder.clear_registry()
+    registry.clear()
     yield
-    builder.clear_registry()
+    registry.clear()
 
 
 def mlp(seed=0):

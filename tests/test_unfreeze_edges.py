@@ -16,7 +16,7 @@ from torch import nn
 
 from fastft import FineTuner
 from fastft.cache import FeatureCache
-from fastft.cache.storage import _check_fits
+from fastft.cache.layout import _check_fits
 from fastft.data import index_select
 from fastft.errors import CacheTooLargeError, FastFTError, FastFTValueError
 from fastft.model.surgery import freeze, replace_head

@@ -4,17 +4,27 @@
 reuses a cache with the same content address) and ``cache.gather(rows)`` reads rows back
 for training. Modules, one job each:
 
+- :mod:`~fastft.cache.feature_cache`: the public ``FeatureCache`` (build, open);
+- :mod:`~fastft.cache.store`: a cache's contents and its reads (gathers, checks on read);
+- :mod:`~fastft.cache.layout`: storage dtypes and their names, tiers, taps, storage tensors;
 - :mod:`~fastft.cache.fingerprint`: the content address and what changed in it;
-- :mod:`~fastft.cache.storage`: storage dtypes, tiers and the tier choice;
-- :mod:`~fastft.cache.disk`: the on-disk format (manifest, raw files, journal, lock);
-- :mod:`~fastft.cache.builder`: running the prefix and writing through ``cache_write``;
-- :mod:`~fastft.cache.feature_cache`: the ``FeatureCache`` object and its reads;
+- :mod:`~fastft.cache.build`: the steps of a build, and reuse;
+- :mod:`~fastft.cache.writer`: running the prefix on chunks and writing into storage;
+- :mod:`~fastft.cache.disk_build`, :mod:`~fastft.cache.sharded`: building on disk, alone or
+  with every rank of a torch.distributed group;
+- :mod:`~fastft.cache.registry`: the caches of this process;
+- :mod:`~fastft.cache.disk`, :mod:`~fastft.cache.journal`, :mod:`~fastft.cache.folders`: the
+  on-disk format, the journal of committed chunks and its checks, folders, locks, removal;
+- :mod:`~fastft.cache.derive`: a higher cut's cache computed from a lower cut's cache;
+- :mod:`~fastft.cache.staging`: overlapped input copies for builds on a GPU;
 - :mod:`~fastft.cache.manage`: ``list``, ``info``, ``verify``, ``remove`` of disk caches.
 """
 
 from __future__ import annotations
 
 from fastft.cache.feature_cache import FeatureCache, TapInfo
-from fastft.cache.manage import default_cache_dir, info, list, list_caches, remove, verify
+from fastft.cache.manage import default_cache_dir, info, list_caches, remove, verify
+from fastft.cache.registry import clear as clear_registry
 
-__all__ = ["FeatureCache", "TapInfo", "default_cache_dir", "list", "list_caches", "info", "verify", "remove"]
+__all__ = ["FeatureCache", "TapInfo", "default_cache_dir", "list_caches", "info", "verify", "remove",
+           "clear_registry"]

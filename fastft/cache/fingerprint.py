@@ -40,17 +40,15 @@ import re
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
+from fastft.cache.disk import FORMAT_VERSION
 from fastft.hashing import ContentHasher, first_difference
 from fastft.errors import CacheReuseWarning, FastFTValueError
 from fastft.data.sources import Source
-
-#: Bump when the on-disk layout or the meaning of stored bytes or keys changes.
-FORMAT_VERSION = 2
 
 #: The parts of a fingerprint, in the order they are reported when they change.
 PARTS = ("format", "structure", "modules", "weights", "dataset", "transform", "views", "dtype", "numerics", "pool")

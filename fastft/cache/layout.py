@@ -1,4 +1,5 @@
-"""Storage dtypes, tiers and the tensors that hold cached rows.
+"""The layout of a cache: storage dtypes and their names, tiers, the taps, and the tensors that
+hold cached rows.
 
 A tap's rows live in one contiguous ``[R, D]`` tensor (R = samples × views) in the storage
 dtype, plus ``scales[R]`` (float32) for int8. The tensor sits in accelerator memory
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fastft.errors import CacheTooLargeError, FastFTValueError
+from fastft.errors import CacheCorruptError, CacheTooLargeError, FastFTValueError
 
+# ---------------------------------------------------------------------------- dtypes
 #: Storage dtype names and their torch dtypes.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 _ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
@@ -37,6 +39,24 @@ def dtype_name(dtype: str | torch.dtype) -> str:
         if name in DTYPES:
             return name
     raise FastFTValueError(f"unknown cache dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+
+
+def dtype_str(dtype: torch.dtype) -> str:
+    """A torch dtype's name in manifests: ``float32``, ``int64``."""
+    return str(dtype).removeprefix("torch.")
+
+
+#: Every dtype a manifest may name, by name: read from this table, never looked up on the
+#: torch module with a string taken from a file.
+_TORCH_DTYPES = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
+
+
+def str_dtype(name: str) -> torch.dtype:
+    """The torch dtype a manifest names (looked up in a table, never on the torch module)."""
+    dtype = _TORCH_DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise CacheCorruptError(f"the manifest names an unknown dtype {name!r}.")
+    return dtype
 
 
 def row_bytes(dim: int, dtype: torch.dtype) -> int:
@@ -154,3 +174,43 @@ def memory_device(tier: str, device: torch.device) -> tuple[torch.device, bool]:
     if tier == "device":
         return device, False
     return torch.device("cpu"), device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------- taps
+@dataclass(frozen=True)
+class TapInfo:
+    """One cached frontier activation.
+
+    ``dim`` is the row width D; ``shape`` the per-sample shape the tail expects (the
+    activation's own shape with ``pool='none'``, ``(D,)`` otherwise); ``dtype`` the storage dtype.
+    ``source_dtype`` is set for a non-float tap (an attention mask, token ids the tail needs):
+    it is stored exactly in fp32 whatever the cache dtype and gathered back in this dtype.
+    """
+
+    name: str
+    dim: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    pool: str
+    source_dtype: torch.dtype | None = None
+
+    def to_json(self) -> dict:
+        d = {"name": self.name, "dim": self.dim, "shape": list(self.shape),
+             "dtype": dtype_str(self.dtype), "pool": self.pool}
+        if self.source_dtype is not None:
+            d["source_dtype"] = str(self.source_dtype).removeprefix("torch.")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TapInfo":
+        source = d.get("source_dtype")
+        return cls(d["name"], int(d["dim"]), tuple(d["shape"]), str_dtype(d["dtype"]), d["pool"],
+                   None if source is None else exact_dtype(source))
+
+
+def exact_dtype(name: str) -> torch.dtype:
+    """The integer or bool dtype a manifest names for a non-float tap."""
+    dtype = _TORCH_DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None or dtype.is_floating_point:
+        raise CacheCorruptError(f"the manifest names an unknown source dtype {name!r} for a non-float tap.")
+    return dtype

@@ -11,14 +11,13 @@ never through a link, and never while a process builds it.
 
 from __future__ import annotations
 
-import builtins
 import os
 from pathlib import Path
 
-from fastft.cache import disk
+from fastft.cache import disk, folders, journal
 from fastft.errors import CacheError, CacheLockedError
 
-__all__ = ["default_cache_dir", "cache_root", "resolve", "info", "list_caches", "list", "verify", "remove"]
+__all__ = ["default_cache_dir", "cache_root", "resolve", "info", "list_caches", "verify", "remove"]
 
 
 def default_cache_dir() -> Path:
@@ -86,16 +85,16 @@ def info(fingerprint_or_path: str | Path, cache_dir: str | Path | None = None) -
     folder = resolve(fingerprint_or_path, cache_dir)
     try:
         manifest = disk.read_manifest(folder)
-        journal = disk.Journal(folder, manifest["num_rows"], manifest["num_views"])
+        committed = journal.Journal(folder, manifest["num_rows"], manifest["num_views"])
         out = dict(manifest)
         out.update({"path": str(folder), "disk_bytes": _folder_bytes(folder),
-                    "committed_chunks": len(journal.chunks), "reusable": "once" not in manifest["parts"]})
+                    "committed_chunks": len(committed.chunks), "reusable": "once" not in manifest["parts"]})
     except FileNotFoundError:
         raise CacheError(f"cache {folder.name} was removed while it was being read.") from None
     return out
 
 
-def list_caches(cache_dir: str | Path | None = None) -> builtins.list[dict]:
+def list_caches(cache_dir: str | Path | None = None) -> list[dict]:
     """Info dicts of every cache under ``cache_dir``, newest first (unreadable ones say so;
     a cache removed while the list is made is left out)."""
     root = cache_root(cache_dir)
@@ -113,14 +112,12 @@ def list_caches(cache_dir: str | Path | None = None) -> builtins.list[dict]:
     return sorted(out, key=lambda d: d.get("created", 0), reverse=True)
 
 
-list = list_caches  # noqa: A001 (the CLI's verb; kept for callers of fastft.cache.list)
-
 
 def verify(fingerprint_or_path: str | Path, cache_dir: str | Path | None = None) -> dict:
     """Check sizes and every chunk checksum; raises CacheCorruptError on a mismatch."""
     folder = resolve(fingerprint_or_path, cache_dir)
     try:
-        return disk.verify_folder(folder)
+        return journal.verify_folder(folder)
     except FileNotFoundError:
         raise CacheError(f"cache {folder.name} was removed while it was being checked.") from None
 
@@ -155,8 +152,8 @@ def remove(fingerprint_or_path: str | Path, cache_dir: str | Path | None = None)
     locks = folder.parent / disk.LOCKS
     had_locks = locks.exists()
     try:
-        with disk.build_lock(folder.parent, folder.name, timeout=0):
-            disk.remove_folder(folder)
+        with folders.build_lock(folder.parent, folder.name, timeout=0):
+            folders.remove_folder(folder)
     except CacheLockedError:
         raise CacheLockedError(f"cache {folder.name} is being built by another process; remove it later.") from None
     finally:
