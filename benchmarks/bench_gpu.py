@@ -238,14 +238,14 @@ def bench_head_step(epochs: int = 4) -> dict:
 @contextlib.contextmanager
 def _adam_capturable(enabled: bool):
     """Make the trainer's Adam capturable even for an eager fit (what a graphed fit uses)."""
-    from fastft import trainer
+    from fastft.train import engine
 
-    make = trainer._make_optimizer
-    trainer._make_optimizer = lambda cfg, groups, capturable=False: make(cfg, groups, capturable=capturable or enabled)
+    make = engine.make_optimizer
+    engine.make_optimizer = lambda cfg, groups, capturable=False: make(cfg, groups, capturable=capturable or enabled)
     try:
         yield
     finally:
-        trainer._make_optimizer = make
+        engine.make_optimizer = make
 
 
 # ------------------------------------------------------------------ end to end (ResNet-50)

@@ -15,8 +15,7 @@ from fastft.model import surgery
 from fastft.model.surgery import freeze, unfreeze  # fastft.unfreeze(model, ...) is surgery's
 from fastft.split import split, FrozenPrefix, TrainableTail
 from fastft import data
-from fastft.trainer import EarlyStopping, FineTuner, History
-from fastft.sweep import SweepResult
+from fastft.train import CheckpointError, EarlyStopping, FineTuner, FitConfig, History, SweepResult
 
 __version__ = "0.1.0"
 
@@ -35,7 +34,9 @@ __all__ = [
     "TrainableTail",
     "data",
     "FineTuner",
+    "FitConfig",
     "EarlyStopping",
+    "CheckpointError",
     "History",
     "SweepResult",
     *_error_names,

@@ -21,6 +21,11 @@ class FastFTIndexError(FastFTError, IndexError):
     """A row or sample index is out of range (or repeated where it must be unique)."""
 
 
+class CallFormError(FastFTError, TypeError):
+    """A public function was called in a form it no longer takes (settings passed by position);
+    the message names the keyword form to use."""
+
+
 class NativeUnavailableError(FastFTError, RuntimeError):
     """A native kernel was requested explicitly but ``fastft._C`` is not usable."""
 
@@ -70,6 +75,7 @@ __all__ = [
     "FastFTError",
     "FastFTValueError",
     "FastFTIndexError",
+    "CallFormError",
     "NativeUnavailableError",
     "NativeMismatchError",
     "SurgeryError",

@@ -36,7 +36,7 @@ import torch
 from fastft import distributed as fdist
 from fastft.model import surgery
 from fastft.errors import FastFTValueError
-from fastft.trainer import FineTuner
+from fastft.train import FineTuner
 
 KNOWN_KEYS = {"model", "model_kwargs", "data", "data_kwargs", "surgery", "finetuner", "fit", "output"}
 

@@ -14,12 +14,12 @@ import time
 import pytest
 import torch
 
-from fastft.checkpoint import CheckpointError, load_checked, save_atomic
+from fastft.train.checkpoint import CheckpointError, load_checked, save_atomic
 
 SAVER = textwrap.dedent(
     """
     import sys, torch
-    from fastft.checkpoint import save_atomic
+    from fastft.train.checkpoint import save_atomic
     path = sys.argv[1]
     i = 1
     while True:   # keep replacing the checkpoint with bigger and bigger states until killed

@@ -154,10 +154,10 @@ def test_cuda_graph_training_with_autocast_or_dropout_matches_eager(tmp_path, re
     # Replays draw fresh dropout masks from the same Philox stream, in eager order. The eager
     # fit uses the capturable AdamW too, so that both run the same kernels: otherwise a bf16
     # rounding flip seeded by Adam's last-bit difference could exceed any tight tolerance.
-    from fastft import trainer
+    from fastft.train import engine
 
-    make = trainer._make_optimizer
-    monkeypatch.setattr(trainer, "_make_optimizer", lambda cfg, groups, capturable=False: make(cfg, groups, capturable=True))
+    make = engine.make_optimizer
+    monkeypatch.setattr(engine, "make_optimizer", lambda cfg, groups, capturable=False: make(cfg, groups, capturable=True))
     eager = _graph_fit(tmp_path, False, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)

@@ -18,9 +18,11 @@ import torch
 import torch.optim.adam as torch_adam
 from torch import nn
 
-from fastft import FineTuner, _graph_step, trainer
-from fastft.trainer import FitConfig
-from fastft._graph_step import GraphedStep, graph_unsupported
+from fastft import FineTuner
+from fastft.train import engine
+from fastft.train import graph_step as _graph_step
+from fastft.train import FitConfig
+from fastft.train.graph_step import GraphedStep, graph_unsupported
 from fastft.errors import FastFTValueError
 
 
@@ -80,8 +82,8 @@ def _max_diff(a: FineTuner, b: FineTuner) -> float:
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
 def test_replayed_steps_train_what_eager_steps_train(graphs_on_cpu, optimizer):
     made = []
-    make = trainer._make_optimizer
-    graphs_on_cpu.setattr(trainer, "_make_optimizer", lambda *a, **kw: made.append(make(*a, **kw)) or made[-1])
+    make = engine.make_optimizer
+    graphs_on_cpu.setattr(engine, "make_optimizer", lambda *a, **kw: made.append(make(*a, **kw)) or made[-1])
     eager = _fit(False, optimizer=optimizer)
     graphed = _fit(True, optimizer=optimizer)
     (backend,) = RecordingGraphs.instances
@@ -183,8 +185,8 @@ def test_a_checkpoint_resumes_with_or_without_graphs(graphs_on_cpu, tmp_path, fi
     if not then:
         graphs_on_cpu.undo()  # a plain CPU Adam again: capturable groups would fail its step
     made = []
-    make = trainer._make_optimizer
-    graphs_on_cpu.setattr(trainer, "_make_optimizer", lambda *a, **kw: made.append(make(*a, **kw)) or made[-1])
+    make = engine.make_optimizer
+    graphs_on_cpu.setattr(engine, "make_optimizer", lambda *a, **kw: made.append(make(*a, **kw)) or made[-1])
     if then:
         graphs_on_cpu.setattr(_graph_step, "graph_unsupported", lambda *args: None)
     torch.manual_seed(1)

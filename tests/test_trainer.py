@@ -113,7 +113,7 @@ def test_fastft_equals_naive_frozen_finetuning(case, optimizer, tmp_path):
     make_model, make_data, kwargs = CASES[case]
     X, y = make_data()
     ft = FineTuner(make_model(), cache_dtype="fp32", seed=3, cache_dir=str(tmp_path), verbose=False, **kwargs)
-    ft._prepare(fastft.data.index_select(X, torch.arange(4)))
+    ft.prepare(fastft.data.index_select(X, torch.arange(4)))
     naive_model = copy.deepcopy(ft.model)  # same edits, same initial new weights
     initial = trainable_state(ft.model)
 

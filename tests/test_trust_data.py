@@ -132,10 +132,10 @@ def test_a_loaders_batch_size_is_used_or_reported(tmp_path):
     ft = FineTuner(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), num_classes=3, cache="host",
                    cache_dir=str(tmp_path), verbose=False)
     ft.fit(DataLoader(ds, batch_size=8), epochs=1)
-    assert ft._fit_config.batch_size == 8
+    assert ft.fit_config.batch_size == 8
     with pytest.warns(UserWarning, match=r"fit\(batch_size=20\).*DataLoader's batch_size=8 only reads"):
         ft.fit(DataLoader(ds, batch_size=8), epochs=1, batch_size=20)
-    assert ft._fit_config.batch_size == 20
+    assert ft.fit_config.batch_size == 20
 
 
 def test_drop_last_is_reported_and_every_sample_is_kept(tmp_path):

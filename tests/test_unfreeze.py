@@ -124,7 +124,7 @@ def _tuner(case: str, tmp_path, **overrides) -> tuple[FineTuner, object, torch.T
     X, y = make_data()
     ft = FineTuner(make_model(), cache_dtype="fp32", seed=3, cache_dir=str(tmp_path), verbose=False,
                    **{**kwargs, **overrides})
-    ft._prepare(index_select(X, torch.arange(4)))  # attach the head now, so the naive copy has it
+    ft.prepare(index_select(X, torch.arange(4)))  # attach the head now, so the naive copy has it
     return ft, X, y
 
 
@@ -328,7 +328,7 @@ def test_real_minilm_top_layer_unfrozen_equals_naive(minilm_and_text, tmp_path):
     st, X, y = minilm_and_text
     ft = FineTuner(copy.deepcopy(st), num_classes=3, cache_dtype="fp32", seed=3, cache_dir=str(tmp_path),
                    verbose=False)
-    ft._prepare(index_select(X, torch.arange(2)))
+    ft.prepare(index_select(X, torch.arange(2)))
     naive = copy.deepcopy(ft.model)
     fit = dict(FIT, batch_size=4, lr=1e-3)
     torch.manual_seed(5)
@@ -386,7 +386,6 @@ def test_schedule_runs_the_layers_below_the_deepest_cut_once(tmp_path):
 
 
 def test_derived_cache_equals_the_cache_built_from_data(tmp_path):
-    from fastft.cache.derive import derived_cache
 
     ft, X, y = _tuner("hf_style_untraceable", tmp_path)
     ft.unfreeze(1)
@@ -395,7 +394,7 @@ def test_derived_cache_equals_the_cache_built_from_data(tmp_path):
     assert ft.prefix.method == "replay"
     ft.unfreeze(0)
     direct = ft.build_cache((X, y))
-    derived = derived_cache(ft.prefix, low_tail, low, **ft._build_settings())
+    derived = ft.caches.derived(ft.prefix, low_tail, low, pool=ft.tuned.cache_pool(ft.pool))
     assert derived.fingerprint != direct.fingerprint
     torch.testing.assert_close(derived.gather(torch.arange(len(y)))[0], direct.gather(torch.arange(len(y)))[0],
                                rtol=0, atol=1e-6)
@@ -452,7 +451,7 @@ def test_an_interrupted_schedule_resumes_to_the_same_weights(case, stopped_after
     HF-style encoder has dropout in its blocks, and a callback draws random numbers too."""
     whole, resumed = _interrupted_and_resumed(case, tmp_path, stopped_after, SCHEDULE,
                                               callbacks=[lambda ft, rec: torch.randint(9, (1,)) and None])
-    assert len(whole.history) == 6 and resumed._unfreeze[0] == 2
+    assert len(whole.history) == 6 and resumed.tuned.unfrozen_blocks == 2
     _assert_same_fit(resumed, whole)
 
 

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:fastft runs the frozen layers in
 def _oracle(make_model, X, y, tmp_path, *, blocks: int = 1, epochs: int = 2) -> tuple[FineTuner, nn.Module]:
     """FineTuner with the top ``blocks`` unfrozen vs plain PyTorch training of the same blocks."""
     ft = FineTuner(make_model(), num_classes=3, cache_dtype="fp32", seed=3, cache_dir=str(tmp_path), verbose=False)
-    ft._prepare(index_select(X, torch.arange(4)))
+    ft.prepare(index_select(X, torch.arange(4)))
     naive = copy.deepcopy(ft.model)
     ft.unfreeze(blocks)
     torch.manual_seed(7)
@@ -54,7 +54,7 @@ def test_replay_restores_an_instance_forward_that_was_there(tmp_path):
     replay's own swap must put that one back, not delete it, also when the model raises."""
     X, y = token_data()
     ft = FineTuner(make_hf_style(), num_classes=3, cache_dtype="fp32", seed=3, cache_dir=str(tmp_path), verbose=False)
-    ft._prepare(index_select(X, torch.arange(4)))
+    ft.prepare(index_select(X, torch.arange(4)))
     embed = ft.model.embed
     calls = []
     plain = embed.forward
@@ -444,7 +444,7 @@ def test_unfreeze_before_the_head_is_attached_applies_after_the_probe(tmp_path):
 
     X, y = mlp_data()
     ft = FineTuner(Encoder(), num_classes=3, cache_dtype="fp32", seed=3, cache_dir=str(tmp_path), verbose=False)
-    assert ft._head_spec is None and ft.unfreeze(1) == []  # the model is not edited yet
+    assert ft.tuned.head_spec is None and ft.unfreeze(1) == []  # the model is not edited yet
     history = ft.fit((X, y), epochs=2, **FIT)
     assert [m for m, _ in unfrozen_blocks(ft.model)] == [ft.model.get_submodule(find_blocks(ft.model)[-1][0])]
     assert history.column("unfrozen_blocks") == [1, 1]
@@ -452,7 +452,7 @@ def test_unfreeze_before_the_head_is_attached_applies_after_the_probe(tmp_path):
 
 
 def test_early_stopping_restores_a_best_epoch_of_an_earlier_stage(tmp_path):
-    from fastft.trainer import EarlyStopping
+    from fastft.train import EarlyStopping
 
     class HeadStageIsBest(EarlyStopping):
         def step(self, record, module):
@@ -584,7 +584,7 @@ def test_one_number_per_sample_taps_are_cached_beside_the_sequence(tmp_path):
     y = torch.arange(40) % 3
     ft = FineTuner(make_dict_encoder(), num_classes=3, cache_dtype="fp32", seed=3, cache_dir=str(tmp_path),
                    verbose=False)
-    ft._prepare(index_select(X, torch.arange(2)))
+    ft.prepare(index_select(X, torch.arange(2)))
     naive = copy.deepcopy(ft.model)
     ft.unfreeze(1)
     torch.manual_seed(5)

@@ -28,7 +28,7 @@ import fastft
 from fastft.model import surgery
 from fastft.data import index_select
 from fastft.demo.bbc_data import load_bbc, load_minilm, stratified_split, tokenize
-from fastft.metrics import classification_metrics
+from fastft.train.metrics import classification_metrics
 
 
 @dataclass

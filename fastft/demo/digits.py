@@ -19,7 +19,7 @@ from torch import nn
 
 import fastft
 from fastft.demo.bbc_data import _need
-from fastft.metrics import classification_metrics
+from fastft.train.metrics import classification_metrics
 
 
 @dataclass

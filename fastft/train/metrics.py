@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fastft.train.objectives import make_loss, prepare_targets
+
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Accuracy, top-5 accuracy (when there are more than 5 classes) and macro-F1.
@@ -42,3 +44,16 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str,
         "label_accuracy": hits.double().mean().item(),
         "subset_accuracy": hits.all(dim=1).double().mean().item(),
     }
+
+
+def fit_metrics(logits: torch.Tensor, labels: torch.Tensor, *, loss: str, label_smoothing: float = 0.0,
+                class_weights: list[float] | None = None) -> dict[str, float]:
+    """The loss of a fit's objective on ``logits`` and the metrics that go with it: accuracy
+    and macro-F1 for ``'ce'``, label and subset accuracy for ``'bce'``."""
+    loss_fn = make_loss(loss, label_smoothing=label_smoothing, class_weights=class_weights)
+    value = loss_fn.to(logits.device)(logits, prepare_targets(labels, loss, logits)).item()
+    if loss == "ce":
+        return {"loss": value, **classification_metrics(logits, labels.long())}
+    if loss == "bce":
+        return {"loss": value, **multilabel_metrics(logits, labels)}
+    return {"loss": value}

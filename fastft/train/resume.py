@@ -1,0 +1,100 @@
+"""What ``fit(checkpoint=..., resume=True)`` checks before it continues a fit.
+
+A resumed fit must give the final weights of an uninterrupted one, so a checkpoint of a fit
+with other settings, another schedule, another backbone or other data is refused with what
+to change, never continued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+
+from fastft.errors import FastFTValueError
+from fastft.train.checkpoint import TrainingState
+from fastft.train.config import FitConfig, Stage, schedule_record
+from fastft.train.tuned import TunedModel
+
+
+def read_resumable(path: str, stages: Sequence[Stage], cfg: FitConfig, tuned: TunedModel) -> TrainingState:
+    """The training checkpoint at ``path``, checked to come from a fit like this one (same
+    settings, schedule, backbone; the data are checked by :func:`check_same_data`)."""
+    saved = TrainingState.read(path)
+    progress = saved.progress
+    if progress is None:
+        raise FastFTValueError(
+            f"{path} is a saved model, not a training checkpoint; resume needs a checkpoint= file."
+        )
+    if progress.backbone is not None and progress.backbone != tuned.backbone_digest(saved.state):
+        raise FastFTValueError(
+            f"{path} was written by a fit of another backbone: the frozen weights of this model differ "
+            "from those the checkpoint was trained on. Resume with the same pretrained model (a fresh "
+            "copy of it), or start a new fit."
+        )
+    now = schedule_record(stages)
+    if progress.schedule != now:
+        raise FastFTValueError(
+            f"{path} was written by a fit with stages {progress.schedule or 'none (no unfreeze=)'} (first "
+            f"epoch, epochs, blocks), this fit has {now or 'none (no unfreeze=)'}: resume with the same "
+            "epochs= and unfreeze= as the interrupted fit."
+        )
+    # cuda_graph changes how steps run, not what they compute; epochs may grow (one stage)
+    # unless a scheduler planned the learning rate over the epochs the fit was given.
+    fit = saved.fit or {}
+    if cfg.scheduler is not None and fit.get("epochs") not in (None, cfg.epochs):
+        raise FastFTValueError(
+            f"{path} was written by a fit of epochs={fit['epochs']} with scheduler={cfg.scheduler!r}, whose "
+            f"learning rate is planned over those {fit['epochs']} epochs: it cannot continue exactly for "
+            f"epochs={cfg.epochs}. Resume with epochs={fit['epochs']}, or start a new fit."
+        )
+    differ = [k for k, v in dataclasses.asdict(cfg).items()
+              if k not in ("epochs", "cuda_graph") and k in fit and fit[k] != v]
+    if differ:
+        raise FastFTValueError(
+            f"{path} was written by a fit with {', '.join(f'{k}={fit[k]!r}' for k in differ)}; this fit "
+            f"has {', '.join(f'{k}={getattr(cfg, k)!r}' for k in differ)}: resume with the same settings."
+        )
+    if saved.train_bn != tuned.train_bn:
+        raise FastFTValueError(
+            f"{path} was written with train_bn={saved.train_bn}: call ft.unfreeze(..., "
+            f"train_bn={saved.train_bn}) before fit(..., resume=True), as before the interrupted fit."
+        )
+    return saved
+
+
+def check_same_blocks(saved: TrainingState, path: str, tuned: TunedModel) -> None:
+    """Resuming inside a stage needs the blocks unfrozen as they were."""
+    if saved.unfrozen_blocks != tuned.unfrozen_blocks:
+        raise FastFTValueError(
+            f"{path} was written with {saved.unfrozen_blocks} unfrozen block(s) but this tuner has "
+            f"{tuned.unfrozen_blocks}: call ft.unfreeze({saved.unfrozen_blocks}) before fit(..., "
+            "resume=True), as before the interrupted fit."
+        )
+
+
+def check_same_data(saved: TrainingState, path: str, data_key: Callable[[], str]) -> None:
+    """FastFTValueError when the checkpoint was written by a fit on other training data
+    (``data_key()`` computes the key of the data given now: one more read of a Dataset, paid
+    only by a resume)."""
+    if saved.progress.data_key is not None and saved.progress.data_key != data_key():
+        raise FastFTValueError(
+            f"{path} was written by a fit on other training data than the data given now: resuming "
+            "would continue that fit on these data. Resume with the same data (and dataset_id=), or "
+            "start a new fit (another checkpoint= path, or resume=False)."
+        )
+
+
+def rng_state(device: torch.device) -> dict:
+    """torch's global random state (CPU, and the device's on CUDA): dropout draws from it."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
