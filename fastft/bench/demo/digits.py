@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import fastft
-from fastft.demo.bbc_data import _need
+from fastft.bench.demo.bbc_data import need
 from fastft.train.metrics import classification_metrics
 
 
@@ -48,7 +48,7 @@ class DigitsCNN(nn.Module):
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    _need("sklearn")
+    need("sklearn")
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()

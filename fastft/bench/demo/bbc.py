@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import fastft
 from fastft.model import surgery
 from fastft.data import index_select
-from fastft.demo.bbc_data import load_bbc, load_minilm, stratified_split, tokenize
+from fastft.bench.demo.bbc_data import load_bbc, load_minilm, stratified_split, tokenize
 from fastft.train.metrics import classification_metrics
 
 

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import fastft
-from fastft.bench import BenchSettings, Task, _accuracy, _index, _machine, bbc_task, quick_defaults
+from fastft.bench.tasks import BenchSettings, Task, accuracy, bbc_task, index_rows, machine, quick_defaults
 from fastft.model.blocks import find_blocks
 
 
@@ -87,12 +87,12 @@ def run_naive(task: Task, s: UnfreezeSettings) -> dict:
                               leave=False, disable=not s.verbose, unit="batch"):
                 rows = perm[start:start + s.batch_size]
                 opt.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(forward(_index(X, rows)), y[rows]).backward()
+                nn.functional.cross_entropy(forward(index_rows(X, rows)), y[rows]).backward()
                 opt.step()
         return time.perf_counter() - t0
 
     head_seconds = stage("head", s.head_epochs, [{"params": list(head.parameters())}], False)
-    head_accuracy = _accuracy(frozen, head, task.test)
+    head_accuracy = accuracy(frozen, head, task.test)
     for block in top:
         block.requires_grad_(True)
     groups = [{"params": list(head.parameters())}] + [
@@ -102,7 +102,7 @@ def run_naive(task: Task, s: UnfreezeSettings) -> dict:
     for block in top:
         block.eval()
     return {"seconds": head_seconds + block_seconds, "head_stage_seconds": head_seconds,
-            "head_stage_accuracy": head_accuracy, "accuracy": _accuracy(frozen, head, task.test)}
+            "head_stage_accuracy": head_accuracy, "accuracy": accuracy(frozen, head, task.test)}
 
 
 def run_fastft(task: Task, s: UnfreezeSettings) -> dict:
@@ -152,7 +152,7 @@ def write(result: dict, s: UnfreezeSettings, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("unfreeze_quick.json" if s.quick else "unfreeze.json")
     load = dict(zip(("load_1min", "load_5min", "load_15min"), os.getloadavg()))
-    path.write_text(json.dumps({"settings": asdict(s), "machine": _machine(), "load_average": load,
+    path.write_text(json.dumps({"settings": asdict(s), "machine": machine(), "load_average": load,
                                 "date": time.strftime("%Y-%m-%d %H:%M"), **result}, indent=2))
     return path
 
