@@ -44,10 +44,18 @@ def cnn_case():
     """A small ResNet-like stem on 32x32 images: [B, 3, 32, 32] -> [B, 128, 8, 8], mean-pooled."""
     torch.manual_seed(0)
     prefix = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.Conv2d(64, 128, 3, stride=2, padding=1),
+        nn.BatchNorm2d(128),
+        nn.ReLU(),
     ).eval()
     X = torch.randn(1024, 3, 32, 32)
     return prefix, (X, torch.randint(0, 10, (1024,))), "mean"
@@ -72,10 +80,17 @@ def text_case():
     n, length = 256, 64
     ids = torch.randint(0, 1000, (n, length))
     mask = (torch.arange(length) < torch.randint(16, length + 1, (n, 1))).long()
-    return TextEncoder().eval(), ({"input_ids": ids, "attention_mask": mask}, torch.randint(0, 2, (n,))), "masked_mean"
+    return (
+        TextEncoder().eval(),
+        ({"input_ids": ids, "attention_mask": mask}, torch.randint(0, 2, (n,))),
+        "masked_mean",
+    )
 
 
-CASES = {"cnn[1024,3,32,32]->[128,8,8] mean": cnn_case, "text[256,64] d384 x2 masked_mean": text_case}
+CASES = {
+    "cnn[1024,3,32,32]->[128,8,8] mean": cnn_case,
+    "text[256,64] d384 x2 masked_mean": text_case,
+}
 BATCH = 64
 
 
@@ -90,8 +105,16 @@ def cold_build(prefix, data, pool, dtype="fp16"):
     folder = tempfile.mkdtemp(prefix="fastft-bench-")
     registry.clear()
     try:
-        cache = FeatureCache.build(prefix, data, tier="disk", dtype=dtype, pool=pool, batch_size=BATCH,
-                                   cache_dir=folder, progress=False)
+        cache = FeatureCache.build(
+            prefix,
+            data,
+            tier="disk",
+            dtype=dtype,
+            pool=pool,
+            batch_size=BATCH,
+            cache_dir=folder,
+            progress=False,
+        )
         t = cache.telemetry
         assert t["hit"] is False
         _in_run.setdefault(pool, []).append(t["build_seconds"] / t["prefix_seconds"])
@@ -106,7 +129,11 @@ def cold_build(prefix, data, pool, dtype="fp16"):
 @pytest.mark.parametrize("case", list(CASES))
 def test_overhead(benchmark, recorder, case, impl):
     prefix, data, pool = CASES[case]()
-    fn = (lambda: prefix_alone(prefix, data)) if impl == "prefix" else (lambda: cold_build(prefix, data, pool))
+    fn = (
+        (lambda: prefix_alone(prefix, data))
+        if impl == "prefix"
+        else (lambda: cold_build(prefix, data, pool))
+    )
     # build is the baseline, so the table's "speed-up" of prefix is the overhead ratio
     recorder.run(benchmark, f"overhead {case}", impl, fn, baseline="build", rounds=5, warmup=1)
     _medians[(case, impl)] = benchmark.stats.stats.median
@@ -137,7 +164,9 @@ def test_overhead_paired(benchmark, case):
 def test_bytes(benchmark, dtype):
     prefix, data, pool = text_case()
     data = (data[0], data[1])
-    nbytes = benchmark.pedantic(lambda: cold_build(prefix, data, pool, dtype), rounds=1, iterations=1)
+    nbytes = benchmark.pedantic(
+        lambda: cold_build(prefix, data, pool, dtype), rounds=1, iterations=1
+    )
     benchmark.extra_info["bytes"] = nbytes
     _bytes[dtype] = nbytes
 
@@ -145,9 +174,14 @@ def test_bytes(benchmark, dtype):
 @pytest.fixture(scope="module", autouse=True)
 def report(request):
     yield
-    out = {"machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-           "date": time.strftime("%Y-%m-%d %H:%M"), "overhead": {}, "overhead_paired": {k: round(v, 3) for k, v in _paired.items()},
-           "overhead_in_run": {}, "bytes_vs_fp32": {}}
+    out = {
+        "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "overhead": {},
+        "overhead_paired": {k: round(v, 3) for k, v in _paired.items()},
+        "overhead_in_run": {},
+        "bytes_vs_fp32": {},
+    }
     for case, make in CASES.items():
         pool = make.__name__ == "cnn_case" and "mean" or "masked_mean"
         ratios = sorted(_in_run.get(pool, []))
@@ -167,8 +201,10 @@ def report(request):
         tr.write_line("")
         tr.write_sep("=", "cache: overhead = build (disk, fp16) / prefix alone; goal <= 1.10")
         for case, ratio in out["overhead"].items():
-            tr.write_line(f"  {case:<40} x{ratio} (medians)  x{out['overhead_paired'].get(case)} (paired)"
-                          f"  x{out['overhead_in_run'].get(case)} (in-run)")
+            tr.write_line(
+                f"  {case:<40} x{ratio} (medians)  x{out['overhead_paired'].get(case)} (paired)"
+                f"  x{out['overhead_in_run'].get(case)} (in-run)"
+            )
         tr.write_sep("=", "cache: bytes vs fp32 (D=384); goals int8 <= 0.27, fp16 <= 0.51")
         for dtype, ratio in out["bytes_vs_fp32"].items():
             tr.write_line(f"  {dtype:<6} {ratio}")

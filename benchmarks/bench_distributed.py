@@ -36,10 +36,14 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 def make_case():
     torch.manual_seed(0)
     prefix = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 128, 3, stride=2, padding=1),
+        nn.ReLU(),
     ).eval()
     g = torch.Generator().manual_seed(1)
     X = torch.randn(N, 3, 32, 32, generator=g)
@@ -57,8 +61,16 @@ def _worker(rank: int, world: int, init: str, jobs, done) -> None:
     try:
         while (folder := jobs[rank].get()) is not None:
             registry.clear()  # a cold build each time (a new folder, same key)
-            cache = FeatureCache.build(prefix, data, tier="disk", dtype="fp16", pool="mean", batch_size=BATCH,
-                                       cache_dir=folder, progress=False)
+            cache = FeatureCache.build(
+                prefix,
+                data,
+                tier="disk",
+                dtype="fp16",
+                pool="mean",
+                batch_size=BATCH,
+                cache_dir=folder,
+                progress=False,
+            )
             done.put((rank, cache.telemetry["prefix_calls"], cache.num_rows))
     finally:
         if world > 1:
@@ -78,8 +90,13 @@ class Pool:
         saved = {k: os.environ.get(k) for k in ONE_THREAD}
         os.environ.update(ONE_THREAD)
         try:
-            self.ctx = mp.start_processes(_worker, args=(world, str(tmp / f"init{world}"), self.jobs, self.done),
-                                          nprocs=world, join=False, start_method="spawn")
+            self.ctx = mp.start_processes(
+                _worker,
+                args=(world, str(tmp / f"init{world}"), self.jobs, self.done),
+                nprocs=world,
+                join=False,
+                start_method="spawn",
+            )
         finally:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -124,7 +141,10 @@ def test_sharded_build(benchmark, recorder, pools, world):
     if world == 1:
         assert pool.prefix_calls == [CHUNKS]
     else:
-        assert sorted(pool.prefix_calls) == [CHUNKS // 2, CHUNKS - CHUNKS // 2]  # the work was split
+        assert sorted(pool.prefix_calls) == [
+            CHUNKS // 2,
+            CHUNKS - CHUNKS // 2,
+        ]  # the work was split
 
 
 def test_paired_ratio(benchmark, pools):
@@ -143,10 +163,19 @@ def test_paired_ratio(benchmark, pools):
     benchmark.group = "distributed:pairs (1 process then 2 processes)"
     benchmark.pedantic(pair, rounds=5, warmup_rounds=0, iterations=1)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distributed_paired.json").write_text(json.dumps({
-        "case": CASE, "pairs": len(ratios), "ratio_1proc_over_2procs_median": round(statistics.median(ratios), 3),
-        "ratios": [round(r, 3) for r in ratios],
-        "median_s": {"1 process": round(statistics.median(times[1]), 4),
-                     "2 processes": round(statistics.median(times[2]), 4)},
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }, indent=2))
+    (RESULTS / "distributed_paired.json").write_text(
+        json.dumps(
+            {
+                "case": CASE,
+                "pairs": len(ratios),
+                "ratio_1proc_over_2procs_median": round(statistics.median(ratios), 3),
+                "ratios": [round(r, 3) for r in ratios],
+                "median_s": {
+                    "1 process": round(statistics.median(times[1]), 4),
+                    "2 processes": round(statistics.median(times[2]), 4),
+                },
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+            },
+            indent=2,
+        )
+    )

@@ -62,6 +62,7 @@ def gpu_time(fn, iters: int = 20, reps: int = 5) -> float:
         def run():
             for _ in range(iters):
                 fn()
+
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -87,8 +88,11 @@ def eager_latency(fn, iters: int = 50) -> float:
 
 def peak_bandwidth() -> dict:
     props = torch.cuda.get_device_properties(0)
-    out = {"device": props.name, "sm_count": props.multi_processor_count,
-           "memory_gib": round(props.total_memory / 2**30, 1)}
+    out = {
+        "device": props.name,
+        "sm_count": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+    }
     clock_khz = getattr(props, "memory_clock_rate", 0) or 0
     bus_bits = getattr(props, "memory_bus_width", 0) or 0
     if clock_khz and bus_bits:  # double data rate
@@ -99,7 +103,7 @@ def peak_bandwidth() -> dict:
     out["copy_measured_gbps"] = round(2 * x.numel() * 4 / t / 1e9, 1)
     out["peak_gbps"] = out.get("peak_spec_gbps", out["copy_measured_gbps"])
     out["peak_source"] = "memory clock x bus width" if "peak_spec_gbps" in out else "measured copy"
-    del x, y
+    x = y = None  # free the 2 GiB before the next benchmark
     return out
 
 
@@ -114,30 +118,47 @@ def bench_bandwidth(peak: float) -> list[dict]:
 
     def record(name, fn, nbytes, baseline=None):
         t = gpu_time(fn)
-        row = {"case": name, "us": round(t * 1e6, 1), "gbps": round(nbytes / t / 1e9, 1),
-               "fraction_of_peak": round(nbytes / t / 1e9 / peak, 3)}
+        row = {
+            "case": name,
+            "us": round(t * 1e6, 1),
+            "gbps": round(nbytes / t / 1e9, 1),
+            "fraction_of_peak": round(nbytes / t / 1e9 / peak, 3),
+        }
         if baseline is not None:
             tb = gpu_time(baseline)
             row["torch_us"] = round(tb * 1e6, 1)
             row["speedup_vs_torch"] = round(tb / t, 2)
         rows_out.append(row)
-        print(f"  {name:46s} {row['us']:9.1f} us {row['gbps']:8.1f} GB/s  {row['fraction_of_peak']:.2f} of peak"
-              + (f"  ({row['speedup_vs_torch']}x torch)" if baseline else ""), flush=True)
+        print(
+            f"  {name:46s} {row['us']:9.1f} us {row['gbps']:8.1f} GB/s  {row['fraction_of_peak']:.2f} of peak"
+            + (f"  ({row['speedup_vs_torch']}x torch)" if baseline else ""),
+            flush=True,
+        )
 
     gather = torch.ops.fastft.cache_gather
     write = torch.ops.fastft.cache_write
     # gather int8 -> bf16 (dequantize) and fp16 -> fp16 (copy)
     q = torch.randint(-127, 128, (n, D), dtype=torch.int8, device="cuda")
     s = torch.rand(n, device="cuda")
-    record("gather int8->bf16 B=16384 D=2048", lambda: gather(q, s, rows, torch.bfloat16),
-           B * D * (1 + 2) + B * (4 + 8),
-           baseline=lambda: (q[rows].float() * s[rows].unsqueeze(1)).to(torch.bfloat16))
+    record(
+        "gather int8->bf16 B=16384 D=2048",
+        lambda: gather(q, s, rows, torch.bfloat16),
+        B * D * (1 + 2) + B * (4 + 8),
+        baseline=lambda: (q[rows].float() * s[rows].unsqueeze(1)).to(torch.bfloat16),
+    )
     h = torch.randn(n, D, device="cuda").half()
     empty = torch.empty(0, device="cuda")
-    record("gather fp16->fp16 B=16384 D=2048", lambda: gather(h, empty, rows, torch.float16),
-           B * D * (2 + 2) + B * 8, baseline=lambda: h[rows])
-    record("gather int8->fp32 B=16384 D=2048", lambda: gather(q, s, rows, torch.float32),
-           B * D * (1 + 4) + B * (4 + 8))
+    record(
+        "gather fp16->fp16 B=16384 D=2048",
+        lambda: gather(h, empty, rows, torch.float16),
+        B * D * (2 + 2) + B * 8,
+        baseline=lambda: h[rows],
+    )
+    record(
+        "gather int8->fp32 B=16384 D=2048",
+        lambda: gather(q, s, rows, torch.float32),
+        B * D * (1 + 4) + B * (4 + 8),
+    )
     # write fp16 -> fp16 and bf16 -> int8 (quantize), one position per sample
     x16 = torch.randn(B, 1, D, device="cuda").half()
     dst16 = torch.empty(n, D, dtype=torch.float16, device="cuda")
@@ -145,23 +166,36 @@ def bench_bandwidth(peak: float) -> list[dict]:
     def torch_write():
         dst16[rows] = x16[:, 0]
 
-    record("write fp16->fp16 B=16384 D=2048", lambda: write(x16, rows, dst16, empty, "none"),
-           B * D * (2 + 2) + B * 8, baseline=torch_write)
+    record(
+        "write fp16->fp16 B=16384 D=2048",
+        lambda: write(x16, rows, dst16, empty, "none"),
+        B * D * (2 + 2) + B * 8,
+        baseline=torch_write,
+    )
     xb = x16.to(torch.bfloat16)
     dst8 = torch.empty(n, D, dtype=torch.int8, device="cuda")
-    record("write bf16->int8 B=16384 D=2048", lambda: write(xb, rows, dst8, s, "none"),
-           B * D * (2 + 1) + B * (4 + 8))
+    record(
+        "write bf16->int8 B=16384 D=2048",
+        lambda: write(xb, rows, dst8, s, "none"),
+        B * D * (2 + 1) + B * (4 + 8),
+    )
     # a ResNet-50 frontier: NCHW [256, 2048, 7, 7] fp32 seen as [B, 49, 2048], mean pool
     fmap = torch.randn(256, D, 7, 7, device="cuda").flatten(2).transpose(1, 2)
     r256 = rows[:256]
-    record("write mean NCHW fp32->fp16 [256,49,2048]", lambda: write(fmap, r256, dst16, empty, "mean"),
-           256 * 49 * D * 4 + 256 * D * 2)
-    del q, h, dst16, dst8
+    record(
+        "write mean NCHW fp32->fp16 [256,49,2048]",
+        lambda: write(fmap, r256, dst16, empty, "mean"),
+        256 * 49 * D * 4 + 256 * D * 2,
+    )
+    q = h = dst16 = dst8 = None  # free them before the next cases
     # pinned host cache: bounded by the host link, not DRAM (fraction is of DRAM peak)
     hq = torch.randint(-127, 128, (n, D), dtype=torch.int8).pin_memory()
     hs = torch.rand(n).pin_memory()
-    record("gather pinned-host int8->bf16 B=16384 D=2048", lambda: gather(hq, hs, rows, torch.bfloat16),
-           B * D * 1 + B * 4)
+    record(
+        "gather pinned-host int8->bf16 B=16384 D=2048",
+        lambda: gather(hq, hs, rows, torch.bfloat16),
+        B * D * 1 + B * 4,
+    )
     return rows_out
 
 
@@ -204,12 +238,25 @@ def bench_head_step(epochs: int = 4) -> dict:
     x = torch.randn(n, d, generator=gen)
     y = (x @ torch.randn(d, classes, generator=gen)).argmax(1)  # a learnable task
     runs = {}
-    for name, graph, capturable in (("eager", False, False), ("eager_capturable", False, True),
-                                    ("graph", True, True)):
+    for name, graph, capturable in (
+        ("eager", False, False),
+        ("eager_capturable", False, True),
+        ("graph", True, True),
+    ):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, classes))  # the frozen part: Linear+ReLU
-        ft = fastft.FineTuner(model, num_classes=classes, hidden=[256], cache="device", cache_dtype="fp16",
-                              device="cuda", seed=0, verbose=False)
+        model = nn.Sequential(
+            nn.Linear(d, d), nn.ReLU(), nn.Linear(d, classes)
+        )  # the frozen part: Linear+ReLU
+        ft = fastft.FineTuner(
+            model,
+            num_classes=classes,
+            hidden=[256],
+            cache="device",
+            cache_dtype="fp16",
+            device="cuda",
+            seed=0,
+            verbose=False,
+        )
         with _adam_capturable(capturable), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ft.fit((x, y), epochs=epochs, batch_size=batch, lr=1e-3, cuda_graph=graph)
@@ -218,19 +265,32 @@ def bench_head_step(epochs: int = 4) -> dict:
         fallbacks = [str(w.message) for w in caught if "could not capture" in str(w.message)]
 
     def diff(a, b):
-        return max((p - q).abs().max().item() for p, q in zip(runs[a][1].tail.parameters(), runs[b][1].tail.parameters()))
+        return max(
+            (p - q).abs().max().item()
+            for p, q in zip(runs[a][1].tail.parameters(), runs[b][1].tail.parameters())
+        )
 
     steps = math.ceil(n / batch)
     eager_s, graph_s = runs["eager"][0], runs["graph"][0]
     same_optimizer = diff("eager_capturable", "graph")
-    out = {"rows": n, "features": d, "batch_size": batch, "steps_per_epoch": steps, "epochs_timed": epochs - 1,
-           "eager_epoch_ms": round(eager_s * 1e3, 2), "graph_epoch_ms": round(graph_s * 1e3, 2),
-           "eager_capturable_epoch_ms": round(runs["eager_capturable"][0] * 1e3, 2),
-           "eager_step_us": round(eager_s / steps * 1e6, 1), "graph_step_us": round(graph_s / steps * 1e6, 1),
-           "speedup": round(eager_s / graph_s, 2),
-           "max_abs_weight_diff_same_optimizer": same_optimizer, "equal_within_1e-5": same_optimizer <= 1e-5,
-           "max_abs_weight_diff_vs_default_eager": diff("eager", "graph"),
-           "captured": not fallbacks, "fallback": fallbacks[0] if fallbacks else None}
+    out = {
+        "rows": n,
+        "features": d,
+        "batch_size": batch,
+        "steps_per_epoch": steps,
+        "epochs_timed": epochs - 1,
+        "eager_epoch_ms": round(eager_s * 1e3, 2),
+        "graph_epoch_ms": round(graph_s * 1e3, 2),
+        "eager_capturable_epoch_ms": round(runs["eager_capturable"][0] * 1e3, 2),
+        "eager_step_us": round(eager_s / steps * 1e6, 1),
+        "graph_step_us": round(graph_s / steps * 1e6, 1),
+        "speedup": round(eager_s / graph_s, 2),
+        "max_abs_weight_diff_same_optimizer": same_optimizer,
+        "equal_within_1e-5": same_optimizer <= 1e-5,
+        "max_abs_weight_diff_vs_default_eager": diff("eager", "graph"),
+        "captured": not fallbacks,
+        "fallback": fallbacks[0] if fallbacks else None,
+    }
     print(f"  head step: {out}", flush=True)
     return out
 
@@ -241,7 +301,9 @@ def _adam_capturable(enabled: bool):
     from fastft.train import engine
 
     make = engine.make_optimizer
-    engine.make_optimizer = lambda cfg, groups, capturable=False: make(cfg, groups, capturable=capturable or enabled)
+    engine.make_optimizer = lambda cfg, groups, capturable=False: make(
+        cfg, groups, capturable=capturable or enabled
+    )
     try:
         yield
     finally:
@@ -266,7 +328,9 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         idt = x if self.downsample is None else self.downsample(x)
@@ -330,7 +394,10 @@ def bench_end_to_end(samples: int, epochs: int, naive_epochs: int, batch: int) -
     xd, yd = x.cuda(), y.cuda()
     # Warm-up outside the timing: cudnn.benchmark tunes each batch shape (full and last) once,
     # and fastft, which runs after, finds them tuned.
-    for idx in (torch.arange(batch, device="cuda"), torch.arange(samples % batch or batch, device="cuda")):
+    for idx in (
+        torch.arange(batch, device="cuda"),
+        torch.arange(samples % batch or batch, device="cuda"),
+    ):
         with torch.no_grad():
             feats = torch.flatten(backbone(xd[idx]), 1)
         loss = nn.functional.cross_entropy(model.fc(feats), yd[idx])
@@ -359,7 +426,9 @@ def bench_end_to_end(samples: int, epochs: int, naive_epochs: int, batch: int) -
     torch.manual_seed(0)
     model = ResNet50()
     t0 = time.perf_counter()
-    ft = finetuner(model, num_classes=10, cache="device", cache_dtype="fp16", device="cuda", verbose=False)
+    ft = finetuner(
+        model, num_classes=10, cache="device", cache_dtype="fp16", device="cuda", verbose=False
+    )
     ft.fit((x, y), epochs=epochs, batch_size=batch, lr=1e-3)
     torch.cuda.synchronize()
     out["fastft_s"] = round(time.perf_counter() - t0, 2)
@@ -398,8 +467,12 @@ def main() -> int:
     ap.add_argument("--skip-e2e", action="store_true")
     args = ap.parse_args()
 
-    results: dict = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
-                     "fastft_build": fastft.build_info(), "has_cuda": fastft.has_cuda()}
+    results: dict = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "fastft_build": fastft.build_info(),
+        "has_cuda": fastft.has_cuda(),
+    }
     if not torch.cuda.is_available():
         results["error"] = "no CUDA device visible to PyTorch"
     elif not fastft.has_cuda():
@@ -411,8 +484,16 @@ def main() -> int:
         section(results, args.json, "eager_latency", bench_eager_latency)
         section(results, args.json, "head_step", bench_head_step)
         if not args.skip_e2e:
-            section(results, args.json, "end_to_end", bench_end_to_end, args.samples,
-                    args.epochs, args.naive_epochs, args.batch_size)
+            section(
+                results,
+                args.json,
+                "end_to_end",
+                bench_end_to_end,
+                args.samples,
+                args.epochs,
+                args.naive_epochs,
+                args.batch_size,
+            )
     save(results, args.json)
     print(f"wrote {args.json}", flush=True)
     return 0 if "error" not in results else 2

@@ -45,7 +45,13 @@ def test_cache_write(benchmark, recorder, case, impl):
     scales = torch.zeros(N)
     rows = torch.randperm(N, generator=g)[:B]
     write = IMPLS[impl][0]
-    recorder.run(benchmark, case, impl, lambda: write(src, rows, dst, scales, pool, mask), baseline="reference")
+    recorder.run(
+        benchmark,
+        case,
+        impl,
+        lambda: write(src, rows, dst, scales, pool, mask),
+        baseline="reference",
+    )
 
 
 GATHER_CASES = {
@@ -59,7 +65,10 @@ def caches():
     g = torch.Generator().manual_seed(1)
     N, D = 200_000, 2048
     return {
-        torch.int8: (torch.randint(-127, 128, (N, D), generator=g, dtype=torch.int8), torch.rand(N, generator=g)),
+        torch.int8: (
+            torch.randint(-127, 128, (N, D), generator=g, dtype=torch.int8),
+            torch.rand(N, generator=g),
+        ),
         torch.float16: (torch.randn(N, D, generator=g, dtype=torch.float16), torch.empty(0)),
     }
 
@@ -70,5 +79,11 @@ def test_cache_gather(benchmark, recorder, caches, case, impl):
     src, scales = caches[GATHER_CASES[case]]
     rows = torch.randint(0, src.shape[0], (1024,), generator=torch.Generator().manual_seed(2))
     gather = IMPLS[impl][1]
-    recorder.run(benchmark, case, impl, lambda: gather(src, scales, rows, torch.float32),
-                 baseline="reference", rounds=50)
+    recorder.run(
+        benchmark,
+        case,
+        impl,
+        lambda: gather(src, scales, rows, torch.float32),
+        baseline="reference",
+        rounds=50,
+    )

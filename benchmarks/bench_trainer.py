@@ -39,16 +39,30 @@ def backbone():
 @pytest.fixture(scope="module")
 def tuner(features, tmp_path_factory):
     X, y = features
-    ft = FineTuner(backbone(), num_classes=C, hidden=[512], cache="host", cache_dtype="fp32",
-                   cache_dir=str(tmp_path_factory.mktemp("cache")), verbose=False)
+    ft = FineTuner(
+        backbone(),
+        num_classes=C,
+        hidden=[512],
+        cache="host",
+        cache_dtype="fp32",
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+        verbose=False,
+    )
     ft.fit((X, y), epochs=1, batch_size=BATCH)  # builds the cache once
     return ft
 
 
 def test_head_epoch_fastft_cache(benchmark, recorder, tuner, features):
     X, y = features
-    recorder.run(benchmark, "MLP head 2048-512-100, 1 epoch of 8192 rows", "fastft",
-                 lambda: tuner.fit((X, y), epochs=1, batch_size=BATCH), baseline="dataloader", rounds=5, warmup=1)
+    recorder.run(
+        benchmark,
+        "MLP head 2048-512-100, 1 epoch of 8192 rows",
+        "fastft",
+        lambda: tuner.fit((X, y), epochs=1, batch_size=BATCH),
+        baseline="dataloader",
+        rounds=5,
+        warmup=1,
+    )
 
 
 def test_head_epoch_dataloader(benchmark, recorder, tuner, features):
@@ -64,8 +78,15 @@ def test_head_epoch_dataloader(benchmark, recorder, tuner, features):
             loss_fn(head(xb), yb).backward()
             opt.step()
 
-    recorder.run(benchmark, "MLP head 2048-512-100, 1 epoch of 8192 rows", "dataloader", epoch,
-                 baseline="dataloader", rounds=5, warmup=1)
+    recorder.run(
+        benchmark,
+        "MLP head 2048-512-100, 1 epoch of 8192 rows",
+        "dataloader",
+        epoch,
+        baseline="dataloader",
+        rounds=5,
+        warmup=1,
+    )
 
 
 SWEEP = [{"lr": lr, "weight_decay": wd} for lr in (1e-3, 3e-4, 1e-4, 3e-5) for wd in (0.0, 0.01)]
@@ -73,16 +94,28 @@ SWEEP = [{"lr": lr, "weight_decay": wd} for lr in (1e-3, 3e-4, 1e-4, 3e-5) for w
 
 def test_sweep_8_heads(benchmark, recorder, tuner, features):
     X, y = features
-    recorder.run(benchmark, "sweep 1 epoch (head-only time)", "8 heads",
-                 lambda: tuner.fit_many(SWEEP, (X, y), epochs=1, batch_size=BATCH, keep_best=False),
-                 baseline="1 head", rounds=3, warmup=1)
+    recorder.run(
+        benchmark,
+        "sweep 1 epoch (head-only time)",
+        "8 heads",
+        lambda: tuner.fit_many(SWEEP, (X, y), epochs=1, batch_size=BATCH, keep_best=False),
+        baseline="1 head",
+        rounds=3,
+        warmup=1,
+    )
 
 
 def test_sweep_1_head(benchmark, recorder, tuner, features):
     X, y = features
-    recorder.run(benchmark, "sweep 1 epoch (head-only time)", "1 head",
-                 lambda: tuner.fit_many(SWEEP[:1], (X, y), epochs=1, batch_size=BATCH, keep_best=False),
-                 baseline="1 head", rounds=3, warmup=1)
+    recorder.run(
+        benchmark,
+        "sweep 1 epoch (head-only time)",
+        "1 head",
+        lambda: tuner.fit_many(SWEEP[:1], (X, y), epochs=1, batch_size=BATCH, keep_best=False),
+        baseline="1 head",
+        rounds=3,
+        warmup=1,
+    )
 
 
 # The data path alone: what fastft replaces. One epoch of batches fetched, no head compute.
@@ -93,10 +126,16 @@ def test_fetch_epoch_cache_gather(benchmark, recorder, tuner, features):
     def epoch():
         perm = torch.randperm(N, generator=g)
         for s in range(0, N, BATCH):
-            cache.gather_shaped(perm[s:s + BATCH])
+            cache.gather_shaped(perm[s : s + BATCH])
 
-    recorder.run(benchmark, "batch fetch only, 1 epoch of 8192 rows x 2048", "fastft", epoch,
-                 baseline="dataloader", rounds=10)
+    recorder.run(
+        benchmark,
+        "batch fetch only, 1 epoch of 8192 rows x 2048",
+        "fastft",
+        epoch,
+        baseline="dataloader",
+        rounds=10,
+    )
 
 
 def test_fetch_epoch_dataloader(benchmark, recorder, features):
@@ -107,16 +146,28 @@ def test_fetch_epoch_dataloader(benchmark, recorder, features):
         for _ in loader:
             pass
 
-    recorder.run(benchmark, "batch fetch only, 1 epoch of 8192 rows x 2048", "dataloader", epoch,
-                 baseline="dataloader", rounds=10)
+    recorder.run(
+        benchmark,
+        "batch fetch only, 1 epoch of 8192 rows x 2048",
+        "dataloader",
+        epoch,
+        baseline="dataloader",
+        rounds=10,
+    )
 
 
 # A sweep as users run it: the frozen backbone's pass plus the heads, from a cold cache.
 def _conv_backbone():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Conv2d(64, 128, 3, padding=1, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(64, 128, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(128, 1000),
     )
 
@@ -135,9 +186,22 @@ def test_sweep_end_to_end_cold_cache(benchmark, recorder, images, heads, tmp_pat
 
     def run():
         registry.clear()  # cold: the frozen pass is paid in every round
-        ft = FineTuner(_conv_backbone(), num_classes=10, hidden=[256], cache="host",
-                       cache_dir=str(tmp_path_factory.mktemp("c")), verbose=False)
+        ft = FineTuner(
+            _conv_backbone(),
+            num_classes=10,
+            hidden=[256],
+            cache="host",
+            cache_dir=str(tmp_path_factory.mktemp("c")),
+            verbose=False,
+        )
         ft.fit_many(SWEEP[:heads], (X, y), epochs=3, batch_size=BATCH, keep_best=False)
 
-    recorder.run(benchmark, "sweep end-to-end (frozen pass + 3 epochs), conv backbone", f"{heads} heads", run,
-                 baseline="1 heads", rounds=3, warmup=0)
+    recorder.run(
+        benchmark,
+        "sweep end-to-end (frozen pass + 3 epochs), conv backbone",
+        f"{heads} heads",
+        run,
+        baseline="1 heads",
+        rounds=3,
+        warmup=0,
+    )

@@ -26,7 +26,17 @@ class Recorder:
     def __init__(self, suite: str):
         self.suite = suite
 
-    def run(self, benchmark, case: str, impl: str, fn, *, baseline: str, rounds: int = 15, warmup: int = 2):
+    def run(
+        self,
+        benchmark,
+        case: str,
+        impl: str,
+        fn,
+        *,
+        baseline: str,
+        rounds: int = 15,
+        warmup: int = 2,
+    ):
         """Benchmark ``fn`` as ``impl`` of ``case``; ratios are baseline / impl."""
         benchmark.group = f"{self.suite}:{case}"
         benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
@@ -62,16 +72,22 @@ def pytest_sessionfinish(session, exitstatus):
                 if impl == baseline:
                     continue
                 base = impls.get(baseline)
-                rows.append({
-                    "case": case,
-                    "impl": impl,
-                    "baseline": baseline,
-                    "median_ms": round(median * 1e3, 4),
-                    "baseline_ms": round(base * 1e3, 4) if base else None,
-                    "speedup": round(base / median, 3) if base else None,
-                })
-        payload = {"suite": suite, "machine": machine,
-                   "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+                rows.append(
+                    {
+                        "case": case,
+                        "impl": impl,
+                        "baseline": baseline,
+                        "median_ms": round(median * 1e3, 4),
+                        "baseline_ms": round(base * 1e3, 4) if base else None,
+                        "speedup": round(base / median, 3) if base else None,
+                    }
+                )
+        payload = {
+            "suite": suite,
+            "machine": machine,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "rows": rows,
+        }
         (RESULTS / f"{suite}.json").write_text(json.dumps(payload, indent=2))
         with open(RESULTS / f"{suite}.csv", "w", newline="") as f:
             if rows:
@@ -82,5 +98,7 @@ def pytest_sessionfinish(session, exitstatus):
         if tr is not None:
             tr.write_sep("=", f"{suite}: speed-up = baseline time / time ({machine})")
             for r in rows:
-                tr.write_line(f"  {r['case']:<48} {r['impl']:<10} {r['median_ms']:>10.3f} ms  vs {r['baseline']:<10} "
-                              f"{r['baseline_ms']} ms  x{r['speedup']}")
+                tr.write_line(
+                    f"  {r['case']:<48} {r['impl']:<10} {r['median_ms']:>10.3f} ms  vs {r['baseline']:<10} "
+                    f"{r['baseline_ms']} ms  x{r['speedup']}"
+                )

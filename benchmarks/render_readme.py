@@ -21,8 +21,10 @@ def table(payload: dict) -> str:
         "|---|---|---:|---|---:|---:|",
     ]
     for r in payload["rows"]:
-        lines.append(f"| {r['case']} | {r['baseline']} | {r['baseline_ms']:.3f} | {r['impl']} | "
-                     f"{r['median_ms']:.3f} | {r['speedup']:.2f}× |")
+        lines.append(
+            f"| {r['case']} | {r['baseline']} | {r['baseline_ms']:.3f} | {r['impl']} | "
+            f"{r['median_ms']:.3f} | {r['speedup']:.2f}× |"
+        )
     lines.append(f"\n_Measured {payload['date']} on {payload['machine']}._")
     return "\n".join(lines)
 
@@ -35,8 +37,11 @@ def main() -> None:
         if "rows" not in payload or not payload["rows"] or "baseline" not in payload["rows"][0]:
             continue
         suite = payload["suite"]
-        pattern = re.compile(rf"(<!-- {re.escape(suite)}:start -->\n).*?(\n<!-- {re.escape(suite)}:end -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + table(payload) + m.group(2), text)
+        pattern = re.compile(
+            rf"(<!-- {re.escape(suite)}:start -->\n).*?(\n<!-- {re.escape(suite)}:end -->)", re.S
+        )
+        rendered = table(payload)
+        text = pattern.sub(lambda m, rendered=rendered: m.group(1) + rendered + m.group(2), text)
     readme.write_text(text)
 
 

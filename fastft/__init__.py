@@ -6,15 +6,14 @@ runs the frozen part once, caches its output, and trains only the new layers on 
 
 from __future__ import annotations
 
+from fastft import data, ops
 from fastft._native import build_info, has_cuda, has_native
+from fastft.cache import FeatureCache
 from fastft.errors import *  # noqa: F401,F403
 from fastft.errors import __all__ as _error_names
-from fastft import ops
-from fastft.cache import FeatureCache
 from fastft.model import surgery
 from fastft.model.surgery import freeze, unfreeze  # fastft.unfreeze(model, ...) is surgery's
-from fastft.split import split, FrozenPrefix, TrainableTail
-from fastft import data
+from fastft.split import FrozenPrefix, TrainableTail, split
 from fastft.train import CheckpointError, EarlyStopping, FineTuner, FitConfig, History, SweepResult
 
 __version__ = "0.1.0"

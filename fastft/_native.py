@@ -62,7 +62,9 @@ def _required_by_env() -> bool:
     return _env_flag(_REQUIRE_ENV)
 
 
-def code_differences(reported: Any, expected: dict[str, dict[str, int]] = NATIVE_CODES) -> list[str]:
+def code_differences(
+    reported: Any, expected: dict[str, dict[str, int]] = NATIVE_CODES
+) -> list[str]:
     """How the codes a module reports differ from ``expected``, one line each ([] if equal)."""
     if not isinstance(reported, dict):
         return [f"codes() returned {type(reported).__name__}, not a dict of tables"]
@@ -75,11 +77,15 @@ def code_differences(reported: Any, expected: dict[str, dict[str, int]] = NATIVE
         else:
             ours, theirs = expected[table], reported[table]
             if not isinstance(theirs, dict):
-                diffs.append(f"table {table!r} is a {type(theirs).__name__} in fastft._C, not a dict")
+                diffs.append(
+                    f"table {table!r} is a {type(theirs).__name__} in fastft._C, not a dict"
+                )
                 continue
             for name in sorted(set(ours) | set(theirs), key=str):
                 if ours.get(name) != theirs.get(name):
-                    diffs.append(f"{table}[{name!r}] is {ours.get(name)} here but {theirs.get(name)} in fastft._C")
+                    diffs.append(
+                        f"{table}[{name!r}] is {ours.get(name)} here but {theirs.get(name)} in fastft._C"
+                    )
     return diffs
 
 

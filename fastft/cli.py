@@ -45,19 +45,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(digits.table(report))
         paths = digits.write(report, out)
     else:
-        from fastft.bench.demo import bbc, report as rep
+        from fastft.bench.demo import bbc
+        from fastft.bench.demo import report as rep
 
         settings = bbc.DemoSettings(
-            epochs=args.epochs or 10, naive_epochs=args.naive_epochs, full=args.full,
-            max_seq_length=args.max_seq_length, per_class_limit=args.limit,
-            cache_dtype=args.cache_dtype, skip_config_b=args.skip_config_b, verbose=not args.quiet,
+            epochs=args.epochs or 10,
+            naive_epochs=args.naive_epochs,
+            full=args.full,
+            max_seq_length=args.max_seq_length,
+            per_class_limit=args.limit,
+            cache_dtype=args.cache_dtype,
+            skip_config_b=args.skip_config_b,
+            verbose=not args.quiet,
         )
         report = bbc.run(settings)
         print()
         print(rep.table(report))
-        print(f"\ntraining speed-up vs naive: {report['speedup_vs_naive']:.1f}x "
-              f"({'measured' if report['speedup_measured'] else 'naive projected from measured epochs'}); "
-              f"fastft / (one frozen pass + {report['epochs']} head epochs) = {report['fastft_vs_ideal']:.2f}")
+        print(
+            f"\ntraining speed-up vs naive: {report['speedup_vs_naive']:.1f}x "
+            f"({'measured' if report['speedup_measured'] else 'naive projected from measured epochs'}); "
+            f"fastft / (one frozen pass + {report['epochs']} head epochs) = {report['fastft_vs_ideal']:.2f}"
+        )
         paths = rep.write(report, out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -72,8 +80,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from fastft.bench import e2e as bench
 
     settings = bench.BenchSettings(
-        tasks=tuple(args.tasks), epochs=tuple(args.epochs), dtypes=tuple(args.dtypes), tiers=tuple(args.tiers),
-        quick=args.quick, max_seq_length=args.max_seq_length, per_class_limit=args.limit, verbose=not args.quiet,
+        tasks=tuple(args.tasks),
+        epochs=tuple(args.epochs),
+        dtypes=tuple(args.dtypes),
+        tiers=tuple(args.tiers),
+        quick=args.quick,
+        max_seq_length=args.max_seq_length,
+        per_class_limit=args.limit,
+        verbose=not args.quiet,
     )
     rows = bench.run(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(bench.table(rows))
@@ -85,8 +99,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _bench_unfreeze(args: argparse.Namespace) -> int:
     from fastft.bench import unfreeze as bu
 
-    settings = bu.UnfreezeSettings(quick=args.quick, max_seq_length=args.max_seq_length,
-                                   per_class_limit=args.limit, verbose=not args.quiet)
+    settings = bu.UnfreezeSettings(
+        quick=args.quick,
+        max_seq_length=args.max_seq_length,
+        per_class_limit=args.limit,
+        verbose=not args.quiet,
+    )
     result = bu.run(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(bu.table(result, settings))
     print(f"wrote {bu.write(result, settings, args.out)}")
@@ -96,9 +114,20 @@ def _bench_unfreeze(args: argparse.Namespace) -> int:
 def _run_suites(suite: list[str]) -> int:
     root = Path(__file__).resolve().parent.parent / "benchmarks"
     if not root.is_dir():
-        raise FastFTError(f"no benchmarks folder at {root}: run `fastft bench --kernels` from a source checkout.")
+        raise FastFTError(
+            f"no benchmarks folder at {root}: run `fastft bench --kernels` from a source checkout."
+        )
     suites = [str(root)] if "all" in suite else [str(root / f"bench_{s}.py") for s in suite]
-    cmd = [sys.executable, "-m", "pytest", *suites, "--benchmark-only", "-q", "-p", "no:cacheprovider"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *suites,
+        "--benchmark-only",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+    ]
     code = subprocess.call(cmd)
     if code == 0:
         subprocess.call([sys.executable, str(root / "render_readme.py")])
@@ -131,16 +160,25 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             status = e.get("status") or ("complete" if e.get("complete") else "partial")
             if status == "complete" and e.get("reusable") is False:
                 status = "once"  # a key that could not see everything: never reused, safe to remove
-            print(f"{str(e.get('fingerprint', '?'))[:16]:<18} {e.get('num_rows', '?'):>9} "
-                  f"{e.get('num_views', '?'):>5} {_human_bytes(e.get('disk_bytes', 0)):>10} {status:<10} "
-                  f"{_human_age(e.get('created'))}")
+            print(
+                f"{str(e.get('fingerprint', '?'))[:16]:<18} {e.get('num_rows', '?'):>9} "
+                f"{e.get('num_views', '?'):>5} {_human_bytes(e.get('disk_bytes', 0)):>10} {status:<10} "
+                f"{_human_age(e.get('created'))}"
+            )
         return 0
     if args.cache_cmd == "info":
         info = cache.info(args.cache, args.cache_dir)
         if args.json:
             print(json.dumps(info, indent=2, default=str))
         else:
-            for key in ("fingerprint", "path", "num_rows", "num_views", "complete", "committed_chunks"):
+            for key in (
+                "fingerprint",
+                "path",
+                "num_rows",
+                "num_views",
+                "complete",
+                "committed_chunks",
+            ):
                 print(f"{key:>17}: {info.get(key)}")
             print(f"{'size on disk':>17}: {_human_bytes(info.get('disk_bytes', 0))}")
             print(f"{'created':>17}: {_human_age(info.get('created'))}")
@@ -158,68 +196,131 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 def _csv_of(choices: list[str] | None, kind=str):
     """An argparse type: a comma-separated list of ``kind`` values, each one of ``choices``."""
+
     def parse(text: str) -> list:
         items = [t.strip() for t in text.split(",") if t.strip()]
         try:
             values = [kind(t) for t in items]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
-        bad = [v for v in values if (choices is not None and v not in choices) or (kind is int and v < 1)]
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of {kind.__name__}"
+            ) from None
+        bad = [
+            v
+            for v in values
+            if (choices is not None and v not in choices) or (kind is int and v < 1)
+        ]
         if not values or bad:
             allowed = ", ".join(choices) if choices else "positive integers"
             raise argparse.ArgumentTypeError(f"{text!r}: use a comma-separated list of {allowed}")
         return values
+
     return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastft", description="Fine-tune pretrained networks, frozen layers run once.")
+    p = argparse.ArgumentParser(
+        prog="fastft", description="Fine-tune pretrained networks, frozen layers run once."
+    )
     p.add_argument("--version", action="version", version=f"fastft {fastft.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="naive fine-tuning vs fastft on a real pretrained model and real data")
-    d.add_argument("--task", choices=["bbc", "digits"], default="bbc",
-                   help="bbc: all-MiniLM-L6-v2 on BBC News (default); digits: a CNN from digits 0-4 to 5-9")
+    d = sub.add_parser(
+        "demo", help="naive fine-tuning vs fastft on a real pretrained model and real data"
+    )
+    d.add_argument(
+        "--task",
+        choices=["bbc", "digits"],
+        default="bbc",
+        help="bbc: all-MiniLM-L6-v2 on BBC News (default); digits: a CNN from digits 0-4 to 5-9",
+    )
     d.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
-    d.add_argument("--naive-epochs", type=int, default=2, help="epochs of the naive loop actually run (default 2)")
+    d.add_argument(
+        "--naive-epochs",
+        type=int,
+        default=2,
+        help="epochs of the naive loop actually run (default 2)",
+    )
     d.add_argument("--full", action="store_true", help="run the naive loop for all epochs (slow)")
     d.add_argument("--max-seq-length", type=int, default=128)
     d.add_argument("--cache-dtype", choices=["fp32", "bf16", "fp16", "int8"], default="fp16")
     d.add_argument("--limit", type=int, default=None, help="articles per class (quick runs)")
-    d.add_argument("--skip-config-b", action="store_true", help="skip the configuration with layers removed")
+    d.add_argument(
+        "--skip-config-b", action="store_true", help="skip the configuration with layers removed"
+    )
     d.add_argument("--out", default="fastft-demo", help="output folder (default ./fastft-demo)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser(
-        "bench", help="end-to-end naive vs fastft (epochs x cache dtypes x tiers); --kernels: the pytest suites",
+        "bench",
+        help="end-to-end naive vs fastft (epochs x cache dtypes x tiers); --kernels: the pytest suites",
         description="End-to-end naive vs fastft on MiniLM/BBC and a CPU CNN, written to benchmarks/results/"
-                    "e2e.{csv,json,png}. The default run takes about 10 minutes on a 2-core CPU; --quick 2-4.")
-    b.add_argument("--quick", action="store_true", help="250 articles at 64 tokens (writes e2e_quick.*)")
-    b.add_argument("--tasks", type=_csv_of(["bbc", "cnn"]), default=["bbc", "cnn"], help="comma list (bbc,cnn)")
-    b.add_argument("--epochs", type=_csv_of(None, int), default=[1, 3, 10], help="comma list (default 1,3,10)")
-    b.add_argument("--dtypes", type=_csv_of(["fp32", "bf16", "fp16", "int8"]), default=["fp32", "fp16", "int8"],
-                   help="comma list of cache dtypes (default fp32,fp16,int8)")
-    b.add_argument("--tiers", type=_csv_of(["host", "disk", "device"]), default=["host", "disk"],
-                   help="comma list of cache tiers (default host,disk)")
-    b.add_argument("--max-seq-length", type=int, default=None, help="MiniLM tokens (default 128; 64 with --quick)")
-    b.add_argument("--limit", type=int, default=None, help="articles per class (default all; 50 with --quick)")
-    b.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
+        "e2e.{csv,json,png}. The default run takes about 10 minutes on a 2-core CPU; --quick 2-4.",
+    )
+    b.add_argument(
+        "--quick", action="store_true", help="250 articles at 64 tokens (writes e2e_quick.*)"
+    )
+    b.add_argument(
+        "--tasks", type=_csv_of(["bbc", "cnn"]), default=["bbc", "cnn"], help="comma list (bbc,cnn)"
+    )
+    b.add_argument(
+        "--epochs", type=_csv_of(None, int), default=[1, 3, 10], help="comma list (default 1,3,10)"
+    )
+    b.add_argument(
+        "--dtypes",
+        type=_csv_of(["fp32", "bf16", "fp16", "int8"]),
+        default=["fp32", "fp16", "int8"],
+        help="comma list of cache dtypes (default fp32,fp16,int8)",
+    )
+    b.add_argument(
+        "--tiers",
+        type=_csv_of(["host", "disk", "device"]),
+        default=["host", "disk"],
+        help="comma list of cache tiers (default host,disk)",
+    )
+    b.add_argument(
+        "--max-seq-length",
+        type=int,
+        default=None,
+        help="MiniLM tokens (default 128; 64 with --quick)",
+    )
+    b.add_argument(
+        "--limit", type=int, default=None, help="articles per class (default all; 50 with --quick)"
+    )
+    b.add_argument(
+        "--out", default="benchmarks/results", help="output folder (default benchmarks/results)"
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bars")
-    b.add_argument("--unfreeze", action="store_true",
-                   help="progressive unfreezing instead: 5 head epochs, then MiniLM's top layer for 3 "
-                        "(writes unfreeze[_quick].json; about 7 minutes, --quick about 1)")
-    b.add_argument("--suite", action="append", choices=["kernels", "cache", "trainer"],
-                   help="run this pytest-benchmark suite instead (repeatable)")
-    b.add_argument("--kernels", dest="suite", action="store_const", const=["all"],
-                   help="run every pytest-benchmark suite (pytest benchmarks --benchmark-only) instead")
+    b.add_argument(
+        "--unfreeze",
+        action="store_true",
+        help="progressive unfreezing instead: 5 head epochs, then MiniLM's top layer for 3 "
+        "(writes unfreeze[_quick].json; about 7 minutes, --quick about 1)",
+    )
+    b.add_argument(
+        "--suite",
+        action="append",
+        choices=["kernels", "cache", "trainer"],
+        help="run this pytest-benchmark suite instead (repeatable)",
+    )
+    b.add_argument(
+        "--kernels",
+        dest="suite",
+        action="store_const",
+        const=["all"],
+        help="run every pytest-benchmark suite (pytest benchmarks --benchmark-only) instead",
+    )
     b.set_defaults(func=_cmd_bench)
 
-    t = sub.add_parser("train", help="run a fine-tuning job from a JSON/YAML config (works under torchrun)",
-                       description="Run a job described by CONFIG: model and data factories "
-                                   "('package.module:function'), surgery, FineTuner and fit settings, output folder. "
-                                   "See fastft/jobs.py for the format. A job config is code: the functions it names "
-                                   "are imported and called, so run only configs you trust.")
+    t = sub.add_parser(
+        "train",
+        help="run a fine-tuning job from a JSON/YAML config (works under torchrun)",
+        description="Run a job described by CONFIG: model and data factories "
+        "('package.module:function'), surgery, FineTuner and fit settings, output folder. "
+        "See fastft/jobs.py for the format. A job config is code: the functions it names "
+        "are imported and called, so run only configs you trust.",
+    )
     t.add_argument("config", help="path to the .json (or .yaml) config")
     t.set_defaults(func=_cmd_train)
 
@@ -228,10 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="machine-readable output")
     csub = c.add_subparsers(dest="cache_cmd", required=True)
     csub.add_parser("ls", help="list caches")
-    for name, text in (("info", "show one cache"), ("verify", "check sizes and checksums"), ("rm", "delete a cache")):
+    for name, text in (
+        ("info", "show one cache"),
+        ("verify", "check sizes and checksums"),
+        ("rm", "delete a cache"),
+    ):
         q = csub.add_parser(name, help=text)
-        q.add_argument("cache", help="fingerprint (or a unique prefix of one) in the cache dir, or a folder "
-                                     "written as a path (./name, /abs/path)")
+        q.add_argument(
+            "cache",
+            help="fingerprint (or a unique prefix of one) in the cache dir, or a folder "
+            "written as a path (./name, /abs/path)",
+        )
     c.set_defaults(func=_cmd_cache)
     return p
 

@@ -28,17 +28,27 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from fastft import distributed as fdist
-from fastft.model import surgery
 from fastft.errors import FastFTValueError
+from fastft.model import surgery
 from fastft.train import FineTuner
 
-KNOWN_KEYS = {"model", "model_kwargs", "data", "data_kwargs", "surgery", "finetuner", "fit", "output"}
+KNOWN_KEYS = {
+    "model",
+    "model_kwargs",
+    "data",
+    "data_kwargs",
+    "surgery",
+    "finetuner",
+    "fit",
+    "output",
+}
 
 
 class ConfigError(FastFTValueError):
@@ -54,7 +64,9 @@ def load_config(path: str | os.PathLike) -> dict:
         try:
             import yaml
         except ImportError as exc:
-            raise ConfigError("a YAML config needs PyYAML (`pip install pyyaml`), or write the config as JSON.") from exc
+            raise ConfigError(
+                "a YAML config needs PyYAML (`pip install pyyaml`), or write the config as JSON."
+            ) from exc
         config = yaml.safe_load(text)
     else:
         try:
@@ -108,10 +120,14 @@ def run(config: dict) -> dict[str, Any]:
         model = resolve(config["model"])(**config.get("model_kwargs", {}))
         splits = resolve(config["data"])(**config.get("data_kwargs", {}))
         if not isinstance(splits, dict) or "train" not in splits:
-            raise ConfigError(f"{config['data']!r} must return a dict with 'train' (and optionally 'val', 'test').")
+            raise ConfigError(
+                f"{config['data']!r} must return a dict with 'train' (and optionally 'val', 'test')."
+            )
         for name, args in (config.get("surgery") or {}).items():
             if name not in ("remove_layers", "freeze", "unfreeze"):
-                raise ConfigError(f"surgery step {name!r} is not supported in configs (remove_layers, freeze, unfreeze).")
+                raise ConfigError(
+                    f"surgery step {name!r} is not supported in configs (remove_layers, freeze, unfreeze)."
+                )
             fn = getattr(surgery, name)
             fn(model, **args) if isinstance(args, dict) else fn(model, args)
         ft = FineTuner(model, **config.get("finetuner", {}))

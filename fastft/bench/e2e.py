@@ -29,9 +29,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -40,8 +40,20 @@ from tqdm.auto import tqdm
 import fastft
 from fastft.bench.tasks import TASKS, BenchSettings, Task, accuracy, index_rows, machine
 
-FIELDS = ["task", "method", "dtype", "tier", "epochs", "seconds", "forward_passes", "accuracy", "speedup",
-          "build_seconds", "head_epoch_seconds", "cache_bytes"]
+FIELDS = [
+    "task",
+    "method",
+    "dtype",
+    "tier",
+    "epochs",
+    "seconds",
+    "forward_passes",
+    "accuracy",
+    "speedup",
+    "build_seconds",
+    "head_epoch_seconds",
+    "cache_bytes",
+]
 
 
 def run_naive(task: Task, s: BenchSettings) -> dict[int, dict]:
@@ -55,9 +67,14 @@ def run_naive(task: Task, s: BenchSettings) -> dict[int, dict]:
         head.train()
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=g)
-        for start in tqdm(range(0, n, s.batch_size), desc=f"{task.name} naive epoch {epoch}", leave=False,
-                          disable=not s.verbose, unit="batch"):
-            rows = perm[start:start + s.batch_size]
+        for start in tqdm(
+            range(0, n, s.batch_size),
+            desc=f"{task.name} naive epoch {epoch}",
+            leave=False,
+            disable=not s.verbose,
+            unit="batch",
+        ):
+            rows = perm[start : start + s.batch_size]
             with torch.no_grad():
                 feats = task.frozen(index_rows(X, rows))
             opt.zero_grad(set_to_none=True)
@@ -65,8 +82,11 @@ def run_naive(task: Task, s: BenchSettings) -> dict[int, dict]:
             opt.step()
         elapsed += time.perf_counter() - t0
         if epoch in s.epochs:
-            out[epoch] = {"seconds": elapsed, "accuracy": accuracy(task.frozen, head, task.test),
-                          "forward_passes": epoch * n}
+            out[epoch] = {
+                "seconds": elapsed,
+                "accuracy": accuracy(task.frozen, head, task.test),
+                "forward_passes": epoch * n,
+            }
     return out
 
 
@@ -81,22 +101,39 @@ def run_fastft(task: Task, s: BenchSettings, dtype: str, tier: str) -> dict[int,
             eval_seconds[0] += time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory(prefix="fastft-bench-") as cache_dir:
-        ft = fastft.FineTuner(copy.deepcopy(task.model), head=copy.deepcopy(task.head), cache=tier,
-                              cache_dtype=dtype, cache_dir=cache_dir, seed=s.seed, verbose=s.verbose)
+        ft = fastft.FineTuner(
+            copy.deepcopy(task.model),
+            head=copy.deepcopy(task.head),
+            cache=tier,
+            cache_dtype=dtype,
+            cache_dir=cache_dir,
+            seed=s.seed,
+            verbose=s.verbose,
+        )
         t0 = time.perf_counter()
-        history = ft.fit(task.train, epochs=max(s.epochs), batch_size=s.batch_size, lr=s.lr, callbacks=[probe])
+        history = ft.fit(
+            task.train, epochs=max(s.epochs), batch_size=s.batch_size, lr=s.lr, callbacks=[probe]
+        )
         total = time.perf_counter() - t0 - eval_seconds[0]
         epoch_seconds = [float(r["seconds"]) for r in history]
         build = total - sum(epoch_seconds)
         tele, nbytes = ft.cache.telemetry, ft.cache.nbytes
     if tele.get("hit"):  # would make the measurement meaningless: say so loudly
-        raise fastft.CacheError(f"bench: the {dtype}/{tier} cache was reused ({tele.get('reason')}); "
-                                "every configuration must run its frozen pass.")
-    return {e: {"seconds": build + sum(epoch_seconds[:e]), "accuracy": accuracy.get(e),
-                "forward_passes": int(tele.get("rows_computed", len(task.train[1]))),
-                "build_seconds": build, "head_epoch_seconds": sum(epoch_seconds) / len(epoch_seconds),
-                "cache_bytes": int(nbytes)}
-            for e in s.epochs}
+        raise fastft.CacheError(
+            f"bench: the {dtype}/{tier} cache was reused ({tele.get('reason')}); "
+            "every configuration must run its frozen pass."
+        )
+    return {
+        e: {
+            "seconds": build + sum(epoch_seconds[:e]),
+            "accuracy": accuracy.get(e),
+            "forward_passes": int(tele.get("rows_computed", len(task.train[1]))),
+            "build_seconds": build,
+            "head_epoch_seconds": sum(epoch_seconds) / len(epoch_seconds),
+            "cache_bytes": int(nbytes),
+        }
+        for e in s.epochs
+    }
 
 
 # ---------------------------------------------------------------------------- the run
@@ -108,19 +145,40 @@ def run(s: BenchSettings, log: Callable[[str], None] = print) -> list[dict]:
             raise fastft.FastFTValueError(f"unknown bench task {name!r}; use {', '.join(TASKS)}.")
         log(f"[{name}] preparing the pretrained model and the data")
         task = TASKS[name](s)
-        log(f"[{name}] {len(task.train[1])} train / {len(task.test[1])} test samples; naive loop, "
-            f"{max(s.epochs)} epochs")
+        log(
+            f"[{name}] {len(task.train[1])} train / {len(task.test[1])} test samples; naive loop, "
+            f"{max(s.epochs)} epochs"
+        )
         naive = run_naive(task, s)
         for e, r in naive.items():
-            rows.append({"task": name, "method": "naive", "dtype": "fp32", "tier": "-", "epochs": e,
-                         "seconds": r["seconds"], "forward_passes": r["forward_passes"],
-                         "accuracy": r["accuracy"], "speedup": 1.0})
+            rows.append(
+                {
+                    "task": name,
+                    "method": "naive",
+                    "dtype": "fp32",
+                    "tier": "-",
+                    "epochs": e,
+                    "seconds": r["seconds"],
+                    "forward_passes": r["forward_passes"],
+                    "accuracy": r["accuracy"],
+                    "speedup": 1.0,
+                }
+            )
         for dtype in s.dtypes:
             for tier in s.tiers:
                 log(f"[{name}] fastft {dtype}/{tier}")
                 for e, r in run_fastft(task, s, dtype, tier).items():
-                    rows.append({"task": name, "method": "fastft", "dtype": dtype, "tier": tier, "epochs": e,
-                                 **r, "speedup": naive[e]["seconds"] / r["seconds"]})
+                    rows.append(
+                        {
+                            "task": name,
+                            "method": "fastft",
+                            "dtype": dtype,
+                            "tier": tier,
+                            "epochs": e,
+                            **r,
+                            "speedup": naive[e]["seconds"] / r["seconds"],
+                        }
+                    )
     return rows
 
 
@@ -137,8 +195,18 @@ def write(rows: list[dict], s: BenchSettings, out: str | Path) -> dict[str, Path
             w.writerow({k: _fmt(r.get(k)) for k in FIELDS})
     # Other processes on the machine slow every row; the load average tells a reader how quiet it was.
     load = dict(zip(("load_1min", "load_5min", "load_15min"), os.getloadavg()))
-    paths["json"].write_text(json.dumps({"settings": asdict(s), "machine": machine(), "load_average": load,
-                                         "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=2))
+    paths["json"].write_text(
+        json.dumps(
+            {
+                "settings": asdict(s),
+                "machine": machine(),
+                "load_average": load,
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     plot(rows, paths["png"])
     return paths
 
@@ -162,15 +230,34 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         mine = [r for r in rows if r["task"] == task]
         for key in dict.fromkeys((r["method"], r["dtype"], r["tier"]) for r in mine):
-            pts = sorted((r["epochs"], r["seconds"]) for r in mine if (r["method"], r["dtype"], r["tier"]) == key)
+            pts = sorted(
+                (r["epochs"], r["seconds"])
+                for r in mine
+                if (r["method"], r["dtype"], r["tier"]) == key
+            )
             if key[0] == "naive":
-                ax.plot(*zip(*pts), marker="o", lw=2.5, color="tab:red", label="naive (frozen part every epoch)")
+                ax.plot(
+                    *zip(*pts),
+                    marker="o",
+                    lw=2.5,
+                    color="tab:red",
+                    label="naive (frozen part every epoch)",
+                )
             else:  # colour = cache dtype, line style = tier (red is the naive loop's alone)
-                ax.plot(*zip(*pts), marker="o", lw=1.3, color=DTYPE_COLORS.get(key[1], "tab:gray"),
-                        ls="--" if key[2] == "disk" else "-", label=f"fastft {key[1]} / {key[2]}")
+                ax.plot(
+                    *zip(*pts),
+                    marker="o",
+                    lw=1.3,
+                    color=DTYPE_COLORS.get(key[1], "tab:gray"),
+                    ls="--" if key[2] == "disk" else "-",
+                    label=f"fastft {key[1]} / {key[2]}",
+                )
         last = max(r["epochs"] for r in mine)
-        best = max((r for r in mine if r["method"] == "fastft" and r["epochs"] == last),
-                   key=lambda r: r["speedup"], default=None)
+        best = max(
+            (r for r in mine if r["method"] == "fastft" and r["epochs"] == last),
+            key=lambda r: r["speedup"],
+            default=None,
+        )
         title = f"{task}: seconds to train vs epochs"
         if best:
             title += f"\nbest speed-up at {last} epochs: {best['speedup']:.1f}x ({best['dtype']}/{best['tier']})"
@@ -185,11 +272,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table (what the README's results section shows)."""
-    lines = ["| task | method | cache | epochs | seconds | forward passes | test accuracy | speed-up |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| task | method | cache | epochs | seconds | forward passes | test accuracy | speed-up |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         cache = "-" if r["method"] == "naive" else f"{r['dtype']}/{r['tier']}"
         acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%"
-        lines.append(f"| {r['task']} | {r['method']} | {cache} | {r['epochs']} | {r['seconds']:.2f} | "
-                     f"{r['forward_passes']:,} | {acc} | {r['speedup']:.1f}x |")
+        lines.append(
+            f"| {r['task']} | {r['method']} | {cache} | {r['epochs']} | {r['seconds']:.2f} | "
+            f"{r['forward_passes']:,} | {acc} | {r['speedup']:.1f}x |"
+        )
     return "\n".join(lines)

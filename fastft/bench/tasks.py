@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,10 +73,19 @@ def bbc_task(s: BenchSettings) -> Task:
     tokens = tokenize(model, texts, s.max_seq_length)
     pick = lambda idx: {k: v[idx] for k, v in tokens.items()}  # noqa: E731
     dim = model.get_sentence_embedding_dimension()
-    head = seeded(lambda: nn.Sequential(nn.Linear(dim, 256), nn.ReLU(), nn.Linear(256, len(classes))), s.seed)
-    return Task("bbc", "all-MiniLM-L6-v2 on BBC News", model, lambda x: model(x)["sentence_embedding"], head,
-                (pick(train_idx), labels[train_idx]), (pick(test_idx), labels[test_idx]),
-                {"max_seq_length": s.max_seq_length, "per_class_limit": s.per_class_limit})
+    head = seeded(
+        lambda: nn.Sequential(nn.Linear(dim, 256), nn.ReLU(), nn.Linear(256, len(classes))), s.seed
+    )
+    return Task(
+        "bbc",
+        "all-MiniLM-L6-v2 on BBC News",
+        model,
+        lambda x: model(x)["sentence_embedding"],
+        head,
+        (pick(train_idx), labels[train_idx]),
+        (pick(test_idx), labels[test_idx]),
+        {"max_seq_length": s.max_seq_length, "per_class_limit": s.per_class_limit},
+    )
 
 
 def cnn_task(s: BenchSettings) -> Task:
@@ -93,7 +103,7 @@ def cnn_task(s: BenchSettings) -> Task:
     for _ in range(15):  # pretraining on 0-4: not part of what is measured
         perm = torch.randperm(len(ya), generator=g)
         for start in range(0, len(ya), 32):
-            rows = perm[start:start + 32]
+            rows = perm[start : start + 32]
             opt.zero_grad()
             nn.functional.cross_entropy(model(Xa[rows]), ya[rows]).backward()
             opt.step()
@@ -133,7 +143,9 @@ def machine() -> str:
     """The machine a run measured: CPU, threads, torch, CUDA device, native kernels."""
     import platform
 
-    return (f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPUs, "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"CUDA {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}, "
-            f"native kernels {'on' if fastft.has_native() else 'off'}")
+    return (
+        f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"CUDA {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}, "
+        f"native kernels {'on' if fastft.has_native() else 'off'}"
+    )

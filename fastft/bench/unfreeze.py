@@ -25,16 +25,24 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 import fastft
-from fastft.bench.tasks import BenchSettings, Task, accuracy, bbc_task, index_rows, machine, quick_defaults
+from fastft.bench.tasks import (
+    BenchSettings,
+    Task,
+    accuracy,
+    bbc_task,
+    index_rows,
+    machine,
+    quick_defaults,
+)
 from fastft.model.blocks import find_blocks
 
 
@@ -60,8 +68,15 @@ class UnfreezeSettings:
 
 
 def _task(s: UnfreezeSettings) -> Task:
-    return bbc_task(BenchSettings(tasks=("bbc",), max_seq_length=s.max_seq_length,
-                                  per_class_limit=s.per_class_limit, seed=s.seed, quick=s.quick))
+    return bbc_task(
+        BenchSettings(
+            tasks=("bbc",),
+            max_seq_length=s.max_seq_length,
+            per_class_limit=s.per_class_limit,
+            seed=s.seed,
+            quick=s.quick,
+        )
+    )
 
 
 def run_naive(task: Task, s: UnfreezeSettings) -> dict:
@@ -69,7 +84,7 @@ def run_naive(task: Task, s: UnfreezeSettings) -> dict:
     torch.manual_seed(s.seed)  # the unfrozen layer's dropout: the same stream as fastft's
     encoder, head = copy.deepcopy(task.model).eval(), copy.deepcopy(task.head)
     encoder.requires_grad_(False)
-    top = [m for _, m in find_blocks(encoder)][-s.blocks:]
+    top = [m for _, m in find_blocks(encoder)][-s.blocks :]
     X, y = task.train
     forward = lambda x: head(encoder(x)["sentence_embedding"])  # noqa: E731
     frozen = lambda x: encoder(x)["sentence_embedding"]  # noqa: E731
@@ -83,9 +98,14 @@ def run_naive(task: Task, s: UnfreezeSettings) -> dict:
             for block in top:
                 block.train(train_top)
             perm = torch.randperm(len(y), generator=g)
-            for start in tqdm(range(0, len(y), s.batch_size), desc=f"naive {name} epoch {epoch + 1}",
-                              leave=False, disable=not s.verbose, unit="batch"):
-                rows = perm[start:start + s.batch_size]
+            for start in tqdm(
+                range(0, len(y), s.batch_size),
+                desc=f"naive {name} epoch {epoch + 1}",
+                leave=False,
+                disable=not s.verbose,
+                unit="batch",
+            ):
+                rows = perm[start : start + s.batch_size]
                 opt.zero_grad(set_to_none=True)
                 nn.functional.cross_entropy(forward(index_rows(X, rows)), y[rows]).backward()
                 opt.step()
@@ -96,13 +116,18 @@ def run_naive(task: Task, s: UnfreezeSettings) -> dict:
     for block in top:
         block.requires_grad_(True)
     groups = [{"params": list(head.parameters())}] + [
-        {"params": list(b.parameters()), "lr": s.lr * s.lr_decay ** depth}
-        for depth, b in enumerate(reversed(top), start=1)]
+        {"params": list(b.parameters()), "lr": s.lr * s.lr_decay**depth}
+        for depth, b in enumerate(reversed(top), start=1)
+    ]
     block_seconds = stage("unfrozen", s.block_epochs, groups, True)
     for block in top:
         block.eval()
-    return {"seconds": head_seconds + block_seconds, "head_stage_seconds": head_seconds,
-            "head_stage_accuracy": head_accuracy, "accuracy": accuracy(frozen, head, task.test)}
+    return {
+        "seconds": head_seconds + block_seconds,
+        "head_stage_seconds": head_seconds,
+        "head_stage_accuracy": head_accuracy,
+        "accuracy": accuracy(frozen, head, task.test),
+    }
 
 
 def run_fastft(task: Task, s: UnfreezeSettings) -> dict:
@@ -120,31 +145,56 @@ def run_fastft(task: Task, s: UnfreezeSettings) -> dict:
 
     torch.manual_seed(s.seed)  # the unfrozen layer's dropout: the same stream as the naive loop's
     with tempfile.TemporaryDirectory(prefix="fastft-bench-") as cache_dir:
-        ft = fastft.FineTuner(copy.deepcopy(task.model), head=copy.deepcopy(task.head), cache="host",
-                              cache_dtype=s.cache_dtype, cache_dir=cache_dir, seed=s.seed, verbose=s.verbose)
+        ft = fastft.FineTuner(
+            copy.deepcopy(task.model),
+            head=copy.deepcopy(task.head),
+            cache="host",
+            cache_dtype=s.cache_dtype,
+            cache_dir=cache_dir,
+            seed=s.seed,
+            verbose=s.verbose,
+        )
         t0 = time.perf_counter()
-        ft.fit(task.train, epochs=s.head_epochs + s.block_epochs, batch_size=s.batch_size, lr=s.lr,
-               unfreeze=[(s.head_epochs, s.blocks)], lr_decay=s.lr_decay, callbacks=[probe])
+        ft.fit(
+            task.train,
+            epochs=s.head_epochs + s.block_epochs,
+            batch_size=s.batch_size,
+            lr=s.lr,
+            unfreeze=[(s.head_epochs, s.blocks)],
+            lr_decay=s.lr_decay,
+            callbacks=[probe],
+        )
         total = time.perf_counter() - t0 - eval_seconds[0]
         cut_cache = ft.cache
-    return {"seconds": total, "head_stage_seconds": stage_end[0],
-            "head_stage_accuracy": accuracy[s.head_epochs],
-            "accuracy": accuracy[s.head_epochs + s.block_epochs],
-            "cut": cut_cache.taps[0].name, "cut_cache_bytes": int(cut_cache.nbytes),
-            "cut_build_seconds": float(cut_cache.telemetry.get("build_seconds", 0.0))}
+    return {
+        "seconds": total,
+        "head_stage_seconds": stage_end[0],
+        "head_stage_accuracy": accuracy[s.head_epochs],
+        "accuracy": accuracy[s.head_epochs + s.block_epochs],
+        "cut": cut_cache.taps[0].name,
+        "cut_cache_bytes": int(cut_cache.nbytes),
+        "cut_build_seconds": float(cut_cache.telemetry.get("build_seconds", 0.0)),
+    }
 
 
 def run(s: UnfreezeSettings, log: Callable[[str], None] = print) -> dict:
     """Both methods on the same task; the speed-up is naive seconds / fastft seconds."""
     log("[unfreeze] preparing all-MiniLM-L6-v2 and BBC News")
     task = _task(s)
-    log(f"[unfreeze] {len(task.train[1])} train / {len(task.test[1])} test articles at "
-        f"{s.max_seq_length} tokens; naive: {s.head_epochs} head + {s.block_epochs} unfrozen epochs")
+    log(
+        f"[unfreeze] {len(task.train[1])} train / {len(task.test[1])} test articles at "
+        f"{s.max_seq_length} tokens; naive: {s.head_epochs} head + {s.block_epochs} unfrozen epochs"
+    )
     naive = run_naive(task, s)
     log(f"[unfreeze] naive took {naive['seconds']:.1f} s; fastft")
     mine = run_fastft(task, s)
-    return {"naive": naive, "fastft": mine, "speedup": naive["seconds"] / mine["seconds"],
-            "train_samples": len(task.train[1]), "test_samples": len(task.test[1])}
+    return {
+        "naive": naive,
+        "fastft": mine,
+        "speedup": naive["seconds"] / mine["seconds"],
+        "train_samples": len(task.train[1]),
+        "test_samples": len(task.test[1]),
+    }
 
 
 def write(result: dict, s: UnfreezeSettings, out: str | Path) -> Path:
@@ -152,18 +202,32 @@ def write(result: dict, s: UnfreezeSettings, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("unfreeze_quick.json" if s.quick else "unfreeze.json")
     load = dict(zip(("load_1min", "load_5min", "load_15min"), os.getloadavg()))
-    path.write_text(json.dumps({"settings": asdict(s), "machine": machine(), "load_average": load,
-                                "date": time.strftime("%Y-%m-%d %H:%M"), **result}, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                "settings": asdict(s),
+                "machine": machine(),
+                "load_average": load,
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                **result,
+            },
+            indent=2,
+        )
+    )
     return path
 
 
 def table(result: dict, s: UnfreezeSettings) -> str:
     """The result as the README's Markdown table."""
-    lines = ["| method | seconds | after the head stage | after unfreezing | speed-up |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| method | seconds | after the head stage | after unfreezing | speed-up |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name in ("naive", "fastft"):
         r = result[name]
         speedup = 1.0 if name == "naive" else result["speedup"]
-        lines.append(f"| {name} | {r['seconds']:.1f} | {100 * r['head_stage_accuracy']:.2f}% | "
-                     f"{100 * r['accuracy']:.2f}% | {speedup:.1f}x |")
+        lines.append(
+            f"| {name} | {r['seconds']:.1f} | {100 * r['head_stage_accuracy']:.2f}% | "
+            f"{100 * r['accuracy']:.2f}% | {speedup:.1f}x |"
+        )
     return "\n".join(lines)

@@ -26,5 +26,13 @@ from fastft.cache.feature_cache import FeatureCache, TapInfo
 from fastft.cache.manage import default_cache_dir, info, list_caches, remove, verify
 from fastft.cache.registry import clear as clear_registry
 
-__all__ = ["FeatureCache", "TapInfo", "default_cache_dir", "list_caches", "info", "verify", "remove",
-           "clear_registry"]
+__all__ = [
+    "FeatureCache",
+    "TapInfo",
+    "default_cache_dir",
+    "list_caches",
+    "info",
+    "verify",
+    "remove",
+    "clear_registry",
+]

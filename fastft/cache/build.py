@@ -19,9 +19,10 @@ from __future__ import annotations
 import atexit
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,10 +30,24 @@ from torch import nn
 from fastft import distributed as fdist
 from fastft.cache import disk, folders, registry
 from fastft.cache.disk_build import build_on_disk, complete_cache
-from fastft.cache.fingerprint import (CacheKey, make_key, warn_if_self_changing, warn_if_transform_changed,
-                                      warn_not_reusable)
-from fastft.cache.layout import DTYPES, TIERS, TapStorage, allocate, choose_tier, dtype_name, memory_device, \
-    parse_bytes, str_dtype
+from fastft.cache.fingerprint import (
+    CacheKey,
+    make_key,
+    warn_if_self_changing,
+    warn_if_transform_changed,
+    warn_not_reusable,
+)
+from fastft.cache.layout import (
+    DTYPES,
+    TIERS,
+    TapStorage,
+    allocate,
+    choose_tier,
+    dtype_name,
+    memory_device,
+    parse_bytes,
+    str_dtype,
+)
 from fastft.cache.manage import cache_root
 from fastft.cache.sharded import build_sharded
 from fastft.cache.store import Store, open_folder
@@ -50,19 +65,38 @@ def check_views(views: int, transform: Callable | None) -> None:
     if int(views) < 1:
         raise FastFTValueError(f"views must be ≥ 1, got {views}.")
     if views > 1 and transform is None:
-        raise FastFTValueError("views > 1 caches augmented views: pass the random transform= that makes them.")
+        raise FastFTValueError(
+            "views > 1 caches augmented views: pass the random transform= that makes them."
+        )
 
 
 def check_amp(amp: str | None, name: str = "amp") -> None:
     """FastFTValueError unless ``amp`` is None or 'bf16' (``name``: the argument, in the message)."""
     if amp not in (None, "bf16"):
-        raise FastFTValueError(f"{name} must be None or 'bf16' (the frozen pass under bf16 autocast), got {amp!r}.")
+        raise FastFTValueError(
+            f"{name} must be None or 'bf16' (the frozen pass under bf16 autocast), got {amp!r}."
+        )
 
 
-def settings(prefix: nn.Module, *, dtype: str | torch.dtype, tier: str, views: int, transform: Callable | None,
-             pool: str, mask_key: str, batch_size: int, num_workers: int, cache_dir: str | Path | None,
-             max_memory: int | str | None, progress: bool, seed: int, device: torch.device | str | None,
-             amp: str | None = None, transform_id: str | None = None) -> Settings:
+def settings(
+    prefix: nn.Module,
+    *,
+    dtype: str | torch.dtype,
+    tier: str,
+    views: int,
+    transform: Callable | None,
+    pool: str,
+    mask_key: str,
+    batch_size: int,
+    num_workers: int,
+    cache_dir: str | Path | None,
+    max_memory: int | str | None,
+    progress: bool,
+    seed: int,
+    device: torch.device | str | None,
+    amp: str | None = None,
+    transform_id: str | None = None,
+) -> Settings:
     """The build's settings, checked (FastFTValueError naming what is wrong)."""
     name = dtype_name(dtype)
     check_amp(amp)
@@ -76,32 +110,68 @@ def settings(prefix: nn.Module, *, dtype: str | torch.dtype, tier: str, views: i
     if device is None:
         first = next(iter(prefix.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
-    return Settings(dtype=name, storage_dtype=DTYPES[name], tier=tier, views=int(views), transform=transform,
-                    pool=pool, mask_key=mask_key, batch_size=int(batch_size), num_workers=int(num_workers),
-                    root=cache_root(cache_dir), max_memory=parse_bytes(max_memory), progress=progress,
-                    seed=int(seed), device=torch.device(device), amp=amp, transform_id=transform_id)
+    return Settings(
+        dtype=name,
+        storage_dtype=DTYPES[name],
+        tier=tier,
+        views=int(views),
+        transform=transform,
+        pool=pool,
+        mask_key=mask_key,
+        batch_size=int(batch_size),
+        num_workers=int(num_workers),
+        root=cache_root(cache_dir),
+        max_memory=parse_bytes(max_memory),
+        progress=progress,
+        seed=int(seed),
+        device=torch.device(device),
+        amp=amp,
+        transform_id=transform_id,
+    )
 
 
 # ---------------------------------------------------------------------------- the build
-def build(prefix: nn.Module, dataset: Any, *, dataset_id: str | None = None, **options: Any) -> Store:
+def build(
+    prefix: nn.Module, dataset: Any, *, dataset_id: str | None = None, **options: Any
+) -> Store:
     """See :meth:`fastft.FeatureCache.build` (``options``: its settings, see :func:`settings`)."""
     t_start = time.perf_counter()
     s = settings(prefix, **options)
     source = as_source(dataset)
-    key = make_key(prefix, source, dataset_id=dataset_id, transform=s.transform, transform_id=s.transform_id,
-                   views=s.views, seed=s.seed, batch_size=s.batch_size, num_workers=s.num_workers, dtype=s.dtype,
-                   pool=s.pool, mask_key=s.mask_key, amp=s.amp, device=s.device)
+    key = make_key(
+        prefix,
+        source,
+        dataset_id=dataset_id,
+        transform=s.transform,
+        transform_id=s.transform_id,
+        views=s.views,
+        seed=s.seed,
+        batch_size=s.batch_size,
+        num_workers=s.num_workers,
+        dtype=s.dtype,
+        pool=s.pool,
+        mask_key=s.mask_key,
+        amp=s.amp,
+        device=s.device,
+    )
     source.check_unchanged()  # before anything is made: a dataset whose len() drifts is refused
     if not key.reusable:
         warn_not_reusable(key)
     found, reason = _reuse(key, s, dataset_id, t_start)
     if found is not None:
         return found
-    reason = reason or (registry.explain(key.parts, s.root) if key.reusable else
-                        "built for this use only (key not reusable)")
-    job = Job(Writer(prefix, s, source.n, Timer()), source, key.fingerprint, key.parts, reason, t_start)
+    reason = reason or (
+        registry.explain(key.parts, s.root)
+        if key.reusable
+        else "built for this use only (key not reusable)"
+    )
+    job = Job(
+        Writer(prefix, s, source.n, Timer()), source, key.fingerprint, key.parts, reason, t_start
+    )
     prefix_mode = prefix.training
-    _train(prefix, False)  # the frozen part always runs in eval mode (BatchNorm running stats, no dropout)
+    _train(
+        prefix, False
+    )  # the frozen part always runs in eval mode (BatchNorm running stats, no dropout)
     try:
         cache = build_sharded(job) if s.tier == "disk" and fdist.is_distributed() else _run(job)
     finally:
@@ -115,7 +185,9 @@ def build(prefix: nn.Module, dataset: Any, *, dataset_id: str | None = None, **o
     return cache
 
 
-def _reuse(key: CacheKey, s: Settings, dataset_id: str | None, t_start: float) -> tuple[Store | None, str | None]:
+def _reuse(
+    key: CacheKey, s: Settings, dataset_id: str | None, t_start: float
+) -> tuple[Store | None, str | None]:
     """``(cache, None)`` when a cache of ``key`` can be reused (from this process or disk,
     copied into the tier asked for), else ``(None, why it is built)``."""
     if not key.reusable:
@@ -137,7 +209,9 @@ def _reuse(key: CacheKey, s: Settings, dataset_id: str | None, t_start: float) -
             return hit(known), None
         # Built in this process for another device (a CPU run, then a CUDA one): the same
         # bytes, copied where this device reads them best, not rebuilt and not read remotely.
-        return hit(_to_memory(known, replace(s, tier=known.tier)), "hit: copied for this device"), None
+        return hit(
+            _to_memory(known, replace(s, tier=known.tier)), "hit: copied for this device"
+        ), None
     folder = s.root / key.fingerprint
     if (folder / disk.MANIFEST).is_file():
         try:
@@ -163,16 +237,26 @@ def _run(job: Job) -> Store:
         # The first chunk's activations tell the taps' widths, hence the size and the tier.
         probe = writer.probe(job.source)
         layout = writer.layout_of(probe)
-        tier = choose_tier(tier, writer.total_bytes(*layout), s.device, s.max_memory, s.storage_dtype)
+        tier = choose_tier(
+            tier, writer.total_bytes(*layout), s.device, s.max_memory, s.storage_dtype
+        )
     if tier != "disk":
         return _build_in_memory(job, tier, probe, layout)
-    with folders.build_lock(s.root, job.fp, on_wait=lambda: log.warning(
-            "fastft: another process is building cache %s; waiting for it to finish.", job.fp[:12])):
+    with folders.build_lock(
+        s.root,
+        job.fp,
+        on_wait=lambda: log.warning(
+            "fastft: another process is building cache %s; waiting for it to finish.", job.fp[:12]
+        ),
+    ):
         cache = complete_cache(job.folder)
         if cache is not None:
             timer = writer.timer
-            return cache.with_telemetry(**hit_telemetry(job.t_start, "hit: built by another process",
-                                                        timer.prefix, timer.prefix_calls))
+            return cache.with_telemetry(
+                **hit_telemetry(
+                    job.t_start, "hit: built by another process", timer.prefix, timer.prefix_calls
+                )
+            )
         return build_on_disk(job, probe)
 
 
@@ -185,11 +269,25 @@ def _build_in_memory(job: Job, tier: str, probe: Probe, layout: tuple[list, dict
     writer.labels = torch.zeros((n, *label_layout["shape"]), dtype=str_dtype(label_layout["dtype"]))
     written = run_chunks(writer, job.source, probe, lambda v, st, c: False, lambda chunk: None, 0)
     if written != n * s.views:
-        raise CacheError(f"the data yielded {written // s.views} samples per view but its length is {n}; "
-                         "the cache was not completed.")
-    nbytes = sum(st.nbytes for st in writer.storages) + writer.labels.numel() * writer.labels.element_size()
-    return Store(fingerprint=job.fp, parts=job.parts, tier=tier, taps=taps, storages=writer.storages,
-                 labels=writer.labels, num_rows=n, num_views=s.views, telemetry=job.telemetry(tier, nbytes))
+        raise CacheError(
+            f"the data yielded {written // s.views} samples per view but its length is {n}; "
+            "the cache was not completed."
+        )
+    nbytes = (
+        sum(st.nbytes for st in writer.storages)
+        + writer.labels.numel() * writer.labels.element_size()
+    )
+    return Store(
+        fingerprint=job.fp,
+        parts=job.parts,
+        tier=tier,
+        taps=taps,
+        storages=writer.storages,
+        labels=writer.labels,
+        num_rows=n,
+        num_views=s.views,
+        telemetry=job.telemetry(tier, nbytes),
+    )
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -209,7 +307,11 @@ def _check_labels(cache: Store, key: CacheKey, dataset_id: str | None) -> None:
     if key.labels is None:
         return
     mine = key.labels.to(cache.labels.device)
-    if mine.shape == cache.labels.shape and mine.dtype == cache.labels.dtype and torch.equal(mine, cache.labels):
+    if (
+        mine.shape == cache.labels.shape
+        and mine.dtype == cache.labels.dtype
+        and torch.equal(mine, cache.labels)
+    ):
         return
     if dataset_id is not None:
         raise CacheError(
@@ -225,7 +327,9 @@ _REMOVE_AT_EXIT: list[Path] = []
 def _remove_at_exit(folder: Path) -> None:
     """Remove a disk cache that can never be reused when this process ends."""
     if not _REMOVE_AT_EXIT:
-        atexit.register(lambda: [folders.remove_folder(f, missing_ok=True) for f in _REMOVE_AT_EXIT])
+        atexit.register(
+            lambda: [folders.remove_folder(f, missing_ok=True) for f in _REMOVE_AT_EXIT]
+        )
     _REMOVE_AT_EXIT.append(folder)
 
 
@@ -246,7 +350,17 @@ def _to_memory(found: Store, s: Settings) -> Store:
     for st in found.storages:
         data = st.data.to(where, copy=True)
         scales = st.scales.to(where, copy=True)
-        storages.append(TapStorage(data.pin_memory() if pin else data, scales.pin_memory() if pin else scales))
-    return Store(fingerprint=found.fingerprint, parts=found.parts, tier=s.tier, taps=found.taps, storages=storages,
-                 labels=found.labels.clone(), num_rows=found.num_rows, num_views=found.num_views,
-                 telemetry=dict(found.telemetry, bytes={s.tier: found.nbytes}))
+        storages.append(
+            TapStorage(data.pin_memory() if pin else data, scales.pin_memory() if pin else scales)
+        )
+    return Store(
+        fingerprint=found.fingerprint,
+        parts=found.parts,
+        tier=s.tier,
+        taps=found.taps,
+        storages=storages,
+        labels=found.labels.clone(),
+        num_rows=found.num_rows,
+        num_views=found.num_views,
+        telemetry=dict(found.telemetry, bytes={s.tier: found.nbytes}),
+    )

@@ -21,16 +21,20 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fastft.split.replay import ReplayTail
 from fastft.cache import FeatureCache
 from fastft.split import FrozenPrefix, TrainableTail
+from fastft.split.replay import ReplayTail
 
 
 def can_derive(low_tail: TrainableTail | None, low_cache: FeatureCache | None) -> bool:
     """Whether caches of higher cuts can be computed from ``low_cache`` (a one-view cache of a
     replay split)."""
-    return (low_tail is not None and low_cache is not None and isinstance(low_tail.body, ReplayTail)
-            and low_cache.num_views == 1)
+    return (
+        low_tail is not None
+        and low_cache is not None
+        and isinstance(low_tail.body, ReplayTail)
+        and low_cache.num_views == 1
+    )
 
 
 class CacheRows(Dataset):
@@ -50,7 +54,9 @@ class CacheRows(Dataset):
         index = torch.as_tensor(rows, dtype=torch.int64)
         taps = self.cache.gather_shaped(index, out_dtype=torch.float32)
         labels = self.cache.labels[index]
-        return [({f"tap{t}": taps[t][j] for t in range(len(taps))}, labels[j]) for j in range(len(rows))]
+        return [
+            ({f"tap{t}": taps[t][j] for t in range(len(taps))}, labels[j]) for j in range(len(rows))
+        ]
 
 
 class DerivedPrefix(nn.Module):
@@ -78,11 +84,17 @@ class DerivedPrefix(nn.Module):
             return self.high(self._low.raw_inputs(tuple(inputs)))
 
 
-def derived_cache(high: FrozenPrefix, low_tail: TrainableTail, low_cache: FeatureCache, **build: Any) -> FeatureCache:
+def derived_cache(
+    high: FrozenPrefix, low_tail: TrainableTail, low_cache: FeatureCache, **build: Any
+) -> FeatureCache:
     """The cache of ``high`` over the samples of ``low_cache``, in the same order, with the
     same labels; ``build`` are :meth:`FeatureCache.build` settings (dtype, tier, ...)."""
     # Reading the rows through a DataLoader draws from the global generator; the training
     # that follows must see the random stream it would see without this step.
     with torch.random.fork_rng(devices=[]):
-        return FeatureCache.build(DerivedPrefix(high, low_tail), CacheRows(low_cache),
-                                  dataset_id=f"fastft-derived:{low_cache.fingerprint}", **build)
+        return FeatureCache.build(
+            DerivedPrefix(high, low_tail),
+            CacheRows(low_cache),
+            dataset_id=f"fastft-derived:{low_cache.fingerprint}",
+            **build,
+        )

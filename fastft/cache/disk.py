@@ -82,7 +82,9 @@ def read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise
     except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
-        raise CacheCorruptError(f"{path} cannot be read as JSON ({exc}); remove the cache and rebuild it.") from exc
+        raise CacheCorruptError(
+            f"{path} cannot be read as JSON ({exc}); remove the cache and rebuild it."
+        ) from exc
 
 
 # ---------------------------------------------------------------------------- layout
@@ -109,9 +111,13 @@ def arrays(manifest: dict) -> list[Array]:
         dtype = str_dtype(tap["dtype"])
         out.append(Array(tap["name"], tap["file"], dtype, (n * k, tap["dim"]), True))
         if tap.get("scales_file"):
-            out.append(Array(tap["name"] + ".scales", tap["scales_file"], torch.float32, (n * k,), True))
+            out.append(
+                Array(tap["name"] + ".scales", tap["scales_file"], torch.float32, (n * k,), True)
+            )
     labels = manifest["labels"]
-    out.append(Array("labels", labels["file"], str_dtype(labels["dtype"]), (n, *labels["shape"]), False))
+    out.append(
+        Array("labels", labels["file"], str_dtype(labels["dtype"]), (n, *labels["shape"]), False)
+    )
     return out
 
 
@@ -124,8 +130,12 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 def safe_path(folder: Path, name: object) -> Path:
     """``folder / name`` for a file name taken from a manifest; CacheCorruptError unless it is a
     plain file name of this folder (path traversal, absolute paths, links are refused)."""
-    if (not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (MANIFEST, JOURNAL)
-            or SHARD_JOURNAL_RE.fullmatch(name)):
+    if (
+        not isinstance(name, str)
+        or not _SAFE_NAME.fullmatch(name)
+        or name in (MANIFEST, JOURNAL)
+        or SHARD_JOURNAL_RE.fullmatch(name)
+    ):
         raise CacheCorruptError(
             f"cache {folder.name}: the manifest names the file {name!r}, which is not a plain file name "
             "of the cache folder; refusing to use it. Remove the cache and rebuild it."
@@ -144,7 +154,9 @@ def open_nofollow(path: Path, flags: int) -> int:
         return os.open(path, flags | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # a link put there after safe_path looked
-            raise CacheCorruptError(f"{path} is a symbolic link; fastft never follows links in a cache folder.") from None
+            raise CacheCorruptError(
+                f"{path} is a symbolic link; fastft never follows links in a cache folder."
+            ) from None
         raise
 
 
@@ -163,7 +175,9 @@ def _allocate(fd: int, nbytes: int) -> None:
                 raise
 
 
-def map_array(folder: Path, array: Array, *, create: bool = False, writable: bool = True) -> torch.Tensor:
+def map_array(
+    folder: Path, array: Array, *, create: bool = False, writable: bool = True
+) -> torch.Tensor:
     """A tensor over the array's file, memory-mapped and shared: writable when ``writable``
     (writes reach the file), else read-only, so that a reader can never change the cache on
     disk and no memory is reserved for it (a private writable mapping would be charged to
@@ -181,10 +195,14 @@ def map_array(folder: Path, array: Array, *, create: bool = False, writable: boo
             _allocate(f.fileno(), array.nbytes)
         if array.nbytes == 0:
             return torch.empty(array.shape, dtype=array.dtype)
-        raw = np.memmap(f, dtype=np.uint8, mode="r+" if writable or create else "r", shape=(array.nbytes,))
+        raw = np.memmap(
+            f, dtype=np.uint8, mode="r+" if writable or create else "r", shape=(array.nbytes,)
+        )
     if raw.flags.writeable:
         return torch.from_numpy(raw).view(array.dtype).view(array.shape)
-    with warnings.catch_warnings():  # torch warns that it cannot write to a read-only array: by design
+    with (
+        warnings.catch_warnings()
+    ):  # torch warns that it cannot write to a read-only array: by design
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(raw).view(array.dtype).view(array.shape)
 
@@ -196,7 +214,9 @@ def check_sizes(folder: Path, manifest: dict) -> None:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise CacheCorruptError(f"cache {folder.name}: {array.file} is missing; remove the cache and rebuild it.") from None
+            raise CacheCorruptError(
+                f"cache {folder.name}: {array.file} is missing; remove the cache and rebuild it."
+            ) from None
         if size != array.nbytes:
             raise CacheCorruptError(
                 f"cache {folder.name}: {array.file} has {size} bytes but the manifest expects "
@@ -216,8 +236,11 @@ def validate_manifest(manifest: object, folder: Path) -> dict:
     """``manifest`` checked field by field (types, ranges, dtypes, safe file names), so that
     nothing read from a cache folder can be misread as a layout; CacheCorruptError naming the
     first bad field otherwise. Returns the manifest."""
+
     def bad(why: str) -> CacheCorruptError:
-        return CacheCorruptError(f"cache {folder.name}: invalid manifest ({why}); remove the cache and rebuild it.")
+        return CacheCorruptError(
+            f"cache {folder.name}: invalid manifest ({why}); remove the cache and rebuild it."
+        )
 
     if not isinstance(manifest, dict):
         raise bad(f"a JSON {type(manifest).__name__}, not an object")
@@ -226,16 +249,28 @@ def validate_manifest(manifest: object, folder: Path) -> dict:
         older = is_int(version) and version < FORMAT_VERSION
         raise CacheCorruptError(
             f"cache {folder.name} has format version {version!r}, this fastft reads version {FORMAT_VERSION}"
-            + (" (an older fastft wrote it)" if older else " (a newer fastft wrote it)" if is_int(version) else "")
+            + (
+                " (an older fastft wrote it)"
+                if older
+                else " (a newer fastft wrote it)"
+                if is_int(version)
+                else ""
+            )
             + "; it is never read. Building the same cache again replaces it; or remove it."
         )
     if not isinstance(manifest.get("fingerprint"), str) or not manifest["fingerprint"]:
         raise bad("no fingerprint")
     parts = manifest.get("parts")
-    if not (isinstance(parts, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in parts.items())):
+    if not (
+        isinstance(parts, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in parts.items())
+    ):
         raise bad("parts must map names to strings")
     created = manifest.get("created", 0.0)
-    if not ((is_int(created) and abs(created) < 2**53) or (isinstance(created, float) and abs(created) < float("inf"))):
+    if not (
+        (is_int(created) and abs(created) < 2**53)
+        or (isinstance(created, float) and abs(created) < float("inf"))
+    ):
         raise bad("created must be a time in seconds")  # list() sorts by it
     if manifest.get("status") not in ("building", "complete"):
         raise bad(f"status {manifest.get('status')!r:.40}")
@@ -248,11 +283,21 @@ def validate_manifest(manifest: object, folder: Path) -> dict:
     names, files = set(), []
     for tap in taps:
         name, dim, shape = tap.get("name"), tap.get("dim"), tap.get("shape")
-        if not isinstance(name, str) or name in names or name == "labels" or name.endswith(".scales"):
+        if (
+            not isinstance(name, str)
+            or name in names
+            or name == "labels"
+            or name.endswith(".scales")
+        ):
             raise bad(f"tap name {name!r:.40}")
         names.add(name)
-        if not (is_int(dim) and dim >= 1 and isinstance(shape, list) and all(is_int(d) and d >= 1 for d in shape)
-                and int(np.prod(shape, dtype=object)) == dim):
+        if not (
+            is_int(dim)
+            and dim >= 1
+            and isinstance(shape, list)
+            and all(is_int(d) and d >= 1 for d in shape)
+            and int(np.prod(shape, dtype=object)) == dim
+        ):
             raise bad(f"tap {name!r:.40}: dim {dim!r:.20} and shape {shape!r:.40} do not agree")
         if tap.get("dtype") not in _TAP_DTYPES:
             raise bad(f"tap {name!r:.40}: storage dtype {tap.get('dtype')!r:.20}")
@@ -270,8 +315,11 @@ def validate_manifest(manifest: object, folder: Path) -> dict:
         raise bad("no labels")
     str_dtype(labels.get("dtype"))
     shape = labels.get("shape")
-    if not (isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape)
-            and n * int(np.prod(shape, dtype=object)) * 16 <= _MAX_BYTES):
+    if not (
+        isinstance(shape, list)
+        and all(is_int(d) and d >= 0 for d in shape)
+        and n * int(np.prod(shape, dtype=object)) * 16 <= _MAX_BYTES
+    ):
         raise bad(f"labels shape {shape!r:.40}")
     files.append(labels.get("file"))
     for name in files:
@@ -289,5 +337,3 @@ def read_manifest(folder: Path) -> dict:
     except FileNotFoundError:
         raise CacheError(f"{folder} is not a fastft cache (no {MANIFEST}).") from None
     return validate_manifest(manifest, folder)
-
-

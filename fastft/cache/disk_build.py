@@ -36,10 +36,14 @@ def build_on_disk(job: Job, probe: Probe | None) -> Store:
     if manifest is None:
         manifest, probe = create_folder(job, probe)
     layout, tensors = attach(writer, folder, manifest, resumed)
-    committed = read_journal(folder, n, s.views)  # with the rank journals of a sharded build, if any
+    committed = read_journal(
+        folder, n, s.views
+    )  # with the rank journals of a sharded build, if any
     reused = drop_bad_chunks(committed, tensors, layout, n)
     if journal.shard_journals(folder):  # one journal again, even when nothing is left to compute
-        with folders.write_errors(folder, "merging the journals of its ranks", committed_rows=reused):
+        with folders.write_errors(
+            folder, "merging the journals of its ranks", committed_rows=reused
+        ):
             committed.save()
     if reused:
         job.reason = f"resumed: {reused} of {n * s.views} rows were already committed"
@@ -56,12 +60,16 @@ def build_on_disk(job: Job, probe: Probe | None) -> Store:
         try:
             committer.commit()  # chunks fully written before an interruption are kept for the resume
         except Exception as exc:  # the interruption is the error to report; this one is logged
-            log.warning("fastft: could not commit the finished chunks of cache %s: %s", job.fp[:12], exc)
+            log.warning(
+                "fastft: could not commit the finished chunks of cache %s: %s", job.fp[:12], exc
+            )
         raise
     committer.commit()
     if not committed.covers(n, s.views):
-        raise CacheError(f"cache {job.fp}: the data yielded fewer samples than its length {n}; the build is "
-                         "incomplete.")
+        raise CacheError(
+            f"cache {job.fp}: the data yielded fewer samples than its length {n}; the build is "
+            "incomplete."
+        )
     telemetry = job.telemetry("disk", sum(a.nbytes for a in layout), rows_reused=reused)
     manifest.update(status="complete", telemetry=telemetry)
     with folders.write_errors(folder, "marking it complete", committed_rows=committed.rows):
@@ -109,11 +117,23 @@ def new_folder(job: Job, taps: list[TapInfo], label_layout: dict) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     folders.ensure_real_folder(folder)
     manifest = {
-        "format_version": FORMAT_VERSION, "fingerprint": job.fp, "parts": job.parts, "status": "building",
-        "created": time.time(), "num_rows": job.n, "num_views": s.views, "dtype": s.dtype, "pool": s.pool,
-        "taps": [dict(t.to_json(), file=f"tap{i}.bin",
-                      scales_file=f"tap{i}.scales.bin" if t.dtype == torch.int8 else None)
-                 for i, t in enumerate(taps)],
+        "format_version": FORMAT_VERSION,
+        "fingerprint": job.fp,
+        "parts": job.parts,
+        "status": "building",
+        "created": time.time(),
+        "num_rows": job.n,
+        "num_views": s.views,
+        "dtype": s.dtype,
+        "pool": s.pool,
+        "taps": [
+            dict(
+                t.to_json(),
+                file=f"tap{i}.bin",
+                scales_file=f"tap{i}.scales.bin" if t.dtype == torch.int8 else None,
+            )
+            for i, t in enumerate(taps)
+        ],
         "labels": dict(label_layout, file="labels.bin"),
     }
     for array in disk.arrays(manifest):
@@ -132,7 +152,9 @@ def attach(writer: Writer, folder: Path, manifest: dict, resumed: bool) -> tuple
         tensors = {a.name: disk.map_array(folder, a) for a in layout}
     writer.taps = [TapInfo.from_json(t) for t in manifest["taps"]]
     empty = torch.empty(0, dtype=torch.float32)
-    writer.storages = [TapStorage(tensors[t.name], tensors.get(t.name + ".scales", empty)) for t in writer.taps]
+    writer.storages = [
+        TapStorage(tensors[t.name], tensors.get(t.name + ".scales", empty)) for t in writer.taps
+    ]
     writer.labels = tensors["labels"]
     writer.expected_layout = (writer.taps, manifest["labels"]) if resumed else None
     return layout, tensors
@@ -154,8 +176,21 @@ class Committer:
     before the journal names them), then the journal's atomic rewrite; at most every
     COMMIT_INTERVAL_S, and whenever :meth:`commit` is called."""
 
-    def __init__(self, folder: Path, layout: list[disk.Array], tensors: dict, committed: journal.Journal, n: int):
-        self.folder, self.layout, self.tensors, self.journal, self.n = folder, layout, tensors, committed, n
+    def __init__(
+        self,
+        folder: Path,
+        layout: list[disk.Array],
+        tensors: dict,
+        committed: journal.Journal,
+        n: int,
+    ):
+        self.folder, self.layout, self.tensors, self.journal, self.n = (
+            folder,
+            layout,
+            tensors,
+            committed,
+            n,
+        )
         self.pending: list[Chunk] = []
         self.last = time.monotonic()
 
@@ -168,16 +203,26 @@ class Committer:
         if not self.pending:
             return
         committed = self.journal
-        with folders.write_errors(self.folder, "committing written rows", committed_rows=committed.rows):
+        with folders.write_errors(
+            self.folder, "committing written rows", committed_rows=committed.rows
+        ):
             journal.fsync_files(self.folder, self.layout)
             saved = dict(committed.chunks)
             for c in self.pending:
-                committed.add(c.view, c.start, c.count,
-                              journal.chunk_checksums(self.tensors, self.layout, c.view, c.start, c.count, self.n))
+                committed.add(
+                    c.view,
+                    c.start,
+                    c.count,
+                    journal.chunk_checksums(
+                        self.tensors, self.layout, c.view, c.start, c.count, self.n
+                    ),
+                )
             try:
                 committed.save()
             except BaseException:
-                committed.chunks = saved  # not durable: the journal in memory says what the file says
+                committed.chunks = (
+                    saved  # not durable: the journal in memory says what the file says
+                )
                 raise
         self.pending.clear()
         self.last = time.monotonic()
@@ -192,11 +237,19 @@ def resumable_manifest(job: Job) -> dict | None:
     try:
         manifest = disk.read_manifest(folder)
         disk.check_sizes(folder, manifest)
-        same = (manifest["fingerprint"] == job.fp and manifest["parts"] == job.parts and manifest["num_rows"] == job.n
-                and manifest["num_views"] == s.views and manifest.get("dtype") == s.dtype
-                and manifest.get("pool") == s.pool
-                and all((t["dtype"] == dtype_str(s.storage_dtype) and t["pool"] in (s.pool, "none"))
-                        or "source_dtype" in t for t in manifest["taps"]))
+        same = (
+            manifest["fingerprint"] == job.fp
+            and manifest["parts"] == job.parts
+            and manifest["num_rows"] == job.n
+            and manifest["num_views"] == s.views
+            and manifest.get("dtype") == s.dtype
+            and manifest.get("pool") == s.pool
+            and all(
+                (t["dtype"] == dtype_str(s.storage_dtype) and t["pool"] in (s.pool, "none"))
+                or "source_dtype" in t
+                for t in manifest["taps"]
+            )
+        )
         if manifest["status"] == "building" and same:
             return manifest
     except CacheError:
@@ -205,11 +258,16 @@ def resumable_manifest(job: Job) -> dict | None:
     return None
 
 
-def drop_bad_chunks(committed: journal.Journal, tensors: dict, layout: list[disk.Array], n: int) -> int:
+def drop_bad_chunks(
+    committed: journal.Journal, tensors: dict, layout: list[disk.Array], n: int
+) -> int:
     """Verify the committed chunks of a resumed build; forget any whose bytes changed.
     Returns the number of rows kept."""
-    bad = [(v, st) for (v, st), (c, sums) in committed.chunks.items()
-           if journal.chunk_checksums(tensors, layout, v, st, c, n) != sums]
+    bad = [
+        (v, st)
+        for (v, st), (c, sums) in committed.chunks.items()
+        if journal.chunk_checksums(tensors, layout, v, st, c, n) != sums
+    ]
     for key in bad:
         committed.drop(*key)
     return committed.rows

@@ -8,8 +8,9 @@ cache with :meth:`FeatureCache.open`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ class FeatureCache(Store):
     """
 
     @classmethod
-    def of(cls, store: Store) -> "FeatureCache":
+    def of(cls, store: Store) -> FeatureCache:
         """``store`` as a FeatureCache (the same storage, telemetry of its own)."""
         cache = cls.__new__(cls)
         cache.__dict__.update(store.__dict__)
@@ -60,7 +61,7 @@ class FeatureCache(Store):
         seed: int = 0,
         device: torch.device | str | None = None,
         amp: str | None = None,
-    ) -> "FeatureCache":
+    ) -> FeatureCache:
         """Run ``prefix`` once per sample (and view) of ``dataset`` and cache its output.
 
         ``prefix(inputs)`` takes one tensor or dict of tensors and returns a tensor or a tuple
@@ -100,13 +101,33 @@ class FeatureCache(Store):
         data, the transform and the settings (see :mod:`fastft.cache.fingerprint` for what it
         covers). ``telemetry`` says whether it was a hit and why it was (re)built.
         """
-        return cls.of(builder.build(prefix, dataset, dtype=dtype, tier=tier, views=views, transform=transform,
-                     pool=pool, mask_key=mask_key, batch_size=batch_size, num_workers=num_workers,
-                     cache_dir=cache_dir, dataset_id=dataset_id, max_memory=max_memory,
-                     progress=progress, seed=seed, device=device, amp=amp, transform_id=transform_id))
+        return cls.of(
+            builder.build(
+                prefix,
+                dataset,
+                dtype=dtype,
+                tier=tier,
+                views=views,
+                transform=transform,
+                pool=pool,
+                mask_key=mask_key,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                cache_dir=cache_dir,
+                dataset_id=dataset_id,
+                max_memory=max_memory,
+                progress=progress,
+                seed=seed,
+                device=device,
+                amp=amp,
+                transform_id=transform_id,
+            )
+        )
 
     @classmethod
-    def open(cls, fingerprint_or_path: str | Path, cache_dir: str | Path | None = None) -> "FeatureCache":
+    def open(
+        cls, fingerprint_or_path: str | Path, cache_dir: str | Path | None = None
+    ) -> FeatureCache:
         """Reopen a complete disk cache by fingerprint (or a unique prefix of it) in ``cache_dir``,
         or by folder (a ``Path``, or a string with a ``/``).
 
@@ -117,8 +138,14 @@ class FeatureCache(Store):
         return cls.from_folder(folder, telemetry={"hit": True, "reason": "opened"})
 
     @classmethod
-    def from_folder(cls, folder: Path, telemetry: dict | None = None, *, expected: str | None = None,
-                    verified: bool = False) -> "FeatureCache":
+    def from_folder(
+        cls,
+        folder: Path,
+        telemetry: dict | None = None,
+        *,
+        expected: str | None = None,
+        verified: bool = False,
+    ) -> FeatureCache:
         """Map a complete cache folder, read-only: see :func:`fastft.cache.store.open_folder`
         (what is checked; ``verified``: the caller has just built and checksummed it)."""
         return cls.of(open_folder(Path(folder), telemetry, expected=expected, verified=verified))

@@ -39,28 +39,43 @@ import inspect
 import re
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 
 from fastft.cache.disk import FORMAT_VERSION
-from fastft.hashing import ContentHasher, first_difference
-from fastft.errors import CacheReuseWarning, FastFTValueError
 from fastft.data.sources import Source
+from fastft.errors import CacheReuseWarning, FastFTValueError
+from fastft.hashing import ContentHasher, first_difference
 
 #: The parts of a fingerprint, in the order they are reported when they change.
-PARTS = ("format", "structure", "modules", "weights", "dataset", "transform", "views", "dtype", "numerics", "pool")
+PARTS = (
+    "format",
+    "structure",
+    "modules",
+    "weights",
+    "dataset",
+    "transform",
+    "views",
+    "dtype",
+    "numerics",
+    "pool",
+)
 
 #: How each part is named when it changed ("rebuilt: the frozen weights changed").
 PART_NAMES = {
-    "format": "the cache format", "structure": "the cut (split method, graph or cut module, taps)",
-    "modules": "the frozen modules' code or attributes", "weights": "the frozen weights", "dataset": "the data",
-    "transform": "the transform (its code, state, seed or batch size)", "views": "the number of views",
+    "format": "the cache format",
+    "structure": "the cut (split method, graph or cut module, taps)",
+    "modules": "the frozen modules' code or attributes",
+    "weights": "the frozen weights",
+    "dataset": "the data",
+    "transform": "the transform (its code, state, seed or batch size)",
+    "views": "the number of views",
     "dtype": "the storage dtype",
     "numerics": "the device kind or torch's numeric settings (default dtype, matmul precision, TF32, deterministic "
-                "algorithms)",
+    "algorithms)",
     "pool": "the pooling",
 }
 
@@ -81,7 +96,9 @@ class CacheKey:
     opaque: list[str] = field(default_factory=list)
     labels: torch.Tensor | None = None
     fingerprint: str = ""
-    trace: list = field(default_factory=list, repr=False)  # of the prefix's modules, see warn_if_self_changing
+    trace: list = field(
+        default_factory=list, repr=False
+    )  # of the prefix's modules, see warn_if_self_changing
     transform_digest: str = ""  # the transform as hashed, see warn_if_transform_changed
 
     def __post_init__(self) -> None:
@@ -109,19 +126,30 @@ def prefix_parts(prefix: nn.Module) -> tuple[dict[str, str], list[str], list]:
     A prefix that knows which modules of its model run only after its cut (a
     :class:`~fastft.FrozenPrefix`: ``key_mask()``) leaves them out."""
     hasher = _prefix_hasher(prefix, weights="apart")
-    return ({"structure": structure_key(prefix), "modules": hasher.hexdigest(),
-             "weights": hasher.weights_hexdigest()}, hasher.opaque, hasher.trace)
+    return (
+        {
+            "structure": structure_key(prefix),
+            "modules": hasher.hexdigest(),
+            "weights": hasher.weights_hexdigest(),
+        },
+        hasher.opaque,
+        hasher.trace,
+    )
 
 
 def _prefix_hasher(prefix: nn.Module, weights: str) -> ContentHasher:
     """The prefix hashed by value (it runs in eval mode; what runs after its cut left out),
     with torch's global module hooks, which every module calls."""
     mask = prefix.key_mask() if getattr(type(prefix), "_fastft_prefix", False) else ((), ())
-    hasher = ContentHasher(mask_modules=mask[0], mask_params=mask[1], weights=weights, eval_mode=True, trace=True)
+    hasher = ContentHasher(
+        mask_modules=mask[0], mask_params=mask[1], weights=weights, eval_mode=True, trace=True
+    )
     hasher.update(prefix, "the frozen model")
     module_hooks = torch.nn.modules.module
-    global_hooks = [list(getattr(module_hooks, name, {}).values())
-                    for name in ("_global_forward_pre_hooks", "_global_forward_hooks")]
+    global_hooks = [
+        list(getattr(module_hooks, name, {}).values())
+        for name in ("_global_forward_pre_hooks", "_global_forward_hooks")
+    ]
     if any(global_hooks):
         hasher.update(global_hooks, "torch's global module hooks")
     return hasher
@@ -130,12 +158,19 @@ def _prefix_hasher(prefix: nn.Module, weights: str) -> ContentHasher:
 def numerics(device: torch.device | str = "cpu") -> str:
     """What changes a forward's bits beyond the objects: the kind of device it runs on and
     torch's global numeric settings."""
-    settings = {"device": torch.device(device).type, "default_dtype": torch.get_default_dtype(),
-                "matmul": torch.get_float32_matmul_precision(),
-                "deterministic": torch.are_deterministic_algorithms_enabled(),
-                "mkldnn": torch.backends.mkldnn.enabled}
+    settings = {
+        "device": torch.device(device).type,
+        "default_dtype": torch.get_default_dtype(),
+        "matmul": torch.get_float32_matmul_precision(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "mkldnn": torch.backends.mkldnn.enabled,
+    }
     cuda = torch.backends.cuda.matmul
-    for flag in ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction"):
+    for flag in (
+        "allow_tf32",
+        "allow_fp16_reduced_precision_reduction",
+        "allow_bf16_reduced_precision_reduction",
+    ):
         settings[f"cuda.{flag}"] = getattr(cuda, flag, None)
     settings["cudnn.allow_tf32"] = torch.backends.cudnn.allow_tf32
     return ",".join(f"{k}={v}" for k, v in settings.items())
@@ -156,12 +191,14 @@ def warn_if_self_changing(prefix: nn.Module, key: CacheKey) -> None:
         "cache will not be reused. If that attribute does not change what the module computes (a counter, an "
         f"output kept for display), list it on its module: fastft_key_ignore = ({attr!r},); else keep such "
         "state outside the frozen layers.",
-        CacheReuseWarning, stacklevel=4,
+        CacheReuseWarning,
+        stacklevel=4,
     )
 
 
-def transform_part(transform: Callable | None, transform_id: str | None, seed: int,
-                   batch_size: int) -> tuple[str, list[str], str]:
+def transform_part(
+    transform: Callable | None, transform_id: str | None, seed: int, batch_size: int
+) -> tuple[str, list[str], str]:
     """``(part, opaque, digest)`` of a transform: by value, with the seed its randomness is
     drawn from and the batch size it is applied to (a per-batch transform's output depends on
     it). ``transform_id`` vouches for what fastft cannot see in it (its opaque parts)."""
@@ -175,8 +212,9 @@ def transform_part(transform: Callable | None, transform_id: str | None, seed: i
     return f"{named}{hasher.hexdigest()},seed={seed},batch={batch_size}", opaque, hasher.hexdigest()
 
 
-def dataset_part(source: Source, dataset_id: str | None, batch_size: int = 256,
-                 num_workers: int = 0) -> tuple[str, torch.Tensor | None, list[str]]:
+def dataset_part(
+    source: Source, dataset_id: str | None, batch_size: int = 256, num_workers: int = 0
+) -> tuple[str, torch.Tensor | None, list[str]]:
     """``(part, labels, opaque)`` of the data: every sample by content (one read of the data),
     or ``dataset_id`` (no read; the labels of ``(X, y)`` tensors still count, they are at hand)."""
     if dataset_id is not None:
@@ -188,58 +226,88 @@ def dataset_part(source: Source, dataset_id: str | None, batch_size: int = 256,
     return _sha(found.digest), found.labels, [f"the data: {o}" for o in found.opaque]
 
 
-def make_key(prefix: nn.Module, source: Source, *, dataset_id: str | None, transform: Callable | None,
-             transform_id: str | None, views: int, seed: int, batch_size: int, num_workers: int, dtype: str,
-             pool: str, mask_key: str, amp: str | None = None, device: torch.device | str = "cpu") -> CacheKey:
+def make_key(
+    prefix: nn.Module,
+    source: Source,
+    *,
+    dataset_id: str | None,
+    transform: Callable | None,
+    transform_id: str | None,
+    views: int,
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+    dtype: str,
+    pool: str,
+    mask_key: str,
+    amp: str | None = None,
+    device: torch.device | str = "cpu",
+) -> CacheKey:
     """The :class:`CacheKey` of a build (reads every sample once unless ``dataset_id`` is given;
     see the module docstring for what each part covers)."""
     parts, opaque, trace = prefix_parts(prefix)
     dataset, labels, data_opaque = dataset_part(source, dataset_id, batch_size, num_workers)
     opaque += data_opaque
-    t_part, t_opaque, t_digest = transform_part(transform, transform_id, seed, source.chunk_size or batch_size)
+    t_part, t_opaque, t_digest = transform_part(
+        transform, transform_id, seed, source.chunk_size or batch_size
+    )
     opaque += t_opaque
-    parts.update({
-        "format": str(FORMAT_VERSION),
-        "dataset": dataset,
-        "transform": t_part,
-        "views": f"views={views}",
-        "dtype": dtype + (f",prefix under {amp} autocast" if amp else ""),
-        "numerics": numerics(device),
-        "pool": pool + (f":{mask_key}" if pool == "masked_mean" else ""),
-    })
+    parts.update(
+        {
+            "format": str(FORMAT_VERSION),
+            "dataset": dataset,
+            "transform": t_part,
+            "views": f"views={views}",
+            "dtype": dtype + (f",prefix under {amp} autocast" if amp else ""),
+            "numerics": numerics(device),
+            "pool": pool + (f":{mask_key}" if pool == "masked_mean" else ""),
+        }
+    )
     return CacheKey(parts, opaque, labels, trace=trace, transform_digest=t_digest)
 
 
 def warn_not_reusable(key: CacheKey) -> None:
     """The one warning of a build whose key is opaque: what was not seen and how to get reuse."""
-    where = "; ".join(key.opaque[:3]) + (f" (and {len(key.opaque) - 3} more)" if len(key.opaque) > 3 else "")
+    where = "; ".join(key.opaque[:3]) + (
+        f" (and {len(key.opaque) - 3} more)" if len(key.opaque) > 3 else ""
+    )
     how = []
     if any(o.startswith("the transform") for o in key.opaque):
-        how.append("pass transform_id='...' naming what the transform does (change it when what the "
-                   "transform reads changes)")
+        how.append(
+            "pass transform_id='...' naming what the transform does (change it when what the "
+            "transform reads changes)"
+        )
     if any(o.startswith("the data") for o in key.opaque):
         how.append("pass dataset_id='...' naming the data (change it when the data change)")
     if any(o.startswith("the frozen model") for o in key.opaque):
-        how.append("make that attribute of the frozen model a tensor, number, string or a container of those "
-                   "(or a registered buffer), or delete it; a method that never runs when the model computes "
-                   "(a training step, an export) can be listed in its class's fastft_key_ignore = ('name',)")
+        how.append(
+            "make that attribute of the frozen model a tensor, number, string or a container of those "
+            "(or a registered buffer), or delete it; a method that never runs when the model computes "
+            "(a training step, an export) can be listed in its class's fastft_key_ignore = ('name',)"
+        )
     warnings.warn(
         f"fastft: this feature cache is built for this use only and will not be reused, because its key cannot "
         f"see everything that determines the features: {where}. To reuse it: {'; or '.join(how)}.",
-        CacheReuseWarning, stacklevel=4,
+        CacheReuseWarning,
+        stacklevel=4,
     )
 
 
 def warn_if_transform_changed(transform: Callable | None, key: CacheKey) -> None:
     """After a build: warn when running the transform changed its own state (a random
     generator of its own): the next build's key differs, so its caches are never reused."""
-    if transform is None or ContentHasher().update(transform, "the transform").hexdigest() == key.transform_digest:
+    if (
+        transform is None
+        or ContentHasher().update(transform, "the transform").hexdigest() == key.transform_digest
+    ):
         return
     warnings.warn(
         "fastft: running the transform changed its own state (a random generator it holds?), so the next build's "
         "key will differ and its caches will never be reused. Draw randomness from torch's global generator or "
         "from the generator= keyword fastft passes (both seeded per chunk), not from a generator the transform "
-        "keeps.", CacheReuseWarning, stacklevel=4,
+        "keeps.",
+        CacheReuseWarning,
+        stacklevel=4,
     )
 
 

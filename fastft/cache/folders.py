@@ -9,9 +9,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from fastft.cache.disk import JOURNAL, LOCKS, MANIFEST, arrays, read_manifest
 from fastft.errors import CacheError, CacheLockedError
@@ -22,8 +22,9 @@ LOCK_TIMEOUT_S = 6 * 3600.0
 
 
 @contextmanager
-def build_lock(cache_dir: Path, fingerprint: str, *, timeout: float | None = None,
-               on_wait=None) -> Iterator[None]:
+def build_lock(
+    cache_dir: Path, fingerprint: str, *, timeout: float | None = None, on_wait=None
+) -> Iterator[None]:
     """Hold the exclusive build lock of ``fingerprint``; wait (polling) while another process
     holds it. The kernel drops an flock when its holder dies, so a killed builder never
     leaves a stale lock. Raises CacheLockedError after ``timeout`` seconds."""
@@ -32,13 +33,17 @@ def build_lock(cache_dir: Path, fingerprint: str, *, timeout: float | None = Non
     locks = cache_dir / LOCKS
     locks.mkdir(parents=True, exist_ok=True)
     if locks.is_symlink():
-        raise CacheError(f"{locks} is a symbolic link; fastft never follows links for its locks. Remove it.")
+        raise CacheError(
+            f"{locks} is a symbolic link; fastft never follows links for its locks. Remove it."
+        )
     try:  # O_NOFOLLOW: a link planted at the lock's name must not make fastft create its target
         fd = os.open(locks / f"{fingerprint}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise CacheError(f"the lock file {locks / (fingerprint + '.lock')} is a symbolic link; fastft never "
-                             "follows links for its locks. Remove it.") from None
+            raise CacheError(
+                f"the lock file {locks / (fingerprint + '.lock')} is a symbolic link; fastft never "
+                "follows links for its locks. Remove it."
+            ) from None
         raise
     try:
         deadline = time.monotonic() + timeout
@@ -92,24 +97,34 @@ def write_errors(folder: Path, what: str, *, committed_rows: int | None = None) 
     try:
         yield
     except OSError as exc:
-        kept = (f"The {committed_rows} rows committed so far are kept: building again resumes from them."
-                if committed_rows else "Building again starts or resumes it.")
+        kept = (
+            f"The {committed_rows} rows committed so far are kept: building again resumes from them."
+            if committed_rows
+            else "Building again starts or resumes it."
+        )
         if exc.errno in _NO_SPACE:
-            why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                   errno.EFBIG: "the file size limit was reached"}[exc.errno]
+            why = {
+                errno.ENOSPC: "the disk is full",
+                errno.EDQUOT: "the disk quota is exceeded",
+                errno.EFBIG: "the file size limit was reached",
+            }[exc.errno]
             raise CacheError(
                 f"cache {folder.name}: {why} while {what} in {folder.parent} ({exc.strerror}). Free disk "
                 f"space there, or pass cache_dir= (or set FASTFT_CACHE_DIR) to a disk with room. {kept}"
             ) from exc
-        raise CacheError(f"cache {folder.name}: cannot write {folder} while {what} ({exc}). {kept}") from exc
+        raise CacheError(
+            f"cache {folder.name}: cannot write {folder} while {what} ({exc}). {kept}"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------- folders
 def ensure_real_folder(folder: Path) -> None:
     """CacheError when a cache folder is a symbolic link (fastft never writes through one)."""
     if folder.is_symlink():
-        raise CacheError(f"{folder} is a symbolic link; fastft never reads or writes a cache through a link. "
-                         "Remove the link.")
+        raise CacheError(
+            f"{folder} is a symbolic link; fastft never reads or writes a cache through a link. "
+            "Remove the link."
+        )
 
 
 def discard_folder(folder: Path) -> None:
@@ -120,13 +135,19 @@ def discard_folder(folder: Path) -> None:
 
 
 #: Names fastft gives the files of a cache folder (whatever its manifest says, or if it has none).
-_OWN_NAME = re.compile(r"(manifest\.json|journal(\.rank\d{1,6})?\.json|tap\d+(\.scales)?\.bin|labels\.bin)(\.tmp)?")
+_OWN_NAME = re.compile(
+    r"(manifest\.json|journal(\.rank\d{1,6})?\.json|tap\d+(\.scales)?\.bin|labels\.bin)(\.tmp)?"
+)
 
 
 def owned_files(folder: Path, manifest: dict | None) -> set[str]:
     """The names fastft writes in a cache folder: the manifest, the journals, the files the
     manifest names or that fastft names so, and the temporary files of their atomic rewrites."""
-    names = {p.name for p in folder.iterdir() if _OWN_NAME.fullmatch(p.name)} if folder.is_dir() else set()
+    names = (
+        {p.name for p in folder.iterdir() if _OWN_NAME.fullmatch(p.name)}
+        if folder.is_dir()
+        else set()
+    )
     names |= {MANIFEST, JOURNAL}
     if manifest is not None:
         names |= {a.file for a in arrays(manifest)}
@@ -156,7 +177,9 @@ def remove_folder(folder: Path, *, missing_ok: bool = False) -> None:
         entries = list(folder.iterdir())
     except FileNotFoundError:
         return
-    strangers = [p.name for p in entries if p.name not in known or p.is_dir() and not p.is_symlink()]
+    strangers = [
+        p.name for p in entries if p.name not in known or p.is_dir() and not p.is_symlink()
+    ]
     if strangers:
         raise CacheError(
             f"{folder} holds files fastft did not write ({', '.join(sorted(strangers)[:5])}"
@@ -185,5 +208,3 @@ def check_free_space(folder: Path, nbytes: int) -> None:
             f"{format_gib(free)} free. Free space there, pass cache_dir= (or set FASTFT_CACHE_DIR) to a disk "
             "with room, or make the cache smaller (a smaller cache_dtype, fewer views or samples)."
         )
-
-

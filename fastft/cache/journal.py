@@ -15,9 +15,21 @@ from pathlib import Path
 
 import torch
 
-from fastft.cache.disk import (JOURNAL, SHARD_JOURNAL, SHARD_JOURNAL_RE, Array, arrays, is_int, map_array,
-                               read_json, read_manifest, check_sizes, write_json_atomic)
+from fastft.cache.disk import (
+    JOURNAL,
+    SHARD_JOURNAL,
+    SHARD_JOURNAL_RE,
+    Array,
+    arrays,
+    check_sizes,
+    is_int,
+    map_array,
+    read_json,
+    read_manifest,
+    write_json_atomic,
+)
 from fastft.errors import CacheCorruptError
+
 
 def _rows(array: Array, view: int, start: int, count: int, n: int) -> slice | None:
     if array.per_view:
@@ -25,8 +37,9 @@ def _rows(array: Array, view: int, start: int, count: int, n: int) -> slice | No
     return slice(start, start + count) if view == 0 else None
 
 
-def chunk_checksums(tensors: dict[str, torch.Tensor], layout: list[Array], view: int, start: int,
-                    count: int, n: int) -> dict[str, int]:
+def chunk_checksums(
+    tensors: dict[str, torch.Tensor], layout: list[Array], view: int, start: int, count: int, n: int
+) -> dict[str, int]:
     """crc32 of the bytes of one chunk in each file (labels only in view 0's chunks)."""
     sums = {}
     for array in layout:
@@ -41,8 +54,11 @@ def chunk_checksums(tensors: dict[str, torch.Tensor], layout: list[Array], view:
 def _journal_entries(payload: object, path: Path, n: int | None, views: int | None) -> list:
     """The chunk entries of a journal file, each checked to be ``[view, start, count, {file: crc32}]``
     within the cache's bounds."""
+
     def bad(why: str) -> CacheCorruptError:
-        return CacheCorruptError(f"{path} is not a valid journal ({why}); remove the cache and rebuild it.")
+        return CacheCorruptError(
+            f"{path} is not a valid journal ({why}); remove the cache and rebuild it."
+        )
 
     if not isinstance(payload, dict) or not isinstance(payload.get("chunks", []), list):
         raise bad("expected an object with a list of chunks")
@@ -51,11 +67,23 @@ def _journal_entries(payload: object, path: Path, n: int | None, views: int | No
         if not (isinstance(entry, list) and len(entry) == 4):
             raise bad(f"entry {entry!r:.80} is not [view, start, count, checksums]")
         view, start, count, sums = entry
-        if not (is_int(view) and is_int(start) and is_int(count) and view >= 0 and start >= 0 and count >= 1):
+        if not (
+            is_int(view)
+            and is_int(start)
+            and is_int(count)
+            and view >= 0
+            and start >= 0
+            and count >= 1
+        ):
             raise bad(f"entry {entry!r:.80} has a bad view, start or count")
         if (n is not None and start + count > n) or (views is not None and view >= views):
-            raise bad(f"chunk (view {view}, samples {start}..{start + count - 1}) is outside the cache")
-        if not (isinstance(sums, dict) and all(isinstance(k, str) and is_int(v) for k, v in sums.items())):
+            raise bad(
+                f"chunk (view {view}, samples {start}..{start + count - 1}) is outside the cache"
+            )
+        if not (
+            isinstance(sums, dict)
+            and all(isinstance(k, str) and is_int(v) for k, v in sums.items())
+        ):
             raise bad(f"entry {entry!r:.80} has bad checksums")
     return entries
 
@@ -79,8 +107,14 @@ def remove_journals(folder: Path) -> None:
 class Journal:
     """The set of committed chunks: ``(view, start) -> (count, {file: crc32})``."""
 
-    def __init__(self, folder: Path, n: int | None = None, views: int | None = None, *,
-                 shard: int | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        n: int | None = None,
+        views: int | None = None,
+        *,
+        shard: int | None = None,
+    ):
         """Read the journal of ``folder`` (empty when there is none); CacheCorruptError when it
         is not a journal or, given the cache's ``n`` samples and ``views``, names rows outside it.
 
@@ -93,7 +127,9 @@ class Journal:
         self.chunks: dict[tuple[int, int], tuple[int, dict[str, int]]] = {}
         self._absorbed = [] if shard is not None else shard_journals(folder)
         if self.path.exists():
-            for view, start, count, sums in _journal_entries(read_json(self.path), self.path, n, views):
+            for view, start, count, sums in _journal_entries(
+                read_json(self.path), self.path, n, views
+            ):
                 self.chunks[(view, start)] = (count, sums)
         for path in self._absorbed:
             for view, start, count, sums in _journal_entries(read_json(path), path, n, views):
@@ -177,9 +213,16 @@ def verify_folder(folder: Path) -> dict:
         )
     complete = journal.covers(n, manifest["num_views"])
     if manifest.get("status") == "complete" and not complete:
-        raise CacheCorruptError(f"cache {folder.name}: marked complete but its journal does not cover every row.")
-    return {"fingerprint": manifest["fingerprint"], "path": str(folder), "chunks": len(journal.chunks),
-            "complete": complete, "ok": True}
+        raise CacheCorruptError(
+            f"cache {folder.name}: marked complete but its journal does not cover every row."
+        )
+    return {
+        "fingerprint": manifest["fingerprint"],
+        "path": str(folder),
+        "chunks": len(journal.chunks),
+        "complete": complete,
+        "ok": True,
+    }
 
 
 # ---------------------------------------------------------------------------- checks on read
@@ -232,8 +275,11 @@ class ChunkVerifier:
         for i in chunk_ids:
             view, start, count, sums = self._chunks[i]
             actual = chunk_checksums(self.tensors, layout, view, start, count, self.n)
-            bad += [f"{f} (view {view}, samples {start}..{start + count - 1})"
-                    for f, crc in actual.items() if sums.get(f) != crc]
+            bad += [
+                f"{f} (view {view}, samples {start}..{start + count - 1})"
+                for f, crc in actual.items()
+                if sums.get(f) != crc
+            ]
             if bad:
                 break
         if bad:

@@ -20,7 +20,13 @@ from fastft.errors import CacheCorruptError, CacheTooLargeError, FastFTValueErro
 # ---------------------------------------------------------------------------- dtypes
 #: Storage dtype names and their torch dtypes.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
-_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+_ALIASES = {
+    "float32": "fp32",
+    "float": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+}
 TIERS = ("auto", "device", "host", "disk")
 
 #: Share of the currently free memory that ``tier="auto"`` may use when no ``max_memory`` is given
@@ -48,7 +54,9 @@ def dtype_str(dtype: torch.dtype) -> str:
 
 #: Every dtype a manifest may name, by name: read from this table, never looked up on the
 #: torch module with a string taken from a file.
-_TORCH_DTYPES = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
+_TORCH_DTYPES = {
+    str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)
+}
 
 
 def str_dtype(name: str) -> torch.dtype:
@@ -64,8 +72,22 @@ def row_bytes(dim: int, dtype: torch.dtype) -> int:
     return dim * torch.empty((), dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
 
 
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "t": 1e12,
+    "tb": 1e12,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(size: int | float | str | None) -> int | None:
@@ -74,7 +96,9 @@ def parse_bytes(size: int | float | str | None) -> int | None:
         return None if size is None else int(size)
     match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", size)
     if not match or match.group(2).lower() not in _UNITS:
-        raise FastFTValueError(f"cannot read max_memory={size!r}; use bytes or e.g. '512MB', '2GiB'.")
+        raise FastFTValueError(
+            f"cannot read max_memory={size!r}; use bytes or e.g. '512MB', '2GiB'."
+        )
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
@@ -90,8 +114,13 @@ def free_host_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def choose_tier(tier: str, nbytes: int, device: torch.device, max_memory: int | None,
-                dtype: torch.dtype | None = None) -> str:
+def choose_tier(
+    tier: str,
+    nbytes: int,
+    device: torch.device,
+    max_memory: int | None,
+    dtype: torch.dtype | None = None,
+) -> str:
     """The tier a cache of ``nbytes`` goes to: ``tier`` itself unless it is ``auto``, which
     picks the fastest tier that fits ``max_memory`` (default: a share of free memory).
     ``dtype`` (the storage dtype) lets a refusal name the sizes in smaller dtypes."""
@@ -102,7 +131,11 @@ def choose_tier(tier: str, nbytes: int, device: torch.device, max_memory: int | 
     if tier != "auto":
         return tier
     if device.type == "cuda":
-        budget = max_memory if max_memory is not None else int(torch.cuda.mem_get_info(device)[0] * AUTO_FRACTION)
+        budget = (
+            max_memory
+            if max_memory is not None
+            else int(torch.cuda.mem_get_info(device)[0] * AUTO_FRACTION)
+        )
         if nbytes <= budget:
             return "device"
     budget = max_memory if max_memory is not None else int(free_host_memory() * AUTO_FRACTION)
@@ -129,8 +162,13 @@ def _smaller_dtypes(nbytes: int, dtype: torch.dtype | None) -> str:
     return f"a smaller cache_dtype ({sizes})"
 
 
-def _check_fits(tier: str, nbytes: int, device: torch.device, max_memory: int | None,
-                dtype: torch.dtype | None = None) -> None:
+def _check_fits(
+    tier: str,
+    nbytes: int,
+    device: torch.device,
+    max_memory: int | None,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Refuse an in-memory cache larger than ``max_memory`` (or than the memory free now)
     before any work is done, naming its size and what would fit."""
     if tier == "device" and device.type == "cuda":
@@ -161,7 +199,9 @@ class TapStorage:
         return self.data.numel() * self.data.element_size() + self.scales.numel() * 4
 
 
-def allocate(rows: int, dim: int, dtype: torch.dtype, device: torch.device, pin: bool) -> TapStorage:
+def allocate(
+    rows: int, dim: int, dtype: torch.dtype, device: torch.device, pin: bool
+) -> TapStorage:
     """Zeroed in-memory storage for ``rows`` rows of ``dim`` features."""
     data = torch.zeros((rows, dim), dtype=dtype, device=device, pin_memory=pin)
     n_scales = rows if dtype == torch.int8 else 0
@@ -195,22 +235,35 @@ class TapInfo:
     source_dtype: torch.dtype | None = None
 
     def to_json(self) -> dict:
-        d = {"name": self.name, "dim": self.dim, "shape": list(self.shape),
-             "dtype": dtype_str(self.dtype), "pool": self.pool}
+        d = {
+            "name": self.name,
+            "dim": self.dim,
+            "shape": list(self.shape),
+            "dtype": dtype_str(self.dtype),
+            "pool": self.pool,
+        }
         if self.source_dtype is not None:
             d["source_dtype"] = str(self.source_dtype).removeprefix("torch.")
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "TapInfo":
+    def from_json(cls, d: dict) -> TapInfo:
         source = d.get("source_dtype")
-        return cls(d["name"], int(d["dim"]), tuple(d["shape"]), str_dtype(d["dtype"]), d["pool"],
-                   None if source is None else exact_dtype(source))
+        return cls(
+            d["name"],
+            int(d["dim"]),
+            tuple(d["shape"]),
+            str_dtype(d["dtype"]),
+            d["pool"],
+            None if source is None else exact_dtype(source),
+        )
 
 
 def exact_dtype(name: str) -> torch.dtype:
     """The integer or bool dtype a manifest names for a non-float tap."""
     dtype = _TORCH_DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None or dtype.is_floating_point:
-        raise CacheCorruptError(f"the manifest names an unknown source dtype {name!r} for a non-float tap.")
+        raise CacheCorruptError(
+            f"the manifest names an unknown source dtype {name!r} for a non-float tap."
+        )
     return dtype

@@ -65,8 +65,12 @@ def resolve(fingerprint_or_path: str | Path, cache_dir: str | Path | None = None
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise CacheError(f"{key!r} matches {len(matches)} caches in {root}; give more of the fingerprint.")
-    raise CacheError(f"no fastft cache {key!r} in {root} (a folder elsewhere is given as a path: ./{key}).")
+        raise CacheError(
+            f"{key!r} matches {len(matches)} caches in {root}; give more of the fingerprint."
+        )
+    raise CacheError(
+        f"no fastft cache {key!r} in {root} (a folder elsewhere is given as a path: ./{key})."
+    )
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -87,8 +91,14 @@ def info(fingerprint_or_path: str | Path, cache_dir: str | Path | None = None) -
         manifest = disk.read_manifest(folder)
         committed = journal.Journal(folder, manifest["num_rows"], manifest["num_views"])
         out = dict(manifest)
-        out.update({"path": str(folder), "disk_bytes": _folder_bytes(folder),
-                    "committed_chunks": len(committed.chunks), "reusable": "once" not in manifest["parts"]})
+        out.update(
+            {
+                "path": str(folder),
+                "disk_bytes": _folder_bytes(folder),
+                "committed_chunks": len(committed.chunks),
+                "reusable": "once" not in manifest["parts"],
+            }
+        )
     except FileNotFoundError:
         raise CacheError(f"cache {folder.name} was removed while it was being read.") from None
     return out
@@ -108,9 +118,15 @@ def list_caches(cache_dir: str | Path | None = None) -> list[dict]:
             out.append(info(folder))
         except CacheError as exc:
             if folder.exists():
-                out.append({"fingerprint": folder.name, "path": str(folder), "status": "unreadable", "error": str(exc)})
+                out.append(
+                    {
+                        "fingerprint": folder.name,
+                        "path": str(folder),
+                        "status": "unreadable",
+                        "error": str(exc),
+                    }
+                )
     return sorted(out, key=lambda d: d.get("created", 0), reverse=True)
-
 
 
 def verify(fingerprint_or_path: str | Path, cache_dir: str | Path | None = None) -> dict:
@@ -131,8 +147,11 @@ def check_removable(folder: Path, cache_dir: str | Path | None = None) -> None:
     if folder.is_symlink():
         raise _refuse(folder, "it is a symbolic link (fastft never deletes through a link)")
     real = folder.resolve()
-    for protected, what in ((Path.cwd().resolve(), "the working directory"),
-                            (cache_root(cache_dir).resolve(), "the cache dir"), (Path.home().resolve(), "home")):
+    for protected, what in (
+        (Path.cwd().resolve(), "the working directory"),
+        (cache_root(cache_dir).resolve(), "the cache dir"),
+        (Path.home().resolve(), "home"),
+    ):
         if real == protected or real in protected.parents:
             raise _refuse(folder, f"it is {what} or a folder above it")
     try:
@@ -140,8 +159,11 @@ def check_removable(folder: Path, cache_dir: str | Path | None = None) -> None:
     except CacheError as exc:
         raise _refuse(folder, f"it holds no valid fastft manifest ({exc})") from None
     if manifest["fingerprint"] != folder.name:
-        raise _refuse(folder, f"its manifest names cache {manifest['fingerprint'][:12]}, not the folder's name "
-                              "(a fastft cache folder is named by its fingerprint)")
+        raise _refuse(
+            folder,
+            f"its manifest names cache {manifest['fingerprint'][:12]}, not the folder's name "
+            "(a fastft cache folder is named by its fingerprint)",
+        )
 
 
 def remove(fingerprint_or_path: str | Path, cache_dir: str | Path | None = None) -> Path:
@@ -155,7 +177,9 @@ def remove(fingerprint_or_path: str | Path, cache_dir: str | Path | None = None)
         with folders.build_lock(folder.parent, folder.name, timeout=0):
             folders.remove_folder(folder)
     except CacheLockedError:
-        raise CacheLockedError(f"cache {folder.name} is being built by another process; remove it later.") from None
+        raise CacheLockedError(
+            f"cache {folder.name} is being built by another process; remove it later."
+        ) from None
     finally:
         if not had_locks:  # leave a folder outside the cache dir as it was
             (locks / f"{folder.name}.lock").unlink(missing_ok=True)

@@ -19,8 +19,8 @@ from fastft.errors import CacheError
 __all__ = ["register", "registered", "forget", "clear", "explain"]
 
 _SIZE = 4
-_recent: "OrderedDict[str, Store]" = OrderedDict()
-_alive: "weakref.WeakValueDictionary[str, Store]" = weakref.WeakValueDictionary()
+_recent: OrderedDict[str, Store] = OrderedDict()
+_alive: weakref.WeakValueDictionary[str, Store] = weakref.WeakValueDictionary()
 _history: deque = deque(maxlen=64)  # (fingerprint, parts) of recent keys, to explain rebuilds
 
 
@@ -37,7 +37,11 @@ def register(cache: Store) -> None:
 def registered(fp: str) -> Store | None:
     """The cache ``fp`` of this process, if any (and still on disk, for a disk cache)."""
     found = _recent.get(fp) or _alive.get(fp)
-    if found is not None and found.path is not None and not (Path(found.path) / disk.MANIFEST).is_file():
+    if (
+        found is not None
+        and found.path is not None
+        and not (Path(found.path) / disk.MANIFEST).is_file()
+    ):
         forget(fp)
         return None
     return found

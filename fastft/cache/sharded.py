@@ -17,8 +17,15 @@ import torch
 
 from fastft import distributed as fdist
 from fastft.cache import disk, folders, journal
-from fastft.cache.disk_build import (Committer, attach, complete_cache, create_folder, drop_bad_chunks, read_journal,
-                                     resumable_manifest)
+from fastft.cache.disk_build import (
+    Committer,
+    attach,
+    complete_cache,
+    create_folder,
+    drop_bad_chunks,
+    read_journal,
+    resumable_manifest,
+)
 from fastft.cache.fingerprint import combine
 from fastft.cache.layout import TapStorage
 from fastft.cache.store import Store, open_folder
@@ -114,17 +121,29 @@ def _build_sharded_once(job: Job) -> Store | None:
         plan, probe = None, None
         if rank == 0:
             try:
-                held.enter_context(folders.build_lock(s.root, fp, on_wait=lambda: log.warning(
-                    "fastft: another process is building cache %s; waiting for it to finish.", fp[:12])))
+                held.enter_context(
+                    folders.build_lock(
+                        s.root,
+                        fp,
+                        on_wait=lambda: log.warning(
+                            "fastft: another process is building cache %s; waiting for it to finish.",
+                            fp[:12],
+                        ),
+                    )
+                )
                 plan, probe = _prepare_shards(job)
             except BaseException as exc:
                 fdist.broadcast_object({"error": _describe(exc)})
                 raise
         plan = fdist.broadcast_object(plan)
         if "error" in plan:
-            raise CacheError(f"rank 0 could not prepare cache {fp[:12]} for a sharded build: {plan['error']}")
+            raise CacheError(
+                f"rank 0 could not prepare cache {fp[:12]} for a sharded build: {plan['error']}"
+            )
         if plan["status"] == "complete":
-            return open_folder(folder).with_telemetry(**hit_telemetry(job.t_start, "hit: built by another process"))
+            return open_folder(folder).with_telemetry(
+                **hit_telemetry(job.t_start, "hit: built by another process")
+            )
 
         summary, error = _write_share(job, plan, probe, rank, world)
         summaries = fdist.all_gather_object(summary)
@@ -139,8 +158,11 @@ def _build_sharded_once(job: Job) -> Store | None:
             )
         if any(o["layout"] for o in summaries):
             if rank == 0:
-                log.warning("fastft: cache %s: %s; rebuilding it from scratch.", fp[:12],
-                            next(o["error"] for o in summaries if o["layout"]))
+                log.warning(
+                    "fastft: cache %s: %s; rebuilding it from scratch.",
+                    fp[:12],
+                    next(o["error"] for o in summaries if o["layout"]),
+                )
                 folders.discard_folder(folder)
             fdist.barrier()  # the folder is gone for every rank before anyone starts again
             return None
@@ -154,11 +176,18 @@ def _build_sharded_once(job: Job) -> Store | None:
                 raise
         final = fdist.broadcast_object(final)
         if "error" in final:
-            raise CacheError(f"rank 0 could not complete cache {fp[:12]}: {final['error']} The chunks every rank "
-                             "committed are kept: running the job again resumes the build.")
-    telemetry = dict(final, prefix_seconds=summary["prefix_seconds"], write_seconds=summary["write_seconds"],
-                     prefix_calls=summary["prefix_calls"], rows_computed=summary["rows"],
-                     build_seconds=time.perf_counter() - job.t_start)
+            raise CacheError(
+                f"rank 0 could not complete cache {fp[:12]}: {final['error']} The chunks every rank "
+                "committed are kept: running the job again resumes the build."
+            )
+    telemetry = dict(
+        final,
+        prefix_seconds=summary["prefix_seconds"],
+        write_seconds=summary["write_seconds"],
+        prefix_calls=summary["prefix_calls"],
+        rows_computed=summary["rows"],
+        build_seconds=time.perf_counter() - job.t_start,
+    )
     del writer.storages, writer.labels
     return open_folder(folder, telemetry=telemetry, verified=True)  # the build checked its shards
 
@@ -182,13 +211,20 @@ def _prepare_shards(job: Job) -> tuple[dict, Probe | None]:
             tensors = {a.name: disk.map_array(folder, a, writable=False) for a in layout}
         record = read_journal(folder, n, s.views)
         reused = drop_bad_chunks(record, tensors, layout, n)
-        with folders.write_errors(folder, "merging the journals of its ranks", committed_rows=reused):
+        with folders.write_errors(
+            folder, "merging the journals of its ranks", committed_rows=reused
+        ):
             record.save()
         committed = [[v, st, c] for (v, st), (c, _) in sorted(record.chunks.items())]
         if reused:
             reason = f"resumed: {reused} of {n * s.views} rows were already committed"
-    return {"status": "ready", "created": manifest["created"], "resumed": probe is None, "committed": committed,
-            "reason": reason}, probe
+    return {
+        "status": "ready",
+        "created": manifest["created"],
+        "resumed": probe is None,
+        "committed": committed,
+        "reason": reason,
+    }, probe
 
 
 def _shared_manifest(folder: Path, plan: dict, rank: int) -> dict:
@@ -198,7 +234,11 @@ def _shared_manifest(folder: Path, plan: dict, rank: int) -> dict:
         manifest = disk.read_manifest(folder)
     except CacheError:
         manifest = None
-    if manifest is None or manifest.get("created") != plan["created"] or manifest.get("status") != "building":
+    if (
+        manifest is None
+        or manifest.get("created") != plan["created"]
+        or manifest.get("status") != "building"
+    ):
         raise CacheError(
             f"rank {rank} on host {socket.gethostname()} does not see the cache folder {folder} that rank 0 "
             "prepared: a sharded build needs a cache_dir on a filesystem every rank shares. Pass cache_dir= "
@@ -207,7 +247,9 @@ def _shared_manifest(folder: Path, plan: dict, rank: int) -> dict:
     return manifest
 
 
-def _write_share(job: Job, plan: dict, probe: Probe | None, rank: int, world: int) -> tuple[dict, BaseException | None]:
+def _write_share(
+    job: Job, plan: dict, probe: Probe | None, rank: int, world: int
+) -> tuple[dict, BaseException | None]:
     """Compute and commit this rank's share of the missing chunks. Returns (summary for the
     other ranks, this rank's error or None): an Exception is reported, not raised, so that
     every rank reaches the next collective and fails with it."""
@@ -217,16 +259,24 @@ def _write_share(job: Job, plan: dict, probe: Probe | None, rank: int, world: in
     try:
         manifest = _shared_manifest(folder, plan, rank)
         layout, tensors = attach(writer, folder, manifest, plan["resumed"])
-        committer = Committer(folder, layout, tensors, journal.Journal(folder, n, s.views, shard=rank), n)
+        committer = Committer(
+            folder, layout, tensors, journal.Journal(folder, n, s.views, shard=rank), n
+        )
         skip = ShardSkip({tuple(c) for c in plan["committed"]}, rank, world)
         writer.s = replace(s, progress=s.progress and rank == 0)  # one bar: rank 0's share
         try:
-            summary["rows"] = run_chunks(writer, job.source, probe, skip, committer.done, 0, share=True)
+            summary["rows"] = run_chunks(
+                writer, job.source, probe, skip, committer.done, 0, share=True
+            )
         except BaseException:
             try:
                 committer.commit()  # chunks fully written before the error are kept for the resume
             except Exception as exc:
-                log.warning("fastft: could not commit the finished chunks of cache %s: %s", folder.name[:12], exc)
+                log.warning(
+                    "fastft: could not commit the finished chunks of cache %s: %s",
+                    folder.name[:12],
+                    exc,
+                )
             raise
         committer.commit()
     except LayoutMismatch as exc:
@@ -251,30 +301,55 @@ def _finish_shards(job: Job, plan: dict, summaries: list[dict], verify: bool) ->
     if verify:
         listed = record.rows
         if drop_bad_chunks(record, tensors, layout, n) != listed:
-            log.warning("fastft: cache %s: %d rows written by the ranks did not match their checksums; "
-                        "recomputing them on rank 0.", folder.name[:12], listed - record.rows)
+            log.warning(
+                "fastft: cache %s: %d rows written by the ranks did not match their checksums; "
+                "recomputing them on rank 0.",
+                folder.name[:12],
+                listed - record.rows,
+            )
     if not record.covers(n, s.views):  # only chunks that failed the verification
-        writer.storages = [TapStorage(tensors[t.name], tensors.get(t.name + ".scales", torch.empty(0)))
-                           for t in writer.taps]
+        writer.storages = [
+            TapStorage(tensors[t.name], tensors.get(t.name + ".scales", torch.empty(0)))
+            for t in writer.taps
+        ]
         writer.labels = tensors["labels"]
         committer = Committer(folder, layout, tensors, record, n)
-        repaired = run_chunks(writer, job.source, None, record.is_committed, committer.done, record.rows)
+        repaired = run_chunks(
+            writer, job.source, None, record.is_committed, committer.done, record.rows
+        )
         committer.commit()
-        summaries[0] = dict(summaries[0], rows=summaries[0]["rows"] + repaired, prefix_calls=writer.timer.prefix_calls)
-    with folders.write_errors(folder, "merging the journals of its ranks", committed_rows=record.rows):
+        summaries[0] = dict(
+            summaries[0],
+            rows=summaries[0]["rows"] + repaired,
+            prefix_calls=writer.timer.prefix_calls,
+        )
+    with folders.write_errors(
+        folder, "merging the journals of its ranks", committed_rows=record.rows
+    ):
         record.save()
     if not record.covers(n, s.views):
-        raise CacheError(f"cache {folder.name}: the data yielded fewer samples than its length {n}; "
-                         "the build is incomplete.")
-    by_rank = {"prefix_calls_by_rank": [o["prefix_calls"] for o in summaries],
-               "rows_computed_by_rank": [o["rows"] for o in summaries]}
-    telemetry = {"rows": n * s.views, "bytes": {"disk": sum(a.nbytes for a in layout)},
-                 "build_seconds": time.perf_counter() - job.t_start,
-                 "prefix_seconds": sum(o["prefix_seconds"] for o in summaries),
-                 "write_seconds": sum(o["write_seconds"] for o in summaries), "hit": False, "reason": plan["reason"],
-                 "prefix_calls": sum(by_rank["prefix_calls_by_rank"]),
-                 "rows_computed": sum(by_rank["rows_computed_by_rank"]),
-                 "rows_reused": sum(c for _, _, c in plan["committed"]), "world_size": len(summaries), **by_rank}
+        raise CacheError(
+            f"cache {folder.name}: the data yielded fewer samples than its length {n}; "
+            "the build is incomplete."
+        )
+    by_rank = {
+        "prefix_calls_by_rank": [o["prefix_calls"] for o in summaries],
+        "rows_computed_by_rank": [o["rows"] for o in summaries],
+    }
+    telemetry = {
+        "rows": n * s.views,
+        "bytes": {"disk": sum(a.nbytes for a in layout)},
+        "build_seconds": time.perf_counter() - job.t_start,
+        "prefix_seconds": sum(o["prefix_seconds"] for o in summaries),
+        "write_seconds": sum(o["write_seconds"] for o in summaries),
+        "hit": False,
+        "reason": plan["reason"],
+        "prefix_calls": sum(by_rank["prefix_calls_by_rank"]),
+        "rows_computed": sum(by_rank["rows_computed_by_rank"]),
+        "rows_reused": sum(c for _, _, c in plan["committed"]),
+        "world_size": len(summaries),
+        **by_rank,
+    }
     manifest.update(status="complete", telemetry=telemetry)
     with folders.write_errors(folder, "marking it complete", committed_rows=record.rows):
         disk.write_json_atomic(folder / disk.MANIFEST, manifest)

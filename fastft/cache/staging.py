@@ -12,8 +12,9 @@ On a CPU device the chunks pass through unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ def _pin(inputs: Any) -> Any:
 class _InFlight:
     """One chunk whose inputs are being copied to the device on the side stream."""
 
-    def __init__(self, chunk, device: torch.device, stream: "torch.cuda.Stream"):
+    def __init__(self, chunk, device: torch.device, stream: torch.cuda.Stream):
         self.chunk, self.device = chunk, device
         inputs, self.labels = chunk.load()
         self.host = _pin(inputs)  # kept alive until the copy is done

@@ -11,9 +11,10 @@ import hashlib
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,6 @@ class Timer:
     rows_written: int = 0
 
 
-
 @dataclass
 class Probe:
     """One chunk run through the prefix ahead of the build (its activations tell the taps'
@@ -87,7 +87,9 @@ def as_bld(x: torch.Tensor, pool: str) -> torch.Tensor:
         return x
     if x.dim() >= 4:
         return x.flatten(2).transpose(1, 2)
-    raise DataError(f"a frozen activation of shape {tuple(x.shape)} has no per-sample features to cache.")
+    raise DataError(
+        f"a frozen activation of shape {tuple(x.shape)} has no per-sample features to cache."
+    )
 
 
 def tap_shape(x: torch.Tensor, pool: str) -> tuple[int, ...]:
@@ -103,14 +105,20 @@ def taps_of(out: Any, prefix: nn.Module) -> tuple[list[str], list[torch.Tensor]]
     elif isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out) and out:
         tensors = list(out)
     else:
-        raise DataError(f"the frozen prefix must return a tensor or a tuple of tensors, got {type(out).__name__}.")
-    names = prefix.tap_names if getattr(type(prefix), "_fastft_prefix", False) else None  # a split's own names
+        raise DataError(
+            f"the frozen prefix must return a tensor or a tuple of tensors, got {type(out).__name__}."
+        )
+    names = (
+        prefix.tap_names if getattr(type(prefix), "_fastft_prefix", False) else None
+    )  # a split's own names
     if not names or len(names) != len(tensors):
         names = [f"tap{i}" for i in range(len(tensors))]
     return [str(n) for n in names], tensors
 
 
-def check_finite(store: TapStorage, rows: slice, name: str, start: int, view: int, views: int) -> None:
+def check_finite(
+    store: TapStorage, rows: slice, name: str, start: int, view: int, views: int
+) -> None:
     """Raise DataError when a just-written row is NaN or Inf.
 
     The check reads the stored rows (D values per sample, not L x D), so it costs little and
@@ -154,10 +162,12 @@ def first_chunk(source: Source, s: Settings) -> Chunk:
 
 def describe_inputs(inputs: Any) -> str:
     """``inputs`` in a few words: shape, dtype and device of a tensor or of each tensor of a dict."""
+
     def one(t: Any) -> str:
         if isinstance(t, torch.Tensor):
             return f"{list(t.shape)} {dtype_str(t.dtype)} on {t.device}"
         return type(t).__name__
+
     if isinstance(inputs, dict):
         return "{" + ", ".join(f"{k!r}: {one(v)}" for k, v in inputs.items()) + "}"
     return one(inputs)
@@ -197,8 +207,12 @@ class Writer:
         t0 = time.perf_counter()
         with torch.inference_mode():
             if self.s.transform is not None:
-                inputs = self._call("the transform", lambda: self._transform(inputs, chunk), chunk, inputs)
-            with torch.autocast(self.s.device.type, dtype=torch.bfloat16, enabled=self.s.amp == "bf16"):
+                inputs = self._call(
+                    "the transform", lambda: self._transform(inputs, chunk), chunk, inputs
+                )
+            with torch.autocast(
+                self.s.device.type, dtype=torch.bfloat16, enabled=self.s.amp == "bf16"
+            ):
                 out = self._call("the frozen prefix", lambda: self.prefix(inputs), chunk, inputs)
             names, tensors = taps_of(out, self.prefix)
         if self.s.device.type == "cuda":
@@ -243,26 +257,51 @@ class Writer:
             random.setstate(py_state)
             np.random.set_state(np_state)
 
-    def layout(self, names: list[str], tensors: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[TapInfo], dict]:
+    def layout(
+        self, names: list[str], tensors: list[torch.Tensor], labels: torch.Tensor
+    ) -> tuple[list[TapInfo], dict]:
         """Taps and label layout from the first chunk's activations."""
         taps = []
         for name, x in zip(names, tensors):
             if x.dim() < 1:
-                raise DataError(f"tap {name!r} has shape {tuple(x.shape)}; a frozen activation needs [B, ...].")
-            if x.dim() == 1:  # one number per sample (a length, a score): a row of one, never pooled
-                dtype, source = (self.s.storage_dtype, None) if x.is_floating_point() else (torch.float32, x.dtype)
+                raise DataError(
+                    f"tap {name!r} has shape {tuple(x.shape)}; a frozen activation needs [B, ...]."
+                )
+            if (
+                x.dim() == 1
+            ):  # one number per sample (a length, a score): a row of one, never pooled
+                dtype, source = (
+                    (self.s.storage_dtype, None)
+                    if x.is_floating_point()
+                    else (torch.float32, x.dtype)
+                )
                 taps.append(TapInfo(name, 1, (), dtype, "none", source))
             elif x.is_floating_point():
                 shape = tap_shape(x, self.s.pool)
-                taps.append(TapInfo(name, int(torch.Size(shape).numel()), shape, self.s.storage_dtype, self.s.pool))
+                taps.append(
+                    TapInfo(
+                        name,
+                        int(torch.Size(shape).numel()),
+                        shape,
+                        self.s.storage_dtype,
+                        self.s.pool,
+                    )
+                )
             else:  # masks, token ids: kept whole and exact (fp32 holds integers up to 2**24)
                 shape = tuple(x.shape[1:])
-                taps.append(TapInfo(name, int(torch.Size(shape).numel()), shape, torch.float32, "none", x.dtype))
+                taps.append(
+                    TapInfo(
+                        name, int(torch.Size(shape).numel()), shape, torch.float32, "none", x.dtype
+                    )
+                )
         label_layout = {"dtype": dtype_str(labels.dtype), "shape": list(labels.shape[1:])}
         return taps, label_layout
 
     def total_bytes(self, taps: list[TapInfo], labels: dict) -> int:
-        label_row = torch.Size(labels["shape"]).numel() * torch.empty((), dtype=str_dtype(labels["dtype"])).element_size()
+        label_row = (
+            torch.Size(labels["shape"]).numel()
+            * torch.empty((), dtype=str_dtype(labels["dtype"])).element_size()
+        )
         return self.n * (self.s.views * sum(row_bytes(t.dim, t.dtype) for t in taps) + label_row)
 
     def write(self, chunk: Chunk, names, tensors, inputs, labels) -> None:
@@ -270,7 +309,9 @@ class Writer:
         if self.expected_layout is not None:
             taps, label_layout = self.layout(names, tensors, labels)
             expected_taps, expected_labels = self.expected_layout
-            if taps != expected_taps or label_layout != {k: expected_labels.get(k) for k in label_layout}:
+            if taps != expected_taps or label_layout != {
+                k: expected_labels.get(k) for k in label_layout
+            }:
                 raise LayoutMismatch(
                     f"the interrupted build's manifest describes taps {expected_taps} and labels "
                     f"{expected_labels}, but the prefix gives {taps} and {label_layout}"
@@ -288,9 +329,13 @@ class Writer:
 
     def _write(self, chunk: Chunk, tensors, inputs, labels) -> None:
         if len(tensors) != len(self.taps):
-            raise DataError(f"the prefix returned {len(tensors)} taps for samples {chunk.start}.. but {len(self.taps)} before.")
+            raise DataError(
+                f"the prefix returned {len(tensors)} taps for samples {chunk.start}.. but {len(self.taps)} before."
+            )
         if int(labels.shape[0]) != chunk.count:
-            raise DataError(f"a batch of {chunk.count} samples came with {int(labels.shape[0])} labels.")
+            raise DataError(
+                f"a batch of {chunk.count} samples came with {int(labels.shape[0])} labels."
+            )
         mask = self._mask(inputs) if self.s.pool == "masked_mean" else None
         for tap, x, store in zip(self.taps, tensors, self.storages):
             pool = tap.pool  # the cache's pool, or 'none' for non-float and one-number taps
@@ -317,25 +362,41 @@ class Writer:
                 # The kernel writes the pinned rows through mapped memory: read them only once it
                 # has run (the row check may be deferred, and then nothing else waits for it).
                 torch.cuda.current_stream(src.device).synchronize()
-            check_finite(store, slice(first, first + chunk.count), tap.name, chunk.start, chunk.view, self.s.views)
+            check_finite(
+                store,
+                slice(first, first + chunk.count),
+                tap.name,
+                chunk.start,
+                chunk.view,
+                self.s.views,
+            )
         if chunk.view == 0:
-            if list(labels.shape[1:]) != list(self.labels.shape[1:]) or labels.dtype != self.labels.dtype:
+            if (
+                list(labels.shape[1:]) != list(self.labels.shape[1:])
+                or labels.dtype != self.labels.dtype
+            ):
                 raise DataError(
                     f"labels of samples {chunk.start}.. have {labels.dtype} {tuple(labels.shape[1:])} per sample, "
                     f"the first batch had {self.labels.dtype} {tuple(self.labels.shape[1:])}."
                 )
-            self.labels[chunk.start:chunk.start + chunk.count] = labels.to(self.labels.device)
+            self.labels[chunk.start : chunk.start + chunk.count] = labels.to(self.labels.device)
 
     def _mask(self, inputs: Any) -> torch.Tensor:
         if not isinstance(inputs, dict) or self.s.mask_key not in inputs:
             raise FastFTValueError(
                 f"pool='masked_mean' takes the mask from inputs[{self.s.mask_key!r}], but the inputs "
-                + ("have keys " + ", ".join(map(repr, inputs)) if isinstance(inputs, dict) else "are not a dict")
+                + (
+                    "have keys " + ", ".join(map(repr, inputs))
+                    if isinstance(inputs, dict)
+                    else "are not a dict"
+                )
                 + ". Pass mask_key= or another pool."
             )
         return inputs[self.s.mask_key]
 
-    def _tap_mask(self, mask: torch.Tensor | None, src: torch.Tensor, name: str) -> torch.Tensor | None:
+    def _tap_mask(
+        self, mask: torch.Tensor | None, src: torch.Tensor, name: str
+    ) -> torch.Tensor | None:
         if mask is None or src.shape[1] == 1:
             return None  # one position: masked_mean is that position (no mask needed)
         if tuple(mask.shape) != tuple(src.shape[:2]):
@@ -355,18 +416,32 @@ class LayoutMismatch(CacheCorruptError):
     """A resumed build's manifest does not describe what the prefix produces: rebuilt from scratch."""
 
 
-
 # ---------------------------------------------------------------------------- running
 def progress_bar(s: Settings, total: int, done: int):
     from tqdm.auto import tqdm
 
     enabled = s.progress and sys.stderr.isatty()
-    return tqdm(total=total, initial=done, unit="rows", unit_scale=True, desc="fastft cache",
-                disable=not enabled, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=done,
+        unit="rows",
+        unit_scale=True,
+        desc="fastft cache",
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
 
 
-def run_chunks(writer: Writer, source: Source, probe: Probe | None, skip: Callable[[int, int, int], bool],
-               on_done: Callable[[Chunk], None], done: int, *, share: bool = False) -> int:
+def run_chunks(
+    writer: Writer,
+    source: Source,
+    probe: Probe | None,
+    skip: Callable[[int, int, int], bool],
+    on_done: Callable[[Chunk], None],
+    done: int,
+    *,
+    share: bool = False,
+) -> int:
     """Forward and write every chunk not skipped; ``on_done`` after each written chunk.
     Returns the number of rows written. ``share``: the chunks are one rank's share of a
     sharded build (its progress bar counts rows, with no total)."""
@@ -375,8 +450,17 @@ def run_chunks(writer: Writer, source: Source, probe: Probe | None, skip: Callab
     written = 0
     try:
         for chunk in staged(chunks(source, s, skip), s.device):
-            if probe is not None and (chunk.view, chunk.start) == (0, 0) and chunk.count == probe.chunk.count:
-                names, tensors, inputs, labels = probe.names, probe.tensors, probe.inputs, probe.labels
+            if (
+                probe is not None
+                and (chunk.view, chunk.start) == (0, 0)
+                and chunk.count == probe.chunk.count
+            ):
+                names, tensors, inputs, labels = (
+                    probe.names,
+                    probe.tensors,
+                    probe.inputs,
+                    probe.labels,
+                )
             else:
                 names, tensors, inputs, labels = writer.forward(chunk)
             probe = None
@@ -390,24 +474,54 @@ def run_chunks(writer: Writer, source: Source, probe: Probe | None, skip: Callab
     return written
 
 
-def _telemetry(timer: Timer, tier: str, nbytes: int, t_start: float, reason: str, n: int, views: int, **extra) -> dict:
-    return {"rows": n * views, "bytes": {tier: nbytes}, "build_seconds": time.perf_counter() - t_start,
-            "prefix_seconds": timer.prefix, "write_seconds": timer.write, "hit": False, "reason": reason,
-            "prefix_calls": timer.prefix_calls, "rows_computed": timer.rows_written, **extra}
+def _telemetry(
+    timer: Timer, tier: str, nbytes: int, t_start: float, reason: str, n: int, views: int, **extra
+) -> dict:
+    return {
+        "rows": n * views,
+        "bytes": {tier: nbytes},
+        "build_seconds": time.perf_counter() - t_start,
+        "prefix_seconds": timer.prefix,
+        "write_seconds": timer.write,
+        "hit": False,
+        "reason": reason,
+        "prefix_calls": timer.prefix_calls,
+        "rows_computed": timer.rows_written,
+        **extra,
+    }
 
 
-def telemetry(timer: Timer, tier: str, nbytes: int, t_start: float, reason: str, rows: int, **extra) -> dict:
+def telemetry(
+    timer: Timer, tier: str, nbytes: int, t_start: float, reason: str, rows: int, **extra
+) -> dict:
     """What a build reports in ``cache.telemetry`` (a build that computed rows)."""
-    return {"rows": rows, "bytes": {tier: nbytes}, "build_seconds": time.perf_counter() - t_start,
-            "prefix_seconds": timer.prefix, "write_seconds": timer.write, "hit": False, "reason": reason,
-            "prefix_calls": timer.prefix_calls, "rows_computed": timer.rows_written, **extra}
+    return {
+        "rows": rows,
+        "bytes": {tier: nbytes},
+        "build_seconds": time.perf_counter() - t_start,
+        "prefix_seconds": timer.prefix,
+        "write_seconds": timer.write,
+        "hit": False,
+        "reason": reason,
+        "prefix_calls": timer.prefix_calls,
+        "rows_computed": timer.rows_written,
+        **extra,
+    }
 
 
-def hit_telemetry(t_start: float, reason: str, prefix_seconds: float = 0.0, prefix_calls: int = 0) -> dict:
+def hit_telemetry(
+    t_start: float, reason: str, prefix_seconds: float = 0.0, prefix_calls: int = 0
+) -> dict:
     """What a reuse reports (nothing written; a probe may have run the prefix once)."""
-    return {"hit": True, "reason": reason, "build_seconds": time.perf_counter() - t_start,
-            "prefix_seconds": prefix_seconds, "write_seconds": 0.0, "prefix_calls": prefix_calls,
-            "rows_computed": 0}
+    return {
+        "hit": True,
+        "reason": reason,
+        "build_seconds": time.perf_counter() - t_start,
+        "prefix_seconds": prefix_seconds,
+        "write_seconds": 0.0,
+        "prefix_calls": prefix_calls,
+        "rows_computed": 0,
+    }
 
 
 # ---------------------------------------------------------------------------- a build's job
@@ -437,4 +551,12 @@ class Job:
 
     def telemetry(self, tier: str, nbytes: int, **extra) -> dict:
         """This build's telemetry (see :func:`telemetry`)."""
-        return telemetry(self.writer.timer, tier, nbytes, self.t_start, self.reason, self.n * self.s.views, **extra)
+        return telemetry(
+            self.writer.timer,
+            tier,
+            nbytes,
+            self.t_start,
+            self.reason,
+            self.n * self.s.views,
+            **extra,
+        )

@@ -14,15 +14,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
-from torch.utils.data import default_collate
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    SequentialSampler,
+    default_collate,
+)
 
 from fastft.errors import DataError
 
 Inputs = Any  # a tensor or a dict of tensors
 
-__all__ = ["as_batches", "iter_range", "dataset_length", "batch_length", "index_select", "to_device",
-           "sample_hash", "all_labels", "is_ordered"]
+__all__ = [
+    "as_batches",
+    "iter_range",
+    "dataset_length",
+    "batch_length",
+    "index_select",
+    "to_device",
+    "sample_hash",
+    "all_labels",
+    "is_ordered",
+]
 
 
 # ---------------------------------------------------------------------------- shapes of data
@@ -48,7 +62,9 @@ def batch_length(inputs: Inputs) -> int:
         lengths = {}
         for key, value in inputs.items():
             if not isinstance(value, torch.Tensor):
-                raise DataError(f"inputs[{key!r}] is a {type(value).__name__}; dict inputs must hold tensors only.")
+                raise DataError(
+                    f"inputs[{key!r}] is a {type(value).__name__}; dict inputs must hold tensors only."
+                )
             lengths[key] = int(value.shape[0]) if value.dim() else -1
         if len(set(lengths.values())) != 1:
             raise DataError(f"the tensors of the inputs dict have different lengths: {lengths}.")
@@ -103,7 +119,9 @@ def is_ordered(data: Any) -> bool:
     """True when iterating ``data`` yields the same samples in the same order every time
     (False only for a DataLoader whose sampler shuffles)."""
     if isinstance(data, DataLoader):
-        return isinstance(data.dataset, IterableDataset) or isinstance(data.sampler, SequentialSampler)
+        return isinstance(data.dataset, IterableDataset) or isinstance(
+            data.sampler, SequentialSampler
+        )
     return True
 
 
@@ -117,13 +135,17 @@ def index_select(inputs: Inputs, idx: torch.Tensor) -> Inputs:
     raise DataError(f"inputs must be a tensor or a dict of tensors, got {type(inputs).__name__}.")
 
 
-def to_device(inputs: Inputs, device: torch.device | str | None, non_blocking: bool | None = None) -> Inputs:
+def to_device(
+    inputs: Inputs, device: torch.device | str | None, non_blocking: bool | None = None
+) -> Inputs:
     """``inputs`` (tensor, dict, or list/tuple of those) moved to ``device``; no copy when
     already there. Pinned host tensors move asynchronously unless ``non_blocking=False``."""
     if device is None:
         return inputs
     if isinstance(inputs, torch.Tensor):
-        return inputs.to(device, non_blocking=inputs.is_pinned() if non_blocking is None else non_blocking)
+        return inputs.to(
+            device, non_blocking=inputs.is_pinned() if non_blocking is None else non_blocking
+        )
     if isinstance(inputs, Mapping):
         return {k: to_device(v, device, non_blocking) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
@@ -144,7 +166,9 @@ def as_pair(batch: Any, where: str) -> tuple[Inputs, torch.Tensor]:
         try:
             labels = torch.as_tensor(labels)
         except Exception as exc:
-            raise DataError(f"{where}: labels of type {type(labels).__name__} cannot become a tensor.") from exc
+            raise DataError(
+                f"{where}: labels of type {type(labels).__name__} cannot become a tensor."
+            ) from exc
     batch_length(inputs)  # validates tensor-or-dict
     return inputs, labels
 
@@ -160,7 +184,9 @@ def collate(items: list) -> tuple[Inputs, torch.Tensor]:
         raise DataError(f"could not stack dataset items into a batch: {exc}") from exc
 
 
-def as_batches(data: Any, batch_size: int, *, num_workers: int = 0, shuffle: bool = False) -> Iterator[tuple[Inputs, torch.Tensor]]:
+def as_batches(
+    data: Any, batch_size: int, *, num_workers: int = 0, shuffle: bool = False
+) -> Iterator[tuple[Inputs, torch.Tensor]]:
     """Iterate ``data`` as ``(inputs, labels)`` batches of at most ``batch_size`` samples.
 
     - ``(X, y)`` tensors (``X`` a tensor or dict of tensors): slices (views, no copy) in
@@ -180,29 +206,42 @@ def as_batches(data: Any, batch_size: int, *, num_workers: int = 0, shuffle: boo
         for start in range(0, n, batch_size):
             if order is None:
                 sl = slice(start, min(start + batch_size, n))
-                yield (X[sl] if isinstance(X, torch.Tensor) else {k: v[sl] for k, v in X.items()}), y[sl]
+                yield (
+                    (X[sl] if isinstance(X, torch.Tensor) else {k: v[sl] for k, v in X.items()}),
+                    y[sl],
+                )
             else:
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 yield index_select(X, idx), y[idx]
         return
     if isinstance(data, DataLoader):
         loader = data
     else:
         dataset_length(data)  # DataError when empty or unsized
-        loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                            collate_fn=collate)
+        loader = DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=num_workers,
+            collate_fn=collate,
+        )
     for batch in loader:
         yield as_pair(batch, "the DataLoader" if loader is data else "the dataset")
 
 
-def iter_range(data: Any, start: int, end: int, batch_size: int, *, num_workers: int = 0) -> Iterator[tuple[Inputs, torch.Tensor]]:
+def iter_range(
+    data: Any, start: int, end: int, batch_size: int, *, num_workers: int = 0
+) -> Iterator[tuple[Inputs, torch.Tensor]]:
     """Batches of samples ``start..end-1`` in dataset order, as ``(inputs, labels)``
     (a DataLoader is read through its dataset, with its collate function and workers)."""
     if is_tensor_pair(data):
         X, y = data
         for s in range(start, end, batch_size):
             sl = slice(s, min(s + batch_size, end))
-            yield (X[sl] if isinstance(X, torch.Tensor) else {k: v[sl] for k, v in X.items()}), y[sl]
+            yield (
+                (X[sl] if isinstance(X, torch.Tensor) else {k: v[sl] for k, v in X.items()}),
+                y[sl],
+            )
         return
     loader_fn = collate
     dataset = data
@@ -213,8 +252,13 @@ def iter_range(data: Any, start: int, end: int, batch_size: int, *, num_workers:
     # own: reading a dataset in order must not change the user's random stream (dropout
     # masks of the training that follows would differ from a run without fastft).
     quiet_rng = torch.Generator().manual_seed(0)
-    for batch in DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=loader_fn,
-                            generator=quiet_rng):
+    for batch in DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=loader_fn,
+        generator=quiet_rng,
+    ):
         yield as_pair(batch, "the dataset")
 
 
@@ -241,7 +285,7 @@ def tensor_digest(t: torch.Tensor) -> bytes:
     return h.digest()
 
 
-def _update(h: "hashlib._Hash", obj: Any) -> None:
+def _update(h: hashlib._Hash, obj: Any) -> None:
     """Feed a sample (tensors, arrays, numbers, strings, containers) into ``h``."""
     if isinstance(obj, torch.Tensor):
         h.update(b"T" + tensor_digest(obj))
@@ -280,7 +324,11 @@ def sample_hash(data: Any) -> str:
         _update(h, list(data))
         return h.hexdigest()
     n = dataset_length(data)
-    source = data.dataset if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) else data
+    source = (
+        data.dataset
+        if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset)
+        else data
+    )
     h.update(f"n={n}".encode())
     if isinstance(source, DataLoader):
         for batch in source:

@@ -23,18 +23,28 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler,
-                              SubsetRandomSampler, WeightedRandomSampler, default_collate)
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+    default_collate,
+)
 from torch.utils.data.distributed import DistributedSampler
 
 from fastft import data as fdata
-from fastft.hashing import ContentHasher
 from fastft.errors import DataError
+from fastft.hashing import ContentHasher
 
 __all__ = ["Source", "as_source", "Chunk"]
 
@@ -88,12 +98,19 @@ class Source:
             yield start, min(size, self.n - start)
 
     # ------------------------------------------------------------------ reading
-    def chunks(self, views: int, batch_size: int, skip: Callable[[int, int, int], bool],
-               num_workers: int = 0) -> Iterator[Chunk]:
+    def chunks(
+        self,
+        views: int,
+        batch_size: int,
+        skip: Callable[[int, int, int], bool],
+        num_workers: int = 0,
+    ) -> Iterator[Chunk]:
         """A :class:`Chunk` for every ``(view, start, count)`` of every view that ``skip`` does
         not skip (asked once per chunk, in order), its samples checked against the content key
         when one was computed."""
-        plan = ((view, start, count) for view in range(views) for start, count in self.spans(batch_size))
+        plan = (
+            (view, start, count) for view in range(views) for start, count in self.spans(batch_size)
+        )
         return self.read((c for c in plan if not skip(*c)), num_workers)
 
     def read(self, chunks: Iterable[tuple[int, int, int]], num_workers: int = 0) -> Iterator[Chunk]:
@@ -118,7 +135,9 @@ class Source:
         """DataError when the data's length changed since this source was made (rows would
         belong to no fixed sample)."""
 
-    def _check_units(self, first_unit: int, digests: list[bytes], what: Callable[[int], str]) -> None:
+    def _check_units(
+        self, first_unit: int, digests: list[bytes], what: Callable[[int], str]
+    ) -> None:
         if self._unit_digests is None:
             return
         for i, d in enumerate(digests):
@@ -142,7 +161,11 @@ class TensorSource(Source):
 
     def _slice(self, start: int, count: int) -> tuple[Any, torch.Tensor]:
         sl = slice(start, start + count)
-        X = self.X[sl] if isinstance(self.X, torch.Tensor) else {k: v[sl] for k, v in self.X.items()}
+        X = (
+            self.X[sl]
+            if isinstance(self.X, torch.Tensor)
+            else {k: v[sl] for k, v in self.X.items()}
+        )
         return X, self.y[sl]
 
     def read(self, chunks, num_workers=0):
@@ -162,7 +185,12 @@ class _Collate:
     loader's workers, so hashing is parallel with loading."""
 
     def __init__(self, collate: Callable, per_item: bool, digests: bool, labels_only: bool = False):
-        self.collate, self.per_item, self.digests, self.labels_only = collate, per_item, digests, labels_only
+        self.collate, self.per_item, self.digests, self.labels_only = (
+            collate,
+            per_item,
+            digests,
+            labels_only,
+        )
 
     def __call__(self, items: list) -> tuple[Any, list[bytes], list[str]]:
         opaque: list[str] = []
@@ -172,8 +200,14 @@ class _Collate:
                 labels = default_collate([fdata.as_pair(item, "the dataset")[1] for item in items])
                 return (None, labels), digests, opaque
             batch = self.collate(items)
-            return (None, fdata.as_pair(batch, "the DataLoader")[1]), [_digest(batch, opaque)], opaque
-        digests = [_digest(item, opaque) for item in items] if self.digests and self.per_item else []
+            return (
+                (None, fdata.as_pair(batch, "the DataLoader")[1]),
+                [_digest(batch, opaque)],
+                opaque,
+            )
+        digests = (
+            [_digest(item, opaque) for item in items] if self.digests and self.per_item else []
+        )
         batch = self.collate(items)
         if self.digests and not self.per_item:
             digests = [_digest(batch, opaque)]
@@ -206,14 +240,24 @@ class DatasetSource(Source):
     """Samples ``indices`` of a map-style dataset (all of it by default), collated by fastft
     (units: items) or by a DataLoader's own ``collate_fn`` in its batches (units: batches)."""
 
-    def __init__(self, dataset: Any, *, indices: list[int] | None = None, collate: Callable | None = None,
-                 chunk_size: int | None = None, loader_options: dict | None = None, description: str = "the dataset"):
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        indices: list[int] | None = None,
+        collate: Callable | None = None,
+        chunk_size: int | None = None,
+        loader_options: dict | None = None,
+        description: str = "the dataset",
+    ):
         super().__init__()
         self.dataset = dataset
         self.indices = indices
         self.n = len(indices) if indices is not None else fdata.dataset_length(dataset)
         if self.n == 0:
-            raise DataError(f"{description} holds no samples: there is nothing to run the model on.")
+            raise DataError(
+                f"{description} holds no samples: there is nothing to run the model on."
+            )
         self.collate = collate or fdata.collate
         self.per_item = collate is None  # fastft's own stacking: a unit is an item
         self.chunk_size = chunk_size
@@ -223,13 +267,20 @@ class DatasetSource(Source):
     def _index(self, position: int) -> int:
         return position if self.indices is None else self.indices[position]
 
-    def _loader(self, batches: Iterable[list[int]], collate: _Collate, num_workers: int) -> DataLoader:
+    def _loader(
+        self, batches: Iterable[list[int]], collate: _Collate, num_workers: int
+    ) -> DataLoader:
         options = dict(self.loader_options)
         options.setdefault("num_workers", num_workers)
         # Its own generator: a DataLoader otherwise draws its base seed from the global one,
         # and reading data must not change the random stream of the training that follows.
-        return DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
-                          generator=torch.Generator().manual_seed(0), **options)
+        return DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(0),
+            **options,
+        )
 
     def check_unchanged(self) -> None:
         if self.indices is None:
@@ -255,17 +306,23 @@ class DatasetSource(Source):
         while True:
             try:
                 batch, digests, _ = next(loader)
-                inputs, labels = fdata.as_pair(batch, "the dataset" if self.per_item else "the DataLoader")
+                inputs, labels = fdata.as_pair(
+                    batch, "the dataset" if self.per_item else "the DataLoader"
+                )
             except StopIteration:
                 return
-            except Exception as exc:  # the dataset's own error, or its items' (collate): name the samples
+            except (
+                Exception
+            ) as exc:  # the dataset's own error, or its items' (collate): name the samples
                 _, start, count = plan.oldest()
                 raise DataError(self._load_failure(start, count, exc)) from exc
             view, start, count = plan.pop()
             self._check_units(self._unit(start), digests, self._describe_unit)
             if int(labels.shape[0]) != count:
-                raise DataError(f"{self.description}: samples {start}..{start + count - 1} came as a batch of "
-                                f"{int(labels.shape[0])} labels; the collate function must keep one row per sample.")
+                raise DataError(
+                    f"{self.description}: samples {start}..{start + count - 1} came as a batch of "
+                    f"{int(labels.shape[0])} labels; the collate function must keep one row per sample."
+                )
             yield Chunk(view, start, count, lambda b=(inputs, labels): b)
 
     def _load_failure(self, start: int, count: int, exc: Exception) -> str:
@@ -274,8 +331,11 @@ class DatasetSource(Source):
             now = len(self.dataset)
         except Exception:
             pass
-        changed = (f" The dataset's len() changed from {self.n} to {now}; the cache needs a dataset of fixed length."
-                   if self.indices is None and now is not None and now != self.n else "")
+        changed = (
+            f" The dataset's len() changed from {self.n} to {now}; the cache needs a dataset of fixed length."
+            if self.indices is None and now is not None and now != self.n
+            else ""
+        )
         what = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
         return f"loading samples {start}..{start + count - 1} of {self.description} failed: {what}.{changed}"
 
@@ -294,8 +354,10 @@ class DatasetSource(Source):
                 raise DataError(self._load_failure(start, count, exc)) from exc
             digests += unit_digests
             labels.append(torch.as_tensor(y))
-            opaque += [o for o in unit_opaque if o not in opaque][:4 - len(opaque)]
-        self._unit_digests = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+            opaque += [o for o in unit_opaque if o not in opaque][: 4 - len(opaque)]
+        self._unit_digests = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(
+            -1, DIGEST_BYTES
+        )
         h = ContentHasher()
         h.update(self.n, "n")
         h.update(self._unit_digests, "units")
@@ -322,8 +384,10 @@ class IterableSource(Source):
             inputs, labels = fdata.as_pair(batch, "the DataLoader")
             count = int(labels.shape[0])
             if start + count > self.n:
-                raise DataError(f"the DataLoader yielded more than the {self.n} samples its dataset's len() "
-                                "reported; the cache needs a fixed dataset.")
+                raise DataError(
+                    f"the DataLoader yielded more than the {self.n} samples its dataset's len() "
+                    "reported; the cache needs a fixed dataset."
+                )
             yield start, (inputs, labels), batch
             start += count
 
@@ -333,7 +397,9 @@ class IterableSource(Source):
         for view in range(views):
             for unit, (start, pair, batch) in enumerate(self._batches()):
                 if self._unit_digests is not None:
-                    self._check_units(unit, [_digest(batch)], lambda u: f"batch {u} of the DataLoader")
+                    self._check_units(
+                        unit, [_digest(batch)], lambda u: f"batch {u} of the DataLoader"
+                    )
                 count = int(pair[1].shape[0])
                 if not skip(view, start, count):
                     yield Chunk(view, start, count, lambda b=pair: b)
@@ -348,7 +414,9 @@ class IterableSource(Source):
         for _, (_, y), batch in self._batches():
             digests.append(_digest(batch, opaque))
             labels.append(y)
-        self._unit_digests = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+        self._unit_digests = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(
+            -1, DIGEST_BYTES
+        )
         h = ContentHasher().update(self._unit_digests, "batches")
         return ContentKey(f"n={self.n}:iterable:{h.hexdigest()}", torch.cat(labels), opaque)
 
@@ -370,7 +438,9 @@ def _sampler_indices(loader: DataLoader) -> list[int]:
     n = len(loader.dataset)
     sampler = loader.sampler
     batches = loader.batch_sampler
-    if batches is not None and not (isinstance(batches, BatchSampler) and batches.sampler is sampler):
+    if batches is not None and not (
+        isinstance(batches, BatchSampler) and batches.sampler is sampler
+    ):
         raise DataError(
             "the DataLoader has a custom batch_sampler; fastft reads samples in batches of its own. Pass a "
             "DataLoader with batch_size= and a sampler instead (its collate_fn is kept)."
@@ -383,16 +453,22 @@ def _sampler_indices(loader: DataLoader) -> list[int]:
     if isinstance(sampler, SequentialSampler):
         return list(range(n))
     if isinstance(sampler, DistributedSampler):
-        raise _refuse_sampler("is a DistributedSampler, which gives this process a share that changes every "
-                              "epoch (under torch.distributed fastft shards the work itself: give every rank "
-                              "the whole dataset)")
+        raise _refuse_sampler(
+            "is a DistributedSampler, which gives this process a share that changes every "
+            "epoch (under torch.distributed fastft shards the work itself: give every rank "
+            "the whole dataset)"
+        )
     if isinstance(sampler, WeightedRandomSampler):
-        raise _refuse_sampler("draws weighted samples with replacement, a different multiset every epoch")
+        raise _refuse_sampler(
+            "draws weighted samples with replacement, a different multiset every epoch"
+        )
     if isinstance(sampler, RandomSampler):
         if sampler.replacement or sampler.num_samples != len(sampler.data_source):
-            raise _refuse_sampler(f"draws {sampler.num_samples} of {len(sampler.data_source)} samples"
-                                  f"{' with replacement' if sampler.replacement else ''}, a different set "
-                                  "every epoch")
+            raise _refuse_sampler(
+                f"draws {sampler.num_samples} of {len(sampler.data_source)} samples"
+                f"{' with replacement' if sampler.replacement else ''}, a different set "
+                "every epoch"
+            )
         return list(range(n))
     try:
         if isinstance(sampler, SubsetRandomSampler):
@@ -400,15 +476,21 @@ def _sampler_indices(loader: DataLoader) -> list[int]:
         else:  # a sampler of its own: cacheable when it draws the same samples every time
             first, second = sorted(int(i) for i in sampler), sorted(int(i) for i in sampler)
     except (TypeError, ValueError) as exc:
-        raise DataError(f"the DataLoader's sampler yields something other than sample indices ({exc}); fastft "
-                        "caches the samples of a map-style dataset by their integer index.") from None
+        raise DataError(
+            f"the DataLoader's sampler yields something other than sample indices ({exc}); fastft "
+            "caches the samples of a map-style dataset by their integer index."
+        ) from None
     if not isinstance(sampler, SubsetRandomSampler):
         if first != second:
-            raise _refuse_sampler(f"({type(sampler).__name__}) drew a different set of samples on two passes")
+            raise _refuse_sampler(
+                f"({type(sampler).__name__}) drew a different set of samples on two passes"
+            )
         indices = first
     bad = [i for i in indices[:1] + indices[-1:] if not 0 <= i < n]
     if bad:
-        raise DataError(f"the DataLoader's sampler yields index {bad[0]}, outside its dataset of {n} samples.")
+        raise DataError(
+            f"the DataLoader's sampler yields index {bad[0]}, outside its dataset of {n} samples."
+        )
     return indices
 
 
@@ -421,16 +503,37 @@ def loader_source(loader: DataLoader) -> Source:
     if loader.drop_last and len(indices) % loader.batch_size:
         warnings.warn(
             f"the DataLoader's drop_last=True is ignored: fastft caches all {len(indices)} samples its sampler "
-            "draws and trains on every one of them each epoch.", UserWarning, stacklevel=4)
+            "draws and trains on every one of them each epoch.",
+            UserWarning,
+            stacklevel=4,
+        )
     subset = indices != list(range(n))
-    options = {k: getattr(loader, k) for k in ("num_workers", "pin_memory", "worker_init_fn", "timeout",
-                                                "multiprocessing_context", "persistent_workers")}
+    options = {
+        k: getattr(loader, k)
+        for k in (
+            "num_workers",
+            "pin_memory",
+            "worker_init_fn",
+            "timeout",
+            "multiprocessing_context",
+            "persistent_workers",
+        )
+    }
     if loader.num_workers > 0:
         options["prefetch_factor"] = loader.prefetch_factor
-    description = (f"the DataLoader's {len(indices)} sampled samples of its dataset of {n}" if subset
-                   else "the DataLoader")
-    return DatasetSource(loader.dataset, indices=indices if subset else None, collate=loader.collate_fn,
-                         chunk_size=loader.batch_size, loader_options=options, description=description)
+    description = (
+        f"the DataLoader's {len(indices)} sampled samples of its dataset of {n}"
+        if subset
+        else "the DataLoader"
+    )
+    return DatasetSource(
+        loader.dataset,
+        indices=indices if subset else None,
+        collate=loader.collate_fn,
+        chunk_size=loader.batch_size,
+        loader_options=options,
+        description=description,
+    )
 
 
 def as_source(data: Any) -> Source:
@@ -442,8 +545,10 @@ def as_source(data: Any) -> Source:
     if isinstance(data, DataLoader):
         return loader_source(data)
     if isinstance(data, IterableDataset):
-        raise DataError("an IterableDataset needs a DataLoader around it (fastft reads it in batches); pass "
-                        "DataLoader(dataset, batch_size=...).")
+        raise DataError(
+            "an IterableDataset needs a DataLoader around it (fastft reads it in batches); pass "
+            "DataLoader(dataset, batch_size=...)."
+        )
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         return DatasetSource(data)
     fdata.dataset_length(data)  # raises the DataError that names the accepted forms

@@ -15,9 +15,17 @@ from fastft.hashing import reads
 KEY_IGNORE = "fastft_key_ignore"
 #: Values whose repr is their content (the same in every process): hashed in bulk in containers.
 PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
-BUILTIN_TYPES = (types.BuiltinFunctionType, types.BuiltinMethodType, types.WrapperDescriptorType,
-                 types.MethodWrapperType, types.MethodDescriptorType, types.ClassMethodDescriptorType,
-                 types.GetSetDescriptorType, types.MemberDescriptorType, np.ufunc)
+BUILTIN_TYPES = (
+    types.BuiltinFunctionType,
+    types.BuiltinMethodType,
+    types.WrapperDescriptorType,
+    types.MethodWrapperType,
+    types.MethodDescriptorType,
+    types.ClassMethodDescriptorType,
+    types.GetSetDescriptorType,
+    types.MemberDescriptorType,
+    np.ufunc,
+)
 
 
 class Opaque(Exception):

@@ -23,20 +23,71 @@ import torch
 from torch import nn
 
 from fastft.hashing import reads
-from fastft.hashing._common import BUILTIN_TYPES, KEY_IGNORE, PLAIN, cell_values, ignored, is_library_class
+from fastft.hashing._common import (
+    BUILTIN_TYPES,
+    KEY_IGNORE,
+    PLAIN,
+    cell_values,
+    ignored,
+    is_library_class,
+)
 
 #: Class attributes that are not behaviour.
-_CLASS_SKIP = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__",
-                         "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__",
-                         "_abc_impl", "__slots__", "__slotnames__", "__annotate_func__", "__annotations_cache__"})
+_CLASS_SKIP = frozenset(
+    {
+        "__module__",
+        "__qualname__",
+        "__doc__",
+        "__dict__",
+        "__weakref__",
+        "__annotations__",
+        "__firstlineno__",
+        "__static_attributes__",
+        "__orig_bases__",
+        "__parameters__",
+        "_abc_impl",
+        "__slots__",
+        "__slotnames__",
+        "__annotate_func__",
+        "__annotations_cache__",
+    }
+)
 #: Methods that make, copy or show an object and never run when it computes: hashed by their
 #: code alone. What they read (a vocabulary file opened in __init__) is in the object's state,
 #: which is hashed itself, so reading files there does not make the hash opaque.
-_SETUP_METHODS = frozenset({"__init__", "__new__", "__init_subclass__", "__post_init__", "__setstate__",
-                            "__getstate__", "__reduce__", "__reduce_ex__", "__deepcopy__", "__copy__",
-                            "__repr__", "__str__", "__format__", "__dir__", "__sizeof__", "__del__", "extra_repr"})
-_CODE_FIELDS = ("co_argcount", "co_posonlyargcount", "co_kwonlyargcount", "co_flags", "co_code", "co_names",
-                "co_varnames", "co_freevars", "co_cellvars", "co_exceptiontable")
+_SETUP_METHODS = frozenset(
+    {
+        "__init__",
+        "__new__",
+        "__init_subclass__",
+        "__post_init__",
+        "__setstate__",
+        "__getstate__",
+        "__reduce__",
+        "__reduce_ex__",
+        "__deepcopy__",
+        "__copy__",
+        "__repr__",
+        "__str__",
+        "__format__",
+        "__dir__",
+        "__sizeof__",
+        "__del__",
+        "extra_repr",
+    }
+)
+_CODE_FIELDS = (
+    "co_argcount",
+    "co_posonlyargcount",
+    "co_kwonlyargcount",
+    "co_flags",
+    "co_code",
+    "co_names",
+    "co_varnames",
+    "co_freevars",
+    "co_cellvars",
+    "co_exceptiontable",
+)
 _MISSING = object()
 
 
@@ -48,7 +99,9 @@ class CodeHashing:
         self._emit("code", code.co_name)
         for field in _CODE_FIELDS:
             value = getattr(code, field, None)
-            if field == "co_flags":  # without the __future__ flags, which only change how it was compiled
+            if (
+                field == "co_flags"
+            ):  # without the __future__ flags, which only change how it was compiled
                 value &= 0xFFFF
             if value is not None:
                 self._emit(field, value if isinstance(value, bytes) else repr(value))
@@ -64,7 +117,10 @@ class CodeHashing:
         if reads.is_library_code(module, fn.__code__):
             # The library's code by name and version; what a library closure or default was
             # given (a factory's arguments) by value.
-            self._emit("libfn", f"{module}.{fn.__qualname__}@{reads.library_version(module.partition('.')[0])}")
+            self._emit(
+                "libfn",
+                f"{module}.{fn.__qualname__}@{reads.library_version(module.partition('.')[0])}",
+            )
             if fn.__closure__ or fn.__defaults__ or fn.__kwdefaults__:
                 self._child(fn.__defaults__, "__defaults__")
                 self._child(fn.__kwdefaults__, "__kwdefaults__")
@@ -98,7 +154,9 @@ class CodeHashing:
                 value = scope[name]
                 self._emit("global", name)
                 if isinstance(value, types.ModuleType):
-                    self._module_reference(value, name, [c[1:] for c in chains if c[0] == name], name in escaping)
+                    self._module_reference(
+                        value, name, [c[1:] for c in chains if c[0] == name], name in escaping
+                    )
                 else:
                     self._child(value, name)
             elif name in builtin_names:
@@ -128,15 +186,18 @@ class CodeHashing:
         else:
             self._note_opaque(f"the code imports {module_name}, which cannot be found to be read")
 
-    def _module_reference(self, mod: types.ModuleType, name: str, chains: list[tuple[str, ...]],
-                          escapes: bool) -> None:
+    def _module_reference(
+        self, mod: types.ModuleType, name: str, chains: list[tuple[str, ...]], escapes: bool
+    ) -> None:
         """A module the code reads from: a library's by name and version; the user's by what
         the code reads of it, following each attribute chain through the user's submodules to
         the value it ends at, or whole when the code uses the module otherwise (passes it on,
         gives it another name, looks names up in it with getattr)."""
         mod_name = getattr(mod, "__name__", name)
         if reads.is_library_module(mod_name):
-            self._emit("libmodule", f"{mod_name}@{reads.library_version(mod_name.partition('.')[0])}")
+            self._emit(
+                "libmodule", f"{mod_name}@{reads.library_version(mod_name.partition('.')[0])}"
+            )
             for chain in sorted(set(chains)):  # a library function replaced (F.gelu = ...)
                 value = reads.resolve(mod, chain)
                 if _replaced(value, chain[-1]):
@@ -151,7 +212,9 @@ class CodeHashing:
             value: Any = mod
             path = [name]
             for attr in chain:
-                if not isinstance(value, types.ModuleType) or reads.is_library_module(value.__name__):
+                if not isinstance(value, types.ModuleType) or reads.is_library_module(
+                    value.__name__
+                ):
                     break
                 # A PEP 562 module __getattr__ computes what is not in the namespace: its answer counts.
                 value = vars(value)[attr] if attr in vars(value) else getattr(value, attr, _MISSING)
@@ -159,8 +222,9 @@ class CodeHashing:
                 if value is _MISSING:
                     break
             self._emit("chain", ".".join(path))
-            if value is not _MISSING and not (isinstance(value, types.ModuleType)
-                                              and not reads.is_library_module(value.__name__)):
+            if value is not _MISSING and not (
+                isinstance(value, types.ModuleType) and not reads.is_library_module(value.__name__)
+            ):
                 self._child(value, ".".join(path))
 
     def _module_value(self, mod: types.ModuleType) -> None:
@@ -198,19 +262,27 @@ class CodeHashing:
             self._note_opaque(f"{module}.{qualname} reads a file")
         # A method bound to an object computes with that object (pybind11's function records
         # are the implementation's own, not data).
-        if (owner is not None and not isinstance(owner, (types.ModuleType, type))
-                and type(owner).__module__ != "pybind11_builtins"):
+        if (
+            owner is not None
+            and not isinstance(owner, (types.ModuleType, type))
+            and type(owner).__module__ != "pybind11_builtins"
+        ):
             self._child(owner, "__self__")
 
     def _class(self, cls: type) -> None:
         module = cls.__module__
         if is_library_class(cls):
-            self._emit("libclass", f"{module}.{cls.__qualname__}@{reads.library_version(module.partition('.')[0])}")
+            self._emit(
+                "libclass",
+                f"{module}.{cls.__qualname__}@{reads.library_version(module.partition('.')[0])}",
+            )
             self._patched_methods(cls, module)
             return
         self._emit("class", cls.__qualname__)
         # Names a class leaves out of its hash apply to its base classes' attributes too.
-        ignore = ignored(getattr(cls, KEY_IGNORE, ())) | (self._class_ignore[-1] if self._class_ignore else set())
+        ignore = ignored(getattr(cls, KEY_IGNORE, ())) | (
+            self._class_ignore[-1] if self._class_ignore else set()
+        )
         self._class_ignore.append(ignore)
         try:
             for i, base in enumerate(cls.__bases__):
@@ -240,7 +312,10 @@ class CodeHashing:
                 if key in _CLASS_SKIP or key == "__abstractmethods__":
                     continue
                 if isinstance(value, types.FunctionType):
-                    if _is_user_function(value) or value.__qualname__ != f"{klass.__qualname__}.{key}":
+                    if (
+                        _is_user_function(value)
+                        or value.__qualname__ != f"{klass.__qualname__}.{key}"
+                    ):
                         self._emit("patched", key)  # the user's code, or another function put there
                         self._child(value, key)
                     for target in _replaced_references(value):
@@ -249,11 +324,18 @@ class CodeHashing:
                 elif type(value) in PLAIN:
                     self._emit("classattr", f"{key}={value!r}"[:200])
                 elif isinstance(value, (tuple, frozenset)) and all(type(v) in PLAIN for v in value):
-                    shown = sorted(map(repr, value)) if isinstance(value, frozenset) else list(map(repr, value))
+                    shown = (
+                        sorted(map(repr, value))
+                        if isinstance(value, frozenset)
+                        else list(map(repr, value))
+                    )
                     self._emit("classattr", f"{key}={shown}"[:400])
                 elif isinstance(value, (functools.partial, functools.partialmethod)) or (
-                        callable(value) and not isinstance(value, (type, staticmethod, classmethod, property,
-                                                                   *BUILTIN_TYPES))):
+                    callable(value)
+                    and not isinstance(
+                        value, (type, staticmethod, classmethod, property, *BUILTIN_TYPES)
+                    )
+                ):
                     self._emit("patched", key)  # a partial or callable object put on the class
                     self._child(value, key)
 
@@ -275,7 +357,9 @@ class CodeHashing:
 
 
 def _is_user_function(value: Any) -> bool:
-    return isinstance(value, types.FunctionType) and not reads.is_library_code(value.__module__, value.__code__)
+    return isinstance(value, types.FunctionType) and not reads.is_library_code(
+        value.__module__, value.__code__
+    )
 
 
 def _replaced(value: Any, name: str) -> bool:
@@ -288,7 +372,11 @@ def _replaced(value: Any, name: str) -> bool:
         return _is_user_function(value) or value.__name__ != name
     if isinstance(value, (functools.partial, functools.partialmethod)):
         return True
-    return callable(value) and not isinstance(value, (type, *BUILTIN_TYPES)) and not is_library_class(type(value))
+    return (
+        callable(value)
+        and not isinstance(value, (type, *BUILTIN_TYPES))
+        and not is_library_class(type(value))
+    )
 
 
 #: How deep the calls of library functions are followed to find a replaced one (a model's
@@ -296,8 +384,9 @@ def _replaced(value: Any, name: str) -> bool:
 _LIBRARY_CALL_DEPTH = 3
 
 
-def _replaced_references(fn: types.FunctionType, depth: int = _LIBRARY_CALL_DEPTH,
-                         seen: set | None = None) -> list[tuple[str, Any]]:
+def _replaced_references(
+    fn: types.FunctionType, depth: int = _LIBRARY_CALL_DEPTH, seen: set | None = None
+) -> list[tuple[str, Any]]:
     """What a library function calls through its module's globals (``F.gelu``,
     ``apply_rotary_pos_emb``) that was replaced (see :func:`_replaced`), following the
     library functions it calls ``depth`` levels down."""
@@ -322,7 +411,11 @@ def _replaced_references(fn: types.FunctionType, depth: int = _LIBRARY_CALL_DEPT
                 found.append((name, value))
             else:
                 callees.append(value)
-        elif isinstance(value, Mapping) and not isinstance(value, types.ModuleType) and len(value) <= 1000:
+        elif (
+            isinstance(value, Mapping)
+            and not isinstance(value, types.ModuleType)
+            and len(value) <= 1000
+        ):
             # A registry of functions the library looks up (transformers' attention functions):
             # a function of the user's registered in it.
             for key, entry in list(value.items()):

@@ -46,18 +46,27 @@ import threading
 import types
 import weakref
 from collections import OrderedDict, defaultdict, deque
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fastft.hashing import reads
-from fastft.hashing._common import (BUILTIN_TYPES, KEY_IGNORE, PLAIN, Opaque, ignored, is_library_class,
-                                    type_name)
+from fastft.hashing._common import (
+    BUILTIN_TYPES,
+    KEY_IGNORE,
+    PLAIN,
+    Opaque,
+    ignored,
+    is_library_class,
+    type_name,
+)
 from fastft.hashing.code import CodeHashing
 
 __all__ = ["ContentHasher", "content_hash", "tensor_digest", "first_difference", "KEY_IGNORE"]
+
 
 # ---------------------------------------------------------------------------- tensors
 def tensor_digest(t: torch.Tensor) -> bytes:
@@ -75,26 +84,86 @@ def tensor_digest(t: torch.Tensor) -> bytes:
 
 # ---------------------------------------------------------------------------- what is skipped
 #: nn.Module bookkeeping that does not change what ``forward`` computes.
-_MODULE_SKIP = frozenset({
-    "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_backward_hooks",
-    "_backward_pre_hooks", "_is_full_backward_hook", "_state_dict_hooks", "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_forward_hooks", "_forward_pre_hooks",
-    "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
-    "_compiled_call_impl", "_version", "_is_torch_compile",  # torch.compile's marks
-})
+_MODULE_SKIP = frozenset(
+    {
+        "_parameters",
+        "_buffers",
+        "_modules",
+        "_non_persistent_buffers_set",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_is_full_backward_hook",
+        "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_compiled_call_impl",
+        "_version",
+        "_is_torch_compile",  # torch.compile's marks
+    }
+)
 #: torch.fx.GraphModule internals: its generated code stands for the graph.
-_GRAPH_MODULE_SKIP = frozenset({
-    "_graph", "_code", "_lineno_map", "_prologue_start", "_tracer_cls", "_tracer_extras", "meta",
-    "shape_env", "_create_node_hooks", "_deepcopy_hooks", "_erase_node_hooks", "_replace_hooks",
-})
+_GRAPH_MODULE_SKIP = frozenset(
+    {
+        "_graph",
+        "_code",
+        "_lineno_map",
+        "_prologue_start",
+        "_tracer_cls",
+        "_tracer_extras",
+        "meta",
+        "shape_env",
+        "_create_node_hooks",
+        "_deepcopy_hooks",
+        "_erase_node_hooks",
+        "_replace_hooks",
+    }
+)
 #: Objects that never determine what is computed (a lock, a logger, a weak cache): by type only.
-_INERT = (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Event,
-          threading.Semaphore, logging.Logger, logging.Handler, logging.Formatter, logging.Filter,
-          weakref.WeakKeyDictionary, weakref.WeakValueDictionary, weakref.WeakSet)
-_SIMPLE = (type(None), bool, int, float, complex, str, type(Ellipsis), type(NotImplemented), range, slice,
-           torch.dtype, torch.device, torch.layout, torch.memory_format)
-_OPAQUE_TYPES = (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType, types.FrameType,
-                 weakref.ProxyType, io.IOBase, memoryview)
+_INERT = (
+    type(threading.Lock()),
+    type(threading.RLock()),
+    threading.Condition,
+    threading.Event,
+    threading.Semaphore,
+    logging.Logger,
+    logging.Handler,
+    logging.Formatter,
+    logging.Filter,
+    weakref.WeakKeyDictionary,
+    weakref.WeakValueDictionary,
+    weakref.WeakSet,
+)
+_SIMPLE = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    type(Ellipsis),
+    type(NotImplemented),
+    range,
+    slice,
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+)
+_OPAQUE_TYPES = (
+    types.GeneratorType,
+    types.CoroutineType,
+    types.AsyncGeneratorType,
+    types.FrameType,
+    weakref.ProxyType,
+    io.IOBase,
+    memoryview,
+)
 _MAX_DEPTH = 200
 _ADDRESS = re.compile(r"( at)? 0x[0-9a-fA-F]+")
 
@@ -113,8 +182,15 @@ class ContentHasher(CodeHashing):
     prefix), so their ``training`` flag does not count. ``trace``: see :attr:`trace`.
     """
 
-    def __init__(self, *, mask_modules: Iterable[nn.Module] = (), mask_params: Iterable[torch.Tensor] = (),
-                 weights: str = "inline", eval_mode: bool = False, trace: bool = False):
+    def __init__(
+        self,
+        *,
+        mask_modules: Iterable[nn.Module] = (),
+        mask_params: Iterable[torch.Tensor] = (),
+        weights: str = "inline",
+        eval_mode: bool = False,
+        trace: bool = False,
+    ):
         if weights not in ("inline", "apart", "layout"):
             raise ValueError(f"weights must be 'inline', 'apart' or 'layout', got {weights!r}")
         self._h = hashlib.sha256()
@@ -162,7 +238,7 @@ class ContentHasher(CodeHashing):
             self.trace.append((".".join(self._path[1:] + [name]), digest.digest()))
 
     # ------------------------------------------------------------------ entry points
-    def update(self, obj: Any, name: str = "") -> "ContentHasher":
+    def update(self, obj: Any, name: str = "") -> ContentHasher:
         """Hash ``obj`` (``name`` labels it in :attr:`opaque` messages)."""
         self._child(obj, name or type(obj).__name__)
         return self
@@ -179,7 +255,9 @@ class ContentHasher(CodeHashing):
         except RecursionError:
             self._note_opaque("nested too deeply to read")
         except Exception as exc:  # an object that fails when read: it cannot be seen, never a crash
-            self._note_opaque(f"a {type_name(obj)} that cannot be read ({type(exc).__name__}: {exc})"[:300])
+            self._note_opaque(
+                f"a {type_name(obj)} that cannot be read ({type(exc).__name__}: {exc})"[:300]
+            )
         finally:
             self._depth -= 1
             self._path.pop()
@@ -233,14 +311,23 @@ class ContentHasher(CodeHashing):
         if isinstance(obj, functools.partial):
             return self._partial
         if type(obj).__name__ == "_lru_cache_wrapper":  # @lru_cache / @cache: the function it wraps
-            return lambda o: (self._emit("lru_cache", repr(o.cache_parameters())), self._child(o.__wrapped__, "fn"))
+            return lambda o: (
+                self._emit("lru_cache", repr(o.cache_parameters())),
+                self._child(o.__wrapped__, "fn"),
+            )
         if isinstance(obj, (staticmethod, classmethod)):
             return lambda o: (self._emit(type(o).__name__), self._child(o.__func__, "__func__"))
         if isinstance(obj, property):
-            return lambda o: (self._emit("property"), [self._child(getattr(o, p), p) for p in ("fget", "fset", "fdel")])
+            return lambda o: (
+                self._emit("property"),
+                [self._child(getattr(o, p), p) for p in ("fget", "fset", "fdel")],
+            )
         if isinstance(obj, enum.Enum):
-            return lambda o: (self._emit("enum", repr(o.name) if o.name is not None else repr(o.value)),
-                              self._child(o.value, "value"), self._child(type(o), "__class__"))
+            return lambda o: (
+                self._emit("enum", repr(o.name) if o.name is not None else repr(o.value)),
+                self._child(o.value, "value"),
+                self._child(type(o), "__class__"),
+            )
         if isinstance(obj, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             return lambda o: self._emit("op", f"{o}@{reads.library_version('torch')}")
         if isinstance(obj, (torch.finfo, torch.iinfo)):
@@ -263,7 +350,12 @@ class ContentHasher(CodeHashing):
             return self._builtin_subclass  # a subclass of a builtin value
         if isinstance(obj, _INERT):
             return lambda o: self._emit("inert", type(o).__qualname__)
-        if isinstance(obj, io.IOBase) and obj in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if isinstance(obj, io.IOBase) and obj in (
+            sys.stdout,
+            sys.stderr,
+            sys.__stdout__,
+            sys.__stderr__,
+        ):
             return lambda o: self._emit("stdio", str(o.fileno()) if not o.closed else "closed")
         if isinstance(obj, _OPAQUE_TYPES):
             raise Opaque(f"a {type_name(obj)}, whose content cannot be read")
@@ -284,11 +376,17 @@ class ContentHasher(CodeHashing):
         if t.is_quantized:
             self._emit("quantized", f"{t.qscheme()}")
             self._tensor(t.int_repr())
-            self._child(t.q_per_channel_scales() if t.qscheme() in (torch.per_channel_affine,
-                                                                    torch.per_channel_symmetric)
-                        else torch.tensor([t.q_scale(), t.q_zero_point()], dtype=torch.float64), "quantization")
+            self._child(
+                t.q_per_channel_scales()
+                if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+                else torch.tensor([t.q_scale(), t.q_zero_point()], dtype=torch.float64),
+                "quantization",
+            )
             return
-        self._emit("tensor", tensor_digest(t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t))
+        self._emit(
+            "tensor",
+            tensor_digest(t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t),
+        )
 
     def _array(self, a: np.ndarray) -> None:
         if type(a) is not np.ndarray:  # a masked or matrix array: its class and extra state too
@@ -306,7 +404,9 @@ class ContentHasher(CodeHashing):
 
     def _sequence(self, seq) -> None:
         self._emit(type(seq).__name__, str(len(seq)))
-        if len(seq) > 8 and all(type(item) in PLAIN for item in seq):  # a vocabulary, a shape list: at once
+        if len(seq) > 8 and all(
+            type(item) in PLAIN for item in seq
+        ):  # a vocabulary, a shape list: at once
             self._emit("plain", repr(list(seq)))
             return
         for i, item in enumerate(seq):
@@ -318,14 +418,27 @@ class ContentHasher(CodeHashing):
         self._emit("subclass")
         self._child(type(obj), "__class__")
         # The builtin's own methods: a subclass's __int__ or __iter__ may say something else.
-        value = (str.__str__(obj) if isinstance(obj, str) else bytes.__getitem__(obj, slice(None))
-                 if isinstance(obj, bytes) else int.__int__(obj) if isinstance(obj, int)
-                 else float.__float__(obj) if isinstance(obj, float) else dict(dict.items(obj))
-                 if isinstance(obj, dict) else list.__getitem__(obj, slice(None)) if isinstance(obj, list)
-                 else frozenset(set.__iter__(obj)) if isinstance(obj, set)
-                 else frozenset(frozenset.__iter__(obj)) if isinstance(obj, frozenset)
-                 else list(deque.__iter__(obj)) if isinstance(obj, deque)
-                 else tuple.__getitem__(obj, slice(None)))
+        value = (
+            str.__str__(obj)
+            if isinstance(obj, str)
+            else bytes.__getitem__(obj, slice(None))
+            if isinstance(obj, bytes)
+            else int.__int__(obj)
+            if isinstance(obj, int)
+            else float.__float__(obj)
+            if isinstance(obj, float)
+            else dict(dict.items(obj))
+            if isinstance(obj, dict)
+            else list.__getitem__(obj, slice(None))
+            if isinstance(obj, list)
+            else frozenset(set.__iter__(obj))
+            if isinstance(obj, set)
+            else frozenset(frozenset.__iter__(obj))
+            if isinstance(obj, frozenset)
+            else list(deque.__iter__(obj))
+            if isinstance(obj, deque)
+            else tuple.__getitem__(obj, slice(None))
+        )
         self._child(value, "value")
         self._child(dict(getattr(obj, "__dict__", {})), "__dict__")
 
@@ -345,8 +458,10 @@ class ContentHasher(CodeHashing):
         # Hash order of strings changes between processes: sort by each element's own digest.
         digests = []
         for item in items:
-            sub = ContentHasher(weights=self._weights_mode if self._weights_mode != "apart" else "inline",
-                                eval_mode=self._eval_mode)
+            sub = ContentHasher(
+                weights=self._weights_mode if self._weights_mode != "apart" else "inline",
+                eval_mode=self._eval_mode,
+            )
             sub._masked, sub._depth, sub._path = self._masked, self._depth, list(self._path)
             sub.update(item, "element")
             self.opaque.extend(x for x in sub.opaque if x not in self.opaque)
@@ -367,8 +482,14 @@ class ContentHasher(CodeHashing):
         # Read without the instance's __getattr__ (a model may answer anything from a dict, or raise).
         ignore = ignored(vars(m).get(KEY_IGNORE) or getattr(type(m), KEY_IGNORE, ()))
         for key, value in list(vars(m).items()):
-            if (key in _MODULE_SKIP or key == "training" or key.startswith("_fastft_") or key in ignore
-                    or key == KEY_IGNORE or (graph_module and key in _GRAPH_MODULE_SKIP)):
+            if (
+                key in _MODULE_SKIP
+                or key == "training"
+                or key.startswith("_fastft_")
+                or key in ignore
+                or key == KEY_IGNORE
+                or (graph_module and key in _GRAPH_MODULE_SKIP)
+            ):
                 continue
             self._emit("attr", key)
             self._child(value, key)
@@ -414,11 +535,21 @@ class ContentHasher(CodeHashing):
         if not is_library_class(cls) and (hasattr(obj, "__dict__") or _slots(cls)):
             # The user's object by all it holds (its __getstate__ may leave out what it computes with).
             self._child(dict(getattr(obj, "__dict__", {})), "__dict__")
-            self._child({s: getattr(obj, s, "<unset>") for s in _slots(cls) if s not in ("__dict__", "__weakref__")},
-                        "__slots__")
+            self._child(
+                {
+                    s: getattr(obj, s, "<unset>")
+                    for s in _slots(cls)
+                    if s not in ("__dict__", "__weakref__")
+                },
+                "__slots__",
+            )
             return
         if dataclasses.is_dataclass(obj) or _plain_state(cls):
-            state = obj.__getstate__() if hasattr(obj, "__getstate__") else getattr(obj, "__dict__", None)
+            state = (
+                obj.__getstate__()
+                if hasattr(obj, "__getstate__")
+                else getattr(obj, "__dict__", None)
+            )
             if state is None and not hasattr(obj, "__dict__") and not _slots(cls):
                 raise Opaque(f"a {type_name(obj)} with no readable state")
             self._child(state, "__getstate__()")
@@ -426,7 +557,9 @@ class ContentHasher(CodeHashing):
         try:
             reduced = obj.__reduce_ex__(4)
         except Exception as exc:
-            raise Opaque(f"a {type_name(obj)}, whose content cannot be read ({type(exc).__name__}: {exc})") from None
+            raise Opaque(
+                f"a {type_name(obj)}, whose content cannot be read ({type(exc).__name__}: {exc})"
+            ) from None
         if isinstance(reduced, str):  # a global singleton, pickled by name
             self._emit("global", reduced)
             return
@@ -446,16 +579,26 @@ def _is_compiled(obj: Any) -> bool:
 
 
 def _slots(cls: type) -> list[str]:
-    return [s for c in cls.__mro__ for s in ([c.__slots__] if isinstance(getattr(c, "__slots__", ()), str)
-                                              else getattr(c, "__slots__", ()))]
+    return [
+        s
+        for c in cls.__mro__
+        for s in (
+            [c.__slots__]
+            if isinstance(getattr(c, "__slots__", ()), str)
+            else getattr(c, "__slots__", ())
+        )
+    ]
 
 
 def _plain_state(cls: type) -> bool:
     """Whether instances pickle by their state alone (no custom ``__reduce__``): then their
     ``__getstate__()`` (``__dict__`` and slots by default) is what they compute with."""
-    return (getattr(cls, "__reduce_ex__", None) is object.__reduce_ex__
-            and getattr(cls, "__reduce__", None) is object.__reduce__
-            and cls.__module__ != "builtins" and (hasattr(cls, "__dict__") or bool(_slots(cls))))
+    return (
+        getattr(cls, "__reduce_ex__", None) is object.__reduce_ex__
+        and getattr(cls, "__reduce__", None) is object.__reduce__
+        and cls.__module__ != "builtins"
+        and (hasattr(cls, "__dict__") or bool(_slots(cls)))
+    )
 
 
 def content_hash(obj: Any, **kwargs) -> tuple[str, list[str]]:

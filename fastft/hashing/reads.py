@@ -24,30 +24,112 @@ import sysconfig
 import types
 from importlib import metadata
 
-__all__ = ["library_version", "is_library_module", "is_library_code", "global_names", "attribute_chains",
-           "imports", "outside_reads", "IMPURE_BUILTINS"]
+__all__ = [
+    "library_version",
+    "is_library_module",
+    "is_library_code",
+    "global_names",
+    "attribute_chains",
+    "imports",
+    "outside_reads",
+    "IMPURE_BUILTINS",
+]
 
 #: Builtins that read the outside world or a namespace by computed name.
-IMPURE_BUILTINS = frozenset({"open", "input", "exec", "eval", "compile", "__import__", "breakpoint", "globals",
-                             "locals", "vars"})
+IMPURE_BUILTINS = frozenset(
+    {
+        "open",
+        "input",
+        "exec",
+        "eval",
+        "compile",
+        "__import__",
+        "breakpoint",
+        "globals",
+        "locals",
+        "vars",
+    }
+)
 #: Modules through which code reads files, sockets or other processes.
-IMPURE_MODULES = frozenset({
-    "os", "io", "pathlib", "shutil", "glob", "fnmatch", "tempfile", "socket", "ssl", "select", "urllib", "http",
-    "requests", "subprocess", "sqlite3", "mmap", "fcntl", "signal", "multiprocessing", "h5py", "zarr", "lmdb",
-    "webdataset", "importlib", "pickle", "shelve", "dbm", "csv", "zipfile", "tarfile", "gzip", "bz2", "lzma",
-    "linecache",
-})
+IMPURE_MODULES = frozenset(
+    {
+        "os",
+        "io",
+        "pathlib",
+        "shutil",
+        "glob",
+        "fnmatch",
+        "tempfile",
+        "socket",
+        "ssl",
+        "select",
+        "urllib",
+        "http",
+        "requests",
+        "subprocess",
+        "sqlite3",
+        "mmap",
+        "fcntl",
+        "signal",
+        "multiprocessing",
+        "h5py",
+        "zarr",
+        "lmdb",
+        "webdataset",
+        "importlib",
+        "pickle",
+        "shelve",
+        "dbm",
+        "csv",
+        "zipfile",
+        "tarfile",
+        "gzip",
+        "bz2",
+        "lzma",
+        "linecache",
+    }
+)
 #: Library functions that read files (reached as ``module.function`` or imported by name).
-IMPURE_FUNCTIONS = frozenset({
-    "numpy.load", "numpy.loadtxt", "numpy.genfromtxt", "numpy.fromfile", "numpy.memmap", "numpy.fromregex",
-    "torch.load", "torch.from_file", "torch.serialization.load", "PIL.Image.open", "json.load", "sys.modules",
-    "cv2.imread", "imageio.imread", "imageio.v3.imread", "soundfile.read", "librosa.load", "torchaudio.load",
-    "torchvision.io.read_image", "torchvision.io.read_file", "torchvision.io.decode_image",
-    "safetensors.torch.load_file", "pandas.read_csv", "pandas.read_parquet", "pandas.read_json",
-    "pandas.read_pickle", "pandas.read_feather", "pandas.read_hdf", "pandas.read_excel", "builtins.open",
-    "codecs.open", "numpy.lib.format.open_memmap", "safetensors.safe_open", "safetensors.numpy.load_file",
-    "safetensors._safetensors_rust.safe_open", "tokenizers.Tokenizer.from_file",
-})
+IMPURE_FUNCTIONS = frozenset(
+    {
+        "numpy.load",
+        "numpy.loadtxt",
+        "numpy.genfromtxt",
+        "numpy.fromfile",
+        "numpy.memmap",
+        "numpy.fromregex",
+        "torch.load",
+        "torch.from_file",
+        "torch.serialization.load",
+        "PIL.Image.open",
+        "json.load",
+        "sys.modules",
+        "cv2.imread",
+        "imageio.imread",
+        "imageio.v3.imread",
+        "soundfile.read",
+        "librosa.load",
+        "torchaudio.load",
+        "torchvision.io.read_image",
+        "torchvision.io.read_file",
+        "torchvision.io.decode_image",
+        "safetensors.torch.load_file",
+        "pandas.read_csv",
+        "pandas.read_parquet",
+        "pandas.read_json",
+        "pandas.read_pickle",
+        "pandas.read_feather",
+        "pandas.read_hdf",
+        "pandas.read_excel",
+        "builtins.open",
+        "codecs.open",
+        "numpy.lib.format.open_memmap",
+        "safetensors.safe_open",
+        "safetensors.numpy.load_file",
+        "safetensors._safetensors_rust.safe_open",
+        "tokenizers.Tokenizer.from_file",
+    }
+)
 #: Packages that are library code even when installed from a local directory (this one, in
 #: development) or whose installed version names their code exactly.
 ALWAYS_LIBRARY = frozenset({"fastft", "torch", "numpy", "builtins"})
@@ -58,7 +140,7 @@ def _top(module_name: str | None) -> str:
     return (module_name or "").partition(".")[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _distributions() -> dict[str, list[str]]:
     return metadata.packages_distributions()
 
@@ -73,7 +155,7 @@ def _from_local_source(dist: metadata.Distribution) -> bool:
     return "dir_info" in direct or "vcs_info" in direct
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library_version(top: str) -> str | None:
     """``name==version`` of the library providing the top-level package ``top``; None when
     ``top`` is the user's code."""
@@ -126,7 +208,7 @@ def _file_is_library(filename: str) -> bool:
     real = os.path.realpath(filename)
     for root in _library_roots():
         if real.startswith(root):
-            top = real[len(root):].split(os.sep, 1)[0].removesuffix(".py")
+            top = real[len(root) :].split(os.sep, 1)[0].removesuffix(".py")
             return root in _stdlib_roots() or library_version(top) is not None
     return False
 
@@ -134,7 +216,9 @@ def _file_is_library(filename: str) -> bool:
 @functools.lru_cache(maxsize=1)
 def _stdlib_roots() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
-    return tuple(os.path.realpath(paths[k]) + os.sep for k in ("stdlib", "platstdlib") if k in paths)
+    return tuple(
+        os.path.realpath(paths[k]) + os.sep for k in ("stdlib", "platstdlib") if k in paths
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -143,7 +227,11 @@ def _library_roots() -> tuple[str, ...]:
     the most specific first."""
     paths = sysconfig.get_paths()
     roots = {os.path.realpath(paths[k]) + os.sep for k in ("purelib", "platlib") if k in paths}
-    roots |= {os.path.realpath(p) + os.sep for p in sys.path if p.endswith(("site-packages", "dist-packages"))}
+    roots |= {
+        os.path.realpath(p) + os.sep
+        for p in sys.path
+        if p.endswith(("site-packages", "dist-packages"))
+    }
     for top in ALWAYS_LIBRARY:  # fastft itself in development: its checkout holds it
         file = getattr(sys.modules.get(top), "__file__", None)
         if file:
@@ -152,7 +240,9 @@ def _library_roots() -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------- what code reads
-_GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME", "STORE_NAME", "DELETE_NAME"})
+_GLOBAL_OPS = frozenset(
+    {"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME", "STORE_NAME", "DELETE_NAME"}
+)
 _ATTR_OPS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 #: Where an attribute chain can start: a global, or a variable of an enclosing function (a
 #: module imported there and used in a closure).
@@ -169,7 +259,12 @@ def _codes(code: types.CodeType):
 @functools.lru_cache(maxsize=4096)
 def global_names(code: types.CodeType) -> frozenset[str]:
     """Names the code (nested code objects too) loads or stores as globals."""
-    return frozenset(ins.argval for c in _codes(code) for ins in dis.get_instructions(c) if ins.opname in _GLOBAL_OPS)
+    return frozenset(
+        ins.argval
+        for c in _codes(code)
+        for ins in dis.get_instructions(c)
+        if ins.opname in _GLOBAL_OPS
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -204,9 +299,15 @@ def escaping_globals(code: types.CodeType) -> frozenset[str]:
     given a local name, indexed): a module used so may be read anywhere, by any name."""
     escaped = set()
     for c in _codes(code):
-        instructions = [i for i in dis.get_instructions(c) if i.opname not in ("CACHE", "PRECALL", "EXTENDED_ARG")]
+        instructions = [
+            i
+            for i in dis.get_instructions(c)
+            if i.opname not in ("CACHE", "PRECALL", "EXTENDED_ARG")
+        ]
         for ins, nxt in zip(instructions, instructions[1:] + [None]):
-            if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and (nxt is None or nxt.opname not in _ATTR_OPS):
+            if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and (
+                nxt is None or nxt.opname not in _ATTR_OPS
+            ):
                 escaped.add(ins.argval)
     return frozenset(escaped)
 
@@ -214,7 +315,12 @@ def escaping_globals(code: types.CodeType) -> frozenset[str]:
 @functools.lru_cache(maxsize=4096)
 def imports(code: types.CodeType) -> frozenset[str]:
     """Modules imported by ``import`` statements inside the code."""
-    return frozenset(ins.argval for c in _codes(code) for ins in dis.get_instructions(c) if ins.opname == "IMPORT_NAME")
+    return frozenset(
+        ins.argval
+        for c in _codes(code)
+        for ins in dis.get_instructions(c)
+        if ins.opname == "IMPORT_NAME"
+    )
 
 
 def qualified(obj: object) -> str:
@@ -237,15 +343,19 @@ def outside_reads(code: types.CodeType, scope: dict, builtin_names: dict) -> lis
             elif callable(value) and qualified(value) in IMPURE_FUNCTIONS:
                 found.append(f"calls {qualified(value)} (reads a file)")
         elif name in builtin_names and name in IMPURE_BUILTINS:
-            found.append(f"calls the builtin {name}() (reads outside state or a namespace by computed name)")
+            found.append(
+                f"calls the builtin {name}() (reads outside state or a namespace by computed name)"
+            )
     for chain in sorted(attribute_chains(code)):
         value = scope.get(chain[0])
         if not isinstance(value, types.ModuleType):
             continue
         for depth in range(1, len(chain)):
-            dotted = ".".join([value.__name__, *chain[1:depth + 1]])
-            target = resolve(value, chain[1:depth + 1])
-            if dotted in IMPURE_FUNCTIONS or (target is not None and qualified(target) in IMPURE_FUNCTIONS):
+            dotted = ".".join([value.__name__, *chain[1 : depth + 1]])
+            target = resolve(value, chain[1 : depth + 1])
+            if dotted in IMPURE_FUNCTIONS or (
+                target is not None and qualified(target) in IMPURE_FUNCTIONS
+            ):
                 found.append(f"calls {dotted} (reads a file)")
                 break
     return found

@@ -7,8 +7,9 @@ after its output (which needs one forward pass to learn the output's width); the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,13 +33,21 @@ class NeedsProbe(Exception):
     """Attaching the head needs one forward pass over real inputs (an encoder's output width)."""
 
 
-def locate_head(model: nn.Module, *, head_name: str | None, custom_head: bool, output_key: str,
-                example: Any | None) -> HeadSpec:
+def locate_head(
+    model: nn.Module,
+    *,
+    head_name: str | None,
+    custom_head: bool,
+    output_key: str,
+    example: Any | None,
+) -> HeadSpec:
     """Where the new output layer goes: the layer ``head_name`` names or :func:`find_head`
     finds, else after the model's output (measured on ``example``; :class:`NeedsProbe` without
     one). ``custom_head``: a ready-made head module replaces a layer of any kind."""
     try:
-        name, old = (head_name, model.get_submodule(head_name)) if head_name else surgery.find_head(model)
+        name, old = (
+            (head_name, model.get_submodule(head_name)) if head_name else surgery.find_head(model)
+        )
     except (SurgeryError, AttributeError) as exc:
         if head_name:
             raise SurgeryError(f"head_name={head_name!r}: {exc}") from exc

@@ -14,12 +14,12 @@ parameter's block depth for :func:`param_groups`.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 
-from fastft.model.status import FROZEN_STATS_ATTR, is_marked_new
 from fastft.errors import FastFTValueError, SurgeryError
+from fastft.model.status import FROZEN_STATS_ATTR, is_marked_new
 
 __all__ = ["find_blocks", "unfreeze_blocks", "unfrozen_blocks", "trained_blocks", "param_groups"]
 
@@ -51,7 +51,8 @@ def _is_stage(m: nn.Module) -> bool:
         return False
     members = _stack_members(m)
     return bool(members) and len(members) == sum(
-        1 for c in m.children() if not is_marked_new(c) and _has_params(c))
+        1 for c in m.children() if not is_marked_new(c) and _has_params(c)
+    )
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -125,7 +126,7 @@ def unfreeze_blocks(model: nn.Module, n: int, *, train_bn: bool = False) -> list
         raise FastFTValueError(
             f"blocks={n} but the model has {len(blocks)} blocks ({blocks[0][0]} … {blocks[-1][0]})."
         )
-    top = blocks[len(blocks) - n:]
+    top = blocks[len(blocks) - n :]
     for m, _ in list(unfrozen_blocks(model)):  # blocks of an earlier call go back to frozen
         if all(m is not t for _, t in top):
             m.requires_grad_(False)
@@ -146,7 +147,9 @@ def _clear_marks(block: nn.Module) -> None:
         sub.__dict__.pop(FROZEN_STATS_ATTR, None)
 
 
-def param_groups(module: nn.Module, lr: float, lr_decay: float | None, weight_decay: float) -> list[dict]:
+def param_groups(
+    module: nn.Module, lr: float, lr_decay: float | None, weight_decay: float
+) -> list[dict]:
     """Optimizer groups of ``module``'s trainable parameters with discriminative learning rates.
 
     The first group holds every trainable parameter outside the unfrozen blocks (the new
@@ -163,5 +166,7 @@ def param_groups(module: nn.Module, lr: float, lr_decay: float | None, weight_de
     groups: dict[int, list] = {}
     for p in trainable:
         groups.setdefault(depth_of.get(id(p), 0), []).append(p)
-    return [{"params": groups[d], "lr": lr * lr_decay ** d, "weight_decay": weight_decay}
-            for d in sorted(groups)]
+    return [
+        {"params": groups[d], "lr": lr * lr_decay**d, "weight_decay": weight_decay}
+        for d in sorted(groups)
+    ]

@@ -3,7 +3,7 @@ FineTuner adds (:func:`build_head`: hidden layers and the output layer)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -34,7 +34,9 @@ def build_head(
     initialisation reproducible without touching the global RNG stream.
     """
     if activation not in ACTIVATIONS:
-        raise FastFTValueError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}.")
+        raise FastFTValueError(
+            f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}."
+        )
     if not 0.0 <= dropout < 1.0:
         raise FastFTValueError(f"dropout must be in [0, 1), got {dropout}.")
     widths = list(hidden or [])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from torch import nn
 
@@ -129,7 +129,9 @@ def suggest(name: str, candidates: Iterable[str], what: str = "module") -> str:
 def get_module(model: nn.Module, name: str) -> nn.Module:
     """``model.get_submodule(name)`` with a SurgeryError that suggests close names."""
     if not isinstance(name, str) or not name:
-        raise SurgeryError(f"a module name must be a non-empty string like 'encoder.layer.3', got {name!r}.")
+        raise SurgeryError(
+            f"a module name must be a non-empty string like 'encoder.layer.3', got {name!r}."
+        )
     try:
         return model.get_submodule(name)
     except AttributeError:

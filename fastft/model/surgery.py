@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import collections
 import fnmatch
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -28,7 +29,15 @@ from torch import nn
 
 from fastft.errors import SurgeryError
 from fastft.model.heads import find_head
-from fastft.model.status import all_eval, close_names, get_module, is_marked_new, mark_new, parent_of, suggest
+from fastft.model.status import (
+    all_eval,
+    close_names,
+    get_module,
+    is_marked_new,
+    mark_new,
+    parent_of,
+    suggest,
+)
 
 __all__ = [
     "EncoderWithHead",
@@ -42,6 +51,7 @@ __all__ = [
     "summary",
     "unfreeze",
 ]
+
 
 # ---------------------------------------------------------------------------- the new record
 def new_modules(model: nn.Module) -> list[str]:
@@ -57,7 +67,8 @@ def new_modules(model: nn.Module) -> list[str]:
 def _new_param_names(model: nn.Module) -> set[str]:
     prefixes = new_modules(model)
     return {
-        n for n, _ in model.named_parameters()
+        n
+        for n, _ in model.named_parameters()
         if any(p == "" or n.startswith(p + ".") for p in prefixes)
     }
 
@@ -87,7 +98,9 @@ def replace_head(
     :func:`find_head` finds it. The new module is recorded as new.
     """
     if (num_classes is None) == (module is None):
-        raise SurgeryError("replace_head needs exactly one of num_classes= (a new Linear) or module=.")
+        raise SurgeryError(
+            "replace_head needs exactly one of num_classes= (a new Linear) or module=."
+        )
     if name is None:
         name, old = find_head(model)
     else:
@@ -103,7 +116,9 @@ def replace_head(
             )
         weight = getattr(old, "weight", None)
         kw = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
-        module = nn.Linear(in_features, num_classes, bias=getattr(old, "bias", None) is not None, **kw)
+        module = nn.Linear(
+            in_features, num_classes, bias=getattr(old, "bias", None) is not None, **kw
+        )
     elif not isinstance(module, nn.Module):
         raise SurgeryError(f"module= must be an nn.Module, got {type(module).__name__}.")
     else:
@@ -124,7 +139,9 @@ def _pick_output(out: Any, key: str | None) -> Any:
     if key is None or not isinstance(out, Mapping):
         return out
     if key not in out:
-        raise SurgeryError(f"the encoder's output has no key {key!r} (keys: {', '.join(map(str, out))}).")
+        raise SurgeryError(
+            f"the encoder's output has no key {key!r} (keys: {', '.join(map(str, out))})."
+        )
     return out[key]
 
 
@@ -136,7 +153,9 @@ class EncoderWithHead(nn.Module):
     is fed as is. Attributes: ``encoder``, ``head``, ``output_key``.
     """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, output_key: str | None = "sentence_embedding"):
+    def __init__(
+        self, encoder: nn.Module, head: nn.Module, output_key: str | None = "sentence_embedding"
+    ):
         super().__init__()
         self.encoder = encoder
         self.head = head
@@ -165,7 +184,9 @@ def append_head(
         modules = [modules]
     modules = list(modules)
     if not modules or not all(isinstance(m, nn.Module) for m in modules):
-        raise SurgeryError("append_head needs one or more nn.Module objects to run after the model.")
+        raise SurgeryError(
+            "append_head needs one or more nn.Module objects to run after the model."
+        )
     head = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
     device = _device_of(model)
     if device is not None:
@@ -174,7 +195,9 @@ def append_head(
 
 
 # ---------------------------------------------------------------------------- hidden layers
-def insert_layers(model: nn.Module, after: str, modules: nn.Module | Sequence[nn.Module]) -> list[str]:
+def insert_layers(
+    model: nn.Module, after: str, modules: nn.Module | Sequence[nn.Module]
+) -> list[str]:
     """Run new ``modules`` right after the module called ``after``; return their names.
 
     Inside an ``nn.Sequential`` they are inserted in place (a numbered Sequential is
@@ -246,7 +269,8 @@ def _widths(m: nn.Module) -> tuple[int | None, int | None] | None:
 def _keeps_width(m: nn.Module) -> bool:
     """Parameterless layers that do not change the feature width."""
     return isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)) or (
-        type(m).__module__ == "torch.nn.modules.activation" and not any(True for _ in m.parameters())
+        type(m).__module__ == "torch.nn.modules.activation"
+        and not any(True for _ in m.parameters())
     )
 
 
@@ -279,7 +303,9 @@ def _check_gap(entries: list[tuple[str, nn.Module]], removed: set[str], where: s
             )
 
 
-def remove_layers(model: nn.Module, names: str | Iterable[str], *, example_inputs: Any = None) -> dict[str, nn.Module]:
+def remove_layers(
+    model: nn.Module, names: str | Iterable[str], *, example_inputs: Any = None
+) -> dict[str, nn.Module]:
     """Remove modules; return ``{name: removed module}``.
 
     Entries of an ``nn.Sequential`` or ``nn.ModuleList`` are dropped (numbered containers are
@@ -327,7 +353,9 @@ def remove_layers(model: nn.Module, names: str | Iterable[str], *, example_input
     if example_inputs is not None:
         try:
             with torch.no_grad(), all_eval(model):
-                model(dict(example_inputs) if isinstance(example_inputs, Mapping) else example_inputs)
+                model(
+                    dict(example_inputs) if isinstance(example_inputs, Mapping) else example_inputs
+                )
         except Exception as exc:
             for parent, modules in saved:
                 parent._modules = modules
@@ -357,14 +385,26 @@ def _select(model: nn.Module, names, patterns, depth) -> tuple[list[str], bool]:
             raise SurgeryError(suggest(n, modules + params, "module or parameter"))
         chosen.update(hit)
     for pat in [patterns] if isinstance(patterns, str) else list(patterns or []):
-        hit = [p for p in params if any(
-            fnmatch.fnmatchcase(".".join(p.split(".")[:i]), pat) for i in range(1, p.count(".") + 2))]
+        hit = [
+            p
+            for p in params
+            if any(
+                fnmatch.fnmatchcase(".".join(p.split(".")[:i]), pat)
+                for i in range(1, p.count(".") + 2)
+            )
+        ]
         if not hit:
-            close = close_names(pat.replace("*", "").replace("?", "").strip(".") or pat, modules + params)
+            close = close_names(
+                pat.replace("*", "").replace("?", "").strip(".") or pat, modules + params
+            )
             raise SurgeryError(
                 f"pattern {pat!r} matches no parameter or module (a pattern matching nothing is an error, "
-                "not a no-op); " + (f"names close to it: {', '.join(map(repr, close))}." if close else
-                                    f"top-level names: {', '.join(sorted({m.split('.')[0] for m in modules}))}.")
+                "not a no-op); "
+                + (
+                    f"names close to it: {', '.join(map(repr, close))}."
+                    if close
+                    else f"top-level names: {', '.join(sorted({m.split('.')[0] for m in modules}))}."
+                )
             )
         chosen.update(hit)
     if depth is not None:
@@ -372,7 +412,9 @@ def _select(model: nn.Module, names, patterns, depth) -> tuple[list[str], bool]:
             raise SurgeryError(f"depth must be a non-negative int, got {depth!r}.")
         tops = [k for k, m in model.named_children() if any(True for _ in m.parameters())]
         if depth > len(tops):
-            raise SurgeryError(f"depth={depth} but the model has only {len(tops)} top-level modules with parameters: {tops}.")
+            raise SurgeryError(
+                f"depth={depth} but the model has only {len(tops)} top-level modules with parameters: {tops}."
+            )
         for k in tops[:depth]:
             chosen.update(p for p in params if under(p, k))
     return [p for p in params if p in chosen], True
@@ -440,7 +482,9 @@ def summary(model: nn.Module) -> str:
         n = sum(p.numel() for p in ps)
         t = sum(p.numel() for p in ps if p.requires_grad)
         total, trainable = total + n, trainable + t
-        has_new = child is not None and (is_new(name) or any(is_new(f"{name}.{c}") for c, _ in child.named_modules() if c))
+        has_new = child is not None and (
+            is_new(name) or any(is_new(f"{name}.{c}") for c, _ in child.named_modules() if c)
+        )
         if child is not None and is_new(name):
             status = "new"
         elif not ps:
@@ -453,12 +497,18 @@ def summary(model: nn.Module) -> str:
             status = "partly trainable"
         if has_new and status != "new":
             status += " (holds new)"
-        rows.append((name, "-" if child is None else type(child).__name__, f"{n:,}", f"{t:,}", status))
+        rows.append(
+            (name, "-" if child is None else type(child).__name__, f"{n:,}", f"{t:,}", status)
+        )
     rows.append(("total", "", f"{total:,}", f"{trainable:,}", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = []
     for i, r in enumerate(rows):
-        lines.append("  ".join(c.rjust(w) if j in (2, 3) else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+        lines.append(
+            "  ".join(
+                c.rjust(w) if j in (2, 3) else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))
+            ).rstrip()
+        )
         if i == 0 or i == len(rows) - 2:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import torch
 from fastft.ops import _schemas, reference  # noqa: F401  (defines the ops)
 from fastft.ops import cpu as _cpu  # noqa: F401  (registers the native CPU kernels)
 from fastft.ops import cuda as _cuda  # noqa: F401  (registers the CUDA kernels, when built)
-from fastft.ops._schemas import POOLS, STORAGE_DTYPES, COMPUTE_DTYPES
+from fastft.ops._schemas import COMPUTE_DTYPES, POOLS, STORAGE_DTYPES
 
 
 def cache_write(

@@ -37,7 +37,9 @@ def _name(dtype: torch.dtype) -> str:
 def check_cache_write(src, rows, dst, scales, pool, mask) -> None:
     """Validate shapes, dtypes and devices of a ``cache_write`` call (not row values)."""
     if pool not in POOLS:
-        raise FastFTValueError(f"cache_write: unknown pool {pool!r}; use one of {', '.join(POOLS)}.")
+        raise FastFTValueError(
+            f"cache_write: unknown pool {pool!r}; use one of {', '.join(POOLS)}."
+        )
     if src.dim() != 3:
         raise FastFTValueError(
             f"cache_write: src must be a [B, L, D] view, got shape {tuple(src.shape)}. "
@@ -79,7 +81,9 @@ def check_cache_write(src, rows, dst, scales, pool, mask) -> None:
         _check_scales("cache_write", scales, dst.shape[0])
     if pool == "masked_mean":
         if mask is None:
-            raise FastFTValueError("cache_write: pool='masked_mean' needs mask[B, L] (e.g. the attention_mask).")
+            raise FastFTValueError(
+                "cache_write: pool='masked_mean' needs mask[B, L] (e.g. the attention_mask)."
+            )
         if tuple(mask.shape) != (B, L):
             raise FastFTValueError(
                 f"cache_write: mask has shape {tuple(mask.shape)} but src needs [B, L] = [{B}, {L}]."
@@ -91,12 +95,16 @@ def check_cache_write(src, rows, dst, scales, pool, mask) -> None:
         if mask.device != src.device:
             raise FastFTValueError("cache_write: mask must be on the same device as src.")
     elif mask is not None:
-        raise FastFTValueError(f"cache_write: a mask is only used with pool='masked_mean', not {pool!r}.")
+        raise FastFTValueError(
+            f"cache_write: a mask is only used with pool='masked_mean', not {pool!r}."
+        )
     if rows.device != src.device:
         raise FastFTValueError(
             f"cache_write: rows are on {rows.device} but src is on {src.device}; move rows to {src.device}."
         )
-    if dst.device != src.device and not (dst.device.type == "cpu" and src.device.type == "cuda" and dst.is_pinned()):
+    if dst.device != src.device and not (
+        dst.device.type == "cpu" and src.device.type == "cuda" and dst.is_pinned()
+    ):
         raise FastFTValueError(
             f"cache_write: dst is on {dst.device} but src is on {src.device}; a CUDA src may only "
             "write into CUDA memory or pinned host memory."
@@ -126,7 +134,12 @@ def check_cache_gather(src, scales, rows, out_dtype) -> None:
 
 
 def _check_scales(op: str, scales, n: int) -> None:
-    if scales.dtype != torch.float32 or scales.dim() != 1 or scales.shape[0] != n or not scales.is_contiguous():
+    if (
+        scales.dtype != torch.float32
+        or scales.dim() != 1
+        or scales.shape[0] != n
+        or not scales.is_contiguous()
+    ):
         raise FastFTValueError(
             f"{op}: an int8 cache needs contiguous float32 scales[N] with N = {n}, got "
             f"{_name(scales.dtype)} of shape {tuple(scales.shape)}."
@@ -134,7 +147,9 @@ def _check_scales(op: str, scales, n: int) -> None:
 
 
 def row_out_of_range(op: str, index: int, value: int, n: int) -> FastFTIndexError:
-    return FastFTIndexError(f"{op}: rows[{index}] = {value} is outside the cache's {n} rows [0, {n}).")
+    return FastFTIndexError(
+        f"{op}: rows[{index}] = {value} is outside the cache's {n} rows [0, {n})."
+    )
 
 
 def duplicate_row(op: str, value: int) -> FastFTIndexError:
@@ -157,4 +172,6 @@ def gather_device(src: torch.Tensor, rows: torch.Tensor) -> torch.device:
 @torch.library.register_fake("fastft::cache_gather")
 def _cache_gather_fake(src, scales, rows, out_dtype):
     check_cache_gather(src, scales, rows, out_dtype)
-    return src.new_empty((rows.shape[0], src.shape[1]), dtype=out_dtype, device=gather_device(src, rows))
+    return src.new_empty(
+        (rows.shape[0], src.shape[1]), dtype=out_dtype, device=gather_device(src, rows)
+    )

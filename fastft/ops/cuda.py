@@ -60,7 +60,12 @@ class CudaKernelError(FastFTError, RuntimeError):
     """A fastft CUDA kernel could not be launched (the CUDA runtime reported an error)."""
 
 
-_sync_checks = os.environ.get("FASTFT_CUDA_SYNC_CHECKS", "1").strip().lower() not in {"0", "false", "no", "off"}
+_sync_checks = os.environ.get("FASTFT_CUDA_SYNC_CHECKS", "1").strip().lower() not in {
+    "0",
+    "false",
+    "no",
+    "off",
+}
 _pending: deque = deque()  # (op, n_rows, rows, pinned verdict, event) of deferred checks
 _thread = threading.local()  # .deferred: inside deferred_row_checks() on this thread
 
@@ -195,14 +200,18 @@ def _check_placement(op: str, name: str, t: torch.Tensor, device: torch.device) 
 def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
     check_cache_write(src, rows, dst, scales, pool, mask)
     if src.device.type != "cuda":  # only scales on CUDA sends a CPU call here
-        raise FastFTValueError(f"cache_write: scales are on {scales.device} but src is on {src.device}.")
+        raise FastFTValueError(
+            f"cache_write: scales are on {scales.device} but src is on {src.device}."
+        )
     if not _native_usable():
         return reference.cache_write(src, rows, dst, scales, pool, mask)
     device = src.device
     on_host = _check_placement("cache_write", "dst", dst, device)
     quantized = dst.dtype == torch.int8
     if quantized and _check_placement("cache_write", "scales", scales, device) != on_host:
-        raise FastFTValueError("cache_write: scales must live where dst lives (same device, or both pinned).")
+        raise FastFTValueError(
+            "cache_write: scales must live where dst lives (same device, or both pinned)."
+        )
     B, L, D = src.shape
     if B == 0:
         return
@@ -244,13 +253,17 @@ def cache_gather(src, scales, rows, out_dtype):
     check_cache_gather(src, scales, rows, out_dtype)
     device = gather_device(src, rows)
     if device.type != "cuda":
-        raise FastFTValueError("cache_gather: a host cache needs rows on the CUDA device that reads it.")
+        raise FastFTValueError(
+            "cache_gather: a host cache needs rows on the CUDA device that reads it."
+        )
     if not _native_usable():
         return reference.cache_gather(src, scales, rows, out_dtype)
     on_host = _check_placement("cache_gather", "src", src, device)
     quantized = src.dtype == torch.int8
     if quantized and _check_placement("cache_gather", "scales", scales, device) != on_host:
-        raise FastFTValueError("cache_gather: scales must live where src lives (same device, or both pinned).")
+        raise FastFTValueError(
+            "cache_gather: scales must live where src lives (same device, or both pinned)."
+        )
     rows = rows.to(device, non_blocking=True).contiguous()
     B, D = rows.shape[0], src.shape[1]
     out = torch.empty((B, D), dtype=out_dtype, device=device)
@@ -281,4 +294,10 @@ if BUILT_WITH_CUDA:
     torch.library.register_kernel("fastft::cache_write", "cuda", cache_write)
     torch.library.register_kernel("fastft::cache_gather", "cuda", cache_gather)
 
-__all__ = ["BUILT_WITH_CUDA", "CudaKernelError", "deferred_row_checks", "raise_pending_errors", "set_sync_checks"]
+__all__ = [
+    "BUILT_WITH_CUDA",
+    "CudaKernelError",
+    "deferred_row_checks",
+    "raise_pending_errors",
+    "set_sync_checks",
+]

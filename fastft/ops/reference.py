@@ -45,7 +45,10 @@ def check_rows(op: str, rows: torch.Tensor, n: int, unique: bool) -> None:
 
 
 def pool_rows(
-    src: torch.Tensor, pool: str, mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+    src: torch.Tensor,
+    pool: str,
+    mask: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Reduce ``src[B, L, D]`` over L in ``dtype`` (float32 as ``cache_write`` does; tests
     pass float64 for an exact oracle)."""
@@ -73,7 +76,9 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
     check_cache_write(src, rows, dst, scales, pool, mask)
-    if src.device != dst.device:  # CUDA activations into a pinned host cache (the CUDA kernel's case)
+    if (
+        src.device != dst.device
+    ):  # CUDA activations into a pinned host cache (the CUDA kernel's case)
         src, rows = src.to(dst.device), rows.to(dst.device)
         mask = None if mask is None else mask.to(dst.device)
     check_rows("cache_write", rows, dst.shape[0], unique=True)

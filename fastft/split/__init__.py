@@ -25,17 +25,18 @@ mode.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from fastft.split import fx, hook, replay
+from fastft.errors import SplitError
 from fastft.model.status import FROZEN_STATS_ATTR, MIXED, NEW, TRAINABLE, classify, eval_modules
+from fastft.split import fx, hook, replay
 from fastft.split._common import CannotSplit
 from fastft.split.parity import parity
 from fastft.split.parts import FrozenPrefix, TrainableTail, shallow
-from fastft.errors import SplitError
 
 __all__ = ["FrozenPrefix", "TrainableTail", "split"]
 
@@ -71,7 +72,9 @@ def split(
             "nothing is frozen: every parameter of the model trains, so there is nothing to run once "
             "and cache. Freeze the pretrained layers first (fastft.surgery.freeze(model, except_new=True))."
         )
-    if not any(p.requires_grad for p in model.parameters()) and not any(s == NEW for s in status.values()):
+    if not any(p.requires_grad for p in model.parameters()) and not any(
+        s == NEW for s in status.values()
+    ):
         raise SplitError(
             "nothing to train: every parameter is frozen and no module was added. Replace the head "
             "(fastft.surgery.replace_head) or unfreeze some layers (fastft.surgery.unfreeze)."
@@ -81,7 +84,7 @@ def split(
     reasons: list[str] = []
     parity_error: str | None = None
     builders = {"fx": fx.build, "hook": hook.build, "replay": replay.build}
-    for m in (("fx", "hook", "replay") if method == "auto" else (method,)):
+    for m in ("fx", "hook", "replay") if method == "auto" else (method,):
         try:
             builder = builders[m]
             body, tail_body, names, signature = builder(model, shallow(example_inputs), status)
@@ -99,7 +102,9 @@ def split(
         reasons.append(f"{m}: {problem}")
     if parity_error is not None:
         others = [r for r in reasons if not parity_error.startswith(r.split(":")[0] + " split")]
-        raise SplitError(parity_error + ("" if not others else " (also tried " + "; ".join(others) + ")"))
+        raise SplitError(
+            parity_error + ("" if not others else " (also tried " + "; ".join(others) + ")")
+        )
     raise SplitError(
         f"cannot split {type(model).__name__} into a frozen prefix and a trainable tail: "
         + "; ".join(reasons)
@@ -108,7 +113,9 @@ def split(
     )
 
 
-def trainable_parts(model: nn.Module, status: dict[int, str]) -> tuple[list[nn.Module], list[nn.Parameter]]:
+def trainable_parts(
+    model: nn.Module, status: dict[int, str]
+) -> tuple[list[nn.Module], list[nn.Parameter]]:
     """The outermost new or trainable modules of ``model`` and the trainable parameters owned
     directly by modules that mix frozen and trainable parts (what runs after the cut)."""
     modules: list[nn.Module] = []
@@ -147,8 +154,11 @@ def _warn_train_mode(model: nn.Module, status: dict[int, str]) -> None:
     kinds = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
     # BatchNorm layers of unfrozen blocks keep their statistics because the user asked for
     # it (fastft.unfreeze): nothing to warn about.
-    offenders = [names.get(id(m), "?") for m in eval_modules(model, status)
-                 if isinstance(m, kinds) and m.training and not m.__dict__.get(FROZEN_STATS_ATTR)]
+    offenders = [
+        names.get(id(m), "?")
+        for m in eval_modules(model, status)
+        if isinstance(m, kinds) and m.training and not m.__dict__.get(FROZEN_STATS_ATTR)
+    ]
     # A schedule splits the same model again at every stage: say it once per model and set.
     if offenders and model.__dict__.get(_WARNED_ATTR) != offenders:
         model.__dict__[_WARNED_ATTR] = offenders
@@ -160,5 +170,3 @@ def _warn_train_mode(model: nn.Module, status: dict[int, str]) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-

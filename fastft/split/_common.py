@@ -17,7 +17,11 @@ class CannotSplit(Exception):
 
 
 def batch_size(example: Any) -> int:
-    t = example if isinstance(example, torch.Tensor) else next(v for v in example.values() if isinstance(v, torch.Tensor))
+    t = (
+        example
+        if isinstance(example, torch.Tensor)
+        else next(v for v in example.values() if isinstance(v, torch.Tensor))
+    )
     return int(t.shape[0]) if t.dim() else 0
 
 
@@ -26,7 +30,7 @@ class Call:
     name: str
     module: nn.Module
     index: int
-    parent: "Call | None"
+    parent: Call | None
     args: tuple
     kwargs: dict
     output: Any = field(default=None)
@@ -43,6 +47,7 @@ def record_calls(model: nn.Module, example: Any) -> list[Call]:
             call = Call(name, mod, len(calls), stack[-1] if stack else None, args, kwargs)
             calls.append(call)
             stack.append(call)
+
         return hook
 
     def post(mod, args, kwargs, output):
@@ -68,14 +73,23 @@ def units(model: nn.Module, status: dict[int, str]) -> dict[int, str]:
         if any(name.startswith(t + ".") or t == "" for t in taken):
             continue
         s = status.get(id(m))
-        if s in (NEW, TRAINABLE) or (s == MIXED and any(p.requires_grad for p in m.parameters(recurse=False))):
+        if s in (NEW, TRAINABLE) or (
+            s == MIXED and any(p.requires_grad for p in m.parameters(recurse=False))
+        ):
             units[id(m)] = name
             taken.append(name)
     return units
 
 
-def signature_text(method: str, model: nn.Module, cut: str, cut_module: nn.Module, names: list[str],
-                   frozen_ran: list[str], cut_note: str = "") -> str:
+def signature_text(
+    method: str,
+    model: nn.Module,
+    cut: str,
+    cut_module: nn.Module,
+    names: list[str],
+    frozen_ran: list[str],
+    cut_note: str = "",
+) -> str:
     """The prefix signature of a cut at a module's input: method, model class, cut, taps, and
     the frozen modules that run before it (their reprs)."""
     lines = [

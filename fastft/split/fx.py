@@ -67,11 +67,15 @@ def trace(model: nn.Module, status: dict[int, str]) -> torch.fx.Graph:
             return _LeafTracer(status).trace(model, concrete_args=concrete or None)
     except Exception as exc:  # any tracing failure means: use the hook fallback
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CannotSplit(f"torch.fx cannot trace it ({type(exc).__name__}: {first[:300]})") from exc
+        raise CannotSplit(
+            f"torch.fx cannot trace it ({type(exc).__name__}: {first[:300]})"
+        ) from exc
 
 
 def _tap_name(n: torch.fx.Node) -> str:
-    return str(n.target) if n.op == "call_module" else ("input" if n.op == "placeholder" else n.name)
+    return (
+        str(n.target) if n.op == "call_module" else ("input" if n.op == "placeholder" else n.name)
+    )
 
 
 def build(model: nn.Module, example: Any, status: dict[int, str]):
@@ -83,7 +87,9 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
         with torch.no_grad(), all_eval(model):
             rec.run(example)
     except Exception as exc:
-        raise CannotSplit(f"the traced graph does not run on the example ({type(exc).__name__}: {exc})") from exc
+        raise CannotSplit(
+            f"the traced graph does not run on the example ({type(exc).__name__}: {exc})"
+        ) from exc
     values = rec.values
 
     frozen: dict[torch.fx.Node, bool] = {}
@@ -96,7 +102,9 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
         elif n.op == "get_attr":
             frozen[n] = _attr_frozen(model, str(n.target), status)
         elif n.op == "call_module":
-            frozen[n] = status.get(id(model.get_submodule(str(n.target)))) == FROZEN and all(frozen[a] for a in inputs)
+            frozen[n] = status.get(id(model.get_submodule(str(n.target)))) == FROZEN and all(
+                frozen[a] for a in inputs
+            )
         elif n.op in ("call_function", "call_method"):
             frozen[n] = all(frozen[a] for a in inputs)
         else:  # output
@@ -110,7 +118,11 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     while True:
         frontier = [n for n in graph.nodes if frozen[n] and any(not frozen[u] for u in n.users)]
         # Not a per-sample activation: recompute it in the tail from what it is made of.
-        movable = [n for n in frontier if n.op != "placeholder" and not _per_sample(values.get(n), batch, depends[n])]
+        movable = [
+            n
+            for n in frontier
+            if n.op != "placeholder" and not _per_sample(values.get(n), batch, depends[n])
+        ]
         if not movable:
             break
         for n in movable:
@@ -124,7 +136,9 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     if not any(n.op != "placeholder" for n in frontier) and not any(
         frozen[n] and n.op not in ("placeholder", "output") for n in graph.nodes
     ):
-        raise CannotSplit("no frozen computation runs before the trainable modules: nothing to cache")
+        raise CannotSplit(
+            "no frozen computation runs before the trainable modules: nothing to cache"
+        )
 
     prefix_graph = _prefix_graph(graph, frontier)
     tail_graph = _tail_graph(graph, frontier, frozen)
@@ -144,7 +158,9 @@ def _attr_frozen(model: nn.Module, target: str, status: dict[int, str]) -> bool:
 
 
 def _per_sample(value: Any, batch: int, depends: bool) -> bool:
-    return depends and isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch
+    return (
+        depends and isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch
+    )
 
 
 def _prefix_graph(graph: torch.fx.Graph, frontier: list[torch.fx.Node]) -> torch.fx.Graph:
@@ -166,7 +182,9 @@ def _prefix_graph(graph: torch.fx.Graph, frontier: list[torch.fx.Node]) -> torch
     return g
 
 
-def _tail_graph(graph: torch.fx.Graph, frontier: list[torch.fx.Node], frozen: dict) -> torch.fx.Graph:
+def _tail_graph(
+    graph: torch.fx.Graph, frontier: list[torch.fx.Node], frozen: dict
+) -> torch.fx.Graph:
     """One placeholder per tap, then every non-frozen node, then the model's output."""
     g = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -199,5 +217,7 @@ def _signature(prefix: torch.fx.GraphModule, names: list[str]) -> str:
         elif n.op == "get_attr":
             owner, _, attr = str(n.target).rpartition(".")
             t = getattr(prefix.get_submodule(owner) if owner else prefix, attr, None)
-            lines.append(f"{n.target}: {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            lines.append(
+                f"{n.target}: {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
     return "\n".join(lines)

@@ -18,9 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastft.model.status import MIXED, NEW, TRAINABLE
-from fastft.split._common import CannotSplit, batch_size, outermost, record_calls, signature_text, units
 from fastft.errors import SplitError
+from fastft.model.status import MIXED, NEW, TRAINABLE
+from fastft.split._common import (
+    CannotSplit,
+    batch_size,
+    outermost,
+    record_calls,
+    signature_text,
+    units,
+)
 
 
 class _Stop(BaseException):
@@ -33,7 +40,9 @@ def _stateless(m: nn.Module) -> bool:
 
 
 def _tensors_only(args: tuple, kwargs: dict) -> bool:
-    return all(isinstance(a, torch.Tensor) for a in args) and all(v is None for v in kwargs.values())
+    return all(isinstance(a, torch.Tensor) for a in args) and all(
+        v is None for v in kwargs.values()
+    )
 
 
 def build(model: nn.Module, example: Any, status: dict[int, str]):
@@ -44,9 +53,13 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     if start is None:
         raise CannotSplit("no trainable module runs on the example inputs")
     if start.index == 0:
-        raise CannotSplit("the model's own forward uses trainable parameters: nothing frozen runs before them")
+        raise CannotSplit(
+            "the model's own forward uses trainable parameters: nothing frozen runs before them"
+        )
     cut = start.name
-    chain = [c for c in calls[start.index:] if c.parent is not None and c.parent.index < start.index]
+    chain = [
+        c for c in calls[start.index :] if c.parent is not None and c.parent.index < start.index
+    ]
     seen: set[int] = set()
     for prev, c in zip([None, *chain[:-1]], chain):
         if id(c.module) in trainable_units:
@@ -60,8 +73,12 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
             )
         if prev is None:
             if not _tensors_only(c.args, c.kwargs) or not c.args:
-                raise CannotSplit(f"{cut!r} is called with non-tensor or keyword inputs; the cut must be tensors")
-        elif len(c.args) != 1 or c.args[0] is not prev.output or not _tensors_only(c.args, c.kwargs):
+                raise CannotSplit(
+                    f"{cut!r} is called with non-tensor or keyword inputs; the cut must be tensors"
+                )
+        elif (
+            len(c.args) != 1 or c.args[0] is not prev.output or not _tensors_only(c.args, c.kwargs)
+        ):
             raise CannotSplit(
                 f"{c.name!r} does not take exactly the output of {prev.name!r} (code runs between them), "
                 "so the modules after the cut are not a chain"
@@ -74,11 +91,23 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     batch = batch_size(example)
     for i, t in enumerate(start.args):
         if t.dim() == 0 or t.shape[0] != batch:
-            raise CannotSplit(f"input {i} of {cut!r} has shape {tuple(t.shape)}, not [batch={batch}, ...]")
+            raise CannotSplit(
+                f"input {i} of {cut!r} has shape {tuple(t.shape)}, not [batch={batch}, ...]"
+            )
 
-    frozen_ran = outermost([c.name for c in calls[1:start.index] if status.get(id(c.module)) not in (NEW, TRAINABLE, MIXED)])
+    frozen_ran = outermost(
+        [
+            c.name
+            for c in calls[1 : start.index]
+            if status.get(id(c.module)) not in (NEW, TRAINABLE, MIXED)
+        ]
+    )
     body = HookPrefix(model, start.module, cut, frozen_ran, status)
-    names = [f"{cut}.input"] if len(start.args) == 1 else [f"{cut}.input{i}" for i in range(len(start.args))]
+    names = (
+        [f"{cut}.input"]
+        if len(start.args) == 1
+        else [f"{cut}.input{i}" for i in range(len(start.args))]
+    )
     tail = _Chain([c.module for c in chain], [c.name for c in chain])
     return body, tail, names, signature_text("hook", model, cut, start.module, names, frozen_ran)
 
@@ -93,7 +122,14 @@ class HookPrefix(nn.Module):
     mixed containers (e.g. a class token) are registered too.
     """
 
-    def __init__(self, model: nn.Module, cut: nn.Module, cut_name: str, frozen: list[str], status: dict[int, str]):
+    def __init__(
+        self,
+        model: nn.Module,
+        cut: nn.Module,
+        cut_name: str,
+        frozen: list[str],
+        status: dict[int, str],
+    ):
         super().__init__()
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_cut", cut)

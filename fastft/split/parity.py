@@ -4,7 +4,8 @@ when it does not, the first module whose output differs is named."""
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,13 +55,16 @@ class _OutputRecorder:
     def __init__(self, model: nn.Module):
         self.outputs: dict[str, list[Any]] = {}
         self.order: list[tuple[str, int]] = []
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules() if n]
+        self.handles = [
+            m.register_forward_hook(self._hook(n)) for n, m in model.named_modules() if n
+        ]
 
     def _hook(self, name: str):
         def hook(mod, args, out):
             calls = self.outputs.setdefault(name, [])
             self.order.append((name, len(calls)))
             calls.append(_clone(out))
+
         return hook
 
     def reset(self) -> None:
@@ -71,7 +75,9 @@ class _OutputRecorder:
             h.remove()
 
 
-def parity(model: nn.Module, prefix: FrozenPrefix, tail: TrainableTail, x: Any, atol: float) -> str | None:
+def parity(
+    model: nn.Module, prefix: FrozenPrefix, tail: TrainableTail, x: Any, atol: float
+) -> str | None:
     """None when ``tail(*prefix(x))`` equals ``model(x)`` (eval mode) within atol, else why not."""
     recorder = _OutputRecorder(model)
     try:
@@ -96,10 +102,14 @@ def parity(model: nn.Module, prefix: FrozenPrefix, tail: TrainableTail, x: Any, 
             break
         d = _diff(ref[name][k], calls[k])
         if d > atol:
-            where = (f"first divergent module: {name!r} ({type(model.get_submodule(name)).__name__}), "
-                     f"its output differs by {d:.3g}")
+            where = (
+                f"first divergent module: {name!r} ({type(model.get_submodule(name)).__name__}), "
+                f"its output differs by {d:.3g}"
+            )
             break
     else:
-        where = ("every module's output agrees, so the difference comes from code in a forward() "
-                 "that the split did not reproduce (e.g. data-dependent control flow)")
+        where = (
+            "every module's output agrees, so the difference comes from code in a forward() "
+            "that the split did not reproduce (e.g. data-dependent control flow)"
+        )
     return f"the split's output differs from the model's by {total:.3g} (atol {atol:g}); {where}."

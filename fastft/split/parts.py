@@ -4,7 +4,8 @@ trainable tail (trained on the cache)."""
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +31,14 @@ class FrozenPrefix(nn.Module):
 
     _fastft_prefix = True  # asked for its signature() and key_mask() by the cache key
 
-    def __init__(self, body: nn.Module, tap_names: list[str], method: str, signature: str,
-                 key_mask: tuple[list[nn.Module], list[nn.Parameter]] = ([], [])):
+    def __init__(
+        self,
+        body: nn.Module,
+        tap_names: list[str],
+        method: str,
+        signature: str,
+        key_mask: tuple[list[nn.Module], list[nn.Parameter]] = ([], []),
+    ):
         super().__init__()
         self.body = body
         self.tap_names = list(tap_names)
@@ -55,7 +62,7 @@ class FrozenPrefix(nn.Module):
         targets = getattr(self.body, "eval_targets", None)
         return targets() if callable(targets) else list(self.body.modules())
 
-    def train(self, mode: bool = True) -> "FrozenPrefix":
+    def train(self, mode: bool = True) -> FrozenPrefix:
         self.training = mode
         for m in self._eval_targets():
             m.training = False
@@ -88,14 +95,17 @@ class TrainableTail(nn.Module):
         # Recomputed only when the tail's modules or requires_grad flags change (a sweep swaps
         # heads in place): classifying every module on every training step would cost more
         # than a small head's forward.
-        key = (tuple(map(id, self.body.modules())), tuple(p.requires_grad for p in self.body.parameters()))
+        key = (
+            tuple(map(id, self.body.modules())),
+            tuple(p.requires_grad for p in self.body.parameters()),
+        )
         cached = self.__dict__.get("_frozen_cache")
         if cached is None or cached[0] != key:
             cached = (key, [m for m in eval_modules(self.body) if m is not self.body])
             self.__dict__["_frozen_cache"] = cached
         return cached[1]
 
-    def train(self, mode: bool = True) -> "TrainableTail":
+    def train(self, mode: bool = True) -> TrainableTail:
         super().train(mode)
         for m in self.frozen_modules():
             m.training = False

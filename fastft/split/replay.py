@@ -28,13 +28,21 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from fastft.model.status import FROZEN
-from fastft.split._common import CannotSplit, batch_size, outermost, record_calls, signature_text, units
+from fastft.split._common import (
+    CannotSplit,
+    batch_size,
+    outermost,
+    record_calls,
+    signature_text,
+    units,
+)
 from fastft.split.hook import HookPrefix
 
 _NONE = object()  # no instance attribute
@@ -47,13 +55,18 @@ def _skippable(output: Any, shape: torch.Size) -> bool:
         return output.shape == shape
     if isinstance(output, (tuple, list)) and output:
         return isinstance(output[0], torch.Tensor) and all(
-            o is None or (isinstance(o, torch.Tensor) and o.shape == shape) for o in output)
+            o is None or (isinstance(o, torch.Tensor) and o.shape == shape) for o in output
+        )
     return False
 
 
 def _layout(output: Any) -> tuple[bool, ...] | None:
     """None for a tensor output; for a tuple, which of its items are tensors (else None)."""
-    return None if isinstance(output, torch.Tensor) else tuple(isinstance(o, torch.Tensor) for o in output)
+    return (
+        None
+        if isinstance(output, torch.Tensor)
+        else tuple(isinstance(o, torch.Tensor) for o in output)
+    )
 
 
 def _input_keys(example: Any) -> list[str] | None:
@@ -61,7 +74,11 @@ def _input_keys(example: Any) -> list[str] | None:
     if isinstance(example, torch.Tensor):
         return None
     batch = batch_size(example)
-    return [k for k, v in example.items() if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch]
+    return [
+        k
+        for k, v in example.items()
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch
+    ]
 
 
 def build(model: nn.Module, example: Any, status: dict[int, str]):
@@ -75,7 +92,9 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     if start is None:
         raise CannotSplit("no trainable module runs on the example inputs")
     if start.index == 0:
-        raise CannotSplit("the model's own forward uses trainable parameters: nothing frozen runs before them")
+        raise CannotSplit(
+            "the model's own forward uses trainable parameters: nothing frozen runs before them"
+        )
     if sum(c.module is start.module for c in calls) != 1:
         raise CannotSplit(f"the first trainable module {start.name!r} runs more than once")
     batch = batch_size(example)
@@ -83,27 +102,45 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     if slot is None:
         raise CannotSplit(
             f"{start.name!r} takes no float [batch={batch}, ...] tensor as its first positional input or as "
-            "a keyword (hidden_states=...)")
+            "a keyword (hidden_states=...)"
+        )
     main = start.args[0] if slot == 0 else start.kwargs[slot]
 
-    frozen_ran = outermost([c.name for c in calls[1:start.index] if status.get(id(c.module)) == FROZEN])
+    frozen_ran = outermost(
+        [c.name for c in calls[1 : start.index] if status.get(id(c.module)) == FROZEN]
+    )
     by_name = {}
     for c in calls:
         by_name.setdefault(c.name, []).append(c)
-    skip = [(model.get_submodule(n), _layout(by_name[n][0].output)) for n in frozen_ran
-            if len(by_name[n]) == 1 and _skippable(by_name[n][0].output, main.shape)]
+    skip = [
+        (model.get_submodule(n), _layout(by_name[n][0].output))
+        for n in frozen_ran
+        if len(by_name[n]) == 1 and _skippable(by_name[n][0].output, main.shape)
+    ]
     if not skip:
-        raise CannotSplit(f"no frozen module before {start.name!r} produces its input, so there is nothing to skip")
+        raise CannotSplit(
+            f"no frozen module before {start.name!r} produces its input, so there is nothing to skip"
+        )
     cut = start.name
     prefix = _ReplayPrefix(model, start.module, cut, frozen_ran, status, keys, slot)
     tail = ReplayTail(model, start.module, skip, keys, slot)
     names = [f"{cut}.input"] + (["input"] if keys is None else [f"input.{k}" for k in keys])
     note = "" if slot == 0 else f", keyword {slot}"
-    return prefix, tail, names, signature_text("replay", model, cut, start.module, names, frozen_ran, note)
+    return (
+        prefix,
+        tail,
+        names,
+        signature_text("replay", model, cut, start.module, names, frozen_ran, note),
+    )
 
 
 def _is_hidden(x: Any, batch: int) -> bool:
-    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[0] == batch
+    return (
+        isinstance(x, torch.Tensor)
+        and x.is_floating_point()
+        and x.dim() >= 2
+        and x.shape[0] == batch
+    )
 
 
 def _hidden_slot(args: tuple, kwargs: dict, batch: int) -> int | str | None:
@@ -121,13 +158,17 @@ class _ReplayPrefix(HookPrefix):
     """The hook prefix's frozen run to the cut; returns the cut's hidden states followed by
     the model's tensor inputs (which the replaying tail needs)."""
 
-    def __init__(self, model, cut, cut_name, frozen, status, keys: list[str] | None, slot: int | str = 0):
+    def __init__(
+        self, model, cut, cut_name, frozen, status, keys: list[str] | None, slot: int | str = 0
+    ):
         super().__init__(model, cut, cut_name, frozen, status)
         self.keys = keys
         self.slot = slot
 
     def forward(self, x: Any) -> tuple[torch.Tensor, ...]:
-        inputs = [x] if self.keys is None else [x[k] for k in self.keys]  # before: the model may add to x
+        inputs = (
+            [x] if self.keys is None else [x[k] for k in self.keys]
+        )  # before: the model may add to x
         args, kwargs = self.run_to_cut(x)
         return (args[0] if self.slot == 0 else kwargs[self.slot], *inputs)
 
@@ -135,8 +176,14 @@ class _ReplayPrefix(HookPrefix):
 class ReplayTail(nn.Module):
     """Replays the model's forward on cached taps, skipping the frozen modules below the cut."""
 
-    def __init__(self, model: nn.Module, cut: nn.Module, skip: list[tuple[nn.Module, tuple | None]],
-                 keys: list[str] | None, slot: int | str = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        cut: nn.Module,
+        skip: list[tuple[nn.Module, tuple | None]],
+        keys: list[str] | None,
+        slot: int | str = 0,
+    ):
         super().__init__()
         self.model = model
         object.__setattr__(self, "_cut", cut)  # already registered inside model
@@ -160,7 +207,9 @@ class ReplayTail(nn.Module):
         placeholder = torch.zeros_like(hidden)
 
         def skipped(layout):
-            out = placeholder if layout is None else tuple(placeholder if t else None for t in layout)
+            out = (
+                placeholder if layout is None else tuple(placeholder if t else None for t in layout)
+            )
             return lambda *args, **kwargs: out
 
         def inject(module, args, kwargs):

@@ -19,4 +19,12 @@ from fastft.train.config import EarlyStopping, FitConfig, History
 from fastft.train.finetuner import FineTuner
 from fastft.train.sweep import SweepResult, fit_many
 
-__all__ = ["CheckpointError", "EarlyStopping", "FineTuner", "FitConfig", "History", "SweepResult", "fit_many"]
+__all__ = [
+    "CheckpointError",
+    "EarlyStopping",
+    "FineTuner",
+    "FitConfig",
+    "History",
+    "SweepResult",
+    "fit_many",
+]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,20 +56,43 @@ class TunerCaches:
         """:meth:`FeatureCache.build` settings shared by every cache of the tuner; ``pool`` is
         the one of the current cut (see :meth:`TunedModel.cache_pool`)."""
         o = self.options
-        return dict(dtype=o.dtype, tier=o.tier, pool=pool, batch_size=o.batch_size, cache_dir=o.cache_dir,
-                    max_memory=o.max_memory, progress=o.verbose, seed=o.seed, device=o.device, amp=o.amp)
+        return dict(
+            dtype=o.dtype,
+            tier=o.tier,
+            pool=pool,
+            batch_size=o.batch_size,
+            cache_dir=o.cache_dir,
+            max_memory=o.max_memory,
+            progress=o.verbose,
+            seed=o.seed,
+            device=o.device,
+            amp=o.amp,
+        )
 
-    def build(self, prefix: FrozenPrefix, data: Any, *, pool: str, train: bool,
-              dataset_id: str | None = None) -> FeatureCache:
+    def build(
+        self,
+        prefix: FrozenPrefix,
+        data: Any,
+        *,
+        pool: str,
+        train: bool,
+        dataset_id: str | None = None,
+    ) -> FeatureCache:
         """The cache of ``prefix`` over ``data``: for training (views, transform) or not."""
         o = self.options
         return FeatureCache.build(
-            prefix, data, views=o.views if train else 1, transform=o.transform if train else None,
-            transform_id=o.transform_id if train else None, dataset_id=dataset_id, **self.settings(pool),
+            prefix,
+            data,
+            views=o.views if train else 1,
+            transform=o.transform if train else None,
+            transform_id=o.transform_id if train else None,
+            dataset_id=dataset_id,
+            **self.settings(pool),
         )
 
-    def derived(self, prefix: FrozenPrefix, low_tail: nn.Module, low_cache: FeatureCache, *,
-                pool: str) -> FeatureCache:
+    def derived(
+        self, prefix: FrozenPrefix, low_tail: nn.Module, low_cache: FeatureCache, *, pool: str
+    ) -> FeatureCache:
         """The cache of ``prefix`` computed from a deeper cut's cache (no pass over the data)."""
         return derived_cache(prefix, low_tail, low_cache, **self.settings(pool))
 

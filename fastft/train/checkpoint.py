@@ -60,28 +60,42 @@ class TrainingState:
 
     def write(self, path: str | os.PathLike) -> Path:
         """Write atomically to ``path`` (the old file stays whole until the new one is)."""
-        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "progress"}
+        record = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "progress"
+        }
         if self.progress is not None:
             record.update(dataclasses.asdict(self.progress))
         return save_atomic(record, path)
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> "TrainingState":
+    def read(cls, path: str | os.PathLike) -> TrainingState:
         """Read a file :meth:`write` wrote; CheckpointError when it is not one."""
         obj = load_checked(path)
         missing = [k for k in ("config", "state") if k not in obj]
         if missing:
-            raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is not a whole fastft checkpoint.")
+            raise CheckpointError(
+                f"{path} lacks {', '.join(missing)}: it is not a whole fastft checkpoint."
+            )
         progress = None
         if "engine" in obj:
             obj.setdefault("global_epochs_done", obj["epochs_done"])  # written before schedules
-            progress = Progress(**{f.name: obj.get(f.name) for f in dataclasses.fields(Progress)
-                                   if f.name in obj or f.default is dataclasses.MISSING})
+            progress = Progress(
+                **{
+                    f.name: obj.get(f.name)
+                    for f in dataclasses.fields(Progress)
+                    if f.name in obj or f.default is dataclasses.MISSING
+                }
+            )
         unfreeze = obj.get("unfreeze")
-        return cls(config=obj["config"], head=obj.get("head"), state=obj["state"],
-                   history=list(obj.get("history") or []), fit=obj.get("fit"),
-                   unfreeze=None if unfreeze is None else (int(unfreeze[0]), bool(unfreeze[1])),
-                   progress=progress)
+        return cls(
+            config=obj["config"],
+            head=obj.get("head"),
+            state=obj["state"],
+            history=list(obj.get("history") or []),
+            fit=obj.get("fit"),
+            unfreeze=None if unfreeze is None else (int(unfreeze[0]), bool(unfreeze[1])),
+            progress=progress,
+        )
 
     @property
     def unfrozen_blocks(self) -> int:

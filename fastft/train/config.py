@@ -6,8 +6,9 @@ import copy
 import dataclasses
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 from torch.utils.data import DataLoader
@@ -83,7 +84,7 @@ class FitConfig:
                 f"got {self.lr_decay}."
             )
 
-    def with_epochs(self, epochs: int) -> "FitConfig":
+    def with_epochs(self, epochs: int) -> FitConfig:
         """The same settings for ``epochs`` epochs (one stage of a staged fit)."""
         return dataclasses.replace(self, epochs=epochs)
 
@@ -241,7 +242,10 @@ def training_batch_size(train: Any, batch_size: int | None) -> int:
         warnings.warn(
             f"fit(batch_size={batch_size}) trains in batches of {batch_size}; the DataLoader's "
             f"batch_size={loader} only reads the samples for the one frozen pass. Leave fit's "
-            "batch_size unset to train with the DataLoader's.", UserWarning, stacklevel=4)
+            "batch_size unset to train with the DataLoader's.",
+            UserWarning,
+            stacklevel=4,
+        )
     return batch_size
 
 
@@ -250,7 +254,7 @@ def refuse_positional(call: str, names: Sequence[str], given: tuple) -> None:
     of fastft before they became keyword-only). ``call``: the leading arguments, as
     ``"fit(train, val"``."""
     if given:
-        form = ", ".join(f"{n}=..." for n in names[:len(given)])
+        form = ", ".join(f"{n}=..." for n in names[: len(given)])
         raise CallFormError(
             f"{call.split('(')[0]}() takes its settings by keyword: write {call}, {form}) "
             f"instead of passing {len(given)} of them by position."

@@ -8,7 +8,7 @@ batches), gathers each batch of rows from the cache once and trains every tail o
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -24,13 +24,19 @@ from fastft.train.objectives import make_loss, prepare_targets
 ForwardAll = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 
 
-def make_optimizer(cfg: FitConfig, groups: list[dict], *, capturable: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(
+    cfg: FitConfig, groups: list[dict], *, capturable: bool = False
+) -> torch.optim.Optimizer:
     """The optimizer ``cfg`` names over ``groups``. ``capturable``: Adam's step counters on
     the device, so that a CUDA graph can replay the step."""
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=capturable)
+        return torch.optim.AdamW(
+            groups, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=capturable
+        )
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=capturable)
+        return torch.optim.Adam(
+            groups, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=capturable
+        )
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
@@ -41,7 +47,8 @@ def make_scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, steps_per_e
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     if cfg.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total)
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total
+        )
     return None
 
 
@@ -59,17 +66,31 @@ class Engine:
             a vectorized forward over heads of the same shape).
     """
 
-    def __init__(self, cfg: FitConfig, tails: list[nn.Module], *, device: torch.device, seed: int,
-                 n_rows: int, per_tail: list[dict] | None = None, forward_all: ForwardAll | None = None):
+    def __init__(
+        self,
+        cfg: FitConfig,
+        tails: list[nn.Module],
+        *,
+        device: torch.device,
+        seed: int,
+        n_rows: int,
+        per_tail: list[dict] | None = None,
+        forward_all: ForwardAll | None = None,
+    ):
         self.cfg, self.tails, self.device, self.n_rows = cfg, tails, device, n_rows
         per_tail = per_tail or [{} for _ in tails]
-        self.loss_fn = make_loss(cfg.loss, label_smoothing=cfg.label_smoothing,
-                                 class_weights=cfg.class_weights).to(device)
+        self.loss_fn = make_loss(
+            cfg.loss, label_smoothing=cfg.label_smoothing, class_weights=cfg.class_weights
+        ).to(device)
         groups = []
         for tail, extra in zip(tails, per_tail):
             # One group per tail, or with lr_decay one per unfrozen block besides the new layers.
-            groups += param_groups(tail, extra.get("lr", cfg.lr), cfg.lr_decay,
-                                   extra.get("weight_decay", cfg.weight_decay))
+            groups += param_groups(
+                tail,
+                extra.get("lr", cfg.lr),
+                cfg.lr_decay,
+                extra.get("weight_decay", cfg.weight_decay),
+            )
         self.optimizer = make_optimizer(cfg, groups, capturable=cfg.cuda_graph)
         self.steps_per_epoch = math.ceil(n_rows / cfg.batch_size)
         self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
@@ -104,7 +125,9 @@ class Engine:
         where = cache.index_device(self.device)
         perm = order.to(where, non_blocking=True)
         view = None if view is None else view.to(where, non_blocking=True)
-        label_perm = perm if labels.device == perm.device else order.to(labels.device, non_blocking=True)
+        label_perm = (
+            perm if labels.device == perm.device else order.to(labels.device, non_blocking=True)
+        )
         for t in self.tails:
             t.train()
         totals = torch.zeros(len(self.tails), dtype=torch.float64, device=self.device)
@@ -113,16 +136,22 @@ class Engine:
         # a host synchronisation per step on CUDA (the kernels still check what they read).
         with cache.deferred_checks():
             for start in range(0, self.n_rows, cfg.batch_size):
-                global_rows = perm[start:start + cfg.batch_size]
+                global_rows = perm[start : start + cfg.batch_size]
                 rows = fdist.local_rows(global_rows)  # all of them on a single process
-                taps = cache.gather_shaped(rows, view=None if view is None else view[rows],
-                                           out_dtype=out_dtype, check_rows=False)
+                taps = cache.gather_shaped(
+                    rows,
+                    view=None if view is None else view[rows],
+                    out_dtype=out_dtype,
+                    check_rows=False,
+                )
                 taps = [t.to(self.device, non_blocking=True) for t in taps]
-                y = labels[fdist.local_rows(label_perm[start:start + cfg.batch_size])]
+                y = labels[fdist.local_rows(label_perm[start : start + cfg.batch_size])]
                 # Each rank's mean is weighted by its share of the global batch; DDP then averages
                 # over ranks, which gives exactly the gradient of the global batch mean.
                 self.share = rows.numel() * self.world / global_rows.numel()
-                step_losses = self.graphed(taps, y) if self.graphed is not None else self.step(taps, y)
+                step_losses = (
+                    self.graphed(taps, y) if self.graphed is not None else self.step(taps, y)
+                )
                 if self.scheduler is not None:
                     self.scheduler.step()
                 totals += step_losses.double() * rows.numel()
@@ -135,8 +164,12 @@ class Engine:
         """
         self.optimizer.zero_grad(set_to_none=True)
         # cache_enabled=False: autocast's weight-cast cache must not outlive a graph capture.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16",
-                            cache_enabled=False):
+        with torch.autocast(
+            self.device.type,
+            dtype=torch.bfloat16,
+            enabled=self.cfg.amp == "bf16",
+            cache_enabled=False,
+        ):
             step_losses = [self.loss(out, y) for out in self.forward_all(taps)]
         total = torch.stack(step_losses).sum() if len(step_losses) > 1 else step_losses[0]
         (total * self.share if self.world > 1 else total).backward()
@@ -166,8 +199,9 @@ class Engine:
                 for p in group["params"]:
                     st = self.optimizer.state.get(p, {})
                     if "step" in st:
-                        st["step"] = st["step"].to(device=p.device if capturable else "cpu",
-                                                   dtype=torch.float32)
+                        st["step"] = st["step"].to(
+                            device=p.device if capturable else "cpu", dtype=torch.float32
+                        )
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])

@@ -13,7 +13,9 @@ from fastft.train.config import FitConfig
 from fastft.train.metrics import fit_metrics
 
 
-def logits_from_cache(tail: nn.Module, cache: Store, *, batch_size: int, device: torch.device) -> torch.Tensor:
+def logits_from_cache(
+    tail: nn.Module, cache: Store, *, batch_size: int, device: torch.device
+) -> torch.Tensor:
     """``tail``'s outputs for every row of ``cache``, in order (eval mode, no grad)."""
     was_training = tail.training
     tail.eval()
@@ -30,11 +32,18 @@ def logits_from_cache(tail: nn.Module, cache: Store, *, batch_size: int, device:
     return torch.cat(outs)
 
 
-def cache_metrics(tail: nn.Module, cache: Store, cfg: FitConfig, *, device: torch.device) -> dict[str, float]:
+def cache_metrics(
+    tail: nn.Module, cache: Store, cfg: FitConfig, *, device: torch.device
+) -> dict[str, float]:
     """The fit's loss and metrics of ``tail`` on ``cache``'s rows and labels."""
     logits = logits_from_cache(tail, cache, batch_size=cfg.batch_size, device=device)
-    return fit_metrics(logits, cache.labels.to(logits.device), loss=cfg.loss,
-                       label_smoothing=cfg.label_smoothing, class_weights=cfg.class_weights)
+    return fit_metrics(
+        logits,
+        cache.labels.to(logits.device),
+        loss=cfg.loss,
+        label_smoothing=cfg.label_smoothing,
+        class_weights=cfg.class_weights,
+    )
 
 
 def num_outputs(tail: nn.Module, cache: Store, *, device: torch.device) -> int:
@@ -50,7 +59,9 @@ def num_outputs(tail: nn.Module, cache: Store, *, device: torch.device) -> int:
     return int(out.shape[-1]) if out.dim() > 1 else 1
 
 
-def predict(prefix: nn.Module, tail: nn.Module, x: Any, *, batch_size: int, device: torch.device) -> torch.Tensor:
+def predict(
+    prefix: nn.Module, tail: nn.Module, x: Any, *, batch_size: int, device: torch.device
+) -> torch.Tensor:
     """``tail(*prefix(x))`` in batches of ``batch_size`` (eval mode, no grad)."""
     prefix.eval()
     tail.eval()

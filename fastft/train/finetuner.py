@@ -19,8 +19,9 @@ checkpoints, resume), :mod:`~fastft.train.engine` (the loop), :mod:`~fastft.trai
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,18 +35,47 @@ from fastft.errors import FastFTValueError, NotFittedError
 from fastft.model.attach import HeadSpec
 from fastft.train.caches import CacheOptions, TunerCaches, example_of
 from fastft.train.checkpoint import TrainingState
-from fastft.train.config import (EarlyStopping, FitConfig, History, early_stopping_of, plan_stages,
-                                 refuse_positional, resolve_fit_config)
+from fastft.train.config import (
+    EarlyStopping,
+    FitConfig,
+    History,
+    early_stopping_of,
+    plan_stages,
+    refuse_positional,
+    resolve_fit_config,
+)
 from fastft.train.evaluation import cache_metrics, predict
 from fastft.train.fitting import Callback, StagedFit
 from fastft.train.graph_step import check_cuda_graph
 from fastft.train.tuned import HeadOptions, TunedModel
 
 # The order of the settings when they were positional, for the message that names the new form.
-_OLD_INIT_ORDER = ("num_classes", "hidden", "head", "freeze", "cache", "cache_dtype", "views", "transform",
-                   "device", "seed")
-_OLD_FIT_ORDER = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "scheduler", "loss",
-                  "label_smoothing", "class_weights", "early_stopping", "callbacks", "amp")
+_OLD_INIT_ORDER = (
+    "num_classes",
+    "hidden",
+    "head",
+    "freeze",
+    "cache",
+    "cache_dtype",
+    "views",
+    "transform",
+    "device",
+    "seed",
+)
+_OLD_FIT_ORDER = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "scheduler",
+    "loss",
+    "label_smoothing",
+    "class_weights",
+    "early_stopping",
+    "callbacks",
+    "amp",
+)
 
 
 class _Setting:
@@ -57,10 +87,10 @@ class _Setting:
     def __set_name__(self, owner: type, attr: str) -> None:
         self.name = self.name or attr
 
-    def __get__(self, ft: "FineTuner | None", owner: type) -> Any:
+    def __get__(self, ft: FineTuner | None, owner: type) -> Any:
         return self if ft is None else getattr(getattr(ft, self.holder), self.name)
 
-    def __set__(self, ft: "FineTuner", value: Any) -> None:
+    def __set__(self, ft: FineTuner, value: Any) -> None:
         setattr(getattr(ft, self.holder), self.name, value)
 
 
@@ -120,14 +150,30 @@ class FineTuner:
     verbose = _Setting("cache_options")
 
     def __init__(
-        self, model: nn.Module, *positional: Any, num_classes: int | None = None,
-        hidden: Sequence[int] | None = None, head: nn.Module | None = None,
-        freeze: str | Sequence[str] | None = "auto", cache: str = "auto", cache_dtype: str = "fp16",
-        views: int = 1, transform: Callable | None = None, device: str | torch.device | None = None,
-        seed: int = 0, head_name: str | None = None, output_key: str = "sentence_embedding",
-        activation: str = "relu", dropout: float = 0.0, pool: str = "none", cache_dir: str | None = None,
-        max_memory: int | None = None, extract_batch_size: int = 256, extract_amp: str | None = None,
-        transform_id: str | None = None, verbose: bool = True,
+        self,
+        model: nn.Module,
+        *positional: Any,
+        num_classes: int | None = None,
+        hidden: Sequence[int] | None = None,
+        head: nn.Module | None = None,
+        freeze: str | Sequence[str] | None = "auto",
+        cache: str = "auto",
+        cache_dtype: str = "fp16",
+        views: int = 1,
+        transform: Callable | None = None,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        head_name: str | None = None,
+        output_key: str = "sentence_embedding",
+        activation: str = "relu",
+        dropout: float = 0.0,
+        pool: str = "none",
+        cache_dir: str | None = None,
+        max_memory: int | None = None,
+        extract_batch_size: int = 256,
+        extract_amp: str | None = None,
+        transform_id: str | None = None,
+        verbose: bool = True,
     ):
         refuse_positional("FineTuner(model", _OLD_INIT_ORDER, positional)
         if num_classes is not None and int(num_classes) < 2 and head is None:
@@ -136,23 +182,44 @@ class FineTuner:
                 "output pass head=nn.Linear(in_features, 1) and loss='mse'."
             )
         if cache_dtype not in DTYPES:  # the canonical names only (dtype_name also takes aliases)
-            raise FastFTValueError(f"unknown cache_dtype {cache_dtype!r}; use one of {', '.join(DTYPES)}.")
+            raise FastFTValueError(
+                f"unknown cache_dtype {cache_dtype!r}; use one of {', '.join(DTYPES)}."
+            )
         check_views(views, transform)
         check_amp(extract_amp, "extract_amp")
-        device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(
+            device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
+        )
         if device.type == "cuda" and not torch.cuda.is_available():
             raise FastFTValueError(
                 f"device={str(device)!r} but PyTorch sees no CUDA device here (torch "
                 f"{torch.__version__}); leave device unset to train on the CPU."
             )
         self.head_options = HeadOptions(
-            num_classes=None if num_classes is None else int(num_classes), hidden=list(hidden or []),
-            head=head, head_name=head_name, output_key=output_key, activation=activation,
-            dropout=float(dropout), seed=int(seed))
+            num_classes=None if num_classes is None else int(num_classes),
+            hidden=list(hidden or []),
+            head=head,
+            head_name=head_name,
+            output_key=output_key,
+            activation=activation,
+            dropout=float(dropout),
+            seed=int(seed),
+        )
         self.cache_options = CacheOptions(
-            tier=cache, dtype=cache_dtype, views=int(views), transform=transform, transform_id=transform_id,
-            pool=pool, cache_dir=cache_dir, max_memory=max_memory, batch_size=int(extract_batch_size),
-            amp=extract_amp, seed=int(seed), device=device, verbose=verbose)
+            tier=cache,
+            dtype=cache_dtype,
+            views=int(views),
+            transform=transform,
+            transform_id=transform_id,
+            pool=pool,
+            cache_dir=cache_dir,
+            max_memory=max_memory,
+            batch_size=int(extract_batch_size),
+            amp=extract_amp,
+            seed=int(seed),
+            device=device,
+            verbose=verbose,
+        )
         self.caches = TunerCaches(self.cache_options)
         self.tuned = TunedModel(model, self.head_options, freeze=freeze, device=device)
         self.cache: FeatureCache | None = None  # the training cache of the current cut
@@ -220,29 +287,52 @@ class FineTuner:
             self.cache = None
 
     # ------------------------------------------------------------------ caches
-    def build_cache(self, data: Any, *, dataset_id: str | None = None, evaluation: bool = False) -> FeatureCache:
+    def build_cache(
+        self, data: Any, *, dataset_id: str | None = None, evaluation: bool = False
+    ) -> FeatureCache:
         """Run the frozen part once over ``data`` (or reuse a matching cache) and return it.
 
         With ``evaluation=True`` the cache is the one ``fit(val=data)`` and ``evaluate(data)``
         use (one view, no transform), e.g. to build it ahead of training.
         """
         self.prepare(example_of(data))
-        cache = self.caches.build(self.prefix, data, pool=self.tuned.cache_pool(self.pool),
-                                  train=not evaluation, dataset_id=dataset_id)
+        cache = self.caches.build(
+            self.prefix,
+            data,
+            pool=self.tuned.cache_pool(self.pool),
+            train=not evaluation,
+            dataset_id=dataset_id,
+        )
         if not evaluation:
             self.cache = cache
         return cache
 
     # ------------------------------------------------------------------ training
     def fit(
-        self, train: Any, val: Any = None, *positional: Any, config: FitConfig | None = None,
-        epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
-        optimizer: str | None = None, weight_decay: float | None = None, momentum: float | None = None,
-        scheduler: str | None = None, loss: str | None = None, label_smoothing: float | None = None,
-        class_weights: Sequence[float] | None = None, amp: str | None = None, lr_decay: float | None = None,
-        cuda_graph: bool | None = None, early_stopping: int | EarlyStopping | None = None,
-        callbacks: Iterable[Callback] = (), unfreeze: Sequence[tuple[int, int]] | None = None,
-        checkpoint: str | None = None, resume: bool = False, dataset_id: str | None = None,
+        self,
+        train: Any,
+        val: Any = None,
+        *positional: Any,
+        config: FitConfig | None = None,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        optimizer: str | None = None,
+        weight_decay: float | None = None,
+        momentum: float | None = None,
+        scheduler: str | None = None,
+        loss: str | None = None,
+        label_smoothing: float | None = None,
+        class_weights: Sequence[float] | None = None,
+        amp: str | None = None,
+        lr_decay: float | None = None,
+        cuda_graph: bool | None = None,
+        early_stopping: int | EarlyStopping | None = None,
+        callbacks: Iterable[Callback] = (),
+        unfreeze: Sequence[tuple[int, int]] | None = None,
+        checkpoint: str | None = None,
+        resume: bool = False,
+        dataset_id: str | None = None,
     ) -> History:
         """Train the new layers on the cached frozen features; returns the :class:`History`.
 
@@ -276,17 +366,40 @@ class FineTuner:
         ``scheduler`` or with torch.distributed.
         """
         refuse_positional("fit(train, val", _OLD_FIT_ORDER, positional)
-        cfg = resolve_fit_config(config, dict(
-            epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-            momentum=momentum, scheduler=scheduler, loss=loss, label_smoothing=label_smoothing,
-            class_weights=class_weights, amp=amp, lr_decay=lr_decay, cuda_graph=cuda_graph), train)
+        cfg = resolve_fit_config(
+            config,
+            dict(
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                optimizer=optimizer,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                scheduler=scheduler,
+                loss=loss,
+                label_smoothing=label_smoothing,
+                class_weights=class_weights,
+                amp=amp,
+                lr_decay=lr_decay,
+                cuda_graph=cuda_graph,
+            ),
+            train,
+        )
         if cfg.cuda_graph:
             check_cuda_graph(self.device, cfg, fdist.rank_and_world()[1])
         stages = plan_stages(unfreeze, cfg.epochs)
         self.fit_config = cfg
-        staged = StagedFit(self, cfg, stages, train=train, val=val,
-                           early_stopping=early_stopping_of(early_stopping, val is not None),
-                           callbacks=callbacks, checkpoint=checkpoint, dataset_id=dataset_id)
+        staged = StagedFit(
+            self,
+            cfg,
+            stages,
+            train=train,
+            val=val,
+            early_stopping=early_stopping_of(early_stopping, val is not None),
+            callbacks=callbacks,
+            checkpoint=checkpoint,
+            dataset_id=dataset_id,
+        )
         return staged.run(resume=resume)
 
     def fit_many(self, configs: Sequence[dict], train: Any, **common):
@@ -330,14 +443,27 @@ class FineTuner:
         """What :meth:`save` writes (and every checkpoint starts with)."""
         spec = self.tuned.head_spec
         return TrainingState(
-            config={"num_classes": self.num_classes, "hidden": list(self.hidden), "freeze": self.freeze,
-                    "cache": self.cache_tier, "cache_dtype": self.cache_dtype, "views": self.views,
-                    "seed": self.seed, "head_name": self.head_name, "output_key": self.output_key,
-                    "activation": self.activation, "dropout": self.dropout, "pool": self.pool,
-                    "extract_amp": self.extract_amp},
-            head=None if spec is None else asdict(spec), state=self.tuned.trainable_state(),
-            history=list(self.history), fit=None if self.fit_config is None else asdict(self.fit_config),
-            unfreeze=self.tuned.unfreeze_request)
+            config={
+                "num_classes": self.num_classes,
+                "hidden": list(self.hidden),
+                "freeze": self.freeze,
+                "cache": self.cache_tier,
+                "cache_dtype": self.cache_dtype,
+                "views": self.views,
+                "seed": self.seed,
+                "head_name": self.head_name,
+                "output_key": self.output_key,
+                "activation": self.activation,
+                "dropout": self.dropout,
+                "pool": self.pool,
+                "extract_amp": self.extract_amp,
+            },
+            head=None if spec is None else asdict(spec),
+            state=self.tuned.trainable_state(),
+            history=list(self.history),
+            fit=None if self.fit_config is None else asdict(self.fit_config),
+            unfreeze=self.tuned.unfreeze_request,
+        )
 
     def save(self, path: str) -> None:
         """Write the new layers' weights, the configuration and the history (atomically)."""
@@ -350,7 +476,7 @@ class FineTuner:
         self.training_state().write(path)
 
     @classmethod
-    def load(cls, path: str, model: nn.Module, **overrides) -> "FineTuner":
+    def load(cls, path: str, model: nn.Module, **overrides) -> FineTuner:
         """Rebuild a FineTuner saved with :meth:`save` on a fresh copy of the original model."""
         saved = TrainingState.read(path)
         ft = cls(model, **{**saved.config, **overrides})

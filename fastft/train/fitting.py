@@ -15,22 +15,29 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from tqdm.auto import tqdm
 
 from fastft.cache import FeatureCache
 from fastft.cache.derive import can_derive
+from fastft.train.caches import example_of
 from fastft.train.checkpoint import Progress, TrainingState
 from fastft.train.config import EarlyStopping, FitConfig, History, Stage, schedule_record
 from fastft.train.engine import Engine
 from fastft.train.evaluation import cache_metrics, num_outputs
 from fastft.train.objectives import check_labels
-from fastft.train.caches import example_of
-from fastft.train.resume import check_same_blocks, check_same_data, read_resumable, rng_state, set_rng_state
+from fastft.train.resume import (
+    check_same_blocks,
+    check_same_data,
+    read_resumable,
+    rng_state,
+    set_rng_state,
+)
 
 if TYPE_CHECKING:
     from fastft.train.finetuner import FineTuner
@@ -52,7 +59,7 @@ class TrainableState:
     """What early stopping keeps of an epoch: the trainable state under the model's names, so
     that it restores into the model whichever stage (and tail) it was taken in."""
 
-    def __init__(self, ft: "FineTuner"):
+    def __init__(self, ft: FineTuner):
         self.ft = ft
 
     def state_dict(self) -> dict:
@@ -62,12 +69,26 @@ class TrainableState:
 class StagedFit:
     """Runs a fit of ``cfg`` in ``stages`` on ``ft`` (see the module docstring)."""
 
-    def __init__(self, ft: "FineTuner", cfg: FitConfig, stages: Sequence[Stage], *, train: Any, val: Any,
-                 early_stopping: EarlyStopping | None, callbacks: Iterable[Callback],
-                 checkpoint: str | None, dataset_id: str | None):
+    def __init__(
+        self,
+        ft: FineTuner,
+        cfg: FitConfig,
+        stages: Sequence[Stage],
+        *,
+        train: Any,
+        val: Any,
+        early_stopping: EarlyStopping | None,
+        callbacks: Iterable[Callback],
+        checkpoint: str | None,
+        dataset_id: str | None,
+    ):
         self.ft, self.cfg, self.stages = ft, cfg, list(stages)
         self.train, self.val, self.dataset_id = train, val, dataset_id
-        self.early_stopping, self.callbacks, self.checkpoint = early_stopping, list(callbacks), checkpoint
+        self.early_stopping, self.callbacks, self.checkpoint = (
+            early_stopping,
+            list(callbacks),
+            checkpoint,
+        )
         self.data_key: str | None = None  # the training data's key, recorded in checkpoints
 
     def run(self, *, resume: bool) -> History:
@@ -83,13 +104,17 @@ class StagedFit:
             if saved is not None:
                 done = saved.progress.global_epochs_done
                 # Ended: stopped early, or every epoch done (then the tuner is at the last cut).
-                ended = saved.progress.early_stopped or (stage.end >= cfg.epochs and done >= cfg.epochs)
+                ended = saved.progress.early_stopped or (
+                    stage.end >= cfg.epochs and done >= cfg.epochs
+                )
                 if done >= stage.end and not ended:
                     continue  # trained before the interruption
                 # The data first (nothing of the checkpoint is taken on other data), then the
                 # weights before this stage's cache is built: its frozen part may hold blocks
                 # an earlier stage trained.
-                check_same_data(saved, self.checkpoint, lambda: ft.caches.data_key(self.train, self.dataset_id))
+                check_same_data(
+                    saved, self.checkpoint, lambda: ft.caches.data_key(self.train, self.dataset_id)
+                )
                 ft.prepare(example_of(self.train))
                 self._restore_progress(saved)
                 if es is not None and saved.progress.early_stopping:
@@ -149,14 +174,19 @@ class StagedFit:
         return self._eval_cache(self.val) if self.val is not None else None
 
     # ------------------------------------------------------------------ one stage
-    def _run_stage(self, stage: Stage, resume_from: TrainingState | None, low: LowCut | None) -> bool:
+    def _run_stage(
+        self, stage: Stage, resume_from: TrainingState | None, low: LowCut | None
+    ) -> bool:
         """Train the stage's epochs at the current cut (from inside them when ``resume_from``
         is a checkpoint of this stage); True when training should stop."""
         ft, cfg = self.ft, self.cfg.with_epochs(stage.epochs)
         val_cache = self._stage_caches(low)
         labels = ft.cache.labels.to(ft.device)
-        n_out = ft.num_classes if ft.num_classes is not None else \
-            num_outputs(ft.tail, ft.cache, device=ft.device)
+        n_out = (
+            ft.num_classes
+            if ft.num_classes is not None
+            else num_outputs(ft.tail, ft.cache, device=ft.device)
+        )
         check_labels(labels, cfg.loss, n_out)
         if val_cache is not None:  # before the first epoch, not after it
             check_labels(val_cache.labels, cfg.loss, n_out, what="val")
@@ -168,13 +198,22 @@ class StagedFit:
             self._restore_progress(resume_from)
             engine.load_state_dict(resume_from.progress.engine)
             start_epoch = int(resume_from.progress.epochs_done)
-        epochs_bar = tqdm(range(start_epoch, cfg.epochs), desc="fastft fit", unit="epoch",
-                          disable=not ft.verbose or not sys.stderr.isatty(), leave=False)
+        epochs_bar = tqdm(
+            range(start_epoch, cfg.epochs),
+            desc="fastft fit",
+            unit="epoch",
+            disable=not ft.verbose or not sys.stderr.isatty(),
+            leave=False,
+        )
         try:
             for epoch in epochs_bar:
                 t0 = time.perf_counter()
                 losses = engine.run_epoch(ft.cache, labels)
-                record = {"epoch": stage.first_epoch + epoch + 1, "loss": losses[0], "lr": engine.current_lrs()[0]}
+                record = {
+                    "epoch": stage.first_epoch + epoch + 1,
+                    "loss": losses[0],
+                    "lr": engine.current_lrs()[0],
+                }
                 if ft.tuned.unfrozen_blocks:
                     record["unfrozen_blocks"] = ft.tuned.unfrozen_blocks
                 if val_cache is not None:
@@ -185,9 +224,12 @@ class StagedFit:
                 ft.fitted = True
                 epochs_bar.set_postfix(loss=f"{record['loss']:.4f}")
                 stop = any(cb(ft, record) is False for cb in self.callbacks)
-                early_stopped = self.early_stopping is not None and \
-                    self.early_stopping.step(record, TrainableState(ft))
-                if self.checkpoint is not None:  # after the callbacks: what they draw is in its random state
+                early_stopped = self.early_stopping is not None and self.early_stopping.step(
+                    record, TrainableState(ft)
+                )
+                if (
+                    self.checkpoint is not None
+                ):  # after the callbacks: what they draw is in its random state
                     self._write_checkpoint(engine, epoch + 1, stage, early_stopped)
                 if stop or early_stopped:
                     return True
@@ -196,14 +238,22 @@ class StagedFit:
             engine.release_graph()
 
     # ------------------------------------------------------------------ checkpoints
-    def _write_checkpoint(self, engine: Engine, epochs_done: int, stage: Stage, early_stopped: bool) -> None:
+    def _write_checkpoint(
+        self, engine: Engine, epochs_done: int, stage: Stage, early_stopped: bool
+    ) -> None:
         ft = self.ft
         record = ft.training_state()
         record.progress = Progress(
-            epochs_done=epochs_done, global_epochs_done=stage.first_epoch + epochs_done,
-            engine=engine.state_dict(), rng=rng_state(ft.device), data_key=self.data_key,
-            backbone=ft.tuned.backbone_digest(record.state), schedule=schedule_record(self.stages),
-            early_stopping=None if self.early_stopping is None else self.early_stopping.state_dict(),
+            epochs_done=epochs_done,
+            global_epochs_done=stage.first_epoch + epochs_done,
+            engine=engine.state_dict(),
+            rng=rng_state(ft.device),
+            data_key=self.data_key,
+            backbone=ft.tuned.backbone_digest(record.state),
+            schedule=schedule_record(self.stages),
+            early_stopping=None
+            if self.early_stopping is None
+            else self.early_stopping.state_dict(),
             early_stopped=bool(early_stopped),
         )
         record.write(self.checkpoint)

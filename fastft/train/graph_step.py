@@ -31,7 +31,7 @@ device.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -48,16 +48,22 @@ def graph_unsupported(device: torch.device, cfg, world: int) -> str | None:
     if device.type != "cuda":
         return f"needs a CUDA device, but training runs on {device}; drop cuda_graph=True"
     if cfg.scheduler is not None:
-        return (f"cannot follow scheduler={cfg.scheduler!r}: the learning rate is baked into the "
-                "captured step. Use scheduler=None with cuda_graph=True, or keep the schedule "
-                "and drop cuda_graph")
+        return (
+            f"cannot follow scheduler={cfg.scheduler!r}: the learning rate is baked into the "
+            "captured step. Use scheduler=None with cuda_graph=True, or keep the schedule "
+            "and drop cuda_graph"
+        )
     if cfg.loss == "ce" and cfg.label_smoothing and cfg.class_weights is not None:
         # ATen normalises this loss with masked_select, which reads a size back to the host.
-        return ("cannot capture loss='ce' with both label_smoothing and class_weights (PyTorch "
-                "computes it with a host synchronisation); drop one of them, or cuda_graph")
+        return (
+            "cannot capture loss='ce' with both label_smoothing and class_weights (PyTorch "
+            "computes it with a host synchronisation); drop one of them, or cuda_graph"
+        )
     if world > 1:
-        return ("is not supported under torch.distributed (DistributedDataParallel all-reduces "
-                "outside the graph); drop cuda_graph=True")
+        return (
+            "is not supported under torch.distributed (DistributedDataParallel all-reduces "
+            "outside the graph); drop cuda_graph=True"
+        )
     if not torch.cuda.is_available():
         return "needs a CUDA device, but torch.cuda.is_available() is False"
     return None
@@ -107,8 +113,9 @@ class GraphedStep:
     ``backend`` provides ``warm`` and ``capture`` (default: CUDA graphs on ``device``).
     """
 
-    def __init__(self, step: StepFn, device: torch.device, *, warmup: int = WARMUP_STEPS,
-                 backend=None):
+    def __init__(
+        self, step: StepFn, device: torch.device, *, warmup: int = WARMUP_STEPS, backend=None
+    ):
         self.step = step
         if int(warmup) < 1:  # gradients and optimizer state must exist before a capture
             raise ValueError(f"warmup must be ≥ 1, got {warmup}")
@@ -148,7 +155,8 @@ class GraphedStep:
                 warnings.warn(
                     f"fastft: cuda_graph=True could not capture the training step ({self.failed}); "
                     "training goes on without a graph, with the same results.",
-                    RuntimeWarning, stacklevel=3,
+                    RuntimeWarning,
+                    stacklevel=3,
                 )
                 return self._eager(taps, y)
         for buffer, t in zip(self._taps, taps):

@@ -27,7 +27,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     """Unweighted mean of the per-class F1 over classes that occur in labels or predictions."""
     idx = labels * num_classes + preds
-    confusion = torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    confusion = torch.bincount(idx, minlength=num_classes * num_classes).view(
+        num_classes, num_classes
+    )
     tp = confusion.diag().double()
     predicted = confusion.sum(dim=0).double()
     actual = confusion.sum(dim=1).double()
@@ -46,8 +48,14 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str,
     }
 
 
-def fit_metrics(logits: torch.Tensor, labels: torch.Tensor, *, loss: str, label_smoothing: float = 0.0,
-                class_weights: list[float] | None = None) -> dict[str, float]:
+def fit_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss: str,
+    label_smoothing: float = 0.0,
+    class_weights: list[float] | None = None,
+) -> dict[str, float]:
     """The loss of a fit's objective on ``logits`` and the metrics that go with it: accuracy
     and macro-F1 for ``'ce'``, label and subset accuracy for ``'bce'``."""
     loss_fn = make_loss(loss, label_smoothing=label_smoothing, class_weights=class_weights)

@@ -46,7 +46,9 @@ def check_labels(labels: torch.Tensor, loss: str, num_outputs: int, what: str = 
             )
     elif loss == "mse":
         if not labels.is_floating_point():
-            raise DataError(f"loss='mse' needs float targets; {where} are {labels.dtype}. Convert with labels.float().")
+            raise DataError(
+                f"loss='mse' needs float targets; {where} are {labels.dtype}. Convert with labels.float()."
+            )
         _check_finite(labels, where, loss)
 
 
@@ -63,12 +65,16 @@ def _check_finite(labels: torch.Tensor, where: str, loss: str) -> None:
 def make_loss(loss: str, *, label_smoothing: float = 0.0, class_weights=None) -> nn.Module:
     """The loss module for ``loss`` in ``ce | bce | mse`` (mean reduction)."""
     if loss == "ce":
-        weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        weight = (
+            None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        )
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
     if label_smoothing:
         raise FastFTValueError("label_smoothing applies to loss='ce' only.")
     if loss == "bce":
-        weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        weight = (
+            None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        )
         return nn.BCEWithLogitsLoss(pos_weight=weight)
     if loss == "mse":
         return nn.MSELoss()

@@ -8,7 +8,7 @@ to change, never continued.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -18,7 +18,9 @@ from fastft.train.config import FitConfig, Stage, schedule_record
 from fastft.train.tuned import TunedModel
 
 
-def read_resumable(path: str, stages: Sequence[Stage], cfg: FitConfig, tuned: TunedModel) -> TrainingState:
+def read_resumable(
+    path: str, stages: Sequence[Stage], cfg: FitConfig, tuned: TunedModel
+) -> TrainingState:
     """The training checkpoint at ``path``, checked to come from a fit like this one (same
     settings, schedule, backbone; the data are checked by :func:`check_same_data`)."""
     saved = TrainingState.read(path)
@@ -49,8 +51,11 @@ def read_resumable(path: str, stages: Sequence[Stage], cfg: FitConfig, tuned: Tu
             f"learning rate is planned over those {fit['epochs']} epochs: it cannot continue exactly for "
             f"epochs={cfg.epochs}. Resume with epochs={fit['epochs']}, or start a new fit."
         )
-    differ = [k for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("epochs", "cuda_graph") and k in fit and fit[k] != v]
+    differ = [
+        k
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("epochs", "cuda_graph") and k in fit and fit[k] != v
+    ]
     if differ:
         raise FastFTValueError(
             f"{path} was written by a fit with {', '.join(f'{k}={fit[k]!r}' for k in differ)}; this fit "

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ class SweepResult:
 
 
 def fit_many(
-    ft: "FineTuner",
+    ft: FineTuner,
     configs: Sequence[dict],
     train: Any,
     *,
@@ -87,10 +88,21 @@ def fit_many(
             raise FastFTValueError(
                 f"fit_many configs may set {', '.join(sorted(SWEEPABLE))}; got unknown {', '.join(sorted(unknown))}."
             )
-    cfg = resolve_fit_config(None, dict(
-        epochs=epochs, batch_size=batch_size, lr=configs[0].get("lr", FitConfig.lr), optimizer=optimizer,
-        momentum=momentum, scheduler=scheduler, loss=loss, label_smoothing=label_smoothing,
-        cuda_graph=cuda_graph), train)
+    cfg = resolve_fit_config(
+        None,
+        dict(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=configs[0].get("lr", FitConfig.lr),
+            optimizer=optimizer,
+            momentum=momentum,
+            scheduler=scheduler,
+            loss=loss,
+            label_smoothing=label_smoothing,
+            cuda_graph=cuda_graph,
+        ),
+        train,
+    )
     if cfg.cuda_graph:
         check_cuda_graph(ft.device, cfg, fdist.rank_and_world()[1])
     t_start = time.perf_counter()
@@ -98,14 +110,27 @@ def fit_many(
     val_cache = ft.build_cache(val, evaluation=True) if val is not None else None
     labels = ft.cache.labels.to(ft.device)
 
-    heads = [ft.tuned.new_head(**{k: c[k] for k in ("hidden", "dropout", "seed") if k in c}) for c in configs]
+    heads = [
+        ft.tuned.new_head(**{k: c[k] for k in ("hidden", "dropout", "seed") if k in c})
+        for c in configs
+    ]
     check_labels(labels, cfg.loss, ft.num_classes)
     if val_cache is not None:
         check_labels(val_cache.labels, cfg.loss, ft.num_classes, what="val")
     tails = [ft.tuned.tail_with_head(h) for h in heads]
-    per_tail = [{"lr": c.get("lr", cfg.lr), "weight_decay": c.get("weight_decay", cfg.weight_decay)} for c in configs]
-    engine = Engine(cfg, tails, device=ft.device, seed=ft.seed, n_rows=ft.cache.num_rows, per_tail=per_tail,
-                    forward_all=VectorizedForward(tails, heads) if vectorize else None)
+    per_tail = [
+        {"lr": c.get("lr", cfg.lr), "weight_decay": c.get("weight_decay", cfg.weight_decay)}
+        for c in configs
+    ]
+    engine = Engine(
+        cfg,
+        tails,
+        device=ft.device,
+        seed=ft.seed,
+        n_rows=ft.cache.num_rows,
+        per_tail=per_tail,
+        forward_all=VectorizedForward(tails, heads) if vectorize else None,
+    )
     histories = [History() for _ in configs]
     try:
         for epoch in range(cfg.epochs):
@@ -113,7 +138,12 @@ def fit_many(
             losses = engine.run_epoch(ft.cache, labels)
             seconds = time.perf_counter() - t0
             for m, (hist, tail) in enumerate(zip(histories, tails)):
-                record = {"epoch": epoch + 1, "loss": losses[m], "lr": engine.current_lrs()[m], "seconds": seconds}
+                record = {
+                    "epoch": epoch + 1,
+                    "loss": losses[m],
+                    "lr": engine.current_lrs()[m],
+                    "seconds": seconds,
+                }
                 if val_cache is not None:
                     metrics = cache_metrics(tail, val_cache, cfg, device=ft.device)
                     record.update({f"val_{k}": v for k, v in metrics.items()})
@@ -122,7 +152,9 @@ def fit_many(
         engine.release_graph()
     metric = "val_loss" if val_cache is not None else "loss"
     finals = [h[-1][metric] for h in histories]
-    best = min(range(len(configs)), key=lambda i: finals[i] if not math.isnan(finals[i]) else math.inf)
+    best = min(
+        range(len(configs)), key=lambda i: finals[i] if not math.isnan(finals[i]) else math.inf
+    )
     for t in tails:
         t.eval()
     if keep_best:
@@ -141,7 +173,13 @@ class VectorizedForward:
         groups: dict[tuple, list[int]] = {}
         for i, h in enumerate(heads):
             has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in h.modules())
-            key = ("solo", i) if has_dropout else tuple((n, tuple(p.shape)) for n, p in tails[i].named_parameters() if p.requires_grad)
+            key = (
+                ("solo", i)
+                if has_dropout
+                else tuple(
+                    (n, tuple(p.shape)) for n, p in tails[i].named_parameters() if p.requires_grad
+                )
+            )
             groups.setdefault(key, []).append(i)
         self.groups = list(groups.values())
 
@@ -156,7 +194,7 @@ class VectorizedForward:
             per_tail = [dict(self.tails[i].named_parameters()) for i in idx]
             stacked = {n: torch.stack([p[n] for p in per_tail]) for n in names}
 
-            def one(params, *xs):
+            def one(params, *xs, base=base):
                 return functional_call(base, params, xs)
 
             batched = vmap(one, in_dims=(0,) + (None,) * len(taps))(stacked, *taps)

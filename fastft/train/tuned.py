@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,15 +53,24 @@ class HeadOptions:
     def adds_head(self) -> bool:
         return self.head is not None or self.num_classes is not None
 
-    def build(self, in_features: int, *, hidden: Sequence[int] | None = None,
-              dropout: float | None = None, seed: int | None = None) -> nn.Module:
+    def build(
+        self,
+        in_features: int,
+        *,
+        hidden: Sequence[int] | None = None,
+        dropout: float | None = None,
+        seed: int | None = None,
+    ) -> nn.Module:
         """The new output layer (with its hidden layers) for ``in_features`` inputs; a sweep
         overrides ``hidden``, ``dropout`` and ``seed``."""
         if self.head is not None:
             return self.head
         return build_head(
-            in_features, self.num_classes, list(self.hidden if hidden is None else hidden),
-            activation=self.activation, dropout=self.dropout if dropout is None else dropout,
+            in_features,
+            self.num_classes,
+            list(self.hidden if hidden is None else hidden),
+            activation=self.activation,
+            dropout=self.dropout if dropout is None else dropout,
             seed=self.seed if seed is None else seed,
         )
 
@@ -68,8 +78,14 @@ class HeadOptions:
 class TunedModel:
     """A model being fine-tuned: edited once, unfrozen on request, split on demand."""
 
-    def __init__(self, model: nn.Module, options: HeadOptions, *, freeze: str | Sequence[str] | None,
-                 device: torch.device):
+    def __init__(
+        self,
+        model: nn.Module,
+        options: HeadOptions,
+        *,
+        freeze: str | Sequence[str] | None,
+        device: torch.device,
+    ):
         self.model = model
         self.options = options
         self.freeze = freeze
@@ -116,9 +132,13 @@ class TunedModel:
         if self.edited:
             return
         if self.options.adds_head:
-            spec = spec or locate_head(self.model, head_name=self.options.head_name,
-                                       custom_head=self.options.head is not None,
-                                       output_key=self.options.output_key, example=example)
+            spec = spec or locate_head(
+                self.model,
+                head_name=self.options.head_name,
+                custom_head=self.options.head is not None,
+                output_key=self.options.output_key,
+                example=example,
+            )
             self.model = attach_head(self.model, spec, self.options.build(spec.in_features))
             self.head_spec = spec
         apply_freeze(self.model, self.freeze)
@@ -158,7 +178,9 @@ class TunedModel:
         which parameters train. Not the weights' values: the prefix shares the parameter
         tensors, so it computes with new values anyway (and the cache key sees them)."""
         modules, params = self.prefix.key_mask()
-        hasher = ContentHasher(mask_modules=modules, mask_params=params, weights="layout", eval_mode=True)
+        hasher = ContentHasher(
+            mask_modules=modules, mask_params=params, weights="layout", eval_mode=True
+        )
         hasher.update(self.model, "the model")
         objects = [id(m) for m in self.model.modules()] + [id(p) for p in self.model.parameters()]
         trains = "".join("1" if p.requires_grad else "0" for p in self.model.parameters())
@@ -172,7 +194,9 @@ class TunedModel:
                 "fit_many builds heads from num_classes/hidden; it cannot sweep a custom head= module."
             )
         if self.head_spec is None:
-            raise FastFTValueError("fit_many needs a FineTuner that attached a new head (pass num_classes=).")
+            raise FastFTValueError(
+                "fit_many needs a FineTuner that attached a new head (pass num_classes=)."
+            )
         return self.options.build(self.head_spec.in_features, **overrides).to(self.device)
 
     def tail_with_head(self, head: nn.Module) -> nn.Module:

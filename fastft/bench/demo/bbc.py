@@ -25,9 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import fastft
-from fastft.model import surgery
-from fastft.data import index_select
 from fastft.bench.demo.bbc_data import load_bbc, load_minilm, stratified_split, tokenize
+from fastft.data import index_select
+from fastft.model import surgery
 from fastft.train.metrics import classification_metrics
 
 
@@ -44,7 +44,9 @@ class DemoSettings:
     per_class_limit: int | None = None  # for quick runs and tests
     cache_dtype: str = "fp16"
     cache: str = "host"
-    extract_batch_size: int = 32  # the naive loop's batch: on 2 CPU cores MiniLM runs 7-11% faster than at 128
+    extract_batch_size: int = (
+        32  # the naive loop's batch: on 2 CPU cores MiniLM runs 7-11% faster than at 128
+    )
     skip_config_b: bool = False
     verbose: bool = True
 
@@ -65,9 +67,19 @@ class RunResult:
     notes: str = ""
 
 
-def _fastft_run(name: str, model: nn.Module, train, test, s: DemoSettings) -> tuple[RunResult, nn.Module]:
-    ft = fastft.FineTuner(model, num_classes=5, hidden=[s.hidden], cache=s.cache, cache_dtype=s.cache_dtype,
-                          seed=s.seed, extract_batch_size=s.extract_batch_size, verbose=s.verbose)
+def _fastft_run(
+    name: str, model: nn.Module, train, test, s: DemoSettings
+) -> tuple[RunResult, nn.Module]:
+    ft = fastft.FineTuner(
+        model,
+        num_classes=5,
+        hidden=[s.hidden],
+        cache=s.cache,
+        cache_dtype=s.cache_dtype,
+        seed=s.seed,
+        extract_batch_size=s.extract_batch_size,
+        verbose=s.verbose,
+    )
     t0 = time.perf_counter()
     built = dict(ft.build_cache(train).telemetry)  # the one frozen pass over the training articles
     train_pass = time.perf_counter() - t0
@@ -76,22 +88,31 @@ def _fastft_run(name: str, model: nn.Module, train, test, s: DemoSettings) -> tu
     ft.build_cache(test, evaluation=True)  # the one frozen pass over the test articles
     test_pass = time.perf_counter() - t0
     t0 = time.perf_counter()
-    history = ft.fit(train, val=test, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr)  # both caches hit
+    history = ft.fit(
+        train, val=test, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr
+    )  # both caches hit
     fit_seconds = time.perf_counter() - t0
     epoch_times = [r["seconds"] for r in history]
     result = RunResult(
-        name=name, method="fastft", seconds=train_pass + fit_seconds, eval_seconds=test_pass,
+        name=name,
+        method="fastft",
+        seconds=train_pass + fit_seconds,
+        eval_seconds=test_pass,
         forward_passes=len(train[1]) + len(test[1]),
-        test_accuracy=history[-1]["val_accuracy"], epochs=s.epochs,
-        per_epoch_seconds=epoch_times, setup_seconds=train_pass + fit_seconds - sum(epoch_times),
+        test_accuracy=history[-1]["val_accuracy"],
+        epochs=s.epochs,
+        per_epoch_seconds=epoch_times,
+        setup_seconds=train_pass + fit_seconds - sum(epoch_times),
         accuracy_by_epoch=[r["val_accuracy"] for r in history],
         notes=f"cache {ft.cache.tier}/{s.cache_dtype}, {ft.cache.nbytes / 2**20:.2f} MiB; "
-              f"train cache: {built.get('reason', '')}, {built.get('prefix_seconds', 0):.1f} s in the encoder",
+        f"train cache: {built.get('reason', '')}, {built.get('prefix_seconds', 0):.1f} s in the encoder",
     )
     return result, initial_head
 
 
-def _naive_run(name: str, encoder: nn.Module, head: nn.Module, train, test, s: DemoSettings) -> RunResult:
+def _naive_run(
+    name: str, encoder: nn.Module, head: nn.Module, train, test, s: DemoSettings
+) -> RunResult:
     """Plain PyTorch frozen fine-tuning: the frozen encoder runs for every batch of every epoch."""
     X, y = train
     encoder.eval()
@@ -106,10 +127,15 @@ def _naive_run(name: str, encoder: nn.Module, head: nn.Module, train, test, s: D
     for epoch in range(run_epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=g)
-        bar = tqdm(range(0, n, s.batch_size), desc=f"naive epoch {epoch + 1}/{run_epochs}", unit="batch",
-                   disable=not s.verbose or not sys.stderr.isatty(), leave=False)
+        bar = tqdm(
+            range(0, n, s.batch_size),
+            desc=f"naive epoch {epoch + 1}/{run_epochs}",
+            unit="batch",
+            disable=not s.verbose or not sys.stderr.isatty(),
+            leave=False,
+        )
         for start in bar:
-            rows = perm[start:start + s.batch_size]
+            rows = perm[start : start + s.batch_size]
             with torch.no_grad():
                 emb = encoder(index_select(X, rows))["sentence_embedding"]
             opt.zero_grad(set_to_none=True)
@@ -123,11 +149,19 @@ def _naive_run(name: str, encoder: nn.Module, head: nn.Module, train, test, s: D
     per_epoch = sum(epoch_times) / len(epoch_times)
     total = train_seconds if run_epochs == s.epochs else per_epoch * s.epochs
     return RunResult(
-        name=name, method="naive", seconds=total, forward_passes=s.epochs * n + len(test[1]),
-        test_accuracy=accuracy, epochs=run_epochs, measured=run_epochs == s.epochs,
-        per_epoch_seconds=epoch_times, setup_seconds=0.0, eval_seconds=test_seconds,
-        notes="" if run_epochs == s.epochs else
-        f"{run_epochs} of {s.epochs} epochs measured; total projected from {per_epoch:.1f} s/epoch",
+        name=name,
+        method="naive",
+        seconds=total,
+        forward_passes=s.epochs * n + len(test[1]),
+        test_accuracy=accuracy,
+        epochs=run_epochs,
+        measured=run_epochs == s.epochs,
+        per_epoch_seconds=epoch_times,
+        setup_seconds=0.0,
+        eval_seconds=test_seconds,
+        notes=""
+        if run_epochs == s.epochs
+        else f"{run_epochs} of {s.epochs} epochs measured; total projected from {per_epoch:.1f} s/epoch",
     )
 
 
@@ -161,7 +195,9 @@ def run(s: DemoSettings) -> dict:
     runs.append(a)
     naive = _naive_run("A: +hidden 256 +head, all frozen", base, initial_head, train, test, s)
     # Same epochs, same batch order: fastft's accuracy at the naive loop's last epoch.
-    naive.notes += f"; fastft after {naive.epochs} epochs: {a.accuracy_by_epoch[naive.epochs - 1]:.4f}"
+    naive.notes += (
+        f"; fastft after {naive.epochs} epochs: {a.accuracy_by_epoch[naive.epochs - 1]:.4f}"
+    )
     runs.append(naive)
     if config_b_model is not None:
         removed = [f"0.auto_model.encoder.layer.{i}" for i in (4, 5)]
@@ -185,7 +221,8 @@ def run(s: DemoSettings) -> dict:
         "prep_seconds": prep_seconds,
         "runs": [r.__dict__ for r in runs],
         "speedup_vs_naive": speedup,
-        "speedup_with_evaluation": (naive.seconds + naive.eval_seconds) / (a.seconds + a.eval_seconds),
+        "speedup_with_evaluation": (naive.seconds + naive.eval_seconds)
+        / (a.seconds + a.eval_seconds),
         "speedup_measured": naive.measured,
         "ideal_seconds": ideal,
         "fastft_vs_ideal": a.seconds / ideal,

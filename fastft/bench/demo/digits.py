@@ -36,10 +36,18 @@ class DigitsCNN(nn.Module):
     def __init__(self, num_classes: int = 5):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.BatchNorm2d(128),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.fc = nn.Linear(128, num_classes)
 
@@ -70,7 +78,7 @@ def _train(model: nn.Module, X, y, epochs: int, s: DigitsSettings) -> None:
     for _ in range(epochs):
         perm = torch.randperm(len(y), generator=g)
         for start in range(0, len(y), s.batch_size):
-            rows = perm[start:start + s.batch_size]
+            rows = perm[start : start + s.batch_size]
             opt.zero_grad()
             nn.functional.cross_entropy(model(X[rows]), y[rows]).backward()
             opt.step()
@@ -106,8 +114,9 @@ def run(s: DigitsSettings) -> dict:
     pretrain_seconds = time.perf_counter() - t0
 
     naive_model = copy.deepcopy(pretrained)
-    ft = fastft.FineTuner(pretrained, num_classes=5, cache="host", cache_dtype="fp32", seed=s.seed,
-                          verbose=s.verbose)
+    ft = fastft.FineTuner(
+        pretrained, num_classes=5, cache="host", cache_dtype="fp32", seed=s.seed, verbose=s.verbose
+    )
     t0 = time.perf_counter()
     ft.build_cache((Xb, yb))
     # The naive loop starts from the very same new head.
@@ -125,10 +134,16 @@ def run(s: DigitsSettings) -> dict:
         "epochs": s.epochs,
         "train_images": len(yb),
         "test_images": len(yb_test),
-        "fastft": {"seconds": fastft_seconds, "test_accuracy": fastft_acc,
-                   "forward_passes": len(yb) + len(yb_test)},
-        "naive": {"seconds": naive_seconds, "test_accuracy": naive_acc,
-                  "forward_passes": s.epochs * len(yb) + len(yb_test)},
+        "fastft": {
+            "seconds": fastft_seconds,
+            "test_accuracy": fastft_acc,
+            "forward_passes": len(yb) + len(yb_test),
+        },
+        "naive": {
+            "seconds": naive_seconds,
+            "test_accuracy": naive_acc,
+            "forward_passes": s.epochs * len(yb) + len(yb_test),
+        },
         "speedup_vs_naive": naive_seconds / fastft_seconds,
     }
 
@@ -142,7 +157,9 @@ def table(report: dict) -> str:
     ]
     for name in ("naive", "fastft"):
         r = report[name]
-        lines.append(f"{name:<8} {r['forward_passes']:>20,} {r['seconds']:>8.2f} {100 * r['test_accuracy']:>19.1f}%")
+        lines.append(
+            f"{name:<8} {r['forward_passes']:>20,} {r['seconds']:>8.2f} {100 * r['test_accuracy']:>19.1f}%"
+        )
     lines.append(f"speed-up: {report['speedup_vs_naive']:.1f}x")
     return "\n".join(lines)
 

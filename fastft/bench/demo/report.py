@@ -7,14 +7,35 @@ from pathlib import Path
 
 
 def table(report: dict) -> str:
-    rows = [("run", "method", "backbone forward passes", "training s", "test pass s", "test accuracy", "speed-up")]
+    rows = [
+        (
+            "run",
+            "method",
+            "backbone forward passes",
+            "training s",
+            "test pass s",
+            "test accuracy",
+            "speed-up",
+        )
+    ]
     naive = next(r for r in report["runs"] if r["method"] == "naive")
     for r in report["runs"]:
         secs = f"{r['seconds']:.1f}" + ("" if r["measured"] else " (projected)")
         speed = f"{naive['seconds'] / r['seconds']:.1f}x" if r["method"] == "fastft" else "1.0x"
-        acc = f"{100 * r['test_accuracy']:.2f}%" + ("" if r["method"] == "fastft" or r["measured"]
-                                                     else f" after {r['epochs']} ep")
-        rows.append((r["name"], r["method"], f"{r['forward_passes']:,}", secs, f"{r['eval_seconds']:.1f}", acc, speed))
+        acc = f"{100 * r['test_accuracy']:.2f}%" + (
+            "" if r["method"] == "fastft" or r["measured"] else f" after {r['epochs']} ep"
+        )
+        rows.append(
+            (
+                r["name"],
+                r["method"],
+                f"{r['forward_passes']:,}",
+                secs,
+                f"{r['eval_seconds']:.1f}",
+                acc,
+                speed,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -35,8 +56,10 @@ def markdown(report: dict) -> str:
     for r in report["runs"]:
         secs = f"{r['seconds']:.1f}" + (" (measured)" if r["measured"] else " (projected)")
         speed = f"{naive['seconds'] / r['seconds']:.1f}×" if r["method"] == "fastft" else "1.0×"
-        lines.append(f"| {r['name']} | {r['method']} | {r['forward_passes']:,} | {secs} | {r['eval_seconds']:.1f} | "
-                     f"{100 * r['test_accuracy']:.2f}% | {speed} |")
+        lines.append(
+            f"| {r['name']} | {r['method']} | {r['forward_passes']:,} | {secs} | {r['eval_seconds']:.1f} | "
+            f"{100 * r['test_accuracy']:.2f}% | {speed} |"
+        )
     lines += [
         "",
         f"- Speed-up of fastft over the naive loop (configuration A): **{report['speedup_vs_naive']:.1f}×** "
@@ -67,11 +90,23 @@ def plot(report: dict, path: Path) -> None:
         per_epoch = sum(r["per_epoch_seconds"]) / len(r["per_epoch_seconds"])
         if r["method"] == "naive":
             measured = r["epochs"]
-            cum = [r["setup_seconds"] + sum(r["per_epoch_seconds"][:e]) if e <= measured
-                   else r["setup_seconds"] + sum(r["per_epoch_seconds"]) + (e - measured) * per_epoch for e in xs]
-            ax.plot(xs[: measured + 1], cum[: measured + 1], "o-", color="tab:red", label="naive (measured)")
+            cum = [
+                r["setup_seconds"] + sum(r["per_epoch_seconds"][:e])
+                if e <= measured
+                else r["setup_seconds"] + sum(r["per_epoch_seconds"]) + (e - measured) * per_epoch
+                for e in xs
+            ]
+            ax.plot(
+                xs[: measured + 1],
+                cum[: measured + 1],
+                "o-",
+                color="tab:red",
+                label="naive (measured)",
+            )
             if measured < epochs:
-                ax.plot(xs[measured:], cum[measured:], "--", color="tab:red", label="naive (projected)")
+                ax.plot(
+                    xs[measured:], cum[measured:], "--", color="tab:red", label="naive (projected)"
+                )
         else:
             cum = [r["setup_seconds"] + sum(r["per_epoch_seconds"][:e]) for e in xs]
             ax.plot(xs, cum, "o-", label=f"fastft {r['name'][:2].strip(':')}")
