@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 # installed (the CPU build pinned here) only when none is importable.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup test demo bench docs clean
+.PHONY: setup test demo bench docs lint clean
 
 $(PY):
 	python3 -m venv --system-site-packages $(VENV)
@@ -28,6 +28,11 @@ demo: setup
 # The reliability table, from a run of the whole suite (never written by an ordinary test run).
 docs: setup
 	FASTFT_RELIABILITY_REPORT=docs/reliability.md $(PY) -m pytest tests -q
+
+# ruff: lint rules and formatting as configured in pyproject.toml.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(VENV)/bin/fastft bench --kernels
