@@ -130,7 +130,7 @@ def _run_suites(suite: list[str]) -> int:
     ]
     code = subprocess.call(cmd)
     if code == 0:
-        subprocess.call([sys.executable, str(root / "render_readme.py")])
+        subprocess.call([sys.executable, str(root / "render_benchmarks.py")])
         print(f"results in {root / 'results'}")
     return code
 
