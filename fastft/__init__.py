@@ -12,7 +12,7 @@ from fastft.cache import FeatureCache
 from fastft.errors import *  # noqa: F401,F403
 from fastft.errors import __all__ as _error_names
 from fastft.model import surgery
-from fastft.model.surgery import freeze, unfreeze  # fastft.unfreeze(model, ...) is surgery's
+from fastft.model.freezing import freeze, unfreeze  # also fastft.surgery.freeze, .unfreeze
 from fastft.split import FrozenPrefix, TrainableTail, split
 from fastft.train import CheckpointError, EarlyStopping, FineTuner, FitConfig, History, SweepResult
 

@@ -22,7 +22,10 @@ from fastft.errors import NativeMismatchError, NativeUnavailableError
 
 _DISABLE_ENV = "FASTFT_DISABLE_NATIVE"
 _REQUIRE_ENV = "FASTFT_REQUIRE_NATIVE"
-_REBUILD = "Rebuild it from the fastft source tree with `pip install -e .` (needs a C++ compiler and CMake)"
+_REBUILD = (
+    "Rebuild it from the fastft source tree with `pip install -e .` "
+    "(needs a C++ compiler and CMake)"
+)
 
 #: The Python half of the integer codes of csrc/common/codes.h and csrc/kernels/cuda/kernels.h,
 #: as ``fastft._C.codes()`` reports them: {table: {name: int}}. Dtypes are named as in
@@ -84,7 +87,8 @@ def code_differences(
             for name in sorted(set(ours) | set(theirs), key=str):
                 if ours.get(name) != theirs.get(name):
                     diffs.append(
-                        f"{table}[{name!r}] is {ours.get(name)} here but {theirs.get(name)} in fastft._C"
+                        f"{table}[{name!r}] is {ours.get(name)} here but {theirs.get(name)} in "
+                        "fastft._C"
                     )
     return diffs
 
@@ -117,7 +121,8 @@ def _import_checked() -> ModuleType:
         module = importlib.import_module("fastft._C")
     except Exception as exc:  # ImportError, or an OSError from a broken shared library
         raise NativeUnavailableError(
-            f"the native extension fastft._C could not be loaded ({type(exc).__name__}: {exc}). {_REBUILD}."
+            f"the native extension fastft._C could not be loaded ({type(exc).__name__}: {exc}). "
+            f"{_REBUILD}."
         ) from exc
     check_codes(module)
     return module

@@ -84,7 +84,7 @@ def test_staged_gpu_build_equals_the_cpu_build(tier, tmp_path):
 
 @needs_cuda
 def test_staged_chunks_arrive_on_the_device_in_order():
-    from fastft.data.sources import Chunk
+    from fastft.data.source_base import Chunk
 
     def load(i):
         return lambda: (torch.full((4, 3), float(i)), torch.tensor([i] * 4))

@@ -10,6 +10,9 @@ for training. Modules, one job each:
 - :mod:`~fastft.cache.fingerprint`: the content address and what changed in it;
 - :mod:`~fastft.cache.build`: the steps of a build, and reuse;
 - :mod:`~fastft.cache.writer`: running the prefix on chunks and writing into storage;
+- :mod:`~fastft.cache.activations`: the prefix's outputs as the cache stores them, and checks;
+- :mod:`~fastft.cache.job`: a build's job, and the loop over the chunks it still needs;
+- :mod:`~fastft.cache.telemetry`: the time a build spent and what it reports;
 - :mod:`~fastft.cache.disk_build`, :mod:`~fastft.cache.sharded`: building on disk, alone or
   with every rank of a torch.distributed group;
 - :mod:`~fastft.cache.registry`: the caches of this process;

@@ -37,6 +37,7 @@ from fastft.cache.fingerprint import (
     warn_if_transform_changed,
     warn_not_reusable,
 )
+from fastft.cache.job import Job, run_chunks
 from fastft.cache.layout import (
     DTYPES,
     TIERS,
@@ -51,7 +52,8 @@ from fastft.cache.layout import (
 from fastft.cache.manage import cache_root
 from fastft.cache.sharded import build_sharded
 from fastft.cache.store import Store, open_folder
-from fastft.cache.writer import Job, Probe, Settings, Timer, Writer, hit_telemetry, run_chunks
+from fastft.cache.telemetry import Timer, hit_telemetry
+from fastft.cache.writer import Probe, Settings, Writer
 from fastft.data.sources import as_source
 from fastft.errors import CacheCorruptError, CacheError, FastFTValueError
 from fastft.ops import POOLS
@@ -71,7 +73,8 @@ def check_views(views: int, transform: Callable | None) -> None:
 
 
 def check_amp(amp: str | None, name: str = "amp") -> None:
-    """FastFTValueError unless ``amp`` is None or 'bf16' (``name``: the argument, in the message)."""
+    """FastFTValueError unless ``amp`` is None or 'bf16' (``name``: the argument, in the
+    message)."""
     if amp not in (None, "bf16"):
         raise FastFTValueError(
             f"{name} must be None or 'bf16' (the frozen pass under bf16 autocast), got {amp!r}."
@@ -315,8 +318,9 @@ def _check_labels(cache: Store, key: CacheKey, dataset_id: str | None) -> None:
         return
     if dataset_id is not None:
         raise CacheError(
-            f"dataset_id={dataset_id!r} names a cache whose labels differ from the labels of the data passed now: "
-            "the id names other data. Pass a new dataset_id for these data (or none: fastft then hashes them)."
+            f"dataset_id={dataset_id!r} names a cache whose labels differ from the labels of the "
+            "data passed now: the id names other data. Pass a new dataset_id for these data (or "
+            "none: fastft then hashes them)."
         )
     raise CacheCorruptError(f"cache {cache.fingerprint[:12]} holds other labels than its key says")
 
@@ -343,7 +347,8 @@ def _placed_for(cache: Store, device: torch.device) -> bool:
 
 
 def _to_memory(found: Store, s: Settings) -> Store:
-    """A complete cache (on disk, or in memory elsewhere) copied into the requested in-memory tier."""
+    """A complete cache (on disk, or in memory elsewhere) copied into the requested in-memory
+    tier."""
     found.check_all()  # every row is read below: every checksum first
     where, pin = memory_device(s.tier, s.device)
     storages = []

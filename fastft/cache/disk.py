@@ -137,14 +137,14 @@ def safe_path(folder: Path, name: object) -> Path:
         or SHARD_JOURNAL_RE.fullmatch(name)
     ):
         raise CacheCorruptError(
-            f"cache {folder.name}: the manifest names the file {name!r}, which is not a plain file name "
-            "of the cache folder; refusing to use it. Remove the cache and rebuild it."
+            f"cache {folder.name}: the manifest names the file {name!r}, which is not a plain file "
+            "name of the cache folder; refusing to use it. Remove the cache and rebuild it."
         )
     path = folder / name
     if path.is_symlink():
         raise CacheCorruptError(
-            f"cache {folder.name}: {name} is a symbolic link; fastft never follows links in a cache "
-            "folder. Remove the cache and rebuild it."
+            f"cache {folder.name}: {name} is a symbolic link; fastft never follows links in a "
+            "cache folder. Remove the cache and rebuild it."
         )
     return path
 
@@ -248,7 +248,8 @@ def validate_manifest(manifest: object, folder: Path) -> dict:
     if not is_int(version) or version != FORMAT_VERSION:
         older = is_int(version) and version < FORMAT_VERSION
         raise CacheCorruptError(
-            f"cache {folder.name} has format version {version!r}, this fastft reads version {FORMAT_VERSION}"
+            f"cache {folder.name} has format version {version!r}, this fastft reads version "
+            f"{FORMAT_VERSION}"
             + (
                 " (an older fastft wrote it)"
                 if older

@@ -14,10 +14,11 @@ import torch
 
 from fastft.cache import disk, folders, journal
 from fastft.cache.disk import FORMAT_VERSION
+from fastft.cache.job import Job, run_chunks
 from fastft.cache.layout import TapInfo, TapStorage, dtype_str
 from fastft.cache.store import Store, open_folder
-from fastft.cache.writer import Job, LayoutMismatch, Probe, Writer, run_chunks
-from fastft.data.sources import Chunk
+from fastft.cache.writer import LayoutMismatch, Probe, Writer
+from fastft.data.source_base import Chunk
 from fastft.errors import CacheCorruptError, CacheError
 
 log = logging.getLogger("fastft.cache")
@@ -58,7 +59,8 @@ def build_on_disk(job: Job, probe: Probe | None) -> Store:
         return build_on_disk(job, None)
     except BaseException:
         try:
-            committer.commit()  # chunks fully written before an interruption are kept for the resume
+            # Chunks fully written before an interruption are kept for the resume.
+            committer.commit()
         except Exception as exc:  # the interruption is the error to report; this one is logged
             log.warning(
                 "fastft: could not commit the finished chunks of cache %s: %s", job.fp[:12], exc

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from fastft.cache.disk import FORMAT_VERSION
-from fastft.data.sources import Source
+from fastft.data.source_base import Source
 from fastft.errors import CacheReuseWarning, FastFTValueError
 from fastft.hashing import ContentHasher, first_difference
 
@@ -74,8 +74,10 @@ PART_NAMES = {
     "transform": "the transform (its code, state, seed or batch size)",
     "views": "the number of views",
     "dtype": "the storage dtype",
-    "numerics": "the device kind or torch's numeric settings (default dtype, matmul precision, TF32, deterministic "
-    "algorithms)",
+    "numerics": (
+        "the device kind or torch's numeric settings (default dtype, matmul precision, TF32, "
+        "deterministic algorithms)"
+    ),
     "pool": "the pooling",
 }
 
@@ -187,10 +189,10 @@ def warn_if_self_changing(prefix: nn.Module, key: CacheKey) -> None:
     where = first_difference(key.trace, hasher.trace) or "an attribute"
     owner, _, attr = where.rpartition(".")
     warnings.warn(
-        f"fastft: running the frozen layers changed {where!r}, so the next build's key will differ and this "
-        "cache will not be reused. If that attribute does not change what the module computes (a counter, an "
-        f"output kept for display), list it on its module: fastft_key_ignore = ({attr!r},); else keep such "
-        "state outside the frozen layers.",
+        f"fastft: running the frozen layers changed {where!r}, so the next build's key will differ "
+        "and this cache will not be reused. If that attribute does not change what the module "
+        "computes (a counter, an output kept for display), list it on its module: "
+        f"fastft_key_ignore = ({attr!r},); else keep such state outside the frozen layers.",
         CacheReuseWarning,
         stacklevel=4,
     )
@@ -281,13 +283,15 @@ def warn_not_reusable(key: CacheKey) -> None:
         how.append("pass dataset_id='...' naming the data (change it when the data change)")
     if any(o.startswith("the frozen model") for o in key.opaque):
         how.append(
-            "make that attribute of the frozen model a tensor, number, string or a container of those "
-            "(or a registered buffer), or delete it; a method that never runs when the model computes "
-            "(a training step, an export) can be listed in its class's fastft_key_ignore = ('name',)"
+            "make that attribute of the frozen model a tensor, number, string or a container of "
+            "those (or a registered buffer), or delete it; a method that never runs when the model "
+            "computes (a training step, an export) can be listed in its class's fastft_key_ignore "
+            "= ('name',)"
         )
     warnings.warn(
-        f"fastft: this feature cache is built for this use only and will not be reused, because its key cannot "
-        f"see everything that determines the features: {where}. To reuse it: {'; or '.join(how)}.",
+        "fastft: this feature cache is built for this use only and will not be reused, because "
+        f"its key cannot see everything that determines the features: {where}. To reuse it: "
+        f"{'; or '.join(how)}.",
         CacheReuseWarning,
         stacklevel=4,
     )
@@ -302,10 +306,10 @@ def warn_if_transform_changed(transform: Callable | None, key: CacheKey) -> None
     ):
         return
     warnings.warn(
-        "fastft: running the transform changed its own state (a random generator it holds?), so the next build's "
-        "key will differ and its caches will never be reused. Draw randomness from torch's global generator or "
-        "from the generator= keyword fastft passes (both seeded per chunk), not from a generator the transform "
-        "keeps.",
+        "fastft: running the transform changed its own state (a random generator it holds?), so "
+        "the next build's key will differ and its caches will never be reused. Draw randomness "
+        "from torch's global generator or from the generator= keyword fastft passes (both seeded "
+        "per chunk), not from a generator the transform keeps.",
         CacheReuseWarning,
         stacklevel=4,
     )

@@ -17,7 +17,8 @@ from fastft.cache.disk import JOURNAL, LOCKS, MANIFEST, arrays, read_manifest
 from fastft.errors import CacheError, CacheLockedError
 
 # ---------------------------------------------------------------------------- lock
-#: Longest wait for another process's build of the same cache (seconds); FASTFT_LOCK_TIMEOUT overrides.
+#: Longest wait for another process's build of the same cache (seconds);
+#: FASTFT_LOCK_TIMEOUT overrides.
 LOCK_TIMEOUT_S = 6 * 3600.0
 
 
@@ -98,7 +99,8 @@ def write_errors(folder: Path, what: str, *, committed_rows: int | None = None) 
         yield
     except OSError as exc:
         kept = (
-            f"The {committed_rows} rows committed so far are kept: building again resumes from them."
+            f"The {committed_rows} rows committed so far are kept: building again resumes from "
+            "them."
             if committed_rows
             else "Building again starts or resumes it."
         )
@@ -109,8 +111,9 @@ def write_errors(folder: Path, what: str, *, committed_rows: int | None = None) 
                 errno.EFBIG: "the file size limit was reached",
             }[exc.errno]
             raise CacheError(
-                f"cache {folder.name}: {why} while {what} in {folder.parent} ({exc.strerror}). Free disk "
-                f"space there, or pass cache_dir= (or set FASTFT_CACHE_DIR) to a disk with room. {kept}"
+                f"cache {folder.name}: {why} while {what} in {folder.parent} ({exc.strerror}). "
+                "Free disk space there, or pass cache_dir= (or set FASTFT_CACHE_DIR) to a disk "
+                f"with room. {kept}"
             ) from exc
         raise CacheError(
             f"cache {folder.name}: cannot write {folder} while {what} ({exc}). {kept}"
@@ -182,8 +185,9 @@ def remove_folder(folder: Path, *, missing_ok: bool = False) -> None:
     ]
     if strangers:
         raise CacheError(
-            f"{folder} holds files fastft did not write ({', '.join(sorted(strangers)[:5])}"
-            f"{', ...' if len(strangers) > 5 else ''}); not removing it. Delete it yourself if you are sure."
+            f"{folder} holds files fastft did not write "
+            f"({', '.join(sorted(strangers)[:5])}{', ...' if len(strangers) > 5 else ''}); not "
+            "removing it. Delete it yourself if you are sure."
         )
     for p in entries:
         p.unlink(missing_ok=True)
@@ -204,7 +208,8 @@ def check_free_space(folder: Path, nbytes: int) -> None:
     free = shutil.disk_usage(probe).free
     if nbytes > free:
         raise CacheTooLargeError(
-            f"the disk is full for this cache: it needs {format_gib(nbytes)} ({nbytes:,} bytes) but {probe} has "
-            f"{format_gib(free)} free. Free space there, pass cache_dir= (or set FASTFT_CACHE_DIR) to a disk "
-            "with room, or make the cache smaller (a smaller cache_dtype, fewer views or samples)."
+            f"the disk is full for this cache: it needs {format_gib(nbytes)} ({nbytes:,} bytes) "
+            f"but {probe} has {format_gib(free)} free. Free space there, pass cache_dir= (or set "
+            "FASTFT_CACHE_DIR) to a disk with room, or make the cache smaller (a smaller "
+            "cache_dtype, fewer views or samples)."
         )

@@ -52,8 +52,8 @@ def chunk_checksums(
 
 
 def _journal_entries(payload: object, path: Path, n: int | None, views: int | None) -> list:
-    """The chunk entries of a journal file, each checked to be ``[view, start, count, {file: crc32}]``
-    within the cache's bounds."""
+    """The chunk entries of a journal file, each checked to be
+    ``[view, start, count, {file: crc32}]`` within the cache's bounds."""
 
     def bad(why: str) -> CacheCorruptError:
         return CacheCorruptError(
@@ -179,7 +179,8 @@ class Journal:
 
 
 def fsync_files(folder: Path, layout: list[Array]) -> None:
-    """Flush the written pages of every file to disk (Linux writes back MAP_SHARED pages on fsync)."""
+    """Flush the written pages of every file to disk (Linux writes back MAP_SHARED pages on
+    fsync)."""
     for array in layout:
         fd = os.open(folder / array.file, os.O_RDONLY)
         try:
@@ -209,7 +210,10 @@ def verify_folder(folder: Path) -> dict:
         raise CacheCorruptError(
             f"cache {folder.name}: checksum mismatch in {', '.join(bad[:5])}"
             + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            + "; the bytes on disk were changed after they were written. Remove the cache and rebuild it."
+            + (
+                "; the bytes on disk were changed after they were written. "
+                "Remove the cache and rebuild it."
+            )
         )
     complete = journal.covers(n, manifest["num_views"])
     if manifest.get("status") == "complete" and not complete:
@@ -252,7 +256,8 @@ class ChunkVerifier:
         self._check_files([a for a in self.layout if not a.per_view], range(len(entries)))
 
     def check(self, rows: torch.Tensor) -> None:
-        """CacheCorruptError unless every chunk holding one of the physical ``rows`` matches its checksums."""
+        """CacheCorruptError unless every chunk holding one of the physical ``rows`` matches its
+        checksums."""
         if self.done or rows.numel() == 0:
             return
         index = torch.searchsorted(self._starts, rows.to("cpu", torch.int64), right=True) - 1
@@ -284,7 +289,7 @@ class ChunkVerifier:
                 break
         if bad:
             raise CacheCorruptError(
-                f"cache {self.folder.name}: checksum mismatch in {', '.join(bad)}; the bytes on disk changed "
-                "after they were written. Its features are not used: remove the cache (fastft cache rm "
-                f"{self.folder.name[:12]}) and build it again."
+                f"cache {self.folder.name}: checksum mismatch in {', '.join(bad)}; the bytes on "
+                "disk changed after they were written. Its features are not used: remove the "
+                f"cache (fastft cache rm {self.folder.name[:12]}) and build it again."
             )

@@ -150,7 +150,8 @@ def format_gib(nbytes: float) -> str:
 
 
 def _smaller_dtypes(nbytes: int, dtype: torch.dtype | None) -> str:
-    """The cache_dtype option of a refusal: the dtypes smaller than ``dtype`` with the size they give."""
+    """The cache_dtype option of a refusal: the dtypes smaller than ``dtype`` with the size
+    they give."""
     widths = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}  # int8 rows also carry a 4-byte scale
     if dtype is None:
         return "a smaller cache_dtype (fp16/bf16 store 2 bytes a value, int8 1, fp32 4)"
@@ -179,17 +180,18 @@ def _check_fits(
     if nbytes <= budget:
         return
     raise CacheTooLargeError(
-        f"the cache needs {format_gib(nbytes)} in the {tier} tier ({int(nbytes):,} bytes) but {what} is "
-        f"{format_gib(budget)} ({int(budget):,} bytes). Options: cache='disk' (memory-mapped; any size "
-        f"the disk holds), cache='auto' (picks what fits), {_smaller_dtypes(nbytes, dtype)}, or fewer "
-        "samples/views; a cut at a block's input caches whole sequences/feature maps, so unfreezing "
-        "fewer blocks also helps."
+        f"the cache needs {format_gib(nbytes)} in the {tier} tier ({int(nbytes):,} bytes) but "
+        f"{what} is {format_gib(budget)} ({int(budget):,} bytes). Options: cache='disk' "
+        "(memory-mapped; any size the disk holds), cache='auto' (picks what fits), "
+        f"{_smaller_dtypes(nbytes, dtype)}, or fewer samples/views; a cut at a block's input "
+        "caches whole sequences/feature maps, so unfreezing fewer blocks also helps."
     )
 
 
 @dataclass
 class TapStorage:
-    """Rows of one tap: ``data[R, D]`` in the storage dtype and ``scales[R]`` (empty unless int8)."""
+    """Rows of one tap: ``data[R, D]`` in the storage dtype and ``scales[R]`` (empty unless
+    int8)."""
 
     data: torch.Tensor
     scales: torch.Tensor

@@ -143,7 +143,8 @@ def _refuse(folder: Path, why: str) -> CacheError:
 
 
 def check_removable(folder: Path, cache_dir: str | Path | None = None) -> None:
-    """CacheError unless ``folder`` is a fastft cache that may be deleted (see the module docstring)."""
+    """CacheError unless ``folder`` is a fastft cache that may be deleted (see the module
+    docstring)."""
     if folder.is_symlink():
         raise _refuse(folder, "it is a symbolic link (fastft never deletes through a link)")
     real = folder.resolve()

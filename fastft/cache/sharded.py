@@ -27,9 +27,11 @@ from fastft.cache.disk_build import (
     resumable_manifest,
 )
 from fastft.cache.fingerprint import combine
+from fastft.cache.job import Job, run_chunks
 from fastft.cache.layout import TapStorage
 from fastft.cache.store import Store, open_folder
-from fastft.cache.writer import Job, LayoutMismatch, Probe, Timer, Writer, hit_telemetry, run_chunks
+from fastft.cache.telemetry import Timer, hit_telemetry
+from fastft.cache.writer import LayoutMismatch, Probe, Writer
 from fastft.errors import CacheError, DataError
 
 log = logging.getLogger("fastft.cache")
@@ -111,10 +113,11 @@ def _build_sharded_once(job: Job) -> Store | None:
     differ = [r for r, (key, _) in enumerate(keys) if key != keys[0][0]]
     if differ:
         raise DataError(
-            f"under torch.distributed every rank must build a disk cache of the same model, data and cache "
-            f"settings (fastft shards the rows between the ranks itself), but rank {differ[0]} has cache key "
-            f"{keys[differ[0]][0][:12]} and rank 0 {keys[0][0][:12]}. Give every rank the whole dataset (not a "
-            "DistributedSampler's share of it), the same model weights and the same settings."
+            "under torch.distributed every rank must build a disk cache of the same model, data "
+            "and cache settings (fastft shards the rows between the ranks itself), but rank "
+            f"{differ[0]} has cache key {keys[differ[0]][0][:12]} and rank 0 {keys[0][0][:12]}. "
+            "Give every rank the whole dataset (not a DistributedSampler's share of it), the same "
+            "model weights and the same settings."
         )
     verify = len({host for _, host in keys}) > 1 if VERIFY_SHARDS is None else VERIFY_SHARDS
     with contextlib.ExitStack() as held:
@@ -126,7 +129,8 @@ def _build_sharded_once(job: Job) -> Store | None:
                         s.root,
                         fp,
                         on_wait=lambda: log.warning(
-                            "fastft: another process is building cache %s; waiting for it to finish.",
+                            "fastft: another process is building cache %s; waiting for it to "
+                            "finish.",
                             fp[:12],
                         ),
                     )
@@ -153,8 +157,8 @@ def _build_sharded_once(job: Job) -> Store | None:
                 raise error
             r, o = failed[0]
             raise CacheError(
-                f"rank {r} failed while building cache {fp[:12]}: {o['error']} The chunks every rank committed "
-                "are kept: running the job again resumes the build."
+                f"rank {r} failed while building cache {fp[:12]}: {o['error']} The chunks every "
+                "rank committed are kept: running the job again resumes the build."
             )
         if any(o["layout"] for o in summaries):
             if rank == 0:
@@ -177,8 +181,8 @@ def _build_sharded_once(job: Job) -> Store | None:
         final = fdist.broadcast_object(final)
         if "error" in final:
             raise CacheError(
-                f"rank 0 could not complete cache {fp[:12]}: {final['error']} The chunks every rank "
-                "committed are kept: running the job again resumes the build."
+                f"rank 0 could not complete cache {fp[:12]}: {final['error']} The chunks every "
+                "rank committed are kept: running the job again resumes the build."
             )
     telemetry = dict(
         final,
@@ -240,9 +244,10 @@ def _shared_manifest(folder: Path, plan: dict, rank: int) -> dict:
         or manifest.get("status") != "building"
     ):
         raise CacheError(
-            f"rank {rank} on host {socket.gethostname()} does not see the cache folder {folder} that rank 0 "
-            "prepared: a sharded build needs a cache_dir on a filesystem every rank shares. Pass cache_dir= "
-            "(or set FASTFT_CACHE_DIR) to a shared folder (NFS, Lustre, GPFS, ...)."
+            f"rank {rank} on host {socket.gethostname()} does not see the cache folder {folder} "
+            "that rank 0 prepared: a sharded build needs a cache_dir on a filesystem every rank "
+            "shares. Pass cache_dir= (or set FASTFT_CACHE_DIR) to a shared folder (NFS, Lustre, "
+            "GPFS, ...)."
         )
     return manifest
 

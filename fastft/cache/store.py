@@ -125,7 +125,8 @@ class Store:
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_rows):
             bad = int(((rows < 0) | (rows >= self.num_rows)).nonzero()[0, 0])
             raise FastFTIndexError(
-                f"gather: rows[{bad}] = {int(rows[bad])} is outside the cache's {self.num_rows} samples."
+                f"gather: rows[{bad}] = {int(rows[bad])} is outside the cache's {self.num_rows} "
+                "samples."
             )
 
     def gather(
@@ -136,7 +137,8 @@ class Store:
         out_dtype: torch.dtype = torch.float32,
     ) -> tuple[torch.Tensor, ...]:
         """Rows ``rows[B]`` of every tap as ``[B, D]`` tensors in ``out_dtype`` (dequantized;
-        a non-float tap is cast from its exact fp32 copy, see :meth:`gather_shaped` for its own dtype).
+        a non-float tap is cast from its exact fp32 copy, see :meth:`gather_shaped` for its own
+        dtype).
 
         ``view`` is one view index for all rows, an int64 tensor ``[B]`` of view indices, or
         None for view 0.
@@ -253,8 +255,9 @@ def open_folder(
     if manifest.get("status") != "complete":
         if is_being_built(folder.parent, folder.name):
             raise CacheError(
-                f"cache {folder.name} is incomplete: another process is building it now. Wait for it, "
-                "or call FeatureCache.build with the same arguments, which waits and then reuses it."
+                f"cache {folder.name} is incomplete: another process is building it now. Wait for "
+                "it, or call FeatureCache.build with the same arguments, which waits and then "
+                "reuses it."
             )
         raise CacheError(
             f"cache {folder.name} is incomplete (an interrupted build); build it again to resume."

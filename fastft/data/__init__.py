@@ -63,7 +63,8 @@ def batch_length(inputs: Inputs) -> int:
         for key, value in inputs.items():
             if not isinstance(value, torch.Tensor):
                 raise DataError(
-                    f"inputs[{key!r}] is a {type(value).__name__}; dict inputs must hold tensors only."
+                    f"inputs[{key!r}] is a {type(value).__name__}; dict inputs must hold tensors "
+                    "only."
                 )
             lengths[key] = int(value.shape[0]) if value.dim() else -1
         if len(set(lengths.values())) != 1:
@@ -95,8 +96,8 @@ def dataset_length(data: Any) -> int:
             n = len(data.dataset)
         except TypeError:
             raise DataError(
-                "the DataLoader's dataset has no length; fastft needs to know the number of samples. "
-                "Give the dataset a __len__ or pass a map-style Dataset or (X, y) tensors."
+                "the DataLoader's dataset has no length; fastft needs to know the number of "
+                "samples. Give the dataset a __len__ or pass a map-style Dataset or (X, y) tensors."
             ) from None
         if data.drop_last and data.batch_size:
             n = (n // data.batch_size) * data.batch_size
@@ -313,10 +314,11 @@ def _update(h: hashlib._Hash, obj: Any) -> None:
 def sample_hash(data: Any) -> str:
     """Content hash (hex) of every sample and label in ``data``, for cache fingerprints.
 
-    Cost: for ``(X, y)`` tensors, one sha256 pass over their bytes (about 2 GB/s). For a Dataset, every item is loaded once
-    (``dataset[i]``) and hashed, so it costs a full pass of data loading; for a DataLoader
-    the hash is over its dataset's items (whatever its sampler's order), or over its batches
-    when the dataset is iterable. Pass ``dataset_id=`` to the cache to skip this pass.
+    Cost: for ``(X, y)`` tensors, one sha256 pass over their bytes (about 2 GB/s). For a
+    Dataset, every item is loaded once (``dataset[i]``) and hashed, so it costs a full pass of
+    data loading; for a DataLoader the hash is over its dataset's items (whatever its
+    sampler's order), or over its batches when the dataset is iterable. Pass ``dataset_id=``
+    to the cache to skip this pass.
     """
     h = hashlib.sha256()
     if is_tensor_pair(data):

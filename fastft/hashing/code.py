@@ -216,7 +216,8 @@ class CodeHashing:
                     value.__name__
                 ):
                     break
-                # A PEP 562 module __getattr__ computes what is not in the namespace: its answer counts.
+                # A PEP 562 module __getattr__ computes what is not in the namespace: its
+                # answer counts.
                 value = vars(value)[attr] if attr in vars(value) else getattr(value, attr, _MISSING)
                 path.append(attr)
                 if value is _MISSING:

@@ -30,11 +30,15 @@ joblib's ``hash`` and cloudpickle were the models, but neither fits as is: jobli
 functions and classes by reference (a changed function body keeps its hash), cloudpickle's
 bytes include file names and line numbers (a notebook cell re-run changes them) and
 neither reads tensors at hashing speed.
+
+This module holds :class:`ContentHasher` itself (its state, its output, the dispatch from a
+type to its handler); the handlers are mixins, one module per kind of value:
+:mod:`~fastft.hashing.values` (tensors, arrays, containers), :mod:`~fastft.hashing.objects`
+(modules and other objects) and :mod:`~fastft.hashing.code` (functions, classes, modules).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import functools
 import hashlib
@@ -54,76 +58,15 @@ import torch
 from torch import nn
 
 from fastft.hashing import reads
-from fastft.hashing._common import (
-    BUILTIN_TYPES,
-    KEY_IGNORE,
-    PLAIN,
-    Opaque,
-    ignored,
-    is_library_class,
-    type_name,
-)
+from fastft.hashing._common import BUILTIN_TYPES, Opaque, type_name
 from fastft.hashing.code import CodeHashing
+from fastft.hashing.objects import ObjectHashing
+from fastft.hashing.values import ValueHashing
 
-__all__ = ["ContentHasher", "content_hash", "tensor_digest", "first_difference", "KEY_IGNORE"]
-
-
-# ---------------------------------------------------------------------------- tensors
-def tensor_digest(t: torch.Tensor) -> bytes:
-    """sha256 of a tensor's dtype, shape and bytes (about 2 GB/s).
-
-    Not memoised on purpose: a change made through ``tensor.data`` does not bump the
-    version counter, so a memo could return the hash of old content.
-    """
-    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    flat = t.detach().resolve_conj().resolve_neg().reshape(-1)
-    if flat.numel():
-        h.update(memoryview(flat.cpu().contiguous().view(torch.uint8).numpy()))
-    return h.digest()
+__all__ = ["ContentHasher", "content_hash", "first_difference"]
 
 
-# ---------------------------------------------------------------------------- what is skipped
-#: nn.Module bookkeeping that does not change what ``forward`` computes.
-_MODULE_SKIP = frozenset(
-    {
-        "_parameters",
-        "_buffers",
-        "_modules",
-        "_non_persistent_buffers_set",
-        "_backward_hooks",
-        "_backward_pre_hooks",
-        "_is_full_backward_hook",
-        "_state_dict_hooks",
-        "_state_dict_pre_hooks",
-        "_load_state_dict_pre_hooks",
-        "_load_state_dict_post_hooks",
-        "_forward_hooks",
-        "_forward_pre_hooks",
-        "_forward_hooks_with_kwargs",
-        "_forward_pre_hooks_with_kwargs",
-        "_forward_hooks_always_called",
-        "_compiled_call_impl",
-        "_version",
-        "_is_torch_compile",  # torch.compile's marks
-    }
-)
-#: torch.fx.GraphModule internals: its generated code stands for the graph.
-_GRAPH_MODULE_SKIP = frozenset(
-    {
-        "_graph",
-        "_code",
-        "_lineno_map",
-        "_prologue_start",
-        "_tracer_cls",
-        "_tracer_extras",
-        "meta",
-        "shape_env",
-        "_create_node_hooks",
-        "_deepcopy_hooks",
-        "_erase_node_hooks",
-        "_replace_hooks",
-    }
-)
+# ---------------------------------------------------------------------------- what is seen how
 #: Objects that never determine what is computed (a lock, a logger, a weak cache): by type only.
 _INERT = (
     type(threading.Lock()),
@@ -169,7 +112,7 @@ _ADDRESS = re.compile(r"( at)? 0x[0-9a-fA-F]+")
 
 
 # ---------------------------------------------------------------------------- the hasher
-class ContentHasher(CodeHashing):
+class ContentHasher(ValueHashing, ObjectHashing, CodeHashing):
     """Feeds objects into one sha256, by value (see the module docstring).
 
     ``mask_modules`` / ``mask_params``: modules and parameters (by identity) that are known not
@@ -361,244 +304,9 @@ class ContentHasher(CodeHashing):
             raise Opaque(f"a {type_name(obj)}, whose content cannot be read")
         return self._object
 
-    # ------------------------------------------------------------------ values
-    def _tensor(self, t: torch.Tensor) -> None:
-        if t.is_meta or t.device.type == "meta":
-            raise Opaque("a meta tensor (no data)")
-        if t.layout != torch.strided:
-            if t.is_sparse:
-                t = t.coalesce()
-                self._emit("sparse", repr(tuple(t.shape)))
-                self._tensor(t.indices())
-                self._tensor(t.values())
-                return
-            raise Opaque(f"a tensor with layout {t.layout}")
-        if t.is_quantized:
-            self._emit("quantized", f"{t.qscheme()}")
-            self._tensor(t.int_repr())
-            self._child(
-                t.q_per_channel_scales()
-                if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
-                else torch.tensor([t.q_scale(), t.q_zero_point()], dtype=torch.float64),
-                "quantization",
-            )
-            return
-        self._emit(
-            "tensor",
-            tensor_digest(t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t),
-        )
-
-    def _array(self, a: np.ndarray) -> None:
-        if type(a) is not np.ndarray:  # a masked or matrix array: its class and extra state too
-            self._child(type(a), "__class__")
-            self._child(getattr(a, "__dict__", {}), "__dict__")
-            if isinstance(a, np.ma.MaskedArray):
-                self._child(np.ma.getmaskarray(a).copy(), "mask")
-            a = np.asarray(a)
-        if a.dtype.hasobject:
-            self._emit("objarray", repr(a.shape))
-            self._child(a.tolist(), "items")
-            return
-        self._emit("array", f"{a.dtype.descr}{a.shape}")  # descr: a structured dtype's fields too
-        self._emit("bytes", np.ascontiguousarray(a).tobytes())
-
-    def _sequence(self, seq) -> None:
-        self._emit(type(seq).__name__, str(len(seq)))
-        if len(seq) > 8 and all(
-            type(item) in PLAIN for item in seq
-        ):  # a vocabulary, a shape list: at once
-            self._emit("plain", repr(list(seq)))
-            return
-        for i, item in enumerate(seq):
-            self._child(item, f"[{i}]")
-
-    def _builtin_subclass(self, obj: Any) -> None:
-        """A namedtuple, a str subclass (torch's TorchVersion), a dict subclass: its class, its
-        value as the builtin it extends, and any attributes of its own."""
-        self._emit("subclass")
-        self._child(type(obj), "__class__")
-        # The builtin's own methods: a subclass's __int__ or __iter__ may say something else.
-        value = (
-            str.__str__(obj)
-            if isinstance(obj, str)
-            else bytes.__getitem__(obj, slice(None))
-            if isinstance(obj, bytes)
-            else int.__int__(obj)
-            if isinstance(obj, int)
-            else float.__float__(obj)
-            if isinstance(obj, float)
-            else dict(dict.items(obj))
-            if isinstance(obj, dict)
-            else list.__getitem__(obj, slice(None))
-            if isinstance(obj, list)
-            else frozenset(set.__iter__(obj))
-            if isinstance(obj, set)
-            else frozenset(frozenset.__iter__(obj))
-            if isinstance(obj, frozenset)
-            else list(deque.__iter__(obj))
-            if isinstance(obj, deque)
-            else tuple.__getitem__(obj, slice(None))
-        )
-        self._child(value, "value")
-        self._child(dict(getattr(obj, "__dict__", {})), "__dict__")
-
-    def _mapping(self, mapping: dict) -> None:
-        self._emit(type(mapping).__name__, str(len(mapping)))
-        if isinstance(mapping, defaultdict):
-            self._child(mapping.default_factory, "default_factory")
-        items = list(mapping.items())
-        if len(items) > 8 and all(type(k) in PLAIN and type(v) in PLAIN for k, v in items):
-            self._emit("plain", repr(items))  # a tokenizer's vocabulary: one update, not 60,000
-            return
-        for key, value in items:
-            self._child(key, "key")
-            self._child(value, f"[{key!r:.40}]")
-
-    def _set(self, items) -> None:
-        # Hash order of strings changes between processes: sort by each element's own digest.
-        digests = []
-        for item in items:
-            sub = ContentHasher(
-                weights=self._weights_mode if self._weights_mode != "apart" else "inline",
-                eval_mode=self._eval_mode,
-            )
-            sub._masked, sub._depth, sub._path = self._masked, self._depth, list(self._path)
-            sub.update(item, "element")
-            self.opaque.extend(x for x in sub.opaque if x not in self.opaque)
-            digests.append(sub.hexdigest())
-        self._emit(type(items).__name__, ",".join(sorted(digests)))
-
-    # ------------------------------------------------------------------ objects
-    def _module(self, m: nn.Module) -> None:
-        self._emit("nn.Module")
-        self._child(type(m), "__class__")
-        graph_module = isinstance(m, torch.fx.GraphModule)
-        if graph_module:  # its generated code (the class's forward, hashed with it, calls it)
-            self._emit("fx.code", m.code)
-        if not self._eval_mode:  # a transform runs in its own mode (dropout on or off)
-            self._emit("training", repr(m.training))
-        # Bookkeeping that a module declares not to change what it computes (a call counter,
-        # the last attention map kept for display): fastft_key_ignore = ("calls", ...).
-        # Read without the instance's __getattr__ (a model may answer anything from a dict, or raise).
-        ignore = ignored(vars(m).get(KEY_IGNORE) or getattr(type(m), KEY_IGNORE, ()))
-        for key, value in list(vars(m).items()):
-            if (
-                key in _MODULE_SKIP
-                or key == "training"
-                or key.startswith("_fastft_")
-                or key in ignore
-                or key == KEY_IGNORE
-                or (graph_module and key in _GRAPH_MODULE_SKIP)
-            ):
-                continue
-            self._emit("attr", key)
-            self._child(value, key)
-            self._mark(key)
-        for kind in ("_forward_pre_hooks", "_forward_hooks"):
-            hooks = vars(m).get(kind) or {}
-            if hooks:  # the hooks in order; their ids are process counters
-                self._emit(kind, str(len(hooks)))
-                self._child(list(hooks.values()), kind)
-                with_kwargs = vars(m).get(kind + "_with_kwargs", {})
-                self._emit("with_kwargs", repr([k in with_kwargs for k in hooks]))
-                self._mark(kind.strip("_").replace("_", " "))
-        for name, p in list(m._parameters.items()):
-            self._emit("param", name)
-            self._registered(p, name)
-            self._mark(name)
-        for name, b in list(m._buffers.items()):
-            self._emit("buffer", name)
-            self._registered(b, name)
-            self._mark(name)
-        for name, child in list(m._modules.items()):
-            self._emit("child", name)
-            self._child(child, name)
-
-    def _registered(self, t: torch.Tensor | None, name: str) -> None:
-        if t is None:
-            self._emit("None")
-        elif id(t) in self._masked:
-            self._emit("masked")
-        elif self._weights_mode == "inline":
-            self._child(t, name)
-        elif t.is_meta:
-            self._note_opaque(f"{name} is a meta tensor (no data)")
-        else:
-            self._emit("layout", f"{t.dtype}{tuple(t.shape)}")
-            if self._weights is not None:
-                self._weights.update(".".join(self._path + [name]).encode() + tensor_digest(t))
-
-    def _object(self, obj: Any) -> None:
-        cls = type(obj)
-        self._emit("object")
-        self._child(cls, "__class__")
-        if not is_library_class(cls) and (hasattr(obj, "__dict__") or _slots(cls)):
-            # The user's object by all it holds (its __getstate__ may leave out what it computes with).
-            self._child(dict(getattr(obj, "__dict__", {})), "__dict__")
-            self._child(
-                {
-                    s: getattr(obj, s, "<unset>")
-                    for s in _slots(cls)
-                    if s not in ("__dict__", "__weakref__")
-                },
-                "__slots__",
-            )
-            return
-        if dataclasses.is_dataclass(obj) or _plain_state(cls):
-            state = (
-                obj.__getstate__()
-                if hasattr(obj, "__getstate__")
-                else getattr(obj, "__dict__", None)
-            )
-            if state is None and not hasattr(obj, "__dict__") and not _slots(cls):
-                raise Opaque(f"a {type_name(obj)} with no readable state")
-            self._child(state, "__getstate__()")
-            return
-        try:
-            reduced = obj.__reduce_ex__(4)
-        except Exception as exc:
-            raise Opaque(
-                f"a {type_name(obj)}, whose content cannot be read ({type(exc).__name__}: {exc})"
-            ) from None
-        if isinstance(reduced, str):  # a global singleton, pickled by name
-            self._emit("global", reduced)
-            return
-        self._emit("reduce", str(len(reduced)))
-        parts = list(reduced) + [None] * (5 - len(reduced))
-        self._child(parts[0], "__reduce__()[0]")
-        self._child(parts[1], "__reduce__()[1]")
-        self._child(parts[2], "__reduce__()[2]")
-        if parts[3] is not None:
-            self._child(list(parts[3]), "__reduce__()[3]")
-        if parts[4] is not None:
-            self._child(list(parts[4]), "__reduce__()[4]")
-
 
 def _is_compiled(obj: Any) -> bool:
     return type(obj).__name__ == "OptimizedModule" and hasattr(obj, "_orig_mod")
-
-
-def _slots(cls: type) -> list[str]:
-    return [
-        s
-        for c in cls.__mro__
-        for s in (
-            [c.__slots__]
-            if isinstance(getattr(c, "__slots__", ()), str)
-            else getattr(c, "__slots__", ())
-        )
-    ]
-
-
-def _plain_state(cls: type) -> bool:
-    """Whether instances pickle by their state alone (no custom ``__reduce__``): then their
-    ``__getstate__()`` (``__dict__`` and slots by default) is what they compute with."""
-    return (
-        getattr(cls, "__reduce_ex__", None) is object.__reduce_ex__
-        and getattr(cls, "__reduce__", None) is object.__reduce__
-        and cls.__module__ != "builtins"
-        and (hasattr(cls, "__dict__") or bool(_slots(cls)))
-    )
 
 
 def content_hash(obj: Any, **kwargs) -> tuple[str, list[str]]:

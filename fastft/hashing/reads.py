@@ -324,7 +324,10 @@ def imports(code: types.CodeType) -> frozenset[str]:
 
 
 def qualified(obj: object) -> str:
-    return f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+    return (
+        f"{getattr(obj, '__module__', None)}."
+        f"{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+    )
 
 
 def outside_reads(code: types.CodeType, scope: dict, builtin_names: dict) -> list[str]:

@@ -118,8 +118,8 @@ def unfreeze_blocks(model: nn.Module, n: int, *, train_bn: bool = False) -> list
     blocks = find_blocks(model)
     if n > 0 and not blocks:
         raise SurgeryError(
-            f"{type(model).__name__} has no stack of blocks (children of a Sequential/ModuleList with "
-            "siblings of the same class) to unfreeze; unfreeze layers by name with "
+            f"{type(model).__name__} has no stack of blocks (children of a Sequential/ModuleList "
+            "with siblings of the same class) to unfreeze; unfreeze layers by name with "
             "fastft.surgery.unfreeze(model, names=[...]) instead."
         )
     if n > len(blocks):

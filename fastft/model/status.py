@@ -4,6 +4,10 @@ A module added by surgery is marked *new* by an attribute on the module object i
 (``module._fastft_new = True``), not by its name: names move when later surgery wraps,
 inserts or removes modules, the object does not. The mark is a plain bool in the module's
 ``__dict__``, so deepcopy, pickling and ``state_dict`` are unaffected.
+
+Also here: the lookups surgery does (a module by name, with close names suggested when it
+is unknown; its parent; its device), :func:`new_modules` (the current names of the modules
+marked new) and :func:`summary` (a table of the top-level modules and their status).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import difflib
 from collections.abc import Iterable, Iterator
 
+import torch
 from torch import nn
 
 from fastft.errors import SurgeryError
@@ -143,3 +148,70 @@ def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     get_module(model, name)
     parent_name, _, key = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), key
+
+
+# ---------------------------------------------------------------------------- new modules
+def new_modules(model: nn.Module) -> list[str]:
+    """Current qualified names of the modules added by surgery (outermost ones only, in
+    ``named_modules`` order: an inserted ``Sequential`` is listed, not its children)."""
+    names: list[str] = []
+    for name, m in model.named_modules():
+        if is_marked_new(m) and not any(name.startswith(n + ".") or n == "" for n in names):
+            names.append(name)
+    return names
+
+
+def device_of(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter or buffer (None when it has neither)."""
+    t = next(iter([*module.parameters(), *module.buffers()]), None)
+    return None if t is None else t.device
+
+
+# ---------------------------------------------------------------------------- summary
+def summary(model: nn.Module) -> str:
+    """A table of the top-level modules: type, parameter count, trainable count, status
+    (``new``, ``frozen``, ``trainable``, ``partly trainable``, or ``-`` without parameters)."""
+    rows = [("name", "type", "params", "trainable", "status")]
+    total = trainable = 0
+    new_prefixes = new_modules(model)
+
+    def is_new(name: str) -> bool:
+        return any(p == "" or name == p or name.startswith(p + ".") for p in new_prefixes)
+
+    entries = list(model.named_children())
+    direct = list(model.named_parameters(recurse=False))
+    for name, child in entries + ([("(own parameters)", None)] if direct else []):
+        ps = [p for _, p in direct] if child is None else list(child.parameters())
+        n = sum(p.numel() for p in ps)
+        t = sum(p.numel() for p in ps if p.requires_grad)
+        total, trainable = total + n, trainable + t
+        has_new = child is not None and (
+            is_new(name) or any(is_new(f"{name}.{c}") for c, _ in child.named_modules() if c)
+        )
+        if child is not None and is_new(name):
+            status = "new"
+        elif not ps:
+            status = "-"
+        elif t == 0:
+            status = "frozen"
+        elif t == n:
+            status = "trainable"
+        else:
+            status = "partly trainable"
+        if has_new and status != "new":
+            status += " (holds new)"
+        rows.append(
+            (name, "-" if child is None else type(child).__name__, f"{n:,}", f"{t:,}", status)
+        )
+    rows.append(("total", "", f"{total:,}", f"{trainable:,}", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append(
+            "  ".join(
+                c.rjust(w) if j in (2, 3) else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))
+            ).rstrip()
+        )
+        if i == 0 or i == len(rows) - 2:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

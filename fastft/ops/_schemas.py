@@ -22,7 +22,8 @@ MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32)
 
 torch.library.define(
     "fastft::cache_write",
-    "(Tensor src, Tensor rows, Tensor(a!) dst, Tensor(b!) scales, str pool, Tensor? mask=None) -> ()",
+    "(Tensor src, Tensor rows, Tensor(a!) dst, Tensor(b!) scales, str pool, Tensor? mask=None) -> "
+    "()",
 )
 torch.library.define(
     "fastft::cache_gather",
@@ -48,7 +49,8 @@ def check_cache_write(src, rows, dst, scales, pool, mask) -> None:
         )
     if src.dtype not in COMPUTE_DTYPES:
         raise FastFTValueError(
-            f"cache_write: src dtype {_name(src.dtype)} is not supported; use float32, bfloat16 or float16."
+            f"cache_write: src dtype {_name(src.dtype)} is not supported; use float32, bfloat16 or "
+            "float16."
         )
     B, L, D = src.shape
     if L < 1 and B > 0:
@@ -73,7 +75,8 @@ def check_cache_write(src, rows, dst, scales, pool, mask) -> None:
         raise FastFTValueError("cache_write: dst must be contiguous (row-major [N, D]).")
     if rows.dim() != 1 or rows.dtype != torch.int64:
         raise FastFTValueError(
-            f"cache_write: rows must be a 1-D int64 tensor, got {_name(rows.dtype)} of shape {tuple(rows.shape)}."
+            f"cache_write: rows must be a 1-D int64 tensor, got {_name(rows.dtype)} of shape "
+            f"{tuple(rows.shape)}."
         )
     if rows.shape[0] != B:
         raise FastFTValueError(f"cache_write: {rows.shape[0]} rows given for a batch of B = {B}.")
@@ -86,11 +89,13 @@ def check_cache_write(src, rows, dst, scales, pool, mask) -> None:
             )
         if tuple(mask.shape) != (B, L):
             raise FastFTValueError(
-                f"cache_write: mask has shape {tuple(mask.shape)} but src needs [B, L] = [{B}, {L}]."
+                f"cache_write: mask has shape {tuple(mask.shape)} but src needs [B, L] = [{B}, "
+                f"{L}]."
             )
         if mask.dtype not in MASK_DTYPES:
             raise FastFTValueError(
-                f"cache_write: mask dtype {_name(mask.dtype)} is not supported; use bool, uint8, int32, int64 or float32."
+                f"cache_write: mask dtype {_name(mask.dtype)} is not supported; use bool, uint8, "
+                "int32, int64 or float32."
             )
         if mask.device != src.device:
             raise FastFTValueError("cache_write: mask must be on the same device as src.")
@@ -100,7 +105,8 @@ def check_cache_write(src, rows, dst, scales, pool, mask) -> None:
         )
     if rows.device != src.device:
         raise FastFTValueError(
-            f"cache_write: rows are on {rows.device} but src is on {src.device}; move rows to {src.device}."
+            f"cache_write: rows are on {rows.device} but src is on {src.device}; move rows to "
+            f"{src.device}."
         )
     if dst.device != src.device and not (
         dst.device.type == "cpu" and src.device.type == "cuda" and dst.is_pinned()
@@ -117,17 +123,20 @@ def check_cache_gather(src, scales, rows, out_dtype) -> None:
         raise FastFTValueError(f"cache_gather: src must be [N, D], got shape {tuple(src.shape)}.")
     if src.dtype not in STORAGE_DTYPES:
         raise FastFTValueError(
-            f"cache_gather: src dtype {_name(src.dtype)} is not a storage dtype; use float32, bfloat16, float16 or int8."
+            f"cache_gather: src dtype {_name(src.dtype)} is not a storage dtype; use float32, "
+            "bfloat16, float16 or int8."
         )
     if not src.is_contiguous():
         raise FastFTValueError("cache_gather: src must be contiguous (row-major [N, D]).")
     if out_dtype not in COMPUTE_DTYPES:
         raise FastFTValueError(
-            f"cache_gather: out_dtype {_name(out_dtype)} is not supported; use float32, bfloat16 or float16."
+            f"cache_gather: out_dtype {_name(out_dtype)} is not supported; use float32, bfloat16 "
+            "or float16."
         )
     if rows.dim() != 1 or rows.dtype != torch.int64:
         raise FastFTValueError(
-            f"cache_gather: rows must be a 1-D int64 tensor, got {_name(rows.dtype)} of shape {tuple(rows.shape)}."
+            f"cache_gather: rows must be a 1-D int64 tensor, got {_name(rows.dtype)} of shape "
+            f"{tuple(rows.shape)}."
         )
     if src.dtype == torch.int8:
         _check_scales("cache_gather", scales, src.shape[0])
@@ -154,7 +163,8 @@ def row_out_of_range(op: str, index: int, value: int, n: int) -> FastFTIndexErro
 
 def duplicate_row(op: str, value: int) -> FastFTIndexError:
     return FastFTIndexError(
-        f"{op}: row {value} appears more than once in one write; each row of a batch must be distinct."
+        f"{op}: row {value} appears more than once in one write; each row of a batch must be "
+        "distinct."
     )
 
 

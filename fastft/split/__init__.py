@@ -57,8 +57,9 @@ def split(
     ``example_inputs``: one batch as the model takes it (a tensor or a dict of tensors, batch
     in dim 0; two or more samples make the batch-dimension checks meaningful). Trainable
     means new (added by :mod:`fastft.surgery`) or with ``requires_grad`` parameters.
-    ``method``: ``"auto"`` (fx, then hooks, then replay), ``"fx"``, ``"hook"`` or ``"replay"``. With ``check=True``
-    the split must reproduce the model in eval mode on the example within ``atol``.
+    ``method``: ``"auto"`` (fx, then hooks, then replay), ``"fx"``, ``"hook"`` or ``"replay"``.
+    With ``check=True`` the split must reproduce the model in eval mode on the example within
+    ``atol``.
 
     Both parts share the model's module objects. Raises :class:`~fastft.SplitError` when
     there is nothing to train, nothing frozen, no valid cut, or the parity check fails.
@@ -69,8 +70,9 @@ def split(
     status = classify(model)
     if status[id(model)] in (NEW, TRAINABLE):
         raise SplitError(
-            "nothing is frozen: every parameter of the model trains, so there is nothing to run once "
-            "and cache. Freeze the pretrained layers first (fastft.surgery.freeze(model, except_new=True))."
+            "nothing is frozen: every parameter of the model trains, so there is nothing to run "
+            "once and cache. Freeze the pretrained layers first (fastft.surgery.freeze(model, "
+            "except_new=True))."
         )
     if not any(p.requires_grad for p in model.parameters()) and not any(
         s == NEW for s in status.values()
@@ -164,9 +166,9 @@ def _warn_train_mode(model: nn.Module, status: dict[int, str]) -> None:
         model.__dict__[_WARNED_ATTR] = offenders
         shown = ", ".join(repr(n) for n in offenders[:4]) + (", ..." if len(offenders) > 4 else "")
         warnings.warn(
-            f"fastft runs the frozen layers in eval mode: {len(offenders)} frozen dropout/BatchNorm "
-            f"module(s) were in train mode ({shown}); their eval behaviour is used (running "
-            "statistics, no dropout).",
+            f"fastft runs the frozen layers in eval mode: {len(offenders)} frozen "
+            f"dropout/BatchNorm module(s) were in train mode ({shown}); their eval behaviour is "
+            "used (running statistics, no dropout).",
             UserWarning,
             stacklevel=3,
         )

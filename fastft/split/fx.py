@@ -130,8 +130,9 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     for n in frontier:
         if not isinstance(values.get(n), torch.Tensor):
             raise CannotSplit(
-                f"the model input itself ({type(values.get(n)).__name__}) reaches a trainable module "
-                f"({', '.join(str(u.target) for u in n.users if not frozen[u])}) with nothing frozen before it"
+                f"the model input itself ({type(values.get(n)).__name__}) reaches a trainable "
+                f"module ({', '.join(str(u.target) for u in n.users if not frozen[u])}) with "
+                "nothing frozen before it"
             )
     if not any(n.op != "placeholder" for n in frontier) and not any(
         frozen[n] and n.op not in ("placeholder", "output") for n in graph.nodes

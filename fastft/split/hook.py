@@ -68,8 +68,9 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
             seen.add(id(c.module))
         elif not _stateless(c.module):
             raise CannotSplit(
-                f"the frozen module {c.name!r} runs after the trainable module {cut!r}: the trainable "
-                "modules do not run last as a chain, and only a traced graph could cut such a model"
+                f"the frozen module {c.name!r} runs after the trainable module {cut!r}: the "
+                "trainable modules do not run last as a chain, and only a traced graph could cut "
+                "such a model"
             )
         if prev is None:
             if not _tensors_only(c.args, c.kwargs) or not c.args:
@@ -80,8 +81,8 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
             len(c.args) != 1 or c.args[0] is not prev.output or not _tensors_only(c.args, c.kwargs)
         ):
             raise CannotSplit(
-                f"{c.name!r} does not take exactly the output of {prev.name!r} (code runs between them), "
-                "so the modules after the cut are not a chain"
+                f"{c.name!r} does not take exactly the output of {prev.name!r} (code runs between "
+                "them), so the modules after the cut are not a chain"
             )
     if calls[0].output is not chain[-1].output:
         raise CannotSplit(
@@ -190,8 +191,9 @@ class HookPrefix(nn.Module):
             handle.remove()
         if not captured:
             raise SplitError(
-                f"the model's forward finished without reaching {self.cut_name!r} on this input, so the "
-                "frozen prefix has no output; the cut found on the example inputs does not hold here."
+                f"the model's forward finished without reaching {self.cut_name!r} on this input, "
+                "so the frozen prefix has no output; the cut found on the example inputs does not "
+                "hold here."
             )
         return captured[0]
 

@@ -98,7 +98,10 @@ def parity(
     for name, k in ref_order:
         calls = mine.get(name, [])
         if k >= len(calls):
-            where = f"module {name!r} ({type(model.get_submodule(name)).__name__}) did not run in the split"
+            where = (
+                f"module {name!r} ({type(model.get_submodule(name)).__name__}) did not run in "
+                "the split"
+            )
             break
         d = _diff(ref[name][k], calls[k])
         if d > atol:

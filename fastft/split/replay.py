@@ -101,8 +101,8 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     slot = _hidden_slot(start.args, start.kwargs, batch)
     if slot is None:
         raise CannotSplit(
-            f"{start.name!r} takes no float [batch={batch}, ...] tensor as its first positional input or as "
-            "a keyword (hidden_states=...)"
+            f"{start.name!r} takes no float [batch={batch}, ...] tensor as its first positional "
+            "input or as a keyword (hidden_states=...)"
         )
     main = start.args[0] if slot == 0 else start.kwargs[slot]
 
@@ -119,7 +119,8 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     ]
     if not skip:
         raise CannotSplit(
-            f"no frozen module before {start.name!r} produces its input, so there is nothing to skip"
+            f"no frozen module before {start.name!r} produces its input, so there is nothing to "
+            "skip"
         )
     cut = start.name
     prefix = _ReplayPrefix(model, start.module, cut, frozen_ran, status, keys, slot)

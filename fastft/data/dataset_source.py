@@ -1,0 +1,214 @@
+"""A map-style dataset as a :class:`~fastft.data.source_base.Source`: all of its items or a
+subset of them, collated by fastft (a unit is an item) or by a DataLoader's own
+``collate_fn`` in its batches (a unit is a batch); hashed in the loader's workers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from fastft import data as fdata
+from fastft.data.source_base import DIGEST_BYTES, Chunk, ContentKey, Source, unit_digest
+from fastft.errors import DataError
+from fastft.hashing import ContentHasher
+
+__all__ = ["DatasetSource"]
+
+
+# ---------------------------------------------------------------------------- map-style datasets
+class _Collate:
+    """A DataLoader collate function that also returns the digest of each unit it collates:
+    of each item (``per_item``, before stacking) or of the collated batch. Runs in the
+    loader's workers, so hashing is parallel with loading."""
+
+    def __init__(self, collate: Callable, per_item: bool, digests: bool, labels_only: bool = False):
+        self.collate, self.per_item, self.digests, self.labels_only = (
+            collate,
+            per_item,
+            digests,
+            labels_only,
+        )
+
+    def __call__(self, items: list) -> tuple[Any, list[bytes], list[str]]:
+        opaque: list[str] = []
+        if self.labels_only:  # a hashing pass: digests and labels, no stacked inputs
+            if self.per_item:
+                digests = [unit_digest(item, opaque) for item in items]
+                labels = default_collate([fdata.as_pair(item, "the dataset")[1] for item in items])
+                return (None, labels), digests, opaque
+            batch = self.collate(items)
+            return (
+                (None, fdata.as_pair(batch, "the DataLoader")[1]),
+                [unit_digest(batch, opaque)],
+                opaque,
+            )
+        digests = (
+            [unit_digest(item, opaque) for item in items] if self.digests and self.per_item else []
+        )
+        batch = self.collate(items)
+        if self.digests and not self.per_item:
+            digests = [unit_digest(batch, opaque)]
+        return batch, digests, opaque
+
+
+class _Plan:
+    """The batch sampler of a read: yields each chunk's dataset indices to the DataLoader (which
+    may run ahead of the consumer with workers) and remembers which chunk each batch is."""
+
+    def __init__(self, chunks: Iterable[tuple[int, int, int]], index: Callable[[int], int]):
+        self._chunks, self._index = iter(chunks), index
+        self._issued: deque = deque()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for view, start, count in self._chunks:
+            self._issued.append((view, start, count))
+            yield [self._index(p) for p in range(start, start + count)]
+
+    def pop(self) -> tuple[int, int, int]:
+        """The chunk of the batch the DataLoader just returned (it returns them in order)."""
+        return self._issued.popleft()
+
+    def oldest(self) -> tuple[int, int, int]:
+        """The chunk the DataLoader was loading when it failed."""
+        return self._issued[0] if self._issued else (0, 0, 0)
+
+
+class DatasetSource(Source):
+    """Samples ``indices`` of a map-style dataset (all of it by default), collated by fastft
+    (units: items) or by a DataLoader's own ``collate_fn`` in its batches (units: batches)."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        indices: list[int] | None = None,
+        collate: Callable | None = None,
+        chunk_size: int | None = None,
+        loader_options: dict | None = None,
+        description: str = "the dataset",
+    ):
+        super().__init__()
+        self.dataset = dataset
+        self.indices = indices
+        self.n = len(indices) if indices is not None else fdata.dataset_length(dataset)
+        if self.n == 0:
+            raise DataError(
+                f"{description} holds no samples: there is nothing to run the model on."
+            )
+        self.collate = collate or fdata.collate
+        self.per_item = collate is None  # fastft's own stacking: a unit is an item
+        self.chunk_size = chunk_size
+        self.loader_options = loader_options or {}
+        self.description = description
+
+    def _index(self, position: int) -> int:
+        return position if self.indices is None else self.indices[position]
+
+    def _loader(
+        self, batches: Iterable[list[int]], collate: _Collate, num_workers: int
+    ) -> DataLoader:
+        options = dict(self.loader_options)
+        options.setdefault("num_workers", num_workers)
+        # Its own generator: a DataLoader otherwise draws its base seed from the global one,
+        # and reading data must not change the random stream of the training that follows.
+        return DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(0),
+            **options,
+        )
+
+    def check_unchanged(self) -> None:
+        if self.indices is None:
+            now = fdata.dataset_length(self.dataset)
+            if now != self.n:
+                raise DataError(
+                    f"{self.description}: its length changed from {self.n} to {now} while it was "
+                    "read; fastft caches a fixed dataset. Make its length constant (or pass a "
+                    "snapshot of it)."
+                )
+
+    def _unit(self, start: int) -> int:
+        return start if self.per_item else start // self.chunk_size
+
+    def _describe_unit(self, unit: int) -> str:
+        if self.per_item:
+            return f"sample {unit} of {self.description} (dataset[{self._index(unit)}])"
+        return f"batch {unit} of {self.description}"
+
+    def read(self, chunks, num_workers=0):
+        plan = _Plan(chunks, self._index)
+        collate = _Collate(self.collate, self.per_item, digests=self._unit_digests is not None)
+        loader = iter(self._loader(plan, collate, num_workers))
+        while True:
+            try:
+                batch, digests, _ = next(loader)
+                inputs, labels = fdata.as_pair(
+                    batch, "the dataset" if self.per_item else "the DataLoader"
+                )
+            except StopIteration:
+                return
+            except (
+                Exception
+            ) as exc:  # the dataset's own error, or its items' (collate): name the samples
+                _, start, count = plan.oldest()
+                raise DataError(self._load_failure(start, count, exc)) from exc
+            view, start, count = plan.pop()
+            self._check_units(self._unit(start), digests, self._describe_unit)
+            if int(labels.shape[0]) != count:
+                raise DataError(
+                    f"{self.description}: samples {start}..{start + count - 1} came as a batch of "
+                    f"{int(labels.shape[0])} labels; the collate function must keep one row per "
+                    "sample."
+                )
+            yield Chunk(view, start, count, lambda b=(inputs, labels): b)
+
+    def _load_failure(self, start: int, count: int, exc: Exception) -> str:
+        now = None
+        try:
+            now = len(self.dataset)
+        except Exception:
+            pass
+        changed = (
+            f" The dataset's len() changed from {self.n} to {now}; the cache needs a dataset of "
+            "fixed length."
+            if self.indices is None and now is not None and now != self.n
+            else ""
+        )
+        what = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+        return (
+            f"loading samples {start}..{start + count - 1} of {self.description} failed: "
+            f"{what}.{changed}"
+        )
+
+    def content_key(self, batch_size, num_workers=0):
+        spans = list(self.spans(batch_size))
+        batches = [[self._index(p) for p in range(start, start + count)] for start, count in spans]
+        collate = _Collate(self.collate, self.per_item, digests=True, labels_only=True)
+        digests: list[bytes] = []
+        labels: list[torch.Tensor] = []
+        opaque: list[str] = []
+        loader = iter(self._loader(batches, collate, num_workers))
+        for start, count in spans:
+            try:
+                (_, y), unit_digests, unit_opaque = next(loader)
+            except Exception as exc:
+                raise DataError(self._load_failure(start, count, exc)) from exc
+            digests += unit_digests
+            labels.append(torch.as_tensor(y))
+            opaque += [o for o in unit_opaque if o not in opaque][: 4 - len(opaque)]
+        self._unit_digests = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(
+            -1, DIGEST_BYTES
+        )
+        h = ContentHasher()
+        h.update(self.n, "n")
+        h.update(self._unit_digests, "units")
+        h.update(self.indices is not None, "subset")
+        return ContentKey(f"n={self.n}:{h.hexdigest()}", torch.cat(labels), opaque)
