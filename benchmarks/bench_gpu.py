@@ -130,7 +130,8 @@ def bench_bandwidth(peak: float) -> list[dict]:
             row["speedup_vs_torch"] = round(tb / t, 2)
         rows_out.append(row)
         print(
-            f"  {name:46s} {row['us']:9.1f} us {row['gbps']:8.1f} GB/s  {row['fraction_of_peak']:.2f} of peak"
+            f"  {name:46s} {row['us']:9.1f} us {row['gbps']:8.1f} GB/s  "
+            f"{row['fraction_of_peak']:.2f} of peak"
             + (f"  ({row['speedup_vs_torch']}x torch)" if baseline else ""),
             flush=True,
         )

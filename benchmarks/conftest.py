@@ -99,6 +99,6 @@ def pytest_sessionfinish(session, exitstatus):
             tr.write_sep("=", f"{suite}: speed-up = baseline time / time ({machine})")
             for r in rows:
                 tr.write_line(
-                    f"  {r['case']:<48} {r['impl']:<10} {r['median_ms']:>10.3f} ms  vs {r['baseline']:<10} "
-                    f"{r['baseline_ms']} ms  x{r['speedup']}"
+                    f"  {r['case']:<48} {r['impl']:<10} {r['median_ms']:>10.3f} ms  "
+                    f"vs {r['baseline']:<10} {r['baseline_ms']} ms  x{r['speedup']}"
                 )

@@ -61,10 +61,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         report = bbc.run(settings)
         print()
         print(rep.table(report))
+        how = "measured" if report["speedup_measured"] else "naive projected from measured epochs"
         print(
-            f"\ntraining speed-up vs naive: {report['speedup_vs_naive']:.1f}x "
-            f"({'measured' if report['speedup_measured'] else 'naive projected from measured epochs'}); "
-            f"fastft / (one frozen pass + {report['epochs']} head epochs) = {report['fastft_vs_ideal']:.2f}"
+            f"\ntraining speed-up vs naive: {report['speedup_vs_naive']:.1f}x ({how}); "
+            f"fastft / (one frozen pass + {report['epochs']} head epochs) = "
+            f"{report['fastft_vs_ideal']:.2f}"
         )
         paths = rep.write(report, out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -162,8 +163,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
                 status = "once"  # a key that could not see everything: never reused, safe to remove
             print(
                 f"{str(e.get('fingerprint', '?'))[:16]:<18} {e.get('num_rows', '?'):>9} "
-                f"{e.get('num_views', '?'):>5} {_human_bytes(e.get('disk_bytes', 0)):>10} {status:<10} "
-                f"{_human_age(e.get('created'))}"
+                f"{e.get('num_views', '?'):>5} {_human_bytes(e.get('disk_bytes', 0)):>10} "
+                f"{status:<10} {_human_age(e.get('created'))}"
             )
         return 0
     if args.cache_cmd == "info":
@@ -254,9 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="end-to-end naive vs fastft (epochs x cache dtypes x tiers); --kernels: the pytest suites",
-        description="End-to-end naive vs fastft on MiniLM/BBC and a CPU CNN, written to benchmarks/results/"
-        "e2e.{csv,json,png}. The default run takes about 10 minutes on a 2-core CPU; --quick 2-4.",
+        help=(
+            "end-to-end naive vs fastft (epochs x cache dtypes x tiers); "
+            "--kernels: the pytest suites"
+        ),
+        description=(
+            "End-to-end naive vs fastft on MiniLM/BBC and a CPU CNN, written to "
+            "benchmarks/results/e2e.{csv,json,png}. The default run takes about 10 minutes on a "
+            "2-core CPU; --quick 2-4."
+        ),
     )
     b.add_argument(
         "--quick", action="store_true", help="250 articles at 64 tokens (writes e2e_quick.*)"

@@ -3,11 +3,11 @@
 The config names factories by import path, so a batch job needs no Python of its own::
 
     {
-      "model": "my_pkg.models:pretrained_resnet",      # returns an nn.Module
+      "model": "my_pkg.models:pretrained_resnet",  # returns an nn.Module
       "model_kwargs": {},
-      "data": "my_pkg.data:splits",                    # returns {"train": ..., "val": ..., "test": ...}
+      "data": "my_pkg.data:splits",                # returns {"train": ..., "val": ..., "test": ...}
       "data_kwargs": {},
-      "surgery": {"remove_layers": ["layer4"]},        # optional, applied before FineTuner
+      "surgery": {"remove_layers": ["layer4"]},    # optional, applied before FineTuner
       "finetuner": {"num_classes": 10, "hidden": [256], "cache_dtype": "fp16"},
       "fit": {"epochs": 10, "batch_size": 256, "lr": 0.001},
       "output": "runs/resnet-cifar"
@@ -121,12 +121,14 @@ def run(config: dict) -> dict[str, Any]:
         splits = resolve(config["data"])(**config.get("data_kwargs", {}))
         if not isinstance(splits, dict) or "train" not in splits:
             raise ConfigError(
-                f"{config['data']!r} must return a dict with 'train' (and optionally 'val', 'test')."
+                f"{config['data']!r} must return a dict with 'train' "
+                "(and optionally 'val', 'test')."
             )
         for name, args in (config.get("surgery") or {}).items():
             if name not in ("remove_layers", "freeze", "unfreeze"):
                 raise ConfigError(
-                    f"surgery step {name!r} is not supported in configs (remove_layers, freeze, unfreeze)."
+                    f"surgery step {name!r} is not supported in configs "
+                    "(remove_layers, freeze, unfreeze)."
                 )
             fn = getattr(surgery, name)
             fn(model, **args) if isinstance(args, dict) else fn(model, args)

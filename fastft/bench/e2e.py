@@ -17,8 +17,9 @@ Results go to ``<out>/e2e[_quick].csv``, ``.json`` and ``.png``.
 
 Run time on a 2-core CPU: ``--quick`` (250 articles at 64 tokens) 2–4 minutes; the default
 (all 1780 training articles at 128 tokens: the naive loop alone is 10 frozen passes of
-~30 s, and each of the 6 fastft runs one more) about 10 minutes (measured: 10 min 7 s). The JSON records the load
-average: other processes on the machine slow every row, the head epochs most.
+~30 s, and each of the 6 fastft runs one more) about 10 minutes (measured: 10 min 7 s). The
+JSON records the load average: other processes on the machine slow every row, the head
+epochs most.
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ def write(rows: list[dict], s: BenchSettings, out: str | Path) -> dict[str, Path
         w.writeheader()
         for r in rows:
             w.writerow({k: _fmt(r.get(k)) for k in FIELDS})
-    # Other processes on the machine slow every row; the load average tells a reader how quiet it was.
+    # Other processes on the machine slow every row; the load average tells a reader how quiet
+    # it was.
     load = dict(zip(("load_1min", "load_5min", "load_15min"), os.getloadavg()))
     paths["json"].write_text(
         json.dumps(
@@ -260,7 +262,10 @@ def plot(rows: list[dict], path: Path) -> None:
         )
         title = f"{task}: seconds to train vs epochs"
         if best:
-            title += f"\nbest speed-up at {last} epochs: {best['speedup']:.1f}x ({best['dtype']}/{best['tier']})"
+            title += (
+                f"\nbest speed-up at {last} epochs: {best['speedup']:.1f}x "
+                f"({best['dtype']}/{best['tier']})"
+            )
         ax.set(title=title, xlabel="epochs", ylabel="seconds (measured)")
         ax.set_xticks(sorted({r["epochs"] for r in mine}))
         ax.grid(alpha=0.3)

@@ -1,6 +1,7 @@
 """Training on the cache: the FineTuner facade and the modules it drives.
 
 - :mod:`~fastft.train.finetuner`: :class:`FineTuner`, the public trainer (a facade);
+- :mod:`~fastft.train.settings`: FineTuner's settings, checked and recorded;
 - :mod:`~fastft.train.tuned`: the edited model, its unfrozen blocks, split and state;
 - :mod:`~fastft.train.caches`: the caches a tuner builds, with one set of settings;
 - :mod:`~fastft.train.config`: :class:`FitConfig`, :class:`EarlyStopping`, :class:`History`, stages;

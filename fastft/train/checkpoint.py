@@ -138,7 +138,8 @@ def load_checked(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a fastft FineTuner checkpoint.")
     if obj.get("version") != VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint version {obj.get('version')}; this fastft reads version {VERSION}."
+            f"{path} has checkpoint version {obj.get('version')}; this fastft reads version "
+            f"{VERSION}."
         )
     return obj
 

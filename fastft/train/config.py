@@ -89,6 +89,10 @@ class FitConfig:
         return dataclasses.replace(self, epochs=epochs)
 
 
+#: The names of fit's keyword settings, which are FitConfig's fields.
+FIT_SETTINGS = tuple(f.name for f in dataclasses.fields(FitConfig))
+
+
 def resolve_fit_config(config: FitConfig | None, given: Mapping[str, Any], train: Any) -> FitConfig:
     """The validated FitConfig of a fit called with ``config=`` and/or keyword settings.
 
@@ -174,7 +178,8 @@ class EarlyStopping:
                 self._state.setdefault(name, t)
 
     def state_dict(self) -> dict:
-        """What a checkpoint keeps, so that a resumed fit stops and restores as an uninterrupted one."""
+        """What a checkpoint keeps, so that a resumed fit stops and restores as an uninterrupted
+        one."""
         return {"best": self._best, "bad": self._bad, "state": self._state}
 
     def load_state_dict(self, state: dict) -> None:

@@ -1,4 +1,4 @@
-"""The training loop on a cache, for one tail (``fit``) or several sharing every batch (``fit_many``).
+"""The training loop on a cache: one tail (``fit``) or several sharing every batch (``fit_many``).
 
 Each epoch draws ``torch.randperm(N, generator=g)`` on a CPU generator seeded by the tuner's
 seed (the same order on every device, so the naive oracle and resumed runs see the same

@@ -12,15 +12,15 @@ With ``cache_dtype="fp32"``, ``views=1`` and the same seed, the trained weights 
 of a naive loop that runs the frozen layers (in eval mode, under no_grad) every epoch with
 the same batch order and optimizer: that is the package's correctness oracle.
 
-The work is done by one module each: :mod:`~fastft.train.tuned` (the edited model, its
-split and state), :mod:`~fastft.train.caches`, :mod:`~fastft.train.fitting` (stages,
-checkpoints, resume), :mod:`~fastft.train.engine` (the loop), :mod:`~fastft.train.evaluation`.
+The work is done by one module each: :mod:`~fastft.train.settings` (checked, recorded),
+:mod:`~fastft.train.tuned` (the edited model, its split and state),
+:mod:`~fastft.train.caches`, :mod:`~fastft.train.fitting` (stages, checkpoints, resume),
+:mod:`~fastft.train.engine` (the loop), :mod:`~fastft.train.evaluation`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -29,13 +29,11 @@ from torch import nn
 from fastft import data as fdata
 from fastft import distributed as fdist
 from fastft.cache import FeatureCache
-from fastft.cache.build import check_amp, check_views
-from fastft.cache.layout import DTYPES
 from fastft.errors import FastFTValueError, NotFittedError
-from fastft.model.attach import HeadSpec
 from fastft.train.caches import CacheOptions, TunerCaches, example_of
 from fastft.train.checkpoint import TrainingState
 from fastft.train.config import (
+    FIT_SETTINGS,
     EarlyStopping,
     FitConfig,
     History,
@@ -47,51 +45,17 @@ from fastft.train.config import (
 from fastft.train.evaluation import cache_metrics, predict
 from fastft.train.fitting import Callback, StagedFit
 from fastft.train.graph_step import check_cuda_graph
+from fastft.train.settings import (
+    OLD_FIT_ORDER,
+    OLD_INIT_ORDER,
+    Setting,
+    check_cache_settings,
+    check_head_settings,
+    saved_config,
+    training_device,
+)
+from fastft.train.sweep import fit_many
 from fastft.train.tuned import HeadOptions, TunedModel
-
-# The order of the settings when they were positional, for the message that names the new form.
-_OLD_INIT_ORDER = (
-    "num_classes",
-    "hidden",
-    "head",
-    "freeze",
-    "cache",
-    "cache_dtype",
-    "views",
-    "transform",
-    "device",
-    "seed",
-)
-_OLD_FIT_ORDER = (
-    "epochs",
-    "batch_size",
-    "lr",
-    "optimizer",
-    "weight_decay",
-    "scheduler",
-    "loss",
-    "label_smoothing",
-    "class_weights",
-    "early_stopping",
-    "callbacks",
-    "amp",
-)
-
-
-class _Setting:
-    """A FineTuner setting kept in one of its option objects, read and written through."""
-
-    def __init__(self, holder: str, name: str | None = None):
-        self.holder, self.name = holder, name
-
-    def __set_name__(self, owner: type, attr: str) -> None:
-        self.name = self.name or attr
-
-    def __get__(self, ft: FineTuner | None, owner: type) -> Any:
-        return self if ft is None else getattr(getattr(ft, self.holder), self.name)
-
-    def __set__(self, ft: FineTuner, value: Any) -> None:
-        setattr(getattr(ft, self.holder), self.name, value)
 
 
 class FineTuner:
@@ -130,24 +94,24 @@ class FineTuner:
         verbose: progress bars and messages.
     """
 
-    num_classes = _Setting("head_options")
-    hidden = _Setting("head_options")
-    head = _Setting("head_options")
-    head_name = _Setting("head_options")
-    output_key = _Setting("head_options")
-    activation = _Setting("head_options")
-    dropout = _Setting("head_options")
-    cache_tier = _Setting("cache_options", "tier")
-    cache_dtype = _Setting("cache_options", "dtype")
-    views = _Setting("cache_options")
-    transform = _Setting("cache_options")
-    transform_id = _Setting("cache_options")
-    pool = _Setting("cache_options")
-    cache_dir = _Setting("cache_options")
-    max_memory = _Setting("cache_options")
-    extract_batch_size = _Setting("cache_options", "batch_size")
-    extract_amp = _Setting("cache_options", "amp")
-    verbose = _Setting("cache_options")
+    num_classes = Setting("head_options")
+    hidden = Setting("head_options")
+    head = Setting("head_options")
+    head_name = Setting("head_options")
+    output_key = Setting("head_options")
+    activation = Setting("head_options")
+    dropout = Setting("head_options")
+    cache_tier = Setting("cache_options", "tier")
+    cache_dtype = Setting("cache_options", "dtype")
+    views = Setting("cache_options")
+    transform = Setting("cache_options")
+    transform_id = Setting("cache_options")
+    pool = Setting("cache_options")
+    cache_dir = Setting("cache_options")
+    max_memory = Setting("cache_options")
+    extract_batch_size = Setting("cache_options", "batch_size")
+    extract_amp = Setting("cache_options", "amp")
+    verbose = Setting("cache_options")
 
     def __init__(
         self,
@@ -175,26 +139,10 @@ class FineTuner:
         transform_id: str | None = None,
         verbose: bool = True,
     ):
-        refuse_positional("FineTuner(model", _OLD_INIT_ORDER, positional)
-        if num_classes is not None and int(num_classes) < 2 and head is None:
-            raise FastFTValueError(
-                f"num_classes must be ≥ 2 for a classifier, got {num_classes}; for one regression "
-                "output pass head=nn.Linear(in_features, 1) and loss='mse'."
-            )
-        if cache_dtype not in DTYPES:  # the canonical names only (dtype_name also takes aliases)
-            raise FastFTValueError(
-                f"unknown cache_dtype {cache_dtype!r}; use one of {', '.join(DTYPES)}."
-            )
-        check_views(views, transform)
-        check_amp(extract_amp, "extract_amp")
-        device = torch.device(
-            device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
-        )
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise FastFTValueError(
-                f"device={str(device)!r} but PyTorch sees no CUDA device here (torch "
-                f"{torch.__version__}); leave device unset to train on the CPU."
-            )
+        refuse_positional("FineTuner(model", OLD_INIT_ORDER, positional)
+        check_head_settings(num_classes, head)
+        check_cache_settings(cache_dtype, views, transform, extract_amp)
+        device = training_device(device)
         self.head_options = HeadOptions(
             num_classes=None if num_classes is None else int(num_classes),
             hidden=list(hidden or []),
@@ -365,26 +313,9 @@ class FineTuner:
         order as eager training, one launch instead of dozens. It does not combine with a
         ``scheduler`` or with torch.distributed.
         """
-        refuse_positional("fit(train, val", _OLD_FIT_ORDER, positional)
-        cfg = resolve_fit_config(
-            config,
-            dict(
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                optimizer=optimizer,
-                weight_decay=weight_decay,
-                momentum=momentum,
-                scheduler=scheduler,
-                loss=loss,
-                label_smoothing=label_smoothing,
-                class_weights=class_weights,
-                amp=amp,
-                lr_decay=lr_decay,
-                cuda_graph=cuda_graph,
-            ),
-            train,
-        )
+        refuse_positional("fit(train, val", OLD_FIT_ORDER, positional)
+        given = locals()  # the keyword settings: those named like FitConfig's fields
+        cfg = resolve_fit_config(config, {k: given[k] for k in FIT_SETTINGS}, train)
         if cfg.cuda_graph:
             check_cuda_graph(self.device, cfg, fdist.rank_and_world()[1])
         stages = plan_stages(unfreeze, cfg.epochs)
@@ -407,8 +338,6 @@ class FineTuner:
 
         See :func:`fastft.train.sweep.fit_many`.
         """
-        from fastft.train.sweep import fit_many  # the sweep drives this tuner: imported on use
-
         return fit_many(self, configs, train, **common)
 
     # ------------------------------------------------------------------ evaluation
@@ -441,29 +370,8 @@ class FineTuner:
     # ------------------------------------------------------------------ save / load
     def training_state(self) -> TrainingState:
         """What :meth:`save` writes (and every checkpoint starts with)."""
-        spec = self.tuned.head_spec
-        return TrainingState(
-            config={
-                "num_classes": self.num_classes,
-                "hidden": list(self.hidden),
-                "freeze": self.freeze,
-                "cache": self.cache_tier,
-                "cache_dtype": self.cache_dtype,
-                "views": self.views,
-                "seed": self.seed,
-                "head_name": self.head_name,
-                "output_key": self.output_key,
-                "activation": self.activation,
-                "dropout": self.dropout,
-                "pool": self.pool,
-                "extract_amp": self.extract_amp,
-            },
-            head=None if spec is None else asdict(spec),
-            state=self.tuned.trainable_state(),
-            history=list(self.history),
-            fit=None if self.fit_config is None else asdict(self.fit_config),
-            unfreeze=self.tuned.unfreeze_request,
-        )
+        config = saved_config(self.head_options, self.cache_options, self.freeze)
+        return self.tuned.training_state(config, self.history, self.fit_config)
 
     def save(self, path: str) -> None:
         """Write the new layers' weights, the configuration and the history (atomically)."""
@@ -480,11 +388,7 @@ class FineTuner:
         """Rebuild a FineTuner saved with :meth:`save` on a fresh copy of the original model."""
         saved = TrainingState.read(path)
         ft = cls(model, **{**saved.config, **overrides})
-        if saved.unfreeze:
-            ft.unfreeze(saved.unfrozen_blocks, train_bn=saved.train_bn)
-        if not ft.tuned.edited:  # an encoder: the head is appended from the recorded spec, no probe
-            ft.tuned.edit(example=None, spec=HeadSpec(**saved.head))
-        ft.tuned.load_state(saved.state, path)
+        ft.tuned.restore(saved, path)
         ft.history = History(saved.history)
         ft.fit_config = FitConfig(**saved.fit) if saved.fit else None
         ft.fitted = True

@@ -227,9 +227,8 @@ class StagedFit:
                 early_stopped = self.early_stopping is not None and self.early_stopping.step(
                     record, TrainableState(ft)
                 )
-                if (
-                    self.checkpoint is not None
-                ):  # after the callbacks: what they draw is in its random state
+                # After the callbacks: what they draw is in the checkpoint's random state.
+                if self.checkpoint is not None:
                     self._write_checkpoint(engine, epoch + 1, stage, early_stopped)
                 if stop or early_stopped:
                     return True

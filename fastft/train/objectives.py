@@ -17,37 +17,40 @@ def check_labels(labels: torch.Tensor, loss: str, num_outputs: int, what: str = 
     if loss == "ce":
         if labels.is_floating_point() or labels.dtype == torch.bool or labels.dim() != 1:
             raise DataError(
-                f"loss='ce' needs integer class labels of shape [N]; {where} are {labels.dtype} of shape "
-                f"{tuple(labels.shape)}. Convert with labels.long(), or use loss='bce' for "
-                "multi-label 0/1 targets or loss='mse' for regression."
+                f"loss='ce' needs integer class labels of shape [N]; {where} are {labels.dtype} "
+                f"of shape {tuple(labels.shape)}. Convert with labels.long(), or use loss='bce' "
+                "for multi-label 0/1 targets or loss='mse' for regression."
             )
         if labels.numel():
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= num_outputs:
                 bad = int(((labels < 0) | (labels >= num_outputs)).nonzero()[0, 0])
                 raise DataError(
-                    f"label {int(labels[bad])} of sample {bad} of {where} is outside [0, {num_outputs}); "
-                    f"the model has num_classes={num_outputs}. Remap labels to 0..{num_outputs - 1} "
-                    "or pass the right num_classes."
+                    f"label {int(labels[bad])} of sample {bad} of {where} is outside "
+                    f"[0, {num_outputs}); the model has num_classes={num_outputs}. Remap labels "
+                    f"to 0..{num_outputs - 1} or pass the right num_classes."
                 )
         return
     if loss == "bce":
         if labels.dim() != 2 or labels.shape[1] != num_outputs:
             raise DataError(
-                f"loss='bce' needs 0/1 targets of shape [N, {num_outputs}]; {where} have shape {tuple(labels.shape)}."
+                f"loss='bce' needs 0/1 targets of shape [N, {num_outputs}]; {where} have shape "
+                f"{tuple(labels.shape)}."
             )
         _check_finite(labels, where, loss)
         values = labels.float()
         if labels.numel() and (bool((values < 0).any()) or bool((values > 1).any())):
             bad = int(((values < 0) | (values > 1)).any(dim=1).nonzero()[0, 0])
             raise DataError(
-                f"loss='bce' needs targets in [0, 1]; sample {bad} of {where} has {labels[bad].tolist()[:8]}. "
-                "Scale the targets to [0, 1] (probabilities or 0/1 labels)."
+                f"loss='bce' needs targets in [0, 1]; sample {bad} of {where} has "
+                f"{labels[bad].tolist()[:8]}. Scale the targets to [0, 1] "
+                "(probabilities or 0/1 labels)."
             )
     elif loss == "mse":
         if not labels.is_floating_point():
             raise DataError(
-                f"loss='mse' needs float targets; {where} are {labels.dtype}. Convert with labels.float()."
+                f"loss='mse' needs float targets; {where} are {labels.dtype}. Convert with "
+                "labels.float()."
             )
         _check_finite(labels, where, loss)
 
@@ -57,8 +60,8 @@ def _check_finite(labels: torch.Tensor, where: str, loss: str) -> None:
         flat = labels.reshape(labels.shape[0], -1) if labels.dim() else labels.reshape(1, 1)
         bad = int((~torch.isfinite(flat)).any(dim=1).nonzero()[0, 0])
         raise DataError(
-            f"loss={loss!r}: sample {bad} of {where} is NaN or Inf; training on it would make every weight NaN. "
-            "Drop or fix that sample."
+            f"loss={loss!r}: sample {bad} of {where} is NaN or Inf; training on it would make "
+            "every weight NaN. Drop or fix that sample."
         )
 
 

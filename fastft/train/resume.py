@@ -31,25 +31,27 @@ def read_resumable(
         )
     if progress.backbone is not None and progress.backbone != tuned.backbone_digest(saved.state):
         raise FastFTValueError(
-            f"{path} was written by a fit of another backbone: the frozen weights of this model differ "
-            "from those the checkpoint was trained on. Resume with the same pretrained model (a fresh "
-            "copy of it), or start a new fit."
+            f"{path} was written by a fit of another backbone: the frozen weights of this model "
+            "differ from those the checkpoint was trained on. Resume with the same pretrained "
+            "model (a fresh copy of it), or start a new fit."
         )
     now = schedule_record(stages)
     if progress.schedule != now:
         raise FastFTValueError(
-            f"{path} was written by a fit with stages {progress.schedule or 'none (no unfreeze=)'} (first "
-            f"epoch, epochs, blocks), this fit has {now or 'none (no unfreeze=)'}: resume with the same "
-            "epochs= and unfreeze= as the interrupted fit."
+            f"{path} was written by a fit with stages "
+            f"{progress.schedule or 'none (no unfreeze=)'} (first epoch, epochs, blocks), this "
+            f"fit has {now or 'none (no unfreeze=)'}: resume with the same epochs= and "
+            "unfreeze= as the interrupted fit."
         )
     # cuda_graph changes how steps run, not what they compute; epochs may grow (one stage)
     # unless a scheduler planned the learning rate over the epochs the fit was given.
     fit = saved.fit or {}
     if cfg.scheduler is not None and fit.get("epochs") not in (None, cfg.epochs):
         raise FastFTValueError(
-            f"{path} was written by a fit of epochs={fit['epochs']} with scheduler={cfg.scheduler!r}, whose "
-            f"learning rate is planned over those {fit['epochs']} epochs: it cannot continue exactly for "
-            f"epochs={cfg.epochs}. Resume with epochs={fit['epochs']}, or start a new fit."
+            f"{path} was written by a fit of epochs={fit['epochs']} with "
+            f"scheduler={cfg.scheduler!r}, whose learning rate is planned over those "
+            f"{fit['epochs']} epochs: it cannot continue exactly for epochs={cfg.epochs}. "
+            f"Resume with epochs={fit['epochs']}, or start a new fit."
         )
     differ = [
         k
@@ -58,13 +60,16 @@ def read_resumable(
     ]
     if differ:
         raise FastFTValueError(
-            f"{path} was written by a fit with {', '.join(f'{k}={fit[k]!r}' for k in differ)}; this fit "
-            f"has {', '.join(f'{k}={getattr(cfg, k)!r}' for k in differ)}: resume with the same settings."
+            f"{path} was written by a fit with "
+            f"{', '.join(f'{k}={fit[k]!r}' for k in differ)}; this fit has "
+            f"{', '.join(f'{k}={getattr(cfg, k)!r}' for k in differ)}: "
+            "resume with the same settings."
         )
     if saved.train_bn != tuned.train_bn:
         raise FastFTValueError(
-            f"{path} was written with train_bn={saved.train_bn}: call ft.unfreeze(..., "
-            f"train_bn={saved.train_bn}) before fit(..., resume=True), as before the interrupted fit."
+            f"{path} was written with train_bn={saved.train_bn}: call "
+            f"ft.unfreeze(..., train_bn={saved.train_bn}) before fit(..., resume=True), as "
+            "before the interrupted fit."
         )
     return saved
 
@@ -85,9 +90,9 @@ def check_same_data(saved: TrainingState, path: str, data_key: Callable[[], str]
     only by a resume)."""
     if saved.progress.data_key is not None and saved.progress.data_key != data_key():
         raise FastFTValueError(
-            f"{path} was written by a fit on other training data than the data given now: resuming "
-            "would continue that fit on these data. Resume with the same data (and dataset_id=), or "
-            "start a new fit (another checkpoint= path, or resume=False)."
+            f"{path} was written by a fit on other training data than the data given now: "
+            "resuming would continue that fit on these data. Resume with the same data (and "
+            "dataset_id=), or start a new fit (another checkpoint= path, or resume=False)."
         )
 
 

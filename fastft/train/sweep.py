@@ -79,14 +79,16 @@ def fit_many(
         raise FastFTValueError("fit_many needs at least one config.")
     if ft.tuned.unfrozen_blocks:
         raise FastFTValueError(
-            "fit_many trains several heads on one frozen cache; with unfrozen blocks each head would "
-            "need its own copy of them. Sweep the heads first, then ft.unfreeze(n) and fit the best one."
+            "fit_many trains several heads on one frozen cache; with unfrozen blocks each head "
+            "would need its own copy of them. Sweep the heads first, then ft.unfreeze(n) and "
+            "fit the best one."
         )
     for c in configs:
         unknown = set(c) - SWEEPABLE
         if unknown:
             raise FastFTValueError(
-                f"fit_many configs may set {', '.join(sorted(SWEEPABLE))}; got unknown {', '.join(sorted(unknown))}."
+                f"fit_many configs may set {', '.join(sorted(SWEEPABLE))}; got unknown "
+                f"{', '.join(sorted(unknown))}."
             )
     cfg = resolve_fit_config(
         None,

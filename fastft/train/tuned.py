@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +34,10 @@ from fastft.model.blocks import trained_blocks, unfreeze_blocks, unfrozen_blocks
 from fastft.model.heads import build_head
 from fastft.model.status import mark_new
 from fastft.split import FrozenPrefix, TrainableTail, split
+from fastft.train.checkpoint import TrainingState
+
+if TYPE_CHECKING:
+    from fastft.train.config import FitConfig
 
 
 @dataclass
@@ -188,10 +192,12 @@ class TunedModel:
 
     # ------------------------------------------------------------------ heads (sweeps)
     def new_head(self, **overrides) -> nn.Module:
-        """A fresh output layer like the attached one (``hidden``/``dropout``/``seed`` overridden)."""
+        """A fresh output layer like the attached one (``hidden``, ``dropout``, ``seed``
+        overridden)."""
         if self.options.head is not None:
             raise FastFTValueError(
-                "fit_many builds heads from num_classes/hidden; it cannot sweep a custom head= module."
+                "fit_many builds heads from num_classes/hidden; it cannot sweep a custom "
+                "head= module."
             )
         if self.head_spec is None:
             raise FastFTValueError(
@@ -236,15 +242,38 @@ class TunedModel:
         unknown = sorted(set(state) - set(own))
         if unknown:
             raise SurgeryError(
-                f"{origin} holds weights for {', '.join(unknown[:5])} which the edited model does not "
-                "have: load it with the same base model and configuration it was saved with."
+                f"{origin} holds weights for {', '.join(unknown[:5])} which the edited model does "
+                "not have: load it with the same base model and configuration it was saved with."
             )
         for name, t in state.items():
             if own[name].shape != t.shape:
                 raise SurgeryError(
-                    f"{origin}: {name} has shape {tuple(t.shape)}, the model expects {tuple(own[name].shape)}."
+                    f"{origin}: {name} has shape {tuple(t.shape)}, the model expects "
+                    f"{tuple(own[name].shape)}."
                 )
         self.model.load_state_dict(state, strict=False)
+
+    def training_state(
+        self, config: dict[str, Any], history: list[dict], fit: FitConfig | None
+    ) -> TrainingState:
+        """A saved tuner of this model: its settings ``config``, the new head's placement, the
+        trained state and unfrozen blocks, the ``history`` and the settings of the last ``fit``."""
+        return TrainingState(
+            config=config,
+            head=None if self.head_spec is None else asdict(self.head_spec),
+            state=self.trainable_state(),
+            history=list(history),
+            fit=None if fit is None else asdict(fit),
+            unfreeze=self.unfreeze_request,
+        )
+
+    def restore(self, saved: TrainingState, origin: str) -> None:
+        """Redo a saved tuner's edits on this (fresh) model and load its trained weights."""
+        if saved.unfreeze:
+            self.unfreeze(saved.unfrozen_blocks, train_bn=saved.train_bn)
+        if not self.edited:  # an encoder: the head is appended from the recorded spec, no probe
+            self.edit(example=None, spec=HeadSpec(**saved.head))
+        self.load_state(saved.state, origin)
 
     def backbone_digest(self, trainable: dict[str, torch.Tensor]) -> str:
         """Digest of every tensor of the model not in ``trainable`` (the frozen backbone)."""

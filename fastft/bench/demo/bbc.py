@@ -104,8 +104,11 @@ def _fastft_run(
         per_epoch_seconds=epoch_times,
         setup_seconds=train_pass + fit_seconds - sum(epoch_times),
         accuracy_by_epoch=[r["val_accuracy"] for r in history],
-        notes=f"cache {ft.cache.tier}/{s.cache_dtype}, {ft.cache.nbytes / 2**20:.2f} MiB; "
-        f"train cache: {built.get('reason', '')}, {built.get('prefix_seconds', 0):.1f} s in the encoder",
+        notes=(
+            f"cache {ft.cache.tier}/{s.cache_dtype}, {ft.cache.nbytes / 2**20:.2f} MiB; "
+            f"train cache: {built.get('reason', '')}, "
+            f"{built.get('prefix_seconds', 0):.1f} s in the encoder"
+        ),
     )
     return result, initial_head
 
@@ -159,9 +162,12 @@ def _naive_run(
         per_epoch_seconds=epoch_times,
         setup_seconds=0.0,
         eval_seconds=test_seconds,
-        notes=""
-        if run_epochs == s.epochs
-        else f"{run_epochs} of {s.epochs} epochs measured; total projected from {per_epoch:.1f} s/epoch",
+        notes=(
+            ""
+            if run_epochs == s.epochs
+            else f"{run_epochs} of {s.epochs} epochs measured; total projected from "
+            f"{per_epoch:.1f} s/epoch"
+        ),
     )
 
 
@@ -236,4 +242,7 @@ def _machine() -> str:
     import os
     import platform
 
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )

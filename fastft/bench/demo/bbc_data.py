@@ -19,8 +19,8 @@ def need(module: str, extra: str = "demo"):
         return __import__(module)
     except ImportError as exc:
         raise DemoDependencyError(
-            f"the demo needs {module!r}: install fastft's demo extra (`pip install -e '.[{extra}]'`, "
-            "or run `make demo`)."
+            f"the demo needs {module!r}: install fastft's demo extra "
+            f"(`pip install -e '.[{extra}]'`, or run `make demo`)."
         ) from exc
 
 

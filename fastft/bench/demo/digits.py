@@ -158,7 +158,8 @@ def table(report: dict) -> str:
     for name in ("naive", "fastft"):
         r = report[name]
         lines.append(
-            f"{name:<8} {r['forward_passes']:>20,} {r['seconds']:>8.2f} {100 * r['test_accuracy']:>19.1f}%"
+            f"{name:<8} {r['forward_passes']:>20,} {r['seconds']:>8.2f} "
+            f"{100 * r['test_accuracy']:>19.1f}%"
         )
     lines.append(f"speed-up: {report['speedup_vs_naive']:.1f}x")
     return "\n".join(lines)
