@@ -276,7 +276,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    """The rows as a Markdown table (what the README's results section shows)."""
+    """The rows as a Markdown table (what docs/benchmarks.md shows)."""
     lines = [
         "| task | method | cache | epochs | seconds | forward passes | test accuracy | speed-up |",
         "|---|---|---|---:|---:|---:|---:|---:|",

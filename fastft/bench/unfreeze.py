@@ -218,7 +218,7 @@ def write(result: dict, s: UnfreezeSettings, out: str | Path) -> Path:
 
 
 def table(result: dict, s: UnfreezeSettings) -> str:
-    """The result as the README's Markdown table."""
+    """The result as the Markdown table of docs/benchmarks.md."""
     lines = [
         "| method | seconds | after the head stage | after unfreezing | speed-up |",
         "|---|---:|---:|---:|---:|",

@@ -12,7 +12,7 @@
 - ``replay``: for untraceable models whose trainable modules do not run last (an encoder with
   its top layers unfrozen): the prefix returns the cut's hidden states and the model's own
   inputs; the tail replays the forward with the frozen modules below the cut skipped (see
-  ``fastft._split_replay``).
+  ``fastft.split.replay``).
 
 Every split is checked on the example batch (``check=True``): when the split's output
 differs from the model's by more than ``atol``, :class:`~fastft.SplitError` names the first
