@@ -10,6 +10,8 @@ from torch import nn
 import fastft
 from fastft import FineTuner, FitConfig
 
+from helpers.data import labelled
+
 
 def tiny_model():
     torch.manual_seed(0)
@@ -17,8 +19,7 @@ def tiny_model():
 
 
 def tiny_data(n=48):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return labelled(n)
 
 
 def head_weights(ft):

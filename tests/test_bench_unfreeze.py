@@ -17,8 +17,15 @@ from fastft.bench import unfreeze as bu  # noqa: E402
 def result():
     # fp32 cache: the oracle says fastft's weights equal the naive loop's, hence the same
     # accuracies; 6 articles per class at 24 tokens keep it to seconds.
-    s = bu.UnfreezeSettings(head_epochs=2, block_epochs=1, per_class_limit=6, max_seq_length=24, batch_size=8,
-                            cache_dtype="fp32", verbose=False)
+    s = bu.UnfreezeSettings(
+        head_epochs=2,
+        block_epochs=1,
+        per_class_limit=6,
+        max_seq_length=24,
+        batch_size=8,
+        cache_dtype="fp32",
+        verbose=False,
+    )
     return s, bu.run(s, log=lambda msg: None)
 
 
@@ -32,7 +39,9 @@ def test_both_methods_reach_the_same_accuracies(result):
 def test_fastft_trains_the_top_layer_on_a_cache_at_its_input(result):
     _, r = result
     assert r["fastft"]["cut"].endswith("encoder.layer.5.input")
-    assert r["fastft"]["cut_cache_bytes"] > r["train_samples"] * 24 * 384 * 4  # whole sequences, fp32
+    assert (
+        r["fastft"]["cut_cache_bytes"] > r["train_samples"] * 24 * 384 * 4
+    )  # whole sequences, fp32
     assert r["speedup"] == pytest.approx(r["naive"]["seconds"] / r["fastft"]["seconds"])
     assert 0 < r["fastft"]["head_stage_seconds"] < r["fastft"]["seconds"]
 
@@ -41,7 +50,11 @@ def test_writes_json_and_a_table(result, tmp_path):
     s, r = result
     path = bu.write(r, s, tmp_path)
     saved = json.loads(path.read_text())
-    assert path.name == "unfreeze.json" and saved["settings"]["head_epochs"] == 2 and saved["speedup"] == r["speedup"]
+    assert (
+        path.name == "unfreeze.json"
+        and saved["settings"]["head_epochs"] == 2
+        and saved["speedup"] == r["speedup"]
+    )
     table = bu.table(r, s)
     assert table.count("\n") == 3 and "| fastft |" in table
 

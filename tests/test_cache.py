@@ -13,8 +13,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fastft.cache import FeatureCache, registry
 from fastft.cache.fingerprint import PART_NAMES
-from fastft.errors import DataError, FastFTIndexError, FastFTValueError
+from fastft.cache.layout import _check_fits
+from fastft.errors import CacheTooLargeError, DataError, FastFTIndexError, FastFTValueError
 from fastft.ops.reference import pool_rows, quantize_int8
+
+from helpers.data import labelled
+
+pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 class Counting(nn.Module):
@@ -38,16 +43,7 @@ def cnn(seed=0) -> Counting:
 
 
 def images(n=40, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, 5, (n,), generator=g)
-
-
-@pytest.fixture(autouse=True)
-def fresh_registry():
-    # Each test starts without caches from earlier tests in this process.
-    registry.clear()
-    yield
-    registry.clear()
+    return labelled(n, (3, 6, 6), classes=5, seed=seed)
 
 
 def build(prefix, data, tmp_path, **kw):
@@ -98,7 +94,11 @@ def test_round_trip_error_is_that_of_the_storage_dtype(tmp_path, dtype):
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         # a single round-to-nearest cast, so exactly what PyTorch's cast gives
         assert torch.equal(got, want.to(torch_dtype).float()) or torch.allclose(
-            got, want.to(torch_dtype).float(), rtol=0, atol=torch.finfo(torch_dtype).eps * want.abs().max())
+            got,
+            want.to(torch_dtype).float(),
+            rtol=0,
+            atol=torch.finfo(torch_dtype).eps * want.abs().max(),
+        )
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
@@ -131,8 +131,13 @@ def test_several_taps_and_sequence_inputs_with_masked_mean(tmp_path):
     ids = torch.randint(0, 50, (30, 7))
     mask = (torch.arange(7) < torch.randint(1, 8, (30, 1))).long()
     y = torch.arange(30) % 3
-    cache = build(Encoder(), ({"input_ids": ids, "attention_mask": mask}, y), tmp_path,
-                  dtype="fp32", pool="masked_mean")
+    cache = build(
+        Encoder(),
+        ({"input_ids": ids, "attention_mask": mask}, y),
+        tmp_path,
+        dtype="fp32",
+        pool="masked_mean",
+    )
     seq, pooled = cache.gather(torch.arange(30))
     with torch.no_grad():
         h = emb(ids)
@@ -202,10 +207,16 @@ def _changes():
         y[0] = (y[0] + 1) % 5
         return p, (d[0], y), {}
 
-    return {"weights": weights, "weights_via_data": weights_via_data, "structure": structure, "dataset": dataset, "labels": labels,
-            "transform": lambda p, d: (p, d, {"transform": lambda x: x * 2}),
-            "dtype": lambda p, d: (p, d, {"dtype": "bf16"}),
-            "pool": lambda p, d: (p, d, {"pool": "max"})}
+    return {
+        "weights": weights,
+        "weights_via_data": weights_via_data,
+        "structure": structure,
+        "dataset": dataset,
+        "labels": labels,
+        "transform": lambda p, d: (p, d, {"transform": lambda x: x * 2}),
+        "dtype": lambda p, d: (p, d, {"dtype": "bf16"}),
+        "pool": lambda p, d: (p, d, {"pool": "max"}),
+    }
 
 
 @pytest.mark.parametrize("what", list(_changes()))
@@ -218,7 +229,9 @@ def test_any_change_rebuilds_and_says_why(tmp_path, what):
     assert prefix.calls == before + 3
     assert cache.telemetry["hit"] is False
     # A plain module's layers are its "modules" part (a split prefix's cut is its structure).
-    expected = {"labels": "dataset", "weights_via_data": "weights", "structure": "modules"}.get(what, what)
+    expected = {"labels": "dataset", "weights_via_data": "weights", "structure": "modules"}.get(
+        what, what
+    )
     assert cache.telemetry["reason"] == f"rebuilt: {PART_NAMES[expected]} changed"
 
 
@@ -241,7 +254,17 @@ def noisy_with_generator(x, generator):
 @pytest.mark.parametrize("transform", [noisy, noisy_with_generator])
 def test_views_are_distinct_real_passes_and_reproducible(tmp_path, transform):
     prefix, (X, y) = cnn(), images()
-    cache = build(prefix, (X, y), tmp_path, tier="host", dtype="fp32", pool="mean", views=3, transform=transform, seed=7)
+    cache = build(
+        prefix,
+        (X, y),
+        tmp_path,
+        tier="host",
+        dtype="fp32",
+        pool="mean",
+        views=3,
+        transform=transform,
+        seed=7,
+    )
     assert cache.num_views == 3 and prefix.calls == 9  # 3 chunks x 3 views
     rows = torch.arange(40)
     v = [cache.gather(rows, view=k)[0] for k in range(3)]
@@ -251,10 +274,32 @@ def test_views_are_distinct_real_passes_and_reproducible(tmp_path, transform):
     mixed = cache.gather(rows, view=pick)[0]
     assert torch.equal(mixed, torch.stack([v[int(k)][i] for i, k in enumerate(pick)]))
     registry.clear()
-    again = build(prefix, (X, y), tmp_path, tier="host", dtype="fp32", pool="mean", views=3, transform=transform, seed=7)
+    again = build(
+        prefix,
+        (X, y),
+        tmp_path,
+        tier="host",
+        dtype="fp32",
+        pool="mean",
+        views=3,
+        transform=transform,
+        seed=7,
+    )
     assert again.telemetry["hit"] is False and torch.equal(again.gather(rows, view=2)[0], v[2])
-    other = build(prefix, (X, y), tmp_path, tier="host", dtype="fp32", pool="mean", views=3, transform=transform, seed=8)
-    assert other.fingerprint != cache.fingerprint and not torch.equal(other.gather(rows, view=2)[0], v[2])
+    other = build(
+        prefix,
+        (X, y),
+        tmp_path,
+        tier="host",
+        dtype="fp32",
+        pool="mean",
+        views=3,
+        transform=transform,
+        seed=8,
+    )
+    assert other.fingerprint != cache.fingerprint and not torch.equal(
+        other.gather(rows, view=2)[0], v[2]
+    )
 
 
 def test_gather_rejects_bad_rows_and_views(tmp_path):
@@ -278,7 +323,9 @@ def test_unchecked_gathers_of_valid_rows_read_the_same(tmp_path):
 
 
 # ---------------------------------------------------------------------------- bad input
-@pytest.mark.reliability("NaN or Inf in the frozen features", "DataError naming the sample; nothing cached")
+@pytest.mark.reliability(
+    "NaN or Inf in the frozen features", "DataError naming the sample; nothing cached"
+)
 def test_nan_features_name_the_sample(tmp_path):
     prefix, (X, y) = cnn(), images()
     X[21, 0, 2, 2] = float("nan")
@@ -286,7 +333,9 @@ def test_nan_features_name_the_sample(tmp_path):
         build(prefix, (X, y), tmp_path, tier="host")
 
 
-@pytest.mark.reliability("features too large for fp16 storage", "DataError naming the sample and suggesting bf16/fp32")
+@pytest.mark.reliability(
+    "features too large for fp16 storage", "DataError naming the sample and suggesting bf16/fp32"
+)
 def test_fp16_overflow_is_not_cached_as_inf(tmp_path):
     prefix, (X, y) = cnn(), images()
     X[3] *= 1e6
@@ -324,4 +373,54 @@ def test_prefix_runs_in_eval_mode_and_keeps_its_mode(tmp_path):
     prefix.train()
     cache = build(prefix, (X, y), tmp_path, dtype="fp32", pool="mean", tier="host")
     assert prefix.training  # restored
-    torch.testing.assert_close(cache.gather(torch.arange(40))[0].double(), direct(prefix, X, "mean"), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        cache.gather(torch.arange(40))[0].double(), direct(prefix, X, "mean"), rtol=1e-6, atol=1e-6
+    )
+
+
+# ------------------------------------------------------------------------ token ids come back exact
+class _IdsPrefix(nn.Module):
+    def forward(self, x):
+        return x["h"], x["ids"]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_token_ids_come_back_exactly_in_any_out_dtype(dtype, out_dtype, tmp_path):
+    """Training under amp='bf16' gathers in bf16, which rounds integers above 256: token ids
+    (e.g. 30521) must still come back exact."""
+    ids = torch.arange(30500, 30524).view(8, 3)
+    data = ({"h": torch.randn(8, 4, 3), "ids": ids}, torch.zeros(8, dtype=torch.long))
+    cache = FeatureCache.build(
+        _IdsPrefix(),
+        data,
+        dtype=dtype,
+        tier="host",
+        progress=False,
+        dataset_id="ids",
+        cache_dir=str(tmp_path),
+    )
+    h, got = cache.gather_shaped(torch.arange(8), out_dtype=out_dtype)
+    assert got.dtype == torch.int64 and torch.equal(got, ids)
+    assert h.dtype == out_dtype and h.shape == (8, 4, 3)
+    flat = cache.gather(torch.arange(8), out_dtype=out_dtype)  # gather keeps its out_dtype contract
+    assert flat[1].dtype == out_dtype
+    torch.testing.assert_close(flat[1], ids.to(out_dtype))
+
+
+# ---------------------------------------------------------------------------- memory guard
+def test_memory_guard_message_names_real_sizes():
+    with pytest.raises(CacheTooLargeError) as small:
+        _check_fits("host", 131_584, torch.device("cpu"), 1_000)
+    text = str(small.value)
+    assert "0.00 GiB" not in text and "131,584 bytes" in text and "1,000 bytes" in text
+    assert "cache='disk'" in text and "cache='auto'" in text
+
+    with pytest.raises(CacheTooLargeError, match=r"fp16 about 1\.5 GiB, int8 about 0\.75 GiB"):
+        _check_fits("host", 3 * 2**30, torch.device("cpu"), 2**30, torch.float32)
+    with pytest.raises(CacheTooLargeError) as from_fp16:
+        _check_fits("host", 3 * 2**30, torch.device("cpu"), 2**30, torch.float16)
+    assert "int8 about 1.5 GiB" in str(from_fp16.value) and "fp16 about" not in str(from_fp16.value)
+    with pytest.raises(CacheTooLargeError, match="no smaller cache_dtype"):
+        _check_fits("host", 3 * 2**30, torch.device("cpu"), 2**30, torch.int8)
+    _check_fits("host", 2**30, torch.device("cpu"), 2**30, torch.float32)  # fits: no error

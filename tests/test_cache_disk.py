@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import fastft.cache as fcache
-from fastft.cache import FeatureCache, disk_build, folders, registry
+from fastft.cache import FeatureCache, folders, registry
 from fastft.errors import CacheCorruptError, CacheError, CacheLockedError
+
+from helpers.caches import build_on_disk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,16 +76,7 @@ WORKER = SETUP + textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True)
-def fresh_registry():
-    registry.clear()
-    yield
-    registry.clear()
-
-
-def build(prefix, data, cache_dir, **kw):
-    return FeatureCache.build(prefix, data, tier="disk", dtype="fp32", batch_size=10, cache_dir=cache_dir,
-                              progress=False, **kw)
+pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 def expected(data):
@@ -97,21 +89,27 @@ def expected(data):
 
 def run_worker(mode, cache_dir, out):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-c", WORKER, mode, str(cache_dir), str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, mode, str(cache_dir), str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 # ---------------------------------------------------------------------------- resume
-@pytest.mark.reliability("exception (Ctrl-C) in the 4th batch of a disk build",
-                         "next build resumes: the 3 committed batches are not recomputed")
+@pytest.mark.reliability(
+    "exception (Ctrl-C) in the 4th batch of a disk build",
+    "next build resumes: the 3 committed batches are not recomputed",
+)
 def test_interrupted_build_resumes_without_recomputing(tmp_path):
     prefix, data = make(fail_at=4)
     with pytest.raises(KeyboardInterrupt):
-        build(prefix, data, tmp_path)
+        build_on_disk(prefix, data, tmp_path)
     with pytest.raises(CacheError, match="incomplete"):
         FeatureCache.open(next(p for p in tmp_path.iterdir() if not p.name.startswith(".")))
     prefix, data = make()
-    cache = build(prefix, data, tmp_path)
+    cache = build_on_disk(prefix, data, tmp_path)
     assert prefix.calls == 10 - 3  # chunks 0..2 were committed before the interruption
     assert cache.telemetry["reason"] == "resumed: 30 of 100 rows were already committed"
     torch.testing.assert_close(cache.gather(torch.arange(100))[0], expected(data), rtol=0, atol=0)
@@ -119,28 +117,33 @@ def test_interrupted_build_resumes_without_recomputing(tmp_path):
     assert cache.verify()["complete"]
 
 
-@pytest.mark.reliability("builder process killed (SIGKILL) in its 6th batch",
-                         "next build resumes from the journal; result equals an uninterrupted build")
+@pytest.mark.reliability(
+    "builder process killed (SIGKILL) in its 6th batch",
+    "next build resumes from the journal; result equals an uninterrupted build",
+)
 def test_killed_build_resumes_from_the_journal(tmp_path):
     proc = run_worker("kill", tmp_path, tmp_path / "out.json")
     proc.wait(timeout=120)
     assert proc.returncode == -9, proc.stdout.read().decode()
     prefix, data = make()
-    cache = build(prefix, data, tmp_path)
+    cache = build_on_disk(prefix, data, tmp_path)
     assert prefix.calls == 10 - 5
     torch.testing.assert_close(cache.gather(torch.arange(100))[0], expected(data), rtol=0, atol=0)
 
 
-@pytest.mark.reliability("two processes build the same disk cache at once",
-                         "one computes, the other waits on the lock and reuses it")
+@pytest.mark.reliability(
+    "two processes build the same disk cache at once",
+    "one computes, the other waits on the lock and reuses it",
+)
 def test_two_processes_build_one_cache(tmp_path):
     cache_dir = tmp_path / "cache"
     outs = [tmp_path / "a.json", tmp_path / "b.json"]
     procs = [run_worker("race", cache_dir, out) for out in outs]
     deadline = time.monotonic() + 120
     while not all((o.parent / (o.name + ".ready")).exists() for o in outs):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
-            [p.stdout.read().decode() for p in procs if p.poll() is not None]
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+            p.stdout.read().decode() for p in procs if p.poll() is not None
+        ]
         time.sleep(0.02)
     (tmp_path / "go").touch()
     for p in procs:
@@ -154,10 +157,12 @@ def test_two_processes_build_one_cache(tmp_path):
 
 
 # ---------------------------------------------------------------------------- damage
-@pytest.mark.reliability("a cache file truncated on disk", "CacheCorruptError on open; build rebuilds it")
+@pytest.mark.reliability(
+    "a cache file truncated on disk", "CacheCorruptError on open; build rebuilds it"
+)
 def test_truncated_file_is_detected_and_rebuilt(tmp_path):
     prefix, data = make()
-    cache = build(prefix, data, tmp_path)
+    cache = build_on_disk(prefix, data, tmp_path)
     path, fp = cache.path, cache.fingerprint
     del cache
     with open(path / "tap0.bin", "r+b") as f:
@@ -165,15 +170,19 @@ def test_truncated_file_is_detected_and_rebuilt(tmp_path):
     with pytest.raises(CacheCorruptError, match="tap0.bin has 1000 bytes"):
         FeatureCache.open(fp, cache_dir=tmp_path)
     registry.clear()
-    rebuilt = build(prefix, data, tmp_path)
-    assert prefix.calls == 20 and rebuilt.telemetry["reason"].startswith("rebuilt: the cache on disk was corrupt")
+    rebuilt = build_on_disk(prefix, data, tmp_path)
+    assert prefix.calls == 20 and rebuilt.telemetry["reason"].startswith(
+        "rebuilt: the cache on disk was corrupt"
+    )
     torch.testing.assert_close(rebuilt.gather(torch.arange(100))[0], expected(data), rtol=0, atol=0)
 
 
-@pytest.mark.reliability("one bit flipped in a cache file", "verify() raises CacheCorruptError naming file and samples")
+@pytest.mark.reliability(
+    "one bit flipped in a cache file", "verify() raises CacheCorruptError naming file and samples"
+)
 def test_bit_flip_is_caught_by_verify(tmp_path):
     prefix, data = make()
-    fp = build(prefix, data, tmp_path).fingerprint
+    fp = build_on_disk(prefix, data, tmp_path).fingerprint
     assert fcache.verify(fp, cache_dir=tmp_path)["ok"]
     path = tmp_path / fp / "tap0.bin"
     raw = bytearray(path.read_bytes())
@@ -185,17 +194,19 @@ def test_bit_flip_is_caught_by_verify(tmp_path):
         FeatureCache.open(fp, cache_dir=tmp_path).verify()
 
 
-@pytest.mark.reliability("corrupted chunk of an interrupted build", "dropped from the journal and recomputed on resume")
+@pytest.mark.reliability(
+    "corrupted chunk of an interrupted build", "dropped from the journal and recomputed on resume"
+)
 def test_resume_recomputes_chunks_whose_bytes_changed(tmp_path):
     prefix, data = make(fail_at=6)
     with pytest.raises(KeyboardInterrupt):
-        build(prefix, data, tmp_path)
+        build_on_disk(prefix, data, tmp_path)
     folder = next(p for p in tmp_path.iterdir() if not p.name.startswith("."))
     with open(folder / "tap0.bin", "r+b") as f:
         f.seek(12 * 24 * 4)  # sample 12: chunk 1
         f.write(b"\xff" * 8)
     prefix, data = make()
-    cache = build(prefix, data, tmp_path)
+    cache = build_on_disk(prefix, data, tmp_path)
     assert prefix.calls == 10 - 4
     torch.testing.assert_close(cache.gather(torch.arange(100))[0], expected(data), rtol=0, atol=0)
 
@@ -203,12 +214,14 @@ def test_resume_recomputes_chunks_whose_bytes_changed(tmp_path):
 # ---------------------------------------------------------------------------- management
 def test_list_info_open_and_remove(tmp_path):
     prefix, data = make()
-    cache = build(prefix, data, tmp_path)
+    cache = build_on_disk(prefix, data, tmp_path)
     fp = cache.fingerprint
     listed = fcache.list_caches(tmp_path)
     assert [d["fingerprint"] for d in listed] == [fp]
     info = fcache.info(fp[:8], cache_dir=tmp_path)  # a unique prefix is enough
-    assert info["status"] == "complete" and info["num_rows"] == 100 and info["path"] == str(cache.path)
+    assert (
+        info["status"] == "complete" and info["num_rows"] == 100 and info["path"] == str(cache.path)
+    )
     reopened = FeatureCache.open(cache.path)
     assert reopened.tier == "disk" and reopened.telemetry["reason"] == "opened"
     assert torch.equal(reopened.gather(torch.arange(10))[0], cache.gather(torch.arange(10))[0])
@@ -219,10 +232,8 @@ def test_list_info_open_and_remove(tmp_path):
 
 
 def test_remove_refuses_while_a_build_holds_the_lock(tmp_path):
-    from fastft.cache import disk_build, folders, registry
-
     prefix, data = make()
-    fp = build(prefix, data, tmp_path).fingerprint
+    fp = build_on_disk(prefix, data, tmp_path).fingerprint
     # flock is per open file description: a second descriptor in this process contends too
     with folders.build_lock(tmp_path, fp):
         with pytest.raises(CacheLockedError):

@@ -30,12 +30,16 @@ SAVER = textwrap.dedent(
 )
 
 
-@pytest.mark.reliability("SIGKILL during save() of a checkpoint", "the previous checkpoint stays loadable")
+@pytest.mark.reliability(
+    "SIGKILL during save() of a checkpoint", "the previous checkpoint stays loadable"
+)
 def test_sigkill_during_save_keeps_a_loadable_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     save_atomic({"step": 0, "state": {"w": torch.zeros(3)}}, path)
     for delay in (0.05, 0.2, 0.45, 0.8):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, text=True
+        )
         time.sleep(0.6 + delay)  # start-up, then a few saves, killed at a different point each time
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -52,7 +56,9 @@ class _Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
-@pytest.mark.reliability("a checkpoint file carrying pickled code", "refused by weights-only loading, nothing runs")
+@pytest.mark.reliability(
+    "a checkpoint file carrying pickled code", "refused by weights-only loading, nothing runs"
+)
 def test_checkpoint_with_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
@@ -71,8 +77,13 @@ def test_truncated_checkpoint(tmp_path):
         load_checked(path)
 
 
-@pytest.mark.parametrize("obj,words", [({"format": "other"}, "not a fastft FineTuner checkpoint"),
-                                        ({"format": "fastft-finetuner", "version": 99}, "version 99")])
+@pytest.mark.parametrize(
+    "obj,words",
+    [
+        ({"format": "other"}, "not a fastft FineTuner checkpoint"),
+        ({"format": "fastft-finetuner", "version": 99}, "version 99"),
+    ],
+)
 def test_foreign_or_future_checkpoint(tmp_path, obj, words):
     path = tmp_path / "c.pt"
     torch.save(obj, path)

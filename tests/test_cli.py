@@ -15,7 +15,9 @@ from fastft.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fastft.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fastft.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_version():
@@ -28,7 +30,9 @@ def disk_cache(tmp_path):
     torch.manual_seed(0)
     prefix = nn.Sequential(nn.Linear(6, 5)).requires_grad_(False)
     X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
-    cache = fastft.FeatureCache.build(prefix, (X, y), tier="disk", cache_dir=str(tmp_path), progress=False)
+    cache = fastft.FeatureCache.build(
+        prefix, (X, y), tier="disk", cache_dir=str(tmp_path), progress=False
+    )
     return cache, tmp_path
 
 
@@ -52,7 +56,9 @@ def test_cache_ls_info_verify_rm(disk_cache, capsys):
 
 def test_corrupt_cache_fails_verify_with_exit_2(disk_cache, capsys):
     cache, root = disk_cache
-    data = sorted(p for p in cache.path.iterdir() if p.suffix == ".bin" and "label" not in p.name)[0]
+    data = sorted(p for p in cache.path.iterdir() if p.suffix == ".bin" and "label" not in p.name)[
+        0
+    ]
     raw = bytearray(data.read_bytes())
     raw[3] ^= 0xFF
     data.write_bytes(bytes(raw))

@@ -39,7 +39,11 @@ def collect(batches):
 @pytest.mark.parametrize("form", ["tensors", "dataset", "loader"])
 def test_every_form_yields_the_same_samples_in_order(form):
     X, y = tensors()
-    data = {"tensors": (X, y), "dataset": Pairs(X, y), "loader": DataLoader(TensorDataset(X, y), batch_size=4)}[form]
+    data = {
+        "tensors": (X, y),
+        "dataset": Pairs(X, y),
+        "loader": DataLoader(TensorDataset(X, y), batch_size=4),
+    }[form]
     got_x, got_y = collect(fdata.as_batches(data, 4))
     torch.testing.assert_close(got_x, X)
     assert torch.equal(got_y, y)
@@ -78,7 +82,9 @@ def test_empty_and_mismatched_data_are_rejected():
         list(fdata.as_batches(Pairs(torch.zeros(0, 2), torch.zeros(0)), 4))
 
 
-@pytest.mark.reliability("dataset items that are not (input, label)", "DataError naming the expected form")
+@pytest.mark.reliability(
+    "dataset items that are not (input, label)", "DataError naming the expected form"
+)
 def test_items_that_are_not_pairs_are_rejected():
     class Bare(Dataset):
         def __len__(self):

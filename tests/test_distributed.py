@@ -18,8 +18,8 @@ from torch import nn
 import fastft
 
 sys.path.insert(0, os.path.dirname(__file__))
-from naive import trainable_state  # noqa: E402
-from spawned import exit_without_finalizing  # noqa: E402
+from helpers.oracle import trainable_state  # noqa: E402
+from helpers.spawned import exit_without_finalizing  # noqa: E402
 
 
 def make_model():
@@ -39,8 +39,15 @@ FIT = dict(epochs=3, batch_size=16, lr=0.01, optimizer="adamw", weight_decay=0.0
 def _worker(rank: int, world: int, init_file: str, out: str, cache_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        ft = fastft.FineTuner(make_model(), num_classes=4, hidden=[8], cache_dtype="fp32", cache="host",
-                              cache_dir=cache_dir, verbose=False)
+        ft = fastft.FineTuner(
+            make_model(),
+            num_classes=4,
+            hidden=[8],
+            cache_dtype="fp32",
+            cache="host",
+            cache_dir=cache_dir,
+            verbose=False,
+        )
         ft.fit(data(), **FIT)
         if rank == 0:
             torch.save({"state": trainable_state(ft.model), "loss": ft.history[-1]["loss"]}, out)
@@ -51,12 +58,24 @@ def _worker(rank: int, world: int, init_file: str, out: str, cache_dir: str) -> 
 
 def test_ddp_head_training_equals_single_process(tmp_path):
     out = str(tmp_path / "ddp.pt")
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), out, str(tmp_path / "c")), nprocs=2,
-                       join=True, start_method="spawn")
+    mp.start_processes(
+        _worker,
+        args=(2, str(tmp_path / "init"), out, str(tmp_path / "c")),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
     ddp = torch.load(out)
 
-    single = fastft.FineTuner(make_model(), num_classes=4, hidden=[8], cache_dtype="fp32", cache="host",
-                              cache_dir=str(tmp_path / "c1"), verbose=False)
+    single = fastft.FineTuner(
+        make_model(),
+        num_classes=4,
+        hidden=[8],
+        cache_dtype="fp32",
+        cache="host",
+        cache_dir=str(tmp_path / "c1"),
+        verbose=False,
+    )
     single.fit(data(), **FIT)
     want = trainable_state(single.model)
     assert set(ddp["state"]) == set(want)

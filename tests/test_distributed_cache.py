@@ -30,8 +30,8 @@ from fastft.cache import FeatureCache, disk, disk_build, journal, registry, shar
 from fastft.errors import CacheCorruptError, CacheError, DataError
 
 sys.path.insert(0, os.path.dirname(__file__))
-from spawned import exit_without_finalizing  # noqa: E402
-from naive import trainable_state  # noqa: E402
+from helpers.oracle import trainable_state  # noqa: E402
+from helpers.spawned import exit_without_finalizing  # noqa: E402
 
 N, BATCH = 203, 16  # 13 chunks per view, the last one short
 STARTS = list(range(0, N, BATCH))
@@ -59,7 +59,7 @@ class Logged(nn.Module):
         return self.net(x)
 
 
-def _instrument(prefix: "Logged", x: torch.Tensor) -> None:
+def _instrument(prefix: Logged, x: torch.Tensor) -> None:
     if prefix.kill_at is not None and prefix.calls == prefix.kill_at:
         os.kill(os.getpid(), signal.SIGKILL)  # dies before computing this chunk
     if prefix.log is not None:
@@ -94,12 +94,21 @@ BUILDS = {  # name: (build arguments, whether the data is a map-style Dataset)
 }
 
 
-def build(name: str, cache_dir: str, log: str | None = None, kill_at: int | None = None) -> FeatureCache:
+def build(
+    name: str, cache_dir: str, log: str | None = None, kill_at: int | None = None
+) -> FeatureCache:
     kwargs, as_dataset = BUILDS[name]
     X, y = data()
     dataset = torch.utils.data.TensorDataset(X, y) if as_dataset else (X, y)
-    return FeatureCache.build(Logged(log, kill_at), dataset, tier="disk", batch_size=BATCH, cache_dir=cache_dir,
-                              progress=False, **kwargs)
+    return FeatureCache.build(
+        Logged(log, kill_at),
+        dataset,
+        tier="disk",
+        batch_size=BATCH,
+        cache_dir=cache_dir,
+        progress=False,
+        **kwargs,
+    )
 
 
 def spawn(fn, *args) -> None:
@@ -115,7 +124,6 @@ def _in_group(rank: int, fn, init: str, *args) -> None:
     finally:
         dist.destroy_process_group()
     exit_without_finalizing()
-
 
 
 def logged_starts(path: Path) -> list[int]:
@@ -150,7 +158,10 @@ def test_rank_journals_are_read_with_the_journal_and_folded_into_it(tmp_path):
         assert mine.chunks == {}
         mine.add(0, start, count, {"tap0.bin": crc})
         mine.save()
-    assert [p.name for p in journal.shard_journals(tmp_path)] == ["journal.rank0.json", "journal.rank1.json"]
+    assert [p.name for p in journal.shard_journals(tmp_path)] == [
+        "journal.rank0.json",
+        "journal.rank1.json",
+    ]
 
     merged = journal.Journal(tmp_path)  # rank 0 rewrote samples 0..1: its newer chunk wins
     assert merged.chunks == {(0, 0): (2, {"tap0.bin": 3}), (0, 4): (4, {"tap0.bin": 2})}
@@ -165,8 +176,9 @@ def test_rank_journals_are_read_with_the_journal_and_folded_into_it(tmp_path):
 def _build_both(rank: int, cache_dir: str, logs: str) -> None:
     for name in BUILDS:
         cache = build(name, cache_dir, log=f"{logs}/{name}.rank{rank}")
-        Path(f"{logs}/{name}.rank{rank}.json").write_text(json.dumps(
-            {"fingerprint": cache.fingerprint, "telemetry": cache.telemetry}))
+        Path(f"{logs}/{name}.rank{rank}.json").write_text(
+            json.dumps({"fingerprint": cache.fingerprint, "telemetry": cache.telemetry})
+        )
 
 
 def test_sharded_build_equals_single_process(tmp_path, one_thread):
@@ -207,8 +219,10 @@ def _relaunch(rank: int, cache_dir: str, logs: str) -> None:
     Path(f"{logs}/rank{rank}.json").write_text(json.dumps(cache.telemetry))
 
 
-@pytest.mark.reliability("one rank of a sharded disk-cache build SIGKILLed mid-build, then a relaunch",
-                         "every chunk any rank committed is reused, none recomputed; bytes equal one process")
+@pytest.mark.reliability(
+    "one rank of a sharded disk-cache build SIGKILLed mid-build, then a relaunch",
+    "every chunk any rank committed is reused, none recomputed; bytes equal one process",
+)
 def test_rank_killed_mid_build_then_relaunch_recomputes_nothing_committed(tmp_path, one_thread):
     shared, first, second = tmp_path / "shared", tmp_path / "first", tmp_path / "second"
     first.mkdir()
@@ -220,7 +234,11 @@ def test_rank_killed_mid_build_then_relaunch_recomputes_nothing_committed(tmp_pa
     folder = next(p for p in shared.iterdir() if not p.name.startswith("."))
     assert disk.read_manifest(folder)["status"] == "building"
     rank1 = journal.Journal(folder, shard=1)
-    assert sorted(start for _, start in rank1.chunks) == logged_starts(first / "rank1") == [STARTS[1], STARTS[3]]
+    assert (
+        sorted(start for _, start in rank1.chunks)
+        == logged_starts(first / "rank1")
+        == [STARTS[1], STARTS[3]]
+    )
     committed = {start for _, start in journal.Journal(folder).chunks}  # every rank's journal
     assert committed >= {STARTS[1], STARTS[3]} and committed < set(STARTS)
     interrupted = tmp_path / "interrupted"
@@ -229,7 +247,9 @@ def test_rank_killed_mid_build_then_relaunch_recomputes_nothing_committed(tmp_pa
     spawn(_relaunch, str(tmp_path / "init2"), str(shared), str(second))
     again = [logged_starts(second / f"rank{r}") for r in range(WORLD)]
     assert not committed & set(again[0] + again[1])  # nothing committed is recomputed
-    assert sorted(again[0] + again[1]) == sorted(set(STARTS) - committed)  # every missing chunk, once
+    assert sorted(again[0] + again[1]) == sorted(
+        set(STARTS) - committed
+    )  # every missing chunk, once
     assert abs(len(again[0]) - len(again[1])) <= 1  # the rest split evenly, whoever owned it before
     reports = [json.loads((second / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert reports[0]["rows_reused"] == sum(min(BATCH, N - s) for s in committed)
@@ -251,7 +271,9 @@ def test_rank_killed_mid_build_then_relaunch_recomputes_nothing_committed(tmp_pa
 # ---------------------------------------------------------------------------- FineTuner.fit
 def make_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3))
+    return nn.Sequential(
+        nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
 
 
 def fit_data():
@@ -264,33 +286,57 @@ FIT = dict(epochs=3, batch_size=16, lr=0.01, optimizer="adamw")
 
 
 def finetuner(cache_dir: str) -> fastft.FineTuner:
-    return fastft.FineTuner(make_model(), num_classes=4, hidden=[8], cache="disk", cache_dtype="fp32",
-                            cache_dir=cache_dir, extract_batch_size=32, verbose=False)
+    return fastft.FineTuner(
+        make_model(),
+        num_classes=4,
+        hidden=[8],
+        cache="disk",
+        cache_dtype="fp32",
+        cache_dir=cache_dir,
+        extract_batch_size=32,
+        verbose=False,
+    )
 
 
 def _fit_and_misuse(rank: int, cache_dir: str, out: str) -> None:
     ft = finetuner(cache_dir)
     ft.fit(fit_data(), **FIT)
-    result = {"state": trainable_state(ft.model), "loss": ft.history[-1]["loss"], "telemetry": ft.cache.telemetry}
+    result = {
+        "state": trainable_state(ft.model),
+        "loss": ft.history[-1]["loss"],
+        "telemetry": ft.cache.telemetry,
+    }
 
     # Ranks that pass different data: a clear error on every rank, not a hang or a mixed cache.
     X, y = fit_data()
     try:
-        FeatureCache.build(nn.Linear(10, 4), (X[rank::2], y[rank::2]), tier="disk", cache_dir=cache_dir,
-                           progress=False)
+        FeatureCache.build(
+            nn.Linear(10, 4),
+            (X[rank::2], y[rank::2]),
+            tier="disk",
+            cache_dir=cache_dir,
+            progress=False,
+        )
     except DataError as exc:
         result["different_data"] = str(exc)
     # A cache dir that is not shared (one folder per rank): every rank says so.
     try:
-        FeatureCache.build(nn.Linear(10, 4), (X, y), tier="disk", cache_dir=f"{cache_dir}-rank{rank}",
-                           progress=False)
+        FeatureCache.build(
+            nn.Linear(10, 4),
+            (X, y),
+            tier="disk",
+            cache_dir=f"{cache_dir}-rank{rank}",
+            progress=False,
+        )
     except CacheError as exc:
         result["not_shared"] = str(exc)
 
     # NaN features on rank 1: rank 1 raises the DataError naming the sample, rank 0 a
     # CacheError naming rank 1 and that error.
     try:
-        FeatureCache.build(NaNAt20(), data(), tier="disk", batch_size=BATCH, cache_dir=cache_dir, progress=False)
+        FeatureCache.build(
+            NaNAt20(), data(), tier="disk", batch_size=BATCH, cache_dir=cache_dir, progress=False
+        )
     except (DataError, CacheError) as exc:
         result["nan"] = (type(exc).__name__, str(exc))
 
@@ -348,5 +394,5 @@ def test_fit_with_a_disk_cache_builds_it_sharded_and_trains_like_one_process(tmp
     assert STARTS[1] in clobbered[1] and clobbered[0].count(STARTS[1]) == 1  # recomputed by rank 0
     assert sorted(set(clobbered[0] + clobbered[1])) == STARTS
     ref = single("fp32", tmp_path / "single")
-    repaired = FeatureCache.from_folder(tmp_path / f"shared-clobbered" / ref.fingerprint)
+    repaired = FeatureCache.from_folder(tmp_path / "shared-clobbered" / ref.fingerprint)
     assert data_files(repaired) == data_files(ref)

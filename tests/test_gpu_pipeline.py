@@ -15,6 +15,8 @@ from fastft.cache import clear_registry
 from fastft.cache.staging import staged
 from fastft.errors import FastFTValueError
 
+from helpers.data import labelled
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -24,8 +26,7 @@ def _prefix(seed: int = 0) -> nn.Module:
 
 
 def _data(n: int = 300, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 24, generator=g), torch.randint(0, 4, (n,), generator=g)
+    return labelled(n, 24, classes=4, seed=seed)
 
 
 def test_staging_passes_cpu_chunks_through_in_order():
@@ -39,9 +40,12 @@ def test_staging_passes_cpu_chunks_through_in_order():
 
 def test_bf16_autocast_prefix_is_close_to_fp32_and_keyed_apart(tmp_path):
     X, y = _data()
-    exact = FeatureCache.build(_prefix(), (X, y), dtype="fp32", tier="host", cache_dir=tmp_path, progress=False)
-    fast = FeatureCache.build(_prefix(), (X, y), dtype="fp32", tier="host", cache_dir=tmp_path, progress=False,
-                              amp="bf16")
+    exact = FeatureCache.build(
+        _prefix(), (X, y), dtype="fp32", tier="host", cache_dir=tmp_path, progress=False
+    )
+    fast = FeatureCache.build(
+        _prefix(), (X, y), dtype="fp32", tier="host", cache_dir=tmp_path, progress=False, amp="bf16"
+    )
     assert fast.fingerprint != exact.fingerprint
     assert "autocast" in fast.parts["dtype"] and "autocast" not in exact.parts["dtype"]
     a, b = exact.gather(torch.arange(len(y)))[0], fast.gather(torch.arange(len(y)))[0]
@@ -52,7 +56,9 @@ def test_bf16_autocast_prefix_is_close_to_fp32_and_keyed_apart(tmp_path):
 def test_amp_must_be_bf16_or_none(tmp_path):
     X, y = _data(10)
     with pytest.raises(FastFTValueError, match="bf16"):
-        FeatureCache.build(_prefix(), (X, y), tier="host", cache_dir=tmp_path, progress=False, amp="fp16")
+        FeatureCache.build(
+            _prefix(), (X, y), tier="host", cache_dir=tmp_path, progress=False, amp="fp16"
+        )
     with pytest.raises(FastFTValueError, match="extract_amp"):
         FineTuner(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), num_classes=2, extract_amp="fp8")
 
@@ -60,8 +66,14 @@ def test_amp_must_be_bf16_or_none(tmp_path):
 def test_finetuner_with_bf16_extraction_trains(tmp_path):
     X, y = _data()
     model = nn.Sequential(_prefix(), nn.ReLU(), nn.Linear(32, 3))
-    ft = FineTuner(model, num_classes=4, cache_dtype="fp32", extract_amp="bf16", cache_dir=str(tmp_path),
-                   verbose=False)
+    ft = FineTuner(
+        model,
+        num_classes=4,
+        cache_dtype="fp32",
+        extract_amp="bf16",
+        cache_dir=str(tmp_path),
+        verbose=False,
+    )
     history = ft.fit((X, y), epochs=3, lr=1e-2)
     assert "autocast" in ft.cache.parts["dtype"]
     assert history[-1]["loss"] < history[0]["loss"]
@@ -71,14 +83,33 @@ def test_finetuner_with_bf16_extraction_trains(tmp_path):
 @pytest.mark.parametrize("tier", ["device", "host", "disk"])
 def test_staged_gpu_build_equals_the_cpu_build(tier, tmp_path):
     X, y = _data(1000)
-    cpu = FeatureCache.build(_prefix(), (X, y), dtype="fp32", tier="host", cache_dir=tmp_path / "cpu",
-                             batch_size=128, progress=False)
+    cpu = FeatureCache.build(
+        _prefix(),
+        (X, y),
+        dtype="fp32",
+        tier="host",
+        cache_dir=tmp_path / "cpu",
+        batch_size=128,
+        progress=False,
+    )
     clear_registry()  # else the same key is found in this process instead of built on the GPU
-    gpu = FeatureCache.build(_prefix().cuda(), (X, y), dtype="fp32", tier=tier, cache_dir=tmp_path / "gpu",
-                             batch_size=128, progress=False, device="cuda")
+    gpu = FeatureCache.build(
+        _prefix().cuda(),
+        (X, y),
+        dtype="fp32",
+        tier=tier,
+        cache_dir=tmp_path / "gpu",
+        batch_size=128,
+        progress=False,
+        device="cuda",
+    )
     rows = torch.arange(len(y))
-    torch.testing.assert_close(gpu.gather(rows.cuda() if tier == "device" else rows)[0].cpu(),
-                               cpu.gather(rows)[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        gpu.gather(rows.cuda() if tier == "device" else rows)[0].cpu(),
+        cpu.gather(rows)[0],
+        rtol=1e-4,
+        atol=1e-5,
+    )
     assert torch.equal(gpu.labels.cpu(), cpu.labels)
 
 
@@ -103,21 +134,42 @@ def test_training_on_the_gpu_equals_training_on_the_cpu(tmp_path):
     runs = []
     for device in ("cpu", "cuda"):
         model = nn.Sequential(_prefix(), nn.ReLU(), nn.Linear(32, 3))
-        ft = FineTuner(model, num_classes=4, hidden=[16], cache_dtype="fp32", cache="device", device=device,
-                       cache_dir=str(tmp_path / device), seed=3, verbose=False)
+        ft = FineTuner(
+            model,
+            num_classes=4,
+            hidden=[16],
+            cache_dtype="fp32",
+            cache="device",
+            device=device,
+            cache_dir=str(tmp_path / device),
+            seed=3,
+            verbose=False,
+        )
         ft.fit((X, y), epochs=2, lr=1e-2, batch_size=64)
         runs.append({k: v.detach().cpu() for k, v in ft.export().state_dict().items()})
     for name, want in runs[0].items():
         torch.testing.assert_close(runs[1][name], want, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _graph_fit(tmp_path, cuda_graph: bool, *, head: nn.Module | None = None, dropout: float = 0.0, **kw) -> FineTuner:
+def _graph_fit(
+    tmp_path, cuda_graph: bool, *, head: nn.Module | None = None, dropout: float = 0.0, **kw
+) -> FineTuner:
     X, y = _data()  # 300 rows at batch 64: four full batches and a partial one per epoch
     model = nn.Sequential(_prefix(), nn.ReLU(), nn.Linear(32, 3))
     torch.manual_seed(5)
-    ft = FineTuner(model, num_classes=None if head is not None else 4, hidden=None if head is not None else [16],
-                   head=head, dropout=dropout, cache_dtype="fp32", cache="device", device="cuda",
-                   cache_dir=str(tmp_path), seed=3, verbose=False)
+    ft = FineTuner(
+        model,
+        num_classes=None if head is not None else 4,
+        hidden=None if head is not None else [16],
+        head=head,
+        dropout=dropout,
+        cache_dtype="fp32",
+        cache="device",
+        device="cuda",
+        cache_dir=str(tmp_path),
+        seed=3,
+        verbose=False,
+    )
     ft.fit((X, y), epochs=3, lr=1e-2, batch_size=64, cuda_graph=cuda_graph, **kw)
     return ft
 
@@ -127,7 +179,9 @@ def replays(monkeypatch):
     """Counts CUDA graph replays (patched before any capture binds ``graph.replay``)."""
     count = []
     replay = torch.cuda.CUDAGraph.replay
-    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (count.append(1), replay(graph))[1])
+    monkeypatch.setattr(
+        torch.cuda.CUDAGraph, "replay", lambda graph: (count.append(1), replay(graph))[1]
+    )
     return count
 
 
@@ -150,14 +204,20 @@ def test_cuda_graph_training_equals_eager_training(tmp_path, replays, optimizer)
 
 @needs_cuda
 @pytest.mark.parametrize("options", [{"amp": "bf16"}, {"dropout": 0.3}], ids=["bf16", "dropout"])
-def test_cuda_graph_training_with_autocast_or_dropout_matches_eager(tmp_path, replays, monkeypatch, options):
+def test_cuda_graph_training_with_autocast_or_dropout_matches_eager(
+    tmp_path, replays, monkeypatch, options
+):
     # Replays draw fresh dropout masks from the same Philox stream, in eager order. The eager
     # fit uses the capturable AdamW too, so that both run the same kernels: otherwise a bf16
     # rounding flip seeded by Adam's last-bit difference could exceed any tight tolerance.
     from fastft.train import engine
 
     make = engine.make_optimizer
-    monkeypatch.setattr(engine, "make_optimizer", lambda cfg, groups, capturable=False: make(cfg, groups, capturable=True))
+    monkeypatch.setattr(
+        engine,
+        "make_optimizer",
+        lambda cfg, groups, capturable=False: make(cfg, groups, capturable=True),
+    )
     eager = _graph_fit(tmp_path, False, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
@@ -198,8 +258,17 @@ def test_training_steps_do_not_synchronise_with_the_host(tmp_path):
     """The host synchronisations of an epoch stay the same however many steps it has."""
     X, y = _data()
     model = nn.Sequential(_prefix(), nn.ReLU(), nn.Linear(32, 3))
-    ft = FineTuner(model, num_classes=4, hidden=[16], cache_dtype="fp16", cache="device", device="cuda",
-                   cache_dir=str(tmp_path), seed=3, verbose=False)
+    ft = FineTuner(
+        model,
+        num_classes=4,
+        hidden=[16],
+        cache_dtype="fp16",
+        cache="device",
+        device="cuda",
+        cache_dir=str(tmp_path),
+        seed=3,
+        verbose=False,
+    )
     ft.fit((X, y), epochs=1, batch_size=64)  # builds the cache; warms everything up
     counts = []
     for batch_size in (64, 8):  # 5 and 38 steps
@@ -218,15 +287,30 @@ def test_training_steps_do_not_synchronise_with_the_host(tmp_path):
 @pytest.mark.parametrize("tier", ["device", "host"])
 def test_a_cache_built_in_this_process_for_the_cpu_is_copied_for_cuda(tier, tmp_path):
     X, y = _data()
-    cpu = FeatureCache.build(_prefix(), (X, y), dtype="fp32", tier=tier, cache_dir=tmp_path, progress=False,
-                             device="cpu")
-    gpu = FeatureCache.build(_prefix().cuda(), (X, y), dtype="fp32", tier=tier, cache_dir=tmp_path,
-                             progress=False, device="cuda")
+    cpu = FeatureCache.build(
+        _prefix(), (X, y), dtype="fp32", tier=tier, cache_dir=tmp_path, progress=False, device="cpu"
+    )
+    gpu = FeatureCache.build(
+        _prefix().cuda(),
+        (X, y),
+        dtype="fp32",
+        tier=tier,
+        cache_dir=tmp_path,
+        progress=False,
+        device="cuda",
+    )
     assert gpu.telemetry["reason"] == "hit: copied for this device"
     data = gpu.storages[0].data
     assert data.is_cuda if tier == "device" else data.is_pinned()
     rows = torch.arange(len(y), device="cuda")
     torch.testing.assert_close(gpu.gather(rows)[0].cpu(), cpu.gather(rows.cpu())[0], rtol=0, atol=0)
-    again = FeatureCache.build(_prefix().cuda(), (X, y), dtype="fp32", tier=tier, cache_dir=tmp_path,
-                               progress=False, device="cuda")
+    again = FeatureCache.build(
+        _prefix().cuda(),
+        (X, y),
+        dtype="fp32",
+        tier=tier,
+        cache_dir=tmp_path,
+        progress=False,
+        device="cuda",
+    )
     assert again.storages[0].data.data_ptr() == data.data_ptr()  # now found as it is

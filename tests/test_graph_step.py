@@ -19,17 +19,18 @@ import torch.optim.adam as torch_adam
 from torch import nn
 
 from fastft import FineTuner
-from fastft.train import engine
-from fastft.train import graph_step as _graph_step
-from fastft.train import FitConfig
-from fastft.train.graph_step import GraphedStep, graph_unsupported
 from fastft.errors import FastFTValueError
+from fastft.train import FitConfig, engine
+from fastft.train import graph_step as _graph_step
+from fastft.train.graph_step import GraphedStep, graph_unsupported
+
+from helpers.data import labelled
 
 
 class RecordingGraphs:
     """The backend contract of ``_CudaGraphs``: capture records, replay re-runs the step."""
 
-    instances: list["RecordingGraphs"] = []
+    instances: list[RecordingGraphs] = []
 
     def __init__(self, device):
         self.warms = self.captures = 0
@@ -55,23 +56,40 @@ def graphs_on_cpu(monkeypatch):
     monkeypatch.setattr(_graph_step, "_CudaGraphs", RecordingGraphs)
     monkeypatch.setattr(_graph_step, "graph_unsupported", lambda *args: None)
     # Let Adam keep its step counters as tensors on the CPU, as it does on a GPU when capturable.
-    monkeypatch.setattr(torch_adam, "_get_capturable_supported_devices",
-                        lambda supports_xla=True: ["cuda", "cpu"])
+    monkeypatch.setattr(
+        torch_adam, "_get_capturable_supported_devices", lambda supports_xla=True: ["cuda", "cpu"]
+    )
     return monkeypatch
 
 
 def _data(n: int = 1000):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 32, generator=g), torch.randint(0, 4, (n,), generator=g)
+    return labelled(n, 32, classes=4, seed=0)
 
 
-def _fit(cuda_graph: bool, *, optimizer: str = "adamw", epochs: int = 3, n: int = 1000, **kw) -> FineTuner:
+def _fit(
+    cuda_graph: bool, *, optimizer: str = "adamw", epochs: int = 3, n: int = 1000, **kw
+) -> FineTuner:
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-    ft = FineTuner(model, num_classes=4, hidden=[16], cache="host", cache_dtype="fp32", device="cpu",
-                   verbose=False)
-    ft.fit(_data(n), epochs=epochs, batch_size=64, lr=1e-2, optimizer=optimizer, weight_decay=0.01,
-           cuda_graph=cuda_graph, **kw)
+    ft = FineTuner(
+        model,
+        num_classes=4,
+        hidden=[16],
+        cache="host",
+        cache_dtype="fp32",
+        device="cpu",
+        verbose=False,
+    )
+    ft.fit(
+        _data(n),
+        epochs=epochs,
+        batch_size=64,
+        lr=1e-2,
+        optimizer=optimizer,
+        weight_decay=0.01,
+        cuda_graph=cuda_graph,
+        **kw,
+    )
     return ft
 
 
@@ -83,7 +101,9 @@ def _max_diff(a: FineTuner, b: FineTuner) -> float:
 def test_replayed_steps_train_what_eager_steps_train(graphs_on_cpu, optimizer):
     made = []
     make = engine.make_optimizer
-    graphs_on_cpu.setattr(engine, "make_optimizer", lambda *a, **kw: made.append(make(*a, **kw)) or made[-1])
+    graphs_on_cpu.setattr(
+        engine, "make_optimizer", lambda *a, **kw: made.append(make(*a, **kw)) or made[-1]
+    )
     eager = _fit(False, optimizer=optimizer)
     graphed = _fit(True, optimizer=optimizer)
     (backend,) = RecordingGraphs.instances
@@ -125,14 +145,25 @@ def test_a_failed_capture_warns_once_and_trains_on_eagerly(graphs_on_cpu):
 def test_a_graph_per_unfreeze_stage(graphs_on_cpu):
     def tuner():
         torch.manual_seed(1)
-        model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32),
-                              nn.ReLU(), nn.Linear(32, 10))
-        return FineTuner(model, num_classes=4, cache="host", cache_dtype="fp32", device="cpu", verbose=False)
+        model = nn.Sequential(
+            nn.Linear(32, 32),
+            nn.ReLU(),
+            nn.Linear(32, 32),
+            nn.ReLU(),
+            nn.Linear(32, 32),
+            nn.ReLU(),
+            nn.Linear(32, 10),
+        )
+        return FineTuner(
+            model, num_classes=4, cache="host", cache_dtype="fp32", device="cpu", verbose=False
+        )
 
     runs = []
     for cuda_graph in (False, True):
         ft = tuner()
-        ft.fit(_data(500), epochs=3, batch_size=64, lr=1e-2, unfreeze=[(1, 1)], cuda_graph=cuda_graph)
+        ft.fit(
+            _data(500), epochs=3, batch_size=64, lr=1e-2, unfreeze=[(1, 1)], cuda_graph=cuda_graph
+        )
         runs.append(ft)
     assert [b.captures for b in RecordingGraphs.instances] == [1, 1]
     assert _max_diff(*runs) <= 1e-5
@@ -148,7 +179,11 @@ def test_graphs_need_cuda_and_no_schedule_process_group_or_syncing_loss(monkeypa
     with pytest.raises(FastFTValueError, match="cuda_graph=True needs a CUDA device"):
         _fit(True)
     # fit asks before any work is done, judging the fit as if it ran on a GPU:
-    monkeypatch.setattr(_graph_step, "graph_unsupported", lambda device, cfg, world: graph_unsupported(cuda, cfg, world))
+    monkeypatch.setattr(
+        _graph_step,
+        "graph_unsupported",
+        lambda device, cfg, world: graph_unsupported(cuda, cfg, world),
+    )
     with pytest.raises(FastFTValueError, match="scheduler='onecycle'"):
         _fit(True, scheduler="onecycle")
 
@@ -166,19 +201,35 @@ def test_checkpoints_of_graphed_fits_resume_to_the_same_weights(graphs_on_cpu, t
     _fit(True, epochs=3, checkpoint=ckpt, callbacks=[lambda ft, rec: rec["epoch"] < 2])
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-    resumed = FineTuner(model, num_classes=4, hidden=[16], cache="host", cache_dtype="fp32", device="cpu",
-                        verbose=False)
+    resumed = FineTuner(
+        model,
+        num_classes=4,
+        hidden=[16],
+        cache="host",
+        cache_dtype="fp32",
+        device="cpu",
+        verbose=False,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        resumed.fit(_data(), epochs=3, batch_size=64, lr=1e-2, weight_decay=0.01, cuda_graph=True,
-                    checkpoint=ckpt, resume=True)
+        resumed.fit(
+            _data(),
+            epochs=3,
+            batch_size=64,
+            lr=1e-2,
+            weight_decay=0.01,
+            cuda_graph=True,
+            checkpoint=ckpt,
+            resume=True,
+        )
     assert len(resumed.history) == 3
     assert _max_diff(whole, resumed) <= 1e-6
 
 
 @pytest.mark.parametrize("first, then", [(False, True), (True, False)])
 def test_a_checkpoint_resumes_with_or_without_graphs(graphs_on_cpu, tmp_path, first, then):
-    """Adam's groups come back from a checkpoint as saved; the resumed fit sets them to its own needs."""
+    """Adam's groups come back from a checkpoint as saved; the resumed fit sets them to its
+    own needs."""
     ckpt = str(tmp_path / "ckpt.pt")
     whole = _fit(first, epochs=3)
     _fit(first, epochs=3, checkpoint=ckpt, callbacks=[lambda ft, rec: rec["epoch"] < 2])
@@ -186,15 +237,32 @@ def test_a_checkpoint_resumes_with_or_without_graphs(graphs_on_cpu, tmp_path, fi
         graphs_on_cpu.undo()  # a plain CPU Adam again: capturable groups would fail its step
     made = []
     make = engine.make_optimizer
-    graphs_on_cpu.setattr(engine, "make_optimizer", lambda *a, **kw: made.append(make(*a, **kw)) or made[-1])
+    graphs_on_cpu.setattr(
+        engine, "make_optimizer", lambda *a, **kw: made.append(make(*a, **kw)) or made[-1]
+    )
     if then:
         graphs_on_cpu.setattr(_graph_step, "graph_unsupported", lambda *args: None)
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-    resumed = FineTuner(model, num_classes=4, hidden=[16], cache="host", cache_dtype="fp32", device="cpu",
-                        verbose=False)
-    resumed.fit(_data(), epochs=3, batch_size=64, lr=1e-2, weight_decay=0.01, cuda_graph=then,
-                checkpoint=ckpt, resume=True)
+    resumed = FineTuner(
+        model,
+        num_classes=4,
+        hidden=[16],
+        cache="host",
+        cache_dtype="fp32",
+        device="cpu",
+        verbose=False,
+    )
+    resumed.fit(
+        _data(),
+        epochs=3,
+        batch_size=64,
+        lr=1e-2,
+        weight_decay=0.01,
+        cuda_graph=then,
+        checkpoint=ckpt,
+        resume=True,
+    )
     (opt,) = made
     assert all(g["capturable"] is then for g in opt.param_groups)
     assert _max_diff(whole, resumed) <= 1e-5
@@ -204,10 +272,22 @@ def test_a_sweep_replays_all_heads_in_one_graph(graphs_on_cpu):
     def sweep(cuda_graph):
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-        ft = FineTuner(model, num_classes=4, hidden=[16], cache="host", cache_dtype="fp32", device="cpu",
-                       verbose=False)
-        return ft.fit_many([{"lr": 1e-2}, {"lr": 3e-3}, {"lr": 1e-2, "weight_decay": 0.1}], _data(), epochs=2,
-                           batch_size=64, cuda_graph=cuda_graph)
+        ft = FineTuner(
+            model,
+            num_classes=4,
+            hidden=[16],
+            cache="host",
+            cache_dtype="fp32",
+            device="cpu",
+            verbose=False,
+        )
+        return ft.fit_many(
+            [{"lr": 1e-2}, {"lr": 3e-3}, {"lr": 1e-2, "weight_decay": 0.1}],
+            _data(),
+            epochs=2,
+            batch_size=64,
+            cuda_graph=cuda_graph,
+        )
 
     eager, graphed = sweep(False), sweep(True)
     (backend,) = RecordingGraphs.instances

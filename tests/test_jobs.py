@@ -17,11 +17,16 @@ TESTS = Path(__file__).resolve().parent
 
 def write_config(tmp_path, **overrides):
     config = {
-        "model": "jobfactories:small_model",
+        "model": "helpers.jobfactories:small_model",
         "model_kwargs": {"width": 12},
-        "data": "jobfactories:splits",
-        "finetuner": {"num_classes": 3, "hidden": [8], "cache_dtype": "fp32", "verbose": False,
-                      "cache_dir": str(tmp_path / "cache")},
+        "data": "helpers.jobfactories:splits",
+        "finetuner": {
+            "num_classes": 3,
+            "hidden": [8],
+            "cache_dtype": "fp32",
+            "verbose": False,
+            "cache_dir": str(tmp_path / "cache"),
+        },
         "fit": {"epochs": 3, "batch_size": 16, "lr": 0.01},
         "output": str(tmp_path / "out"),
         **overrides,
@@ -33,8 +38,13 @@ def write_config(tmp_path, **overrides):
 
 def run_train(path):
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "fastft.cli", "train", str(path)], capture_output=True,
-                          text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fastft.cli", "train", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_train_job_writes_model_history_and_metrics(tmp_path):
@@ -47,18 +57,21 @@ def test_train_job_writes_model_history_and_metrics(tmp_path):
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["train_loss"] == history[-1]["loss"]
     # The exported weights reload into the plain edited structure and match the saved FineTuner.
-    sys.path.insert(0, str(TESTS))
-    import jobfactories
+    from helpers import jobfactories
 
-    ft = fastft.FineTuner.load(str(folder / "finetuner.pt"), jobfactories.small_model(12), verbose=False,
-                               cache_dir=str(tmp_path / "cache"))
+    ft = fastft.FineTuner.load(
+        str(folder / "finetuner.pt"),
+        jobfactories.small_model(12),
+        verbose=False,
+        cache_dir=str(tmp_path / "cache"),
+    )
     exported = torch.load(folder / "model.pt", weights_only=True)
     for name, tensor in ft.export().state_dict().items():
         torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0)
 
 
 def test_bad_configs_are_clear_errors(tmp_path):
-    path, _ = write_config(tmp_path, model="jobfactories:nope")
+    path, _ = write_config(tmp_path, model="helpers.jobfactories:nope")
     out = run_train(path)
     assert out.returncode == 2 and "has no 'nope'" in out.stderr
     path.write_text("{not json")
@@ -70,13 +83,31 @@ def test_bad_configs_are_clear_errors(tmp_path):
 
 
 def test_same_job_under_torchrun_gives_the_same_model(tmp_path):
-    single_path, single = write_config(tmp_path / "single") if (tmp_path / "single").mkdir() is None else None
+    single_path, single = (
+        write_config(tmp_path / "single") if (tmp_path / "single").mkdir() is None else None
+    )
     ddp_path, ddp = write_config(tmp_path / "ddp") if (tmp_path / "ddp").mkdir() is None else None
     assert run_train(single_path).returncode == 0
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", "-m", "fastft.cli", "train", str(ddp_path)],
-                         capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "fastft.cli",
+            "train",
+            str(ddp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     a = torch.load(Path(single["output"]) / "model.pt", weights_only=True)
     b = torch.load(Path(ddp["output"]) / "model.pt", weights_only=True)
@@ -85,15 +116,21 @@ def test_same_job_under_torchrun_gives_the_same_model(tmp_path):
 
 
 def test_job_with_an_unfreeze_schedule(tmp_path):
-    path, config = write_config(tmp_path, model="jobfactories:deep_model",
-                                fit={"epochs": 3, "batch_size": 16, "lr": 0.01, "unfreeze": [[1, 1]], "lr_decay": 0.5})
+    path, config = write_config(
+        tmp_path,
+        model="helpers.jobfactories:deep_model",
+        fit={"epochs": 3, "batch_size": 16, "lr": 0.01, "unfreeze": [[1, 1]], "lr_decay": 0.5},
+    )
     out = run_train(path)
     assert out.returncode == 0, out.stderr
     history = json.loads((Path(config["output"]) / "history.json").read_text())
     assert [r.get("unfrozen_blocks") for r in history] == [None, 1, 1]
-    sys.path.insert(0, str(TESTS))
-    import jobfactories
+    from helpers import jobfactories
 
-    ft = fastft.FineTuner.load(str(Path(config["output"]) / "finetuner.pt"), jobfactories.deep_model(12),
-                               verbose=False, cache_dir=str(tmp_path / "cache"))
+    ft = fastft.FineTuner.load(
+        str(Path(config["output"]) / "finetuner.pt"),
+        jobfactories.deep_model(12),
+        verbose=False,
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert ft.model[2].weight.requires_grad and not ft.model[0].weight.requires_grad

@@ -34,8 +34,11 @@ def native():
 def bound_functions() -> dict:
     """name -> function, for every function fastft._C binds."""
     mod = native()
-    return {name: getattr(mod, name) for name in dir(mod)
-            if not name.startswith("_") and callable(getattr(mod, name))}
+    return {
+        name: getattr(mod, name)
+        for name in dir(mod)
+        if not name.startswith("_") and callable(getattr(mod, name))
+    }
 
 
 def bound_params(fn) -> list[str]:
@@ -63,17 +66,40 @@ def test_every_bound_function_takes_named_keyword_only_arguments():
 
 def test_cache_write_cpu_names():
     assert bound_params(native().cache_write_cpu)[1:] == [
-        "src_ptr", "src_dtype", "batch", "length", "dim", "src_stride_b", "src_stride_l",
-        "src_stride_d", "rows_ptr", "dst_ptr", "dst_dtype", "cache_rows", "scales_ptr", "pool",
-        "mask_ptr", "mask_dtype", "mask_stride_b", "mask_stride_l", "num_threads",
+        "src_ptr",
+        "src_dtype",
+        "batch",
+        "length",
+        "dim",
+        "src_stride_b",
+        "src_stride_l",
+        "src_stride_d",
+        "rows_ptr",
+        "dst_ptr",
+        "dst_dtype",
+        "cache_rows",
+        "scales_ptr",
+        "pool",
+        "mask_ptr",
+        "mask_dtype",
+        "mask_stride_b",
+        "mask_stride_l",
+        "num_threads",
     ]
 
 
 def gather_kwargs(src, rows, out):
     return dict(
-        src_ptr=src.data_ptr(), src_dtype=_codes.DTYPE_CODES[src.dtype], cache_rows=src.shape[0],
-        dim=src.shape[1], scales_ptr=0, rows_ptr=rows.data_ptr(), batch=rows.shape[0],
-        out_ptr=out.data_ptr(), out_dtype=_codes.DTYPE_CODES[out.dtype], num_threads=1,
+        src_ptr=src.data_ptr(),
+        src_dtype=_codes.DTYPE_CODES[src.dtype],
+        cache_rows=src.shape[0],
+        dim=src.shape[1],
+        scales_ptr=0,
+        rows_ptr=rows.data_ptr(),
+        batch=rows.shape[0],
+        out_ptr=out.data_ptr(),
+        out_dtype=_codes.DTYPE_CODES[out.dtype],
+        num_threads=1,
     )
 
 
@@ -95,8 +121,12 @@ def test_positional_or_misnamed_calls_are_refused():
 def native_calls(path: Path):
     """(function name, call node) for every ``_C.<name>(...)`` call in a source file."""
     for node in ast.walk(ast.parse(path.read_text())):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == "_C"):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "_C"
+        ):
             yield node.func.attr, node
 
 
@@ -109,11 +139,15 @@ def test_python_calls_name_every_argument():
             where = f"{path.name}:{call.lineno} _C.{name}"
             assert name in funcs or name.endswith("_cuda") or name.startswith("cuda_"), where
             assert not call.args, f"{where}: positional arguments"
-            assert all(k.arg is not None for k in call.keywords), f"{where}: ** arguments hide the names"
+            assert all(k.arg is not None for k in call.keywords), (
+                f"{where}: ** arguments hide the names"
+            )
             if name not in funcs:  # a CUDA function of a build without nvcc
                 continue
             expected, got = bound_params(funcs[name])[1:], [k.arg for k in call.keywords]
-            assert sorted(got) == sorted(expected), f"{where}: differs in {sorted(set(got) ^ set(expected))}"
+            assert sorted(got) == sorted(expected), (
+                f"{where}: differs in {sorted(set(got) ^ set(expected))}"
+            )
             called.add(name)
     with_args = {name for name, fn in funcs.items() if bound_params(fn)}
     assert with_args <= called, f"never called from fastft/ops: {with_args - called}"
@@ -159,8 +193,10 @@ def test_a_changed_code_is_a_clear_mismatch_error():
     "module,words",
     [
         (types.SimpleNamespace(), "no codes() function"),
-        (fake_module({k: v for k, v in _native.NATIVE_CODES.items() if k != "cuda_rows"}),
-         "table 'cuda_rows' is missing from fastft._C"),
+        (
+            fake_module({k: v for k, v in _native.NATIVE_CODES.items() if k != "cuda_rows"}),
+            "table 'cuda_rows' is missing from fastft._C",
+        ),
         (fake_module({**_native.NATIVE_CODES, "extra": {}}), "table 'extra' is unknown"),
         (fake_module([]), "not a dict"),
     ],

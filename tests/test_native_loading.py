@@ -17,7 +17,6 @@ import torch
 
 import fastft
 
-
 _SWITCHES = ("FASTFT_DISABLE_NATIVE", "FASTFT_REQUIRE_NATIVE")
 
 
@@ -31,7 +30,10 @@ def run_python(code: str, **env) -> str:
     full_env = clean_env(**env)
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        env=full_env, capture_output=True, text=True, timeout=120,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     return out.stdout + "\n" + out.stderr
@@ -68,7 +70,9 @@ def test_missing_native_module_warns_once_and_falls_back():
             warnings.simplefilter("always")
             import fastft, torch
             fastft.has_native(); fastft.build_info(); fastft.has_cuda()
-            out = torch.ops.fastft.cache_gather(torch.ones(3, 2), torch.empty(0), torch.tensor([2]), torch.float16)
+            out = torch.ops.fastft.cache_gather(
+                torch.ones(3, 2), torch.empty(0), torch.tensor([2]), torch.float16
+            )
         msgs = [str(w.message) for w in caught if "fastft._C" in str(w.message)]
         print(len(msgs), fastft.has_native(), out.tolist())
         """
@@ -99,7 +103,9 @@ def test_disabled_native_gives_the_same_answers(tmp_path):
     for flag in ("0", "1"):
         target = tmp_path / f"out{flag}.pt"
         env = clean_env(FASTFT_DISABLE_NATIVE=flag)
-        subprocess.run([sys.executable, str(path_script), str(target)], env=env, check=True, timeout=120)
+        subprocess.run(
+            [sys.executable, str(path_script), str(target)], env=env, check=True, timeout=120
+        )
         outs[flag] = torch.load(target)
     for key, ref in outs["1"].items():
         nat = outs["0"][key]
@@ -114,7 +120,7 @@ def test_disabled_native_gives_the_same_answers(tmp_path):
             assert torch.equal(nat, ref), key
 
 
-# ---------------------------------------------------------------- mismatch and FASTFT_REQUIRE_NATIVE
+# --------------------------------------------------------------- mismatch and FASTFT_REQUIRE_NATIVE
 # In-process tests load afresh: they clear the loader's cache, patch what it sees, and clear
 # it again so that later tests load the real module. fastft.ops keeps the module it got at
 # import, so the kernels other tests use are unaffected.
@@ -178,7 +184,9 @@ def test_missing_module_reason_and_rebuild_hint(fresh_load, monkeypatch):
 
 def test_require_native_raises_when_the_module_is_missing(fresh_load, monkeypatch):
     monkeypatch.setenv("FASTFT_REQUIRE_NATIVE", "1")
-    monkeypatch.setitem(sys.modules, "fastft._C", None)  # `import fastft._C` fails like a missing build
+    monkeypatch.setitem(
+        sys.modules, "fastft._C", None
+    )  # `import fastft._C` fails like a missing build
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # raises instead of warning
         with pytest.raises(fastft.NativeUnavailableError, match="could not be loaded") as info:
@@ -229,8 +237,16 @@ def test_require_native_makes_import_fail_without_the_module():
             print("imported")
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], env=clean_env(FASTFT_REQUIRE_NATIVE="1"), capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip().splitlines()[-1] == "NativeUnavailableError True", out.stdout + out.stderr
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=clean_env(FASTFT_REQUIRE_NATIVE="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "NativeUnavailableError True", (
+        out.stdout + out.stderr
+    )
 
 
 @needs_native
@@ -248,7 +264,9 @@ def test_mismatched_module_at_import_gives_reference_answers():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import fastft, torch
-            out = torch.ops.fastft.cache_gather(torch.ones(3, 2), torch.empty(0), torch.tensor([2]), torch.float16)
+            out = torch.ops.fastft.cache_gather(
+                torch.ones(3, 2), torch.empty(0), torch.tensor([2]), torch.float16
+            )
         msgs = [str(w.message) for w in caught if "fastft._C" in str(w.message)]
         print(len(msgs), fastft.has_native(), out.dtype, out.tolist())
         print(fastft.build_info()["reason"])
@@ -256,4 +274,7 @@ def test_mismatched_module_at_import_gives_reference_answers():
     )
     lines = out.strip().splitlines()
     assert lines[0] == "1 False torch.float16 [[1.0, 1.0]]", out
-    assert lines[1].startswith("NativeMismatchError: ") and "dtypes['bfloat16'] is 2 here but 1" in lines[1], out
+    assert (
+        lines[1].startswith("NativeMismatchError: ")
+        and "dtypes['bfloat16'] is 2 here but 1" in lines[1]
+    ), out

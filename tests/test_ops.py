@@ -13,13 +13,10 @@ import torch
 import fastft
 from fastft.ops import reference
 
-from op_checks import assert_write_matches
+from helpers.ops import POOLS, SRC_DTYPES, STORAGE, assert_write_matches, make_src
 
 pytestmark = pytest.mark.skipif(not fastft.has_native(), reason="native module not built")
 
-SRC_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-STORAGE = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
-POOLS = ["none", "first", "mean", "max", "masked_mean"]
 
 # (B, L, D, N, layout): B=1, odd D, large L, N much larger than B, and non-contiguous views.
 SHAPES = [
@@ -29,18 +26,6 @@ SHAPES = [
     (8, 49, 70, 1000, "nchw"),
     (5, 12, 129, 40, "sliced"),
 ]
-
-
-def make_src(B, L, D, layout, dtype, gen):
-    if layout == "nchw":  # a [B, C, H, W] feature map seen as [B, HW, C] without a copy
-        x = torch.randn(B, D, L, 1, generator=gen).to(dtype)
-        src = x.flatten(2).transpose(1, 2)
-        assert L == 1 or not src.is_contiguous()
-        return src
-    if layout == "sliced":  # every other position and a strided batch axis
-        x = torch.randn(B * 2, L * 2, D + 3, generator=gen).to(dtype)
-        return x[::2, ::2, 1 : D + 1]
-    return torch.randn(B, L, D, generator=gen).to(dtype)
 
 
 def write_both(src, rows, n, storage, pool, mask):
@@ -137,7 +122,10 @@ def test_max_pool_propagates_nan_like_torch():
     x[1, 2, 3] = float("nan")
     dst = torch.empty(2, 8)
     torch.ops.fastft.cache_write(x, torch.tensor([0, 1]), dst, torch.empty(0), "max")
-    assert torch.equal(dst, x.amax(1), ) or torch.allclose(dst, x.amax(1), equal_nan=True)
+    assert torch.equal(
+        dst,
+        x.amax(1),
+    ) or torch.allclose(dst, x.amax(1), equal_nan=True)
     assert torch.isnan(dst[1, 3])
 
 
@@ -148,14 +136,20 @@ def test_opcheck(op):
         src = torch.randn(4, 6, 16, generator=gen).transpose(1, 2)[:, :6, :]
         src = torch.randn(4, 6, 16, generator=gen)
         for storage in STORAGE:
-            for pool, mask in [("mean", None), ("masked_mean", torch.rand(4, 6, generator=gen) > 0.5)]:
+            for pool, mask in [
+                ("mean", None),
+                ("masked_mean", torch.rand(4, 6, generator=gen) > 0.5),
+            ]:
                 dst = torch.zeros(10, 16, dtype=storage)
                 args = (src, torch.tensor([1, 3, 5, 7]), dst, torch.zeros(10), pool, mask)
                 torch.library.opcheck(torch.ops.fastft.cache_write.default, args)
     else:
         for storage in STORAGE:
-            src = torch.randn(10, 16, generator=gen).to(storage) if storage != torch.int8 else \
-                torch.randint(-127, 128, (10, 16), generator=gen, dtype=torch.int8)
+            src = (
+                torch.randn(10, 16, generator=gen).to(storage)
+                if storage != torch.int8
+                else torch.randint(-127, 128, (10, 16), generator=gen, dtype=torch.int8)
+            )
             args = (src, torch.rand(10, generator=gen), torch.tensor([0, 9, 9, 2]), torch.float16)
             torch.library.opcheck(torch.ops.fastft.cache_gather.default, args)
 

@@ -19,14 +19,13 @@ import fastft
 from fastft.ops import cuda as fastft_cuda
 from fastft.ops import reference
 
-from op_checks import assert_write_matches
+from helpers.ops import POOLS, SRC_DTYPES, STORAGE, assert_write_matches, make_src
 
 BUILT = bool(fastft.build_info().get("cuda", False))
-needs_gpu = pytest.mark.skipif(not fastft.has_cuda(), reason="needs a CUDA device and fastft built with nvcc")
+needs_gpu = pytest.mark.skipif(
+    not fastft.has_cuda(), reason="needs a CUDA device and fastft built with nvcc"
+)
 
-SRC_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-STORAGE = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
-POOLS = ["none", "first", "mean", "max", "masked_mean"]
 PLACES = ["device", "pinned"]  # where the cache (dst of a write, src of a gather) lives
 
 # (B, L, D, N, layout). D = 64 and 2048 take the 16-byte paths, odd D the scalar ones;
@@ -86,16 +85,6 @@ def test_has_cuda_needs_a_device():
 # ---------------------------------------------------------------- helpers
 
 
-def make_src(B, L, D, layout, dtype, gen, device):
-    if layout == "nchw":  # [B, C, H, W] seen as [B, HW, C] without a copy
-        x = torch.randn(B, D, L, 1, generator=gen).to(dtype).to(device)
-        return x.flatten(2).transpose(1, 2)
-    if layout == "sliced":
-        x = torch.randn(B * 2, L * 2, D + 3, generator=gen).to(dtype).to(device)
-        return x[::2, ::2, 1 : D + 1]
-    return torch.randn(B, L, D, generator=gen).to(dtype).to(device)
-
-
 def cache_tensor(t: torch.Tensor, place: str) -> torch.Tensor:
     return t.cuda() if place == "device" else t.pin_memory()
 
@@ -122,7 +111,9 @@ def test_cache_write_matches_reference(src_dtype, storage, pool, shape, place):
         mask[0] = False  # a fully masked sample pools to zero
     dst = cache_tensor(torch.full((N, D), 7, dtype=storage), place)
     scales = cache_tensor(torch.full((N,), -1.0), place)
-    torch.ops.fastft.cache_write(src, rows.cuda(), dst, scales, pool, None if mask is None else mask.cuda())
+    torch.ops.fastft.cache_write(
+        src, rows.cuda(), dst, scales, pool, None if mask is None else mask.cuda()
+    )
     torch.cuda.synchronize()
     assert dst.device.type == ("cuda" if place == "device" else "cpu")
 
@@ -143,8 +134,14 @@ def test_cache_write_matches_reference(src_dtype, storage, pool, shape, place):
 @pytest.mark.parametrize("storage", STORAGE, ids=str)
 @pytest.mark.parametrize(
     "B,D,N,misaligned",
-    [(1, 7, 3, False), (64, 33, 500, False), (300, 1030, 310, False), (257, 2048, 1000, False),
-     (50, 64, 80, True), (70000, 16, 100, False)],
+    [
+        (1, 7, 3, False),
+        (64, 33, 500, False),
+        (300, 1030, 310, False),
+        (257, 2048, 1000, False),
+        (50, 64, 80, True),
+        (70000, 16, 100, False),
+    ],
 )
 def test_cache_gather_matches_reference_exactly(storage, out_dtype, B, D, N, misaligned, place):
     gen = torch.Generator().manual_seed(B + D)
@@ -227,14 +224,22 @@ def test_gather_can_be_captured_in_a_cuda_graph():
 @pytest.mark.parametrize("place", PLACES)
 @pytest.mark.parametrize(
     "rows,words",
-    [([0, 2, 5], "rows[2] = 5 is outside"), ([0, -1, 4], "rows[1] = -1"),
-     ([4, 2, 4], "row 4 appears more than once"), ([4, 9, 4], "rows[1] = 9 is outside")],
+    [
+        ([0, 2, 5], "rows[2] = 5 is outside"),
+        ([0, -1, 4], "rows[1] = -1"),
+        ([4, 2, 4], "row 4 appears more than once"),
+        ([4, 9, 4], "rows[1] = 9 is outside"),
+    ],
 )
 def test_bad_rows_raise_and_leave_dst_untouched(rows, words, place):
     dst = cache_tensor(torch.zeros(5, 8, dtype=torch.float16), place)
     src = torch.randn(3, 4, 8, device="cuda")
-    with pytest.raises(fastft.FastFTIndexError, match=words.replace("[", r"\[").replace("]", r"\]")):
-        torch.ops.fastft.cache_write(src, torch.tensor(rows, device="cuda"), dst, torch.empty(0), "mean")
+    with pytest.raises(
+        fastft.FastFTIndexError, match=words.replace("[", r"\[").replace("]", r"\]")
+    ):
+        torch.ops.fastft.cache_write(
+            src, torch.tensor(rows, device="cuda"), dst, torch.empty(0), "mean"
+        )
     torch.cuda.synchronize()
     assert bool((dst.cpu() == 0).all())
 
@@ -243,7 +248,9 @@ def test_bad_rows_raise_and_leave_dst_untouched(rows, words, place):
 def test_bad_gather_row_raises_index_error():
     src = torch.zeros(4, 8, device="cuda")
     with pytest.raises(fastft.FastFTIndexError, match="outside the cache's 4 rows"):
-        torch.ops.fastft.cache_gather(src, torch.empty(0), torch.tensor([1, 4], device="cuda"), torch.float32)
+        torch.ops.fastft.cache_gather(
+            src, torch.empty(0), torch.tensor([1, 4], device="cuda"), torch.float32
+        )
 
 
 @needs_gpu
@@ -251,7 +258,9 @@ def test_deferred_row_checks_raise_at_a_later_call():
     src = torch.zeros(4, 8, device="cuda")
     old = fastft_cuda.set_sync_checks(False)
     try:
-        out = torch.ops.fastft.cache_gather(src, torch.empty(0), torch.tensor([7], device="cuda"), torch.float32)
+        out = torch.ops.fastft.cache_gather(
+            src, torch.empty(0), torch.tensor([7], device="cuda"), torch.float32
+        )
         assert out.shape == (1, 8)  # no error yet: nothing waited for the kernel
         with pytest.raises(fastft.FastFTIndexError, match=r"rows\[0\] = 7"):
             fastft_cuda.raise_pending_errors()
@@ -309,9 +318,13 @@ def test_reference_kernels_serve_a_pinned_host_cache_from_cuda():
 def test_unpinned_host_cache_is_refused():
     src = torch.randn(2, 1, 8, device="cuda")
     with pytest.raises(fastft.FastFTValueError, match="pinned"):
-        torch.ops.fastft.cache_write(src, torch.tensor([0, 1], device="cuda"), torch.zeros(2, 8), torch.empty(0), "none")
+        torch.ops.fastft.cache_write(
+            src, torch.tensor([0, 1], device="cuda"), torch.zeros(2, 8), torch.empty(0), "none"
+        )
     with pytest.raises(fastft.FastFTValueError, match="pinned"):
-        torch.ops.fastft.cache_gather(torch.zeros(2, 8), torch.empty(0), torch.tensor([0], device="cuda"), torch.float32)
+        torch.ops.fastft.cache_gather(
+            torch.zeros(2, 8), torch.empty(0), torch.tensor([0], device="cuda"), torch.float32
+        )
 
 
 # ---------------------------------------------------------------- opcheck (GPU)
@@ -338,8 +351,15 @@ def test_opcheck_cache_write(storage):
 @pytest.mark.parametrize("storage", STORAGE, ids=str)
 def test_opcheck_cache_gather(storage):
     gen = torch.Generator().manual_seed(2)
-    src = torch.randn(10, 16, generator=gen).to(storage) if storage != torch.int8 else \
-        torch.randint(-127, 128, (10, 16), generator=gen, dtype=torch.int8)
-    args = (src.cuda(), torch.rand(10, generator=gen).cuda(), torch.tensor([0, 9, 9, 2], device="cuda"), torch.float16)
+    src = (
+        torch.randn(10, 16, generator=gen).to(storage)
+        if storage != torch.int8
+        else torch.randint(-127, 128, (10, 16), generator=gen, dtype=torch.int8)
+    )
+    args = (
+        src.cuda(),
+        torch.rand(10, generator=gen).cuda(),
+        torch.tensor([0, 9, 9, 2], device="cuda"),
+        torch.float16,
+    )
     torch.library.opcheck(torch.ops.fastft.cache_gather.default, args)
-

@@ -69,9 +69,15 @@ def test_index_errors_are_also_index_errors(impl):
         (dict(pool="none"), "pool='none' needs L = 1"),
         (dict(pool="masked_mean"), "needs mask\\[B, L\\]"),
         (dict(pool="masked_mean", mask=torch.ones(3, 5)), "mask has shape \\(3, 5\\)"),
-        (dict(pool="masked_mean", mask=torch.ones(3, 4, dtype=torch.float64)), "mask dtype float64"),
+        (
+            dict(pool="masked_mean", mask=torch.ones(3, 4, dtype=torch.float64)),
+            "mask dtype float64",
+        ),
         (dict(mask=torch.ones(3, 4)), "only used with pool='masked_mean'"),
-        (dict(dst=torch.zeros(5, 8, dtype=torch.int8), scales=torch.zeros(4)), "float32 scales\\[N\\] with N = 5"),
+        (
+            dict(dst=torch.zeros(5, 8, dtype=torch.int8), scales=torch.zeros(4)),
+            "float32 scales\\[N\\] with N = 5",
+        ),
     ],
 )
 def test_bad_write_arguments(impl, override, words):
@@ -82,12 +88,36 @@ def test_bad_write_arguments(impl, override, words):
 @pytest.mark.parametrize(
     "args,exc,words",
     [
-        ((torch.zeros(4, 8), torch.empty(0), torch.tensor([4]), torch.float32), fastft.FastFTIndexError, "outside the cache's 4 rows"),
-        ((torch.zeros(4, 8), torch.empty(0), torch.tensor([1]), torch.int8), fastft.FastFTValueError, "out_dtype int8"),
-        ((torch.zeros(4, 8), torch.empty(0), torch.tensor([[1]]), torch.float32), fastft.FastFTValueError, "1-D int64"),
-        ((torch.zeros(4), torch.empty(0), torch.tensor([1]), torch.float32), fastft.FastFTValueError, "must be \\[N, D\\]"),
-        ((torch.zeros(4, 8, dtype=torch.int8), torch.zeros(3), torch.tensor([1]), torch.float32), fastft.FastFTValueError, "scales"),
-        ((torch.zeros(8, 4).t(), torch.empty(0), torch.tensor([1]), torch.float32), fastft.FastFTValueError, "contiguous"),
+        (
+            (torch.zeros(4, 8), torch.empty(0), torch.tensor([4]), torch.float32),
+            fastft.FastFTIndexError,
+            "outside the cache's 4 rows",
+        ),
+        (
+            (torch.zeros(4, 8), torch.empty(0), torch.tensor([1]), torch.int8),
+            fastft.FastFTValueError,
+            "out_dtype int8",
+        ),
+        (
+            (torch.zeros(4, 8), torch.empty(0), torch.tensor([[1]]), torch.float32),
+            fastft.FastFTValueError,
+            "1-D int64",
+        ),
+        (
+            (torch.zeros(4), torch.empty(0), torch.tensor([1]), torch.float32),
+            fastft.FastFTValueError,
+            "must be \\[N, D\\]",
+        ),
+        (
+            (torch.zeros(4, 8, dtype=torch.int8), torch.zeros(3), torch.tensor([1]), torch.float32),
+            fastft.FastFTValueError,
+            "scales",
+        ),
+        (
+            (torch.zeros(8, 4).t(), torch.empty(0), torch.tensor([1]), torch.float32),
+            fastft.FastFTValueError,
+            "contiguous",
+        ),
     ],
 )
 def test_bad_gather_arguments(impl, args, exc, words):
@@ -97,4 +127,6 @@ def test_bad_gather_arguments(impl, args, exc, words):
 
 def test_errors_come_through_torch_ops_dispatch():
     with pytest.raises(fastft.FastFTIndexError):
-        torch.ops.fastft.cache_gather(torch.zeros(2, 3), torch.empty(0), torch.tensor([2]), torch.float32)
+        torch.ops.fastft.cache_gather(
+            torch.zeros(2, 3), torch.empty(0), torch.tensor([2]), torch.float32
+        )

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-import fastft
 import fastft.cache as fcache
 from fastft.cache import FeatureCache, disk, disk_build, journal, registry
 from fastft.cache.fingerprint import FORMAT_VERSION
 from fastft.errors import CacheCorruptError, CacheError, FastFTError
+
+from helpers.caches import build_on_disk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,8 @@ SETUP = textwrap.dedent("""
             g = torch.Generator().manual_seed(0)
             self.lin = nn.Linear(6, 32, bias=False)
             with torch.no_grad():  # integer weights and inputs: exact, reproducible outputs
-                self.lin.weight.copy_(torch.randint(-3, 4, self.lin.weight.shape, generator=g).float())
+                w = torch.randint(-3, 4, self.lin.weight.shape, generator=g)
+                self.lin.weight.copy_(w.float())
             self.calls, self.delay, self.fail_at = 0, delay, fail_at
             import time
             self.pause = time.sleep
@@ -65,26 +66,25 @@ exec(SETUP, namespace)
 make = namespace["make"]
 
 
+pytestmark = pytest.mark.usefixtures("fresh_registry")
+
+
 @pytest.fixture(autouse=True)
-def fresh_registry(monkeypatch):
-    registry.clear()
-    monkeypatch.setattr(disk_build, "COMMIT_INTERVAL_S", 0.0)  # commit after every chunk: exact fault points
-    yield
-    registry.clear()
-
-
-def build(prefix, data, cache_dir, **kw):
-    return FeatureCache.build(prefix, data, tier="disk", dtype="fp32", batch_size=10, cache_dir=cache_dir,
-                              progress=False, **kw)
+def commit_after_every_chunk(monkeypatch):
+    monkeypatch.setattr(disk_build, "COMMIT_INTERVAL_S", 0.0)  # exact fault points
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     prefix, data = make()
     registry.clear()
-    cache = build(prefix, data, tmp_path_factory.mktemp("ref"))
+    cache = build_on_disk(prefix, data, tmp_path_factory.mktemp("ref"))
     registry.clear()
-    return cache.fingerprint, (cache.path / "tap0.bin").read_bytes(), (cache.path / "labels.bin").read_bytes()
+    return (
+        cache.fingerprint,
+        (cache.path / "tap0.bin").read_bytes(),
+        (cache.path / "labels.bin").read_bytes(),
+    )
 
 
 def assert_equals_reference(cache, reference):
@@ -103,24 +103,33 @@ def only_folder(root: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------- disk full
-@pytest.mark.reliability("disk full (ENOSPC) when the cache files are created",
-                         "CacheError saying to free space or pass cache_dir; no folder left behind; next build succeeds")
+@pytest.mark.reliability(
+    "disk full (ENOSPC) when the cache files are created",
+    "CacheError saying to free space or pass cache_dir; no folder left behind; next build succeeds",
+)
 def test_disk_full_at_creation(tmp_path, monkeypatch, reference):
     prefix, data = make()
     with monkeypatch.context() as m:
         m.setattr(os, "posix_fallocate", enospc)
-        with pytest.raises(CacheError, match=r"disk is full while creating its files.*cache_dir=") as info:
-            build(prefix, data, tmp_path)
+        with pytest.raises(
+            CacheError, match=r"disk is full while creating its files.*cache_dir="
+        ) as info:
+            build_on_disk(prefix, data, tmp_path)
     assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
-    assert_equals_reference(build(*make(), tmp_path), reference)
+    assert_equals_reference(build_on_disk(*make(), tmp_path), reference)
 
 
 @pytest.mark.parametrize("where", ["fsync", "journal"])
-@pytest.mark.reliability("disk full (ENOSPC) at the 4th commit: in the fsync of the data, or half-way through the "
-                         "journal write", "CacheError saying what to do; journal still lists only the 3 intact "
-                         "chunks; open() refuses the partial cache; next build resumes and equals a clean build")
-def test_disk_full_during_a_commit_leaves_a_resumable_cache(tmp_path, monkeypatch, reference, where):
+@pytest.mark.reliability(
+    "disk full (ENOSPC) at the 4th commit: in the fsync of the data, or half-way through the "
+    "journal write",
+    "CacheError saying what to do; journal still lists only the 3 intact "
+    "chunks; open() refuses the partial cache; next build resumes and equals a clean build",
+)
+def test_disk_full_during_a_commit_leaves_a_resumable_cache(
+    tmp_path, monkeypatch, reference, where
+):
     prefix, data = make()
     calls = [0]
     with monkeypatch.context() as m:
@@ -132,11 +141,14 @@ def test_disk_full_during_a_commit_leaves_a_resumable_cache(tmp_path, monkeypatc
                 if calls[0] >= 4:  # the disk stays full
                     enospc()
                 fsync_files(folder, layout)
+
             m.setattr(journal, "fsync_files", failing)
         else:
             dump = json.dump
 
-            def failing(payload, f, **kw):  # half the journal reaches its tmp file, then the disk is full
+            def failing(
+                payload, f, **kw
+            ):  # half the journal reaches its tmp file, then the disk is full
                 if Path(f.name).name == "journal.json.tmp":
                     calls[0] += 1
                     if calls[0] >= 4:  # the disk stays full
@@ -144,9 +156,12 @@ def test_disk_full_during_a_commit_leaves_a_resumable_cache(tmp_path, monkeypatc
                         f.write(text[: len(text) // 2])
                         enospc()
                 dump(payload, f, **kw)
+
             m.setattr(disk.json, "dump", failing)
-        with pytest.raises(CacheError, match=r"disk is full while committing.*30 rows committed so far are kept"):
-            build(prefix, data, tmp_path)
+        with pytest.raises(
+            CacheError, match=r"disk is full while committing.*30 rows committed so far are kept"
+        ):
+            build_on_disk(prefix, data, tmp_path)
     folder = only_folder(tmp_path)
     assert len(json.loads((folder / disk.JOURNAL).read_text())["chunks"]) == 3
     assert journal.verify_folder(folder)["complete"] is False
@@ -154,13 +169,18 @@ def test_disk_full_during_a_commit_leaves_a_resumable_cache(tmp_path, monkeypatc
         FeatureCache.open(folder)
     registry.clear()
     prefix, data = make()
-    cache = build(prefix, data, tmp_path)
-    assert prefix.calls == 7 and cache.telemetry["reason"] == "resumed: 30 of 100 rows were already committed"
+    cache = build_on_disk(prefix, data, tmp_path)
+    assert (
+        prefix.calls == 7
+        and cache.telemetry["reason"] == "resumed: 30 of 100 rows were already committed"
+    )
     assert_equals_reference(cache, reference)
 
 
-@pytest.mark.reliability("disk full (ENOSPC) when the finished cache is marked complete",
-                         "CacheError; the cache stays 'building'; next build finishes it without running the prefix")
+@pytest.mark.reliability(
+    "disk full (ENOSPC) when the finished cache is marked complete",
+    "CacheError; the cache stays 'building'; next build finishes it without running the prefix",
+)
 def test_disk_full_when_marking_complete(tmp_path, monkeypatch, reference):
     write_json = disk.write_json_atomic
 
@@ -168,28 +188,35 @@ def test_disk_full_when_marking_complete(tmp_path, monkeypatch, reference):
         if path.name == disk.MANIFEST and payload.get("status") == "complete":
             enospc()
         write_json(path, payload, **kw)
+
     prefix, data = make()
     with monkeypatch.context() as m:
         m.setattr(disk, "write_json_atomic", failing)
-        with pytest.raises(CacheError, match="disk is full while marking it complete.*100 rows committed"):
-            build(prefix, data, tmp_path)
+        with pytest.raises(
+            CacheError, match="disk is full while marking it complete.*100 rows committed"
+        ):
+            build_on_disk(prefix, data, tmp_path)
     with pytest.raises(CacheError, match="incomplete"):
         FeatureCache.open(only_folder(tmp_path))
     registry.clear()
     prefix, data = make()
-    cache = build(prefix, data, tmp_path)
+    cache = build_on_disk(prefix, data, tmp_path)
     assert prefix.calls == 0
     assert_equals_reference(cache, reference)
 
 
-@pytest.mark.reliability("Ctrl-C in a build, then ENOSPC while committing what was written",
-                         "the KeyboardInterrupt is what the caller sees (the commit failure is logged)")
+@pytest.mark.reliability(
+    "Ctrl-C in a build, then ENOSPC while committing what was written",
+    "the KeyboardInterrupt is what the caller sees (the commit failure is logged)",
+)
 def test_interruption_is_not_masked_by_a_failing_commit(tmp_path, monkeypatch):
     prefix, data = make(fail_at=5)
-    monkeypatch.setattr(disk_build, "COMMIT_INTERVAL_S", 1e9)  # nothing committed before the interruption
+    monkeypatch.setattr(
+        disk_build, "COMMIT_INTERVAL_S", 1e9
+    )  # nothing committed before the interruption
     monkeypatch.setattr(journal, "fsync_files", enospc)
     with pytest.raises(KeyboardInterrupt):
-        build(prefix, data, tmp_path)
+        build_on_disk(prefix, data, tmp_path)
 
 
 RUN_BUILD = SETUP + textwrap.dedent("""
@@ -198,11 +225,12 @@ RUN_BUILD = SETUP + textwrap.dedent("""
     from fastft.errors import CacheError
     if sys.argv[2] == "fsize":  # a real file-size limit: writes past it fail with EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))
     prefix, data = make()
     try:
-        FeatureCache.build(prefix, data, tier="disk", dtype="fp32", batch_size=10, cache_dir=sys.argv[1],
-                           progress=False)
+        FeatureCache.build(prefix, data, tier="disk", dtype="fp32", batch_size=10,
+                           cache_dir=sys.argv[1], progress=False)
     except CacheError as exc:
         print("CacheError:", exc)
         raise SystemExit(3)
@@ -212,12 +240,19 @@ RUN_BUILD = SETUP + textwrap.dedent("""
 
 def run_build(cache_dir: Path, mode: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-c", RUN_BUILD, str(cache_dir), mode], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", RUN_BUILD, str(cache_dir), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.reliability("a real file-size limit (RLIMIT_FSIZE 8 KiB) in the building process",
-                         "CacheError naming the file size limit, not a crash or SIGXFSZ")
+@pytest.mark.reliability(
+    "a real file-size limit (RLIMIT_FSIZE 8 KiB) in the building process",
+    "CacheError naming the file size limit, not a crash or SIGXFSZ",
+)
 def test_file_size_limit_is_a_clear_error(tmp_path):
     proc = run_build(tmp_path, "fsize")
     assert proc.returncode == 3, proc.stdout + proc.stderr
@@ -231,7 +266,9 @@ def tiny_tmpfs(tmp_path):
     mnt.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         yield mnt
@@ -239,8 +276,10 @@ def tiny_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-@pytest.mark.reliability("a really full filesystem (a 64 KiB tmpfs, nearly filled) under a disk build",
-                         "CacheError 'disk is full', never SIGBUS from a memory-mapped write (bug found: it was)")
+@pytest.mark.reliability(
+    "a really full filesystem (a 64 KiB tmpfs, nearly filled) under a disk build",
+    "CacheError 'disk is full', never SIGBUS from a memory-mapped write (bug found: it was)",
+)
 def test_really_full_filesystem_is_a_clear_error(tiny_tmpfs):
     # 100 rows x 32 fp32 fit; fill the disk first so that they do not.
     (tiny_tmpfs / "filler").write_bytes(b"\0" * (60 * 1024))
@@ -259,17 +298,24 @@ BUILDER = SETUP + textwrap.dedent("""
     from fastft.cache import FeatureCache, disk, disk_build, journal, registry
     disk_build.COMMIT_INTERVAL_S = 0.0
     prefix, data = make(delay=0.08)
-    FeatureCache.build(prefix, data, tier="disk", dtype="fp32", batch_size=10, cache_dir=sys.argv[1], progress=False)
+    FeatureCache.build(prefix, data, tier="disk", dtype="fp32", batch_size=10,
+                       cache_dir=sys.argv[1], progress=False)
 """)
 
 
-@pytest.mark.reliability("a reader opens, lists, inspects and verifies a cache while another process builds it",
-                         "a clear 'another process is building it' error or the complete cache; never partial rows")
+@pytest.mark.reliability(
+    "a reader opens, lists, inspects and verifies a cache while another process builds it",
+    "a clear 'another process is building it' error or the complete cache; never partial rows",
+)
 def test_reader_during_a_build_never_sees_partial_features(tmp_path, reference):
     fp = reference[0]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-c", BUILDER, str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BUILDER, str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     expected = torch.frombuffer(bytearray(reference[1]), dtype=torch.float32).view(100, 32)
     refused, opened, deadline = 0, 0, time.monotonic() + 120
     try:
@@ -278,13 +324,20 @@ def test_reader_during_a_build_never_sees_partial_features(tmp_path, reference):
             try:
                 cache = FeatureCache.open(fp, cache_dir=tmp_path)
             except CacheError as exc:
-                assert "another process is building it now" in str(exc) or "no fastft cache" in str(exc), str(exc)
+                assert "another process is building it now" in str(exc) or "no fastft cache" in str(
+                    exc
+                ), str(exc)
                 refused += "building" in str(exc)
             else:
-                torch.testing.assert_close(cache.gather(torch.arange(100))[0], expected, rtol=0, atol=0)
+                torch.testing.assert_close(
+                    cache.gather(torch.arange(100))[0], expected, rtol=0, atol=0
+                )
                 opened += 1
-            for call in (lambda: fcache.list_caches(tmp_path), lambda: fcache.info(fp, cache_dir=tmp_path),
-                         lambda: fcache.verify(fp, cache_dir=tmp_path)):
+            for call in (
+                lambda: fcache.list_caches(tmp_path),
+                lambda: fcache.info(fp, cache_dir=tmp_path),
+                lambda: fcache.verify(fp, cache_dir=tmp_path),
+            ):
                 try:
                     call()
                 except FastFTError:
@@ -300,12 +353,16 @@ def test_reader_during_a_build_never_sees_partial_features(tmp_path, reference):
 
 
 # ---------------------------------------------------------------------------- format versions
-@pytest.mark.parametrize("version", [FORMAT_VERSION - 1, FORMAT_VERSION + 1, str(FORMAT_VERSION), None])
-@pytest.mark.reliability("a cache folder whose manifest has an older or a newer format version, the version as a "
-                         "string, or none",
-                         "open() raises CacheCorruptError naming the version; build() rebuilds it; never misread")
+@pytest.mark.parametrize(
+    "version", [FORMAT_VERSION - 1, FORMAT_VERSION + 1, str(FORMAT_VERSION), None]
+)
+@pytest.mark.reliability(
+    "a cache folder whose manifest has an older or a newer format version, the version as a "
+    "string, or none",
+    "open() raises CacheCorruptError naming the version; build() rebuilds it; never misread",
+)
 def test_other_format_versions_are_never_read(tmp_path, version, reference):
-    cache = build(*make(), tmp_path)
+    cache = build_on_disk(*make(), tmp_path)
     folder = cache.path
     del cache
     manifest = json.loads((folder / disk.MANIFEST).read_text())
@@ -318,90 +375,127 @@ def test_other_format_versions_are_never_read(tmp_path, version, reference):
         assert ("older" if version < FORMAT_VERSION else "newer") in str(info.value)
     assert fcache.list_caches(tmp_path)[0]["status"] == "unreadable"
     prefix, data = make()
-    rebuilt = build(prefix, data, tmp_path)
-    assert prefix.calls == 10 and rebuilt.telemetry["reason"].startswith("rebuilt: the cache on disk was corrupt")
+    rebuilt = build_on_disk(prefix, data, tmp_path)
+    assert prefix.calls == 10 and rebuilt.telemetry["reason"].startswith(
+        "rebuilt: the cache on disk was corrupt"
+    )
     assert_equals_reference(rebuilt, reference)
 
 
 # ---------------------------------------------------------------------------- untrusted manifests
-TRAVERSALS = ["../../etc/passwd", "/etc/passwd", "../victim.bin", "sub/tap0.bin", "..", ".", "",
-              "manifest.json", "tap0.bin\0x", 7, None]
+TRAVERSALS = [
+    "../../etc/passwd",
+    "/etc/passwd",
+    "../victim.bin",
+    "sub/tap0.bin",
+    "..",
+    ".",
+    "",
+    "manifest.json",
+    "tap0.bin\0x",
+    7,
+    None,
+]
 
 
 @pytest.mark.parametrize("field", ["tap", "scales", "labels"])
 @pytest.mark.parametrize("name", TRAVERSALS, ids=repr)
-@pytest.mark.reliability("manifest file names that escape the folder ('../../etc/passwd', '/etc/passwd', "
-                         "'sub/x', '..', the manifest itself, non-strings) in a complete and in an interrupted cache",
-                         "CacheCorruptError on open/info/verify; build() replaces the folder; no file outside "
-                         "is read or written")
+@pytest.mark.reliability(
+    "manifest file names that escape the folder ('../../etc/passwd', '/etc/passwd', "
+    "'sub/x', '..', the manifest itself, non-strings) in a complete and in an interrupted cache",
+    "CacheCorruptError on open/info/verify; build() replaces the folder; no file outside "
+    "is read or written",
+)
 def test_manifest_file_names_never_leave_the_cache_folder(tmp_path, field, name):
     root = tmp_path / "cache"
     prefix, data = make()
-    cache = FeatureCache.build(prefix, data, tier="disk", dtype="int8", batch_size=10, cache_dir=root, progress=False)
+    cache = FeatureCache.build(
+        prefix, data, tier="disk", dtype="int8", batch_size=10, cache_dir=root, progress=False
+    )
     folder, fp = cache.path, cache.fingerprint
     del cache
     victim = tmp_path / "victim.bin"
-    victim.write_bytes(b"precious" * 500)  # 4000 bytes: the size of tap0.bin's rows, a tempting target
+    victim.write_bytes(
+        b"precious" * 500
+    )  # 4000 bytes: the size of tap0.bin's rows, a tempting target
     manifest = json.loads((folder / disk.MANIFEST).read_text())
-    target = {"tap": manifest["taps"][0], "scales": manifest["taps"][0], "labels": manifest["labels"]}[field]
+    target = {
+        "tap": manifest["taps"][0],
+        "scales": manifest["taps"][0],
+        "labels": manifest["labels"],
+    }[field]
     target["scales_file" if field == "scales" else "file"] = name
     for status in ("complete", "building"):
         manifest["status"] = status
         (folder / disk.MANIFEST).write_text(json.dumps(manifest))
         registry.clear()
-        for call in (lambda: FeatureCache.open(folder), lambda: fcache.info(folder),
-                     lambda: fcache.verify(folder)):
+        for call in (
+            lambda: FeatureCache.open(folder),
+            lambda: fcache.info(folder),
+            lambda: fcache.verify(folder),
+        ):
             with pytest.raises(CacheCorruptError):
                 call()
     prefix, data = make()
-    rebuilt = FeatureCache.build(prefix, data, tier="disk", dtype="int8", batch_size=10, cache_dir=root,
-                                 progress=False)
+    rebuilt = FeatureCache.build(
+        prefix, data, tier="disk", dtype="int8", batch_size=10, cache_dir=root, progress=False
+    )
     assert rebuilt.fingerprint == fp and prefix.calls == 10 and rebuilt.verify()["complete"]
     assert victim.read_bytes() == b"precious" * 500
     assert Path("/etc/passwd").stat().st_size > 0
 
 
 @pytest.mark.parametrize("status", ["complete", "building"])
-@pytest.mark.reliability("a data file replaced by a symlink to a file outside the cache (complete or interrupted)",
-                         "CacheCorruptError on open; build() replaces the link without writing through it")
+@pytest.mark.reliability(
+    "a data file replaced by a symlink to a file outside the cache (complete or interrupted)",
+    "CacheCorruptError on open; build() replaces the link without writing through it",
+)
 def test_symlinked_data_files_are_refused(tmp_path, status):
     root = tmp_path / "cache"
     prefix, data = make()
-    cache = build(prefix, data, root)
+    cache = build_on_disk(prefix, data, root)
     folder = cache.path
     del cache
     victim = tmp_path / "victim.bin"
-    victim.write_bytes((folder / "tap0.bin").read_bytes())  # same size: the size check alone would pass
+    victim.write_bytes(
+        (folder / "tap0.bin").read_bytes()
+    )  # same size: the size check alone would pass
     before = victim.read_bytes()
     (folder / "tap0.bin").unlink()
     (folder / "tap0.bin").symlink_to(victim)
     manifest = json.loads((folder / disk.MANIFEST).read_text())
     manifest["status"] = status
     (folder / disk.MANIFEST).write_text(json.dumps(manifest))
-    (folder / disk.JOURNAL).unlink()  # a resume would rewrite every chunk: through the link, were it followed
+    (
+        folder / disk.JOURNAL
+    ).unlink()  # a resume would rewrite every chunk: through the link, were it followed
     registry.clear()
     with pytest.raises(CacheCorruptError, match="symbolic link"):
         FeatureCache.open(folder)
     with pytest.raises(CacheCorruptError, match="symbolic link"):
         fcache.verify(folder)
     prefix, data = make()
-    rebuilt = build(prefix, data, root)
+    rebuilt = build_on_disk(prefix, data, root)
     assert prefix.calls == 10 and not (rebuilt.path / "tap0.bin").is_symlink()
     assert victim.read_bytes() == before
 
 
-@pytest.mark.reliability("an interrupted build's manifest edited to another label dtype/shape of the same size",
-                         "the resume notices the layout differs from the prefix's output and rebuilds; no misread")
+@pytest.mark.reliability(
+    "an interrupted build's manifest edited to another label dtype/shape of the same size",
+    "the resume notices the layout differs from the prefix's output and rebuilds; no misread",
+)
 def test_resume_with_a_manifest_that_lies_about_the_layout_rebuilds(tmp_path, reference):
     prefix, data = make(fail_at=5)
     with pytest.raises(KeyboardInterrupt):
-        build(prefix, data, tmp_path)
+        build_on_disk(prefix, data, tmp_path)
     folder = only_folder(tmp_path)
     manifest = json.loads((folder / disk.MANIFEST).read_text())
     manifest["labels"]["dtype"] = "float64"  # int64 -> float64: same bytes per label, other meaning
     (folder / disk.MANIFEST).write_text(json.dumps(manifest))
     prefix, data = make()
-    cache = build(prefix, data, tmp_path)
-    assert prefix.calls == 11  # the check costs the first chunk once more; then everything is rebuilt
+    cache = build_on_disk(prefix, data, tmp_path)
+    assert (
+        prefix.calls == 11
+    )  # the check costs the first chunk once more; then everything is rebuilt
     assert cache.labels.dtype == torch.int64
     assert_equals_reference(cache, reference)

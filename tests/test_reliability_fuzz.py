@@ -16,14 +16,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fastft.cache as fcache
 from fastft.cache import FeatureCache, disk, journal, registry
 from fastft.errors import FastFTError
 
-FUZZ = settings(max_examples=int(__import__("os").environ.get("FASTFT_FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(__import__("os").environ.get("FASTFT_FUZZ_EXAMPLES", 60)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def make():
@@ -39,7 +44,9 @@ def build(root, prefix=None, data=None):
     if prefix is None:
         prefix, data = make()
     registry.clear()
-    return FeatureCache.build(prefix, data, tier="disk", dtype="int8", batch_size=10, cache_dir=root, progress=False)
+    return FeatureCache.build(
+        prefix, data, tier="disk", dtype="int8", batch_size=10, cache_dir=root, progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +86,13 @@ def read_everything(folder: Path, rows: torch.Tensor) -> None:
     else:  # it opened: then it must hold the true rows
         torch.testing.assert_close(cache.gather(torch.arange(40))[0], rows, rtol=0, atol=0)
         del cache
-    for call in (lambda: fcache.info(folder), lambda: fcache.verify(folder), lambda: journal.verify_folder(folder),
-                 lambda: disk.read_manifest(folder), lambda: journal.Journal(folder)):
+    for call in (
+        lambda: fcache.info(folder),
+        lambda: fcache.verify(folder),
+        lambda: journal.verify_folder(folder),
+        lambda: disk.read_manifest(folder),
+        lambda: journal.Journal(folder),
+    ):
         try:
             call()
         except FastFTError:
@@ -104,8 +116,14 @@ def build_again(c: Copy, files: dict) -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5)
+    ),
     max_leaves=25,
 )
 
@@ -118,7 +136,7 @@ def mutated(draw, base: dict):
     for _ in range(draw(st.integers(1, 3))):
         paths = []
 
-        def walk(node, path):
+        def walk(node, path, paths=paths):
             paths.append(path)
             if isinstance(node, dict):
                 for k, v in node.items():
@@ -126,6 +144,7 @@ def mutated(draw, base: dict):
             elif isinstance(node, list):
                 for i, v in enumerate(node):
                     walk(v, path + [i])
+
         walk(doc, [])
         if len(paths) == 1:  # everything was deleted already
             break
@@ -140,8 +159,23 @@ def mutated(draw, base: dict):
         elif op == "nudge" and isinstance(old, int) and not isinstance(old, bool):
             parent[key] = old + draw(st.sampled_from([-1, 1, -old, old, 2**40]))
         elif op == "string" and isinstance(old, str):
-            parent[key] = draw(st.sampled_from(["", "../" + old, "/" + old, old + "x", old.upper(), "float64",
-                                                "int8", "tap0.bin", "labels.bin", "complete", "building"]))
+            parent[key] = draw(
+                st.sampled_from(
+                    [
+                        "",
+                        "../" + old,
+                        "/" + old,
+                        old + "x",
+                        old.upper(),
+                        "float64",
+                        "int8",
+                        "tap0.bin",
+                        "labels.bin",
+                        "complete",
+                        "building",
+                    ]
+                )
+            )
         elif op == "list" and isinstance(old, list):
             parent[key] = draw(st.sampled_from([[], old + old, old[:1]]))
         else:
@@ -152,7 +186,10 @@ def mutated(draw, base: dict):
 # ---------------------------------------------------------------------------- manifests
 @FUZZ
 @given(raw=st.binary(max_size=300))
-@pytest.mark.reliability("hypothesis: random bytes as manifest.json", "FastFTError from every reader, never another exception")
+@pytest.mark.reliability(
+    "hypothesis: random bytes as manifest.json",
+    "FastFTError from every reader, never another exception",
+)
 def test_random_bytes_manifest(pristine, raw):
     with Copy(pristine) as c:
         (c.folder / disk.MANIFEST).write_bytes(raw)
@@ -161,8 +198,10 @@ def test_random_bytes_manifest(pristine, raw):
 
 @FUZZ
 @given(doc=json_values)
-@pytest.mark.reliability("hypothesis: random JSON (any type, nesting, huge ints, NaN) as manifest.json",
-                         "FastFTError from every reader, never another exception")
+@pytest.mark.reliability(
+    "hypothesis: random JSON (any type, nesting, huge ints, NaN) as manifest.json",
+    "FastFTError from every reader, never another exception",
+)
 def test_random_json_manifest(pristine, doc):
     with Copy(pristine) as c:
         (c.folder / disk.MANIFEST).write_text(json.dumps(doc))
@@ -177,9 +216,11 @@ def test_deeply_nested_json_is_a_cache_error(pristine):
 
 @FUZZ
 @given(data=st.data())
-@pytest.mark.reliability("hypothesis: a valid manifest with 1-3 random edits (values, deleted keys, nudged sizes, "
-                         "traversal names, dtypes), as a complete and as an interrupted cache",
-                         "readers: FastFTError or the true rows; build(): FastFTError or bytes equal to a clean build")
+@pytest.mark.reliability(
+    "hypothesis: a valid manifest with 1-3 random edits (values, deleted keys, nudged sizes, "
+    "traversal names, dtypes), as a complete and as an interrupted cache",
+    "readers: FastFTError or the true rows; build(): FastFTError or bytes equal to a clean build",
+)
 def test_mutated_manifest(pristine, data):
     doc = data.draw(mutated(pristine[4]))
     status = data.draw(st.sampled_from(["keep", "building"]))
@@ -200,10 +241,12 @@ journals = st.one_of(
 
 @FUZZ
 @given(data=st.data())
-@pytest.mark.reliability("hypothesis: journal.json as random bytes, random JSON, or the valid journal mutated "
-                         "(counts, bounds, checksums), in a complete and an interrupted cache",
-                         "verify/info: FastFTError or OK; a resumed build recomputes what it cannot trust and "
-                         "equals a clean build byte for byte")
+@pytest.mark.reliability(
+    "hypothesis: journal.json as random bytes, random JSON, or the valid journal mutated "
+    "(counts, bounds, checksums), in a complete and an interrupted cache",
+    "verify/info: FastFTError or OK; a resumed build recomputes what it cannot trust and "
+    "equals a clean build byte for byte",
+)
 def test_fuzzed_journal(pristine, data):
     kind = data.draw(st.sampled_from(["bytes", "json", "mutated"]))
     if kind == "bytes":
@@ -238,23 +281,40 @@ def run_cli(argv: list[str]) -> int:
 
 @FUZZ
 @given(data=st.data())
-@pytest.mark.reliability("hypothesis: `fastft cache ls|info|verify|rm` (plain and --json) on folders whose manifest "
-                         "or journal is random bytes, random JSON or a mutated valid file, and with random arguments",
-                         "exit code 0 or 2 with a message; never a traceback")
+@pytest.mark.reliability(
+    "hypothesis: `fastft cache ls|info|verify|rm` (plain and --json) on folders whose manifest "
+    "or journal is random bytes, random JSON or a mutated valid file, and with random arguments",
+    "exit code 0 or 2 with a message; never a traceback",
+)
 def test_cache_cli_on_fuzzed_folders(pristine, data):
     pytest.importorskip("fastft.cli")
     target = data.draw(st.sampled_from([disk.MANIFEST, disk.JOURNAL]))
     kind = data.draw(st.sampled_from(["bytes", "json", "mutated", "intact"]))
     base = pristine[4] if target == disk.MANIFEST else pristine[5]
-    raw = {"bytes": lambda: data.draw(st.binary(max_size=200)),
-           "json": lambda: json.dumps(data.draw(json_values)).encode(),
-           "mutated": lambda: json.dumps(data.draw(mutated(base))).encode(),
-           "intact": lambda: json.dumps(base).encode()}[kind]()
+    raw = {
+        "bytes": lambda: data.draw(st.binary(max_size=200)),
+        "json": lambda: json.dumps(data.draw(json_values)).encode(),
+        "mutated": lambda: json.dumps(data.draw(mutated(base))).encode(),
+        "intact": lambda: json.dumps(base).encode(),
+    }[kind]()
     with Copy(pristine) as c:
         (c.folder / target).write_bytes(raw)
-        name = data.draw(st.sampled_from([c.folder.name, c.folder.name[:6], str(c.folder), "", "0", "../..", "/"]))
+        name = data.draw(
+            st.sampled_from(
+                [c.folder.name, c.folder.name[:6], str(c.folder), "", "0", "../..", "/"]
+            )
+        )
         extra = data.draw(st.lists(st.text(max_size=8), max_size=2))
-        for cmd in (["ls"], ["info", name], ["verify", name], ["rm", name], [data.draw(st.text(max_size=6))]):
+        for cmd in (
+            ["ls"],
+            ["info", name],
+            ["verify", name],
+            ["rm", name],
+            [data.draw(st.text(max_size=6))],
+        ):
             for flags in ([], ["--json"]):
-                code = run_cli(["cache", "--cache-dir", str(c.root), *flags, *cmd] + (extra if cmd == ["ls"] else []))
+                code = run_cli(
+                    ["cache", "--cache-dir", str(c.root), *flags, *cmd]
+                    + (extra if cmd == ["ls"] else [])
+                )
                 assert code in (0, 2), (cmd, flags, code)

@@ -17,9 +17,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
-from fastft.cache import FeatureCache, disk, disk_build, journal, registry, writer
+from fastft.cache import FeatureCache, disk, journal, registry
 from fastft.errors import CacheError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +98,8 @@ WORKER = SETUP + textwrap.dedent("""
                 die()
             save(self)
         journal.Journal.save = save_or_die
-    elif point in ("journal_torn", "journal_not_renamed"):  # 8th journal: half a tmp file / tmp not renamed
+    elif point in ("journal_torn", "journal_not_renamed"):
+        # the 8th journal: half a tmp file / the tmp file not renamed
         dump, replace, n = _json.dump, os.replace, [0]
         def torn_dump(payload, f, **kw):
             if Path(f.name).name == "journal.json.tmp":
@@ -147,11 +147,7 @@ POINTS = {
 DATA_FILES = ("tap0.bin", "tap0.scales.bin", "tap1.bin", "tap1.scales.bin", "labels.bin")
 
 
-@pytest.fixture(autouse=True)
-def fresh_registry():
-    registry.clear()
-    yield
-    registry.clear()
+pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +164,13 @@ def reference(tmp_path_factory):
 
 def killed_worker(point: str, cache_dir: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", WORKER, point, str(cache_dir)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER, point, str(cache_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, f"{point}: rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
 
 
@@ -179,11 +180,13 @@ def committed_chunks(folder: Path) -> int:
 
 
 @pytest.mark.parametrize("point", list(POINTS))
-@pytest.mark.reliability("builder SIGKILLed at 9 points: in the prefix, mid-chunk (one tap written), written but not "
-                         "fsynced, fsynced but not journaled, half-written journal, journal not renamed, before "
-                         "'complete', before the first manifest, with the real commit interval",
-                         "next build resumes from the journal, recomputes exactly the uncommitted chunks, and its "
-                         "files equal an uninterrupted build byte for byte")
+@pytest.mark.reliability(
+    "builder SIGKILLed at 9 points: in the prefix, mid-chunk (one tap written), written but not "
+    "fsynced, fsynced but not journaled, half-written journal, journal not renamed, before "
+    "'complete', before the first manifest, with the real commit interval",
+    "next build resumes from the journal, recomputes exactly the uncommitted chunks, and its "
+    "files equal an uninterrupted build byte for byte",
+)
 def test_killed_build_resumes_to_identical_bytes(point, tmp_path, reference):
     fp, ref_files, ref_journal = reference
     killed_worker(point, tmp_path)
@@ -200,9 +203,13 @@ def test_killed_build_resumes_to_identical_bytes(point, tmp_path, reference):
         assert journal.verify_folder(folder)["complete"] is (committed == CHUNKS)
     prefix, data = namespace["make"]()
     cache = namespace["build"](prefix, data, tmp_path)
-    assert prefix.calls == CHUNKS - committed  # committed chunks are reused, every other one recomputed
+    assert (
+        prefix.calls == CHUNKS - committed
+    )  # committed chunks are reused, every other one recomputed
     assert cache.fingerprint == fp and cache.verify()["complete"]
     for name in DATA_FILES:
-        assert (folder / name).read_bytes() == ref_files[name], f"{name} differs after a kill at {point}"
+        assert (folder / name).read_bytes() == ref_files[name], (
+            f"{name} differs after a kill at {point}"
+        )
     assert json.loads((folder / disk.JOURNAL).read_text()) == ref_journal
     assert not (folder / (disk.JOURNAL + ".tmp")).exists()

@@ -42,8 +42,8 @@ SCRIPT = textwrap.dedent(f"""
     t0 = time.perf_counter()
     if hasattr(fastft, "FineTuner") and not os.environ.get("FASTFT_SCALE_GATHER"):
         out["trainer"] = "FineTuner"
-        ft = fastft.FineTuner(model, num_classes=10, cache="disk", cache_dtype="int8", cache_dir=cache_dir,
-                              extract_batch_size=8192, verbose=False)
+        ft = fastft.FineTuner(model, num_classes=10, cache="disk", cache_dtype="int8",
+                              cache_dir=cache_dir, extract_batch_size=8192, verbose=False)
         cache = ft.build_cache((X, y), dataset_id="scale-synthetic")
         out["build_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -51,8 +51,9 @@ SCRIPT = textwrap.dedent(f"""
         out["loss"] = history[-1]["loss"]
     else:  # the trainer has not landed: gather every row in shuffled batches as it would
         out["trainer"] = "gather"
-        cache = FeatureCache.build(model[:2], (X, y), dtype="int8", tier="disk", batch_size=8192,
-                                   cache_dir=cache_dir, dataset_id="scale-synthetic", progress=False)
+        cache = FeatureCache.build(model[:2], (X, y), dtype="int8", tier="disk",
+                                   batch_size=8192, cache_dir=cache_dir,
+                                   dataset_id="scale-synthetic", progress=False)
         out["build_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         for rows in torch.randperm(N, generator=g).split(4096):
@@ -73,16 +74,25 @@ SCRIPT = textwrap.dedent(f"""
 
 
 @pytest.mark.slow
-@pytest.mark.reliability("a 2,000,000 x 384 int8 disk cache (0.79 GB) built and trained one epoch",
-                         "peak resident memory of the process < 1.5 GB; rows correct to one int8 step")
+@pytest.mark.reliability(
+    "a 2,000,000 x 384 int8 disk cache (0.79 GB) built and trained one epoch",
+    "peak resident memory of the process < 1.5 GB; rows correct to one int8 step",
+)
 def test_two_million_row_cache_trains_within_memory(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "cache")], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "cache")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\nscale: {result}")
     assert result["tier"] == "disk" and result["num_rows"] == ROWS
-    assert result["cache_bytes"] == ROWS * (DIM + 4) + ROWS * 8  # int8 rows, fp32 scales, int64 labels
+    assert (
+        result["cache_bytes"] == ROWS * (DIM + 4) + ROWS * 8
+    )  # int8 rows, fp32 scales, int64 labels
     assert result["max_error_in_steps"] <= 1.0
     assert result["rss_peak_mb"] < RSS_LIMIT_MB, result

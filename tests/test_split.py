@@ -17,14 +17,24 @@ import torch
 from torch import nn
 
 import fastft
-from fastft.model import surgery
 from fastft.errors import SplitError
+from fastft.model import surgery
 
-from models import (image_batch, load_minilm_or_skip, make_dict_encoder, make_dynamic, make_mlp, make_resnet,
-                    make_text_encoder, make_vit, mlp_batch, token_batch)
+from helpers.data import image_batch, mlp_batch, token_batch
+from helpers.models import (
+    load_minilm_or_skip,
+    make_dict_encoder,
+    make_dynamic,
+    make_mlp,
+    make_resnet,
+    make_text_encoder,
+    make_vit,
+)
 
 
-def edited(model: nn.Module, *, head: int | None = 3, after: str | None = None, insert=None) -> nn.Module:
+def edited(
+    model: nn.Module, *, head: int | None = 3, after: str | None = None, insert=None
+) -> nn.Module:
     """Replace the head and/or insert layers, then freeze everything that is not new."""
     if head is not None:
         surgery.replace_head(model, num_classes=head)
@@ -55,12 +65,16 @@ def assert_split_is_exact(model, prefix, tail, x, atol=1e-6):
     tail.eval()
     taps = prefix(x)
     assert isinstance(taps, tuple) and len(taps) == len(prefix.tap_names) == len(tail.tap_names)
-    assert all(isinstance(t, torch.Tensor) and t.shape[0] == 4 and not t.requires_grad for t in taps)
+    assert all(
+        isinstance(t, torch.Tensor) and t.shape[0] == 4 and not t.requires_grad for t in taps
+    )
     torch.testing.assert_close(tail(*taps), eval_output(model, x), rtol=0, atol=atol)
 
 
 def assert_trains_exactly_the_new_modules(model, prefix, tail):
-    new = {id(p) for name in surgery.new_modules(model) for p in model.get_submodule(name).parameters()}
+    new = {
+        id(p) for name in surgery.new_modules(model) for p in model.get_submodule(name).parameters()
+    }
     assert new and {id(p) for p in tail.parameters() if p.requires_grad} == new
     assert not any(p.requires_grad for p in prefix.parameters())
     assert not {id(p) for p in prefix.parameters()} & new
@@ -72,7 +86,12 @@ CASES = {
     "resnet_head": (make_resnet, image_batch, dict(), ["flatten"]),
     "vit_cls_token": (make_vit, image_batch, dict(), ["getitem_1"]),
     "text_masked_mean": (make_text_encoder, token_batch, dict(), ["classifier.0"]),
-    "mlp_hidden_layers": (make_mlp, mlp_batch, dict(after="4", insert=[nn.Linear(16, 16), nn.ReLU()]), ["4"]),
+    "mlp_hidden_layers": (
+        make_mlp,
+        mlp_batch,
+        dict(after="4", insert=[nn.Linear(16, 16), nn.ReLU()]),
+        ["4"],
+    ),
 }
 
 
@@ -129,7 +148,9 @@ def test_vit_layer_after_the_first_block():
 
 
 def test_dict_encoder_with_appended_head():
-    model = surgery.append_head(make_dict_encoder(), [nn.Linear(16, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 5)])
+    model = surgery.append_head(
+        make_dict_encoder(), [nn.Linear(16, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 5)]
+    )
     surgery.freeze(model, except_new=True)
     x = token_batch()
     prefix, tail = quiet_split(model, x)
@@ -151,7 +172,8 @@ def test_trainable_but_not_new_modules_go_to_the_tail():
     assert prefix.tap_names == ["layer2.0"]
     assert_split_is_exact(model, prefix, tail, x)
     assert {n for n, p in tail.named_parameters() if p.requires_grad} == {
-        "body." + n for n, p in model.named_parameters() if n.startswith(("layer2.1.", "fc."))}
+        "body." + n for n, p in model.named_parameters() if n.startswith(("layer2.1.", "fc."))
+    }
     tail.train()
     assert model.layer2[1].bn1.training  # an unfrozen block trains as a whole, BatchNorm included
 
@@ -166,7 +188,8 @@ def test_data_dependent_control_flow_uses_the_hook_fallback():
     assert_split_is_exact(model, prefix, tail, mlp_batch(seed=5) * 3)
     assert_trains_exactly_the_new_modules(model, prefix, tail)
     assert {n for n, _ in prefix.named_parameters()} == {
-        "body.frozen." + n for n, _ in model.named_parameters() if not n.startswith("head.")}
+        "body.frozen." + n for n, _ in model.named_parameters() if not n.startswith("head.")
+    }
     # The prefix leaves no hook behind: the model is still a plain module.
     prefix(x)
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
@@ -198,7 +221,9 @@ def test_untraceable_model_with_new_modules_between_frozen_ones_is_replayed():
 
 
 def test_fx_only_on_an_untraceable_model():
-    with pytest.raises(SplitError, match=r"fx: torch.fx cannot trace it \(TypeError: int\(\) argument"):
+    with pytest.raises(
+        SplitError, match=r"fx: torch.fx cannot trace it \(TypeError: int\(\) argument"
+    ):
         quiet_split(edited(make_dynamic()), mlp_batch(), method="fx")
 
 
@@ -207,17 +232,25 @@ class Scaled(nn.Module):
 
     def __init__(self, where: str):
         super().__init__()
-        self.body, self.a, self.b, self.where = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2), where
+        self.body, self.a, self.b, self.where = (
+            nn.Linear(4, 4),
+            nn.Linear(4, 4),
+            nn.Linear(4, 2),
+            where,
+        )
 
     def forward(self, x):
         h = self.a(self.body(x))
         return self.b(h * 2) if self.where == "between" else self.b(h) * 2
 
 
-@pytest.mark.parametrize("where, match", [
-    ("between", "'b' does not take exactly the output of 'a'"),
-    ("after", "does not return the output of its last module 'b'"),
-])
+@pytest.mark.parametrize(
+    "where, match",
+    [
+        ("between", "'b' does not take exactly the output of 'a'"),
+        ("after", "does not return the output of its last module 'b'"),
+    ],
+)
 def test_hook_split_needs_a_chain(where, match):
     model = Scaled(where)
     surgery.freeze(model, names="body")
@@ -243,7 +276,9 @@ class Counter(nn.Module):
 def test_parity_failure_names_the_first_divergent_module():
     model = nn.Sequential(nn.Linear(12, 8), Counter(), nn.ReLU(), nn.Linear(8, 3))
     edited(model)
-    with pytest.raises(SplitError, match=r"differs from the model's by .*first divergent module: '1' \(Counter\)"):
+    with pytest.raises(
+        SplitError, match=r"differs from the model's by .*first divergent module: '1' \(Counter\)"
+    ):
         quiet_split(model, mlp_batch())
     prefix, tail = quiet_split(model, mlp_batch(), check=False)  # the caller may skip the check
     assert prefix.tap_names == ["2"]
@@ -253,11 +288,15 @@ def test_parity_failure_names_the_first_divergent_module():
 def test_warns_once_when_frozen_batchnorm_or_dropout_was_in_train_mode():
     model = edited(make_resnet())
     modes = {n: m.training for n, m in model.named_modules()}
-    with pytest.warns(UserWarning, match=r"eval mode: 10 frozen dropout/BatchNorm.*'bn1'.*running statistics") as rec:
+    with pytest.warns(
+        UserWarning, match=r"eval mode: 10 frozen dropout/BatchNorm.*'bn1'.*running statistics"
+    ) as rec:
         fastft.split(model, image_batch())
     assert len([w for w in rec if "eval mode" in str(w.message)]) == 1
     assert {n: m.training for n, m in model.named_modules()} == modes  # split leaves modes alone
-    with warnings.catch_warnings():  # the same model split again (a schedule's next stage): said once
+    with (
+        warnings.catch_warnings()
+    ):  # the same model split again (a schedule's next stage): said once
         warnings.simplefilter("error")
         fastft.split(model, image_batch())
     model.eval()
@@ -270,7 +309,9 @@ def test_no_warning_for_batchnorm_kept_frozen_in_unfrozen_blocks():
     model = edited(make_resnet())
     model.eval()
     fastft.model.blocks.unfreeze_blocks(model, 1)
-    model.layer2[1].train()  # the user's block in train mode: its BatchNorm stats stay frozen on purpose
+    model.layer2[
+        1
+    ].train()  # the user's block in train mode: its BatchNorm stats stay frozen on purpose
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastft.split(model, image_batch())
@@ -295,7 +336,9 @@ def test_signature_follows_structure_and_cut_not_weights():
     a = edited(make_resnet(seed=0))
     b = edited(make_resnet(seed=1))  # other weights, same structure
     sig = quiet_split(a, x)[0].signature()
-    assert sig == quiet_split(b, x)[0].signature() == quiet_split(copy.deepcopy(a), x)[0].signature()
+    assert (
+        sig == quiet_split(b, x)[0].signature() == quiet_split(copy.deepcopy(a), x)[0].signature()
+    )
     assert "0x" not in sig and "layer2" in sig
     moved = edited(make_resnet(), head=None, after="layer2.0", insert=[nn.Conv2d(16, 16, 1)])
     assert quiet_split(moved, x)[0].signature() != sig
@@ -319,11 +362,14 @@ def test_nothing_frozen():
         fastft.split(make_mlp(), mlp_batch())
 
 
-@pytest.mark.parametrize("x, kw, match", [
-    ([1, 2], {}, "a tensor or a dict of tensors"),
-    (torch.tensor(1.0), {}, "a tensor or a dict of tensors"),
-    (None, {"method": "jit"}, "method must be one of"),
-])
+@pytest.mark.parametrize(
+    "x, kw, match",
+    [
+        ([1, 2], {}, "a tensor or a dict of tensors"),
+        (torch.tensor(1.0), {}, "a tensor or a dict of tensors"),
+        (None, {"method": "jit"}, "method must be one of"),
+    ],
+)
 def test_bad_arguments(x, kw, match):
     model = edited(make_mlp())
     with pytest.raises(SplitError, match=match):
@@ -368,20 +414,27 @@ def test_a_new_module_reading_the_whole_input_dict_is_explained():
     with pytest.raises(SplitError) as err:
         quiet_split(model, {"x": torch.randn(3, 4)})
     msg = str(err.value)
-    assert "fx: the model input itself (dict) reaches a trainable module (head) with nothing frozen before it" in msg
+    assert (
+        "fx: the model input itself (dict) reaches a trainable module (head) "
+        "with nothing frozen before it" in msg
+    )
     assert "hook: 'head' is called with non-tensor or keyword inputs" in msg
 
 
-# ---------------------------------------------------------------------------- the edited model stays plain
+# --------------------------------------------------------------------- the edited model stays plain
 def test_edited_and_split_model_exports_as_plain_torch():
     model = edited(make_resnet(), head=4, after="layer1.1.bn2", insert=[nn.Conv2d(8, 8, 1)])
     x = image_batch()
     prefix, tail = quiet_split(model, x)
-    assert not any(isinstance(m, (fastft.FrozenPrefix, fastft.TrainableTail)) for m in model.modules())
+    assert not any(
+        isinstance(m, (fastft.FrozenPrefix, fastft.TrainableTail)) for m in model.modules()
+    )
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
-    torch.testing.assert_close(torch.load(buf, weights_only=False).eval()(x), eval_output(model, x), rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.load(buf, weights_only=False).eval()(x), eval_output(model, x), rtol=0, atol=0
+    )
 
 
 # ---------------------------------------------------------------------------- real all-MiniLM-L6-v2

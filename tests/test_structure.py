@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fastft"
 TESTS = ROOT / "tests"
@@ -35,7 +33,11 @@ def package_of(path: Path, root: Path = ROOT) -> str:
 
 
 def all_modules(folder: Path, root: Path = ROOT) -> dict[str, Path]:
-    return {module_name(p, root): p for p in sorted(folder.rglob("*.py")) if "__pycache__" not in p.parts}
+    return {
+        module_name(p, root): p
+        for p in sorted(folder.rglob("*.py"))
+        if "__pycache__" not in p.parts
+    }
 
 
 def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
@@ -60,7 +62,7 @@ def imports_of(path: Path, root: Path = ROOT) -> list[tuple[str, list[str], int]
             base = node.module or ""
             if node.level:  # relative: resolve against this file's package
                 pkg = package_of(path, root).split(".")
-                pkg = pkg[:len(pkg) - node.level + 1]
+                pkg = pkg[: len(pkg) - node.level + 1]
                 base = ".".join(pkg + ([base] if base else []))
             found.append((base, [a.name for a in node.names], node.lineno))
     return found
@@ -90,7 +92,7 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, {})):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -111,7 +113,7 @@ def private_imports(modules: dict[str, Path], root: Path = ROOT) -> list[str]:
     """Imports of another module's ``_private`` name, or of a private module from outside
     the package that holds it; and ``alias._private`` reads of an imported fastft module."""
     bad = []
-    for name, path in modules.items():
+    for _name, path in modules.items():
         rel = path.relative_to(root)
         pkg = package_of(path, root)
         aliases: dict[str, str] = {}  # local name -> fastft module
@@ -130,14 +132,29 @@ def private_imports(modules: dict[str, Path], root: Path = ROOT) -> list[str]:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):  # names bound to fastft modules
             if isinstance(node, ast.Import):
-                aliases.update({a.asname: a.name for a in node.names if a.name.startswith("fastft") and a.asname})
+                aliases.update(
+                    {
+                        a.asname: a.name
+                        for a in node.names
+                        if a.name.startswith("fastft") and a.asname
+                    }
+                )
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastft"):
-                aliases.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names
-                                if f"{node.module}.{a.name}" in modules})
+                aliases.update(
+                    {
+                        a.asname or a.name: f"{node.module}.{a.name}"
+                        for a in node.names
+                        if f"{node.module}.{a.name}" in modules
+                    }
+                )
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                    and node.value.id in aliases and node.attr.startswith("_")
-                    and not node.attr.startswith("__")):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 bad.append(f"{rel}:{node.lineno} reads {node.value.id}.{node.attr}")
     return bad
 
@@ -156,14 +173,19 @@ def test_the_trainer_reaches_kernels_only_through_the_cache():
     modules = all_modules(PACKAGE)
     graph = import_graph(modules)
     trainer = [m for m in modules if m.startswith("fastft.train")]
-    direct = {m: sorted(t for t in graph[m] if t.startswith("fastft.ops") or t == "fastft._native")
-              for m in trainer}
+    direct = {
+        m: sorted(t for t in graph[m] if t.startswith("fastft.ops") or t == "fastft._native")
+        for m in trainer
+    }
     assert {m: t for m, t in direct.items() if t} == {}
 
 
 def test_files_and_the_facade_stay_small():
-    long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert {f: n for f, n in long.items() if f not in LONG_FILES} == {}
     path, cls, limit = FACADE
     tree = ast.parse((ROOT / path).read_text())
@@ -174,17 +196,20 @@ def test_files_and_the_facade_stay_small():
 def test_tests_share_helpers_not_each_others_privates():
     modules = {k: v for k, v in all_modules(TESTS).items()}
     bad = []
-    for name, path in modules.items():
-        for target, names, line in imports_of(path):
-            if target.startswith("tests.") and target not in ("tests.helpers",) \
-                    and not target.startswith("tests.helpers."):
+    for _name, path in modules.items():
+        for target, _names, line in imports_of(path):
+            if (
+                target.startswith("tests.")
+                and target not in ("tests.helpers",)
+                and not target.startswith("tests.helpers.")
+            ):
                 bad.append(f"{path.relative_to(ROOT)}:{line} imports {target} (use tests/helpers)")
             if target.startswith("test_") or target in ("models", "conftest"):
                 bad.append(f"{path.relative_to(ROOT)}:{line} imports {target} (use tests/helpers)")
     assert bad == []
 
 
-# ------------------------------------------------------------------ the checks catch what they should
+# ---------------------------------------------------------------- the checks catch what they should
 def _write(root: Path, files: dict[str, str]) -> dict[str, Path]:
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -193,32 +218,45 @@ def _write(root: Path, files: dict[str, str]) -> dict[str, Path]:
 
 
 def test_a_lazy_import_cycle_is_found(tmp_path):
-    modules = _write(tmp_path, {
-        "fastft/__init__.py": "",
-        "fastft/a.py": "from fastft.b import g\n",
-        "fastft/b.py": "def g():\n    from fastft.a import f\n",
-    })
+    modules = _write(
+        tmp_path,
+        {
+            "fastft/__init__.py": "",
+            "fastft/a.py": "from fastft.b import g\n",
+            "fastft/b.py": "def g():\n    from fastft.a import f\n",
+        },
+    )
     assert find_cycle(import_graph(modules, tmp_path)) == ["fastft.a", "fastft.b", "fastft.a"]
 
 
 def test_a_type_checking_import_is_no_cycle(tmp_path):
-    modules = _write(tmp_path, {
-        "fastft/__init__.py": "",
-        "fastft/a.py": "from fastft.b import g\n",
-        "fastft/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fastft.a import f\n",
-    })
+    modules = _write(
+        tmp_path,
+        {
+            "fastft/__init__.py": "",
+            "fastft/a.py": "from fastft.b import g\n",
+            "fastft/b.py": (
+                "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fastft.a import f\n"
+            ),
+        },
+    )
     assert find_cycle(import_graph(modules, tmp_path)) is None
 
 
 def test_private_imports_are_found(tmp_path):
-    modules = _write(tmp_path, {
-        "fastft/__init__.py": "",
-        "fastft/p/__init__.py": "",
-        "fastft/p/_common.py": "X = 1\n",
-        "fastft/p/a.py": "from fastft.p._common import X\n_hidden = 2\n",
-        "fastft/q.py": ("from fastft.p.a import _hidden\nfrom fastft.p._common import X\n"
-                        "from fastft.p import a as pa\ny = pa._hidden\n"),
-    })
+    modules = _write(
+        tmp_path,
+        {
+            "fastft/__init__.py": "",
+            "fastft/p/__init__.py": "",
+            "fastft/p/_common.py": "X = 1\n",
+            "fastft/p/a.py": "from fastft.p._common import X\n_hidden = 2\n",
+            "fastft/q.py": (
+                "from fastft.p.a import _hidden\nfrom fastft.p._common import X\n"
+                "from fastft.p import a as pa\ny = pa._hidden\n"
+            ),
+        },
+    )
     assert private_imports(modules, tmp_path) == [
         "fastft/q.py:1 imports _hidden from fastft.p.a",
         "fastft/q.py:2 imports fastft.p._common, private to fastft.p",

@@ -15,11 +15,19 @@ import pytest
 import torch
 from torch import nn
 
-from fastft.model import surgery
 from fastft.errors import SurgeryError
+from fastft.model import surgery
 
-from models import (ResNetish, image_batch, make_dict_encoder, make_dynamic, make_mlp, make_resnet,
-                    make_text_encoder, make_vit, mlp_batch, token_batch)
+from helpers.data import image_batch, mlp_batch, token_batch
+from helpers.models import (
+    ResNetish,
+    make_dict_encoder,
+    make_dynamic,
+    make_mlp,
+    make_resnet,
+    make_text_encoder,
+    make_vit,
+)
 
 
 def trainable(model: nn.Module) -> set[str]:
@@ -58,19 +66,24 @@ class VGGStyle(nn.Module):  # classifier = Sequential ending in Linear (then a p
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
-        self.classifier = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 3), nn.Softmax(-1))
+        self.classifier = nn.Sequential(
+            nn.Linear(8, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 3), nn.Softmax(-1)
+        )
 
 
-@pytest.mark.parametrize("make, expected", [
-    (make_resnet, "fc"),
-    (make_mlp, "5"),
-    (make_vit, "head"),
-    (make_text_encoder, "classifier.1"),
-    (HeadsHead, "heads.head"),
-    (Scored, "score"),
-    (TimmStyle, "head.fc"),
-    (VGGStyle, "classifier.3"),
-])
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (make_resnet, "fc"),
+        (make_mlp, "5"),
+        (make_vit, "head"),
+        (make_text_encoder, "classifier.1"),
+        (HeadsHead, "heads.head"),
+        (Scored, "score"),
+        (TimmStyle, "head.fc"),
+        (VGGStyle, "classifier.3"),
+    ],
+)
 def test_find_head_usual_layouts(make, expected):
     model = make()
     name, module = surgery.find_head(model)
@@ -115,13 +128,16 @@ def test_replace_head_with_module_and_name():
     assert model(token_batch()).shape == (4, 2)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(), "exactly one of"),
-    (dict(num_classes=3, module=nn.Linear(2, 3)), "exactly one of"),
-    (dict(num_classes=0), "positive int"),
-    (dict(num_classes=3, name="bn1"), "cannot infer the input width"),
-    (dict(module="not a module"), "must be an nn.Module"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(), "exactly one of"),
+        (dict(num_classes=3, module=nn.Linear(2, 3)), "exactly one of"),
+        (dict(num_classes=0), "positive int"),
+        (dict(num_classes=3, name="bn1"), "cannot infer the input width"),
+        (dict(module="not a module"), "must be an nn.Module"),
+    ],
+)
 def test_replace_head_bad_arguments(kwargs, match):
     with pytest.raises(SurgeryError, match=match):
         surgery.replace_head(make_resnet(), **kwargs)
@@ -174,7 +190,9 @@ def test_insert_in_a_numbered_sequential_renumbers():
 
 
 def test_insert_in_a_named_sequential_keeps_names():
-    model = nn.Sequential(collections.OrderedDict(fc1=nn.Linear(4, 8), act=nn.ReLU(), out=nn.Linear(8, 2)))
+    model = nn.Sequential(
+        collections.OrderedDict(fc1=nn.Linear(4, 8), act=nn.ReLU(), out=nn.Linear(8, 2))
+    )
     assert surgery.insert_layers(model, after="act", modules=nn.Linear(8, 8)) == ["act_new"]
     assert list(model._modules) == ["fc1", "act", "act_new", "out"]
 
@@ -235,7 +253,9 @@ def test_remove_from_a_sequential_renumbers():
 def test_remove_that_breaks_the_widths_is_refused_and_changes_nothing():
     model = make_mlp()
     before = list(model)
-    with pytest.raises(SurgeryError, match=r"model\.0 \(output width 32\) feeding model\.5 \(input width 16\)"):
+    with pytest.raises(
+        SurgeryError, match=r"model\.0 \(output width 32\) feeding model\.5 \(input width 16\)"
+    ):
         surgery.remove_layers(model, ["3", "4"])
     assert list(model) == before
 
@@ -257,16 +277,21 @@ def test_remove_checked_on_example_inputs_is_undone_on_failure():
     x = image_batch()
     want = model(x)
     # layer2.0 maps 8 -> 16 channels: a width the static check cannot see inside a block.
-    with pytest.raises(SurgeryError, match="no longer runs on the example inputs.*nothing was removed"):
+    with pytest.raises(
+        SurgeryError, match="no longer runs on the example inputs.*nothing was removed"
+    ):
         surgery.remove_layers(model, ["layer2.0"], example_inputs=x)
     assert len(model.layer2) == 2 and torch.equal(model(x), want)
 
 
-@pytest.mark.parametrize("names, match", [
-    (["layer3"], r"unknown module 'layer3'; did you mean 'layer2', 'layer1'"),
-    ([], "at least one"),
-    (["fc", "fc"], "twice"),
-])
+@pytest.mark.parametrize(
+    "names, match",
+    [
+        (["layer3"], r"unknown module 'layer3'; did you mean 'layer2', 'layer1'"),
+        ([], "at least one"),
+        (["fc", "fc"], "twice"),
+    ],
+)
 def test_remove_layers_bad_names(names, match):
     with pytest.raises(SurgeryError, match=match):
         surgery.remove_layers(make_resnet(), names)
@@ -288,11 +313,19 @@ def test_freeze_by_names_patterns_and_depth():
     surgery.unfreeze(model)
     surgery.freeze(model, patterns=["layer*.0.bn?"])
     assert trainable(model) == {n for n, _ in model.named_parameters()} - {
-        n for n, _ in model.named_parameters() if n.split(".")[0] in ("layer1", "layer2")
-        and n.split(".")[1] == "0" and n.split(".")[2] in ("bn1", "bn2")}
+        n
+        for n, _ in model.named_parameters()
+        if n.split(".")[0] in ("layer1", "layer2")
+        and n.split(".")[1] == "0"
+        and n.split(".")[2] in ("bn1", "bn2")
+    }
     surgery.unfreeze(model)
     surgery.freeze(model, depth=2)  # conv1 and bn1: the first two top-level modules with weights
-    assert {n for n, p in model.named_parameters() if not p.requires_grad} == {"conv1.weight", "bn1.weight", "bn1.bias"}
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == {
+        "conv1.weight",
+        "bn1.weight",
+        "bn1.bias",
+    }
 
 
 def test_freeze_a_single_parameter_and_unfreeze_by_pattern():
@@ -304,12 +337,18 @@ def test_freeze_a_single_parameter_and_unfreeze_by_pattern():
     assert trainable(model) == {"5.weight"}
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(names=["layer1.0.bn3"]), r"did you mean 'layer1.0.bn2', 'layer1.0.bn1'"),
-    (dict(patterns=["layer9*"]), r"matches no parameter or module.*not a no-op.*close to it: .layer2., .layer1."),
-    (dict(depth=99), "only 5 top-level modules"),
-    (dict(depth=-1), "non-negative"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(names=["layer1.0.bn3"]), r"did you mean 'layer1.0.bn2', 'layer1.0.bn1'"),
+        (
+            dict(patterns=["layer9*"]),
+            r"matches no parameter or module.*not a no-op.*close to it: .layer2., .layer1.",
+        ),
+        (dict(depth=99), "only 5 top-level modules"),
+        (dict(depth=-1), "non-negative"),
+    ],
+)
 def test_freeze_bad_selection(kwargs, match):
     with pytest.raises(SurgeryError, match=match):
         surgery.freeze(make_resnet(), **kwargs)

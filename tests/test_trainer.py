@@ -9,6 +9,7 @@ with masked-mean pooling, with SGD and AdamW.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -17,20 +18,21 @@ from torch import nn
 import fastft
 from fastft import FineTuner
 
-from naive import naive_finetune, trainable_state
-
-
-def make_mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+from helpers.data import image_data, mlp_data, token_data
+from helpers.models import make_mlp
+from helpers.oracle import naive_finetune, trainable_state
 
 
 class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1, stride=2),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(16, 10)
@@ -76,34 +78,18 @@ def make_encoder(seed=0):
     return TinyEncoder()
 
 
-def mlp_data(n=90, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 12, generator=g)
-    y = (X[:, 0] > 0).long() + (X[:, 1] > 0.5).long()
-    return X, y
-
-
-def cnn_data(n=70, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 3, 8, 8, generator=g)
-    y = torch.randint(0, 5, (n,), generator=g)
-    return X, y
-
-
-def encoder_data(n=60, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 50, (n, 10), generator=g)
-    lengths = torch.randint(3, 11, (n,), generator=g)
-    mask = (torch.arange(10).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    ids = ids * mask
-    y = torch.randint(0, 3, (n,), generator=g)
-    return {"input_ids": ids, "attention_mask": mask}, y
-
-
 CASES = {
-    "mlp": (make_mlp, mlp_data, dict(num_classes=4, hidden=[8])),
-    "cnn_batchnorm": (make_cnn, cnn_data, dict(num_classes=5, hidden=[12])),
-    "transformer_masked_mean": (make_encoder, encoder_data, dict(num_classes=3)),
+    "mlp": (make_mlp, functools.partial(mlp_data, 90), dict(num_classes=4, hidden=[8])),
+    "cnn_batchnorm": (
+        make_cnn,
+        functools.partial(image_data, 70),
+        dict(num_classes=5, hidden=[12]),
+    ),
+    "transformer_masked_mean": (
+        make_encoder,
+        functools.partial(token_data, 60),
+        dict(num_classes=3),
+    ),
 }
 
 
@@ -112,13 +98,20 @@ CASES = {
 def test_fastft_equals_naive_frozen_finetuning(case, optimizer, tmp_path):
     make_model, make_data, kwargs = CASES[case]
     X, y = make_data()
-    ft = FineTuner(make_model(), cache_dtype="fp32", seed=3, cache_dir=str(tmp_path), verbose=False, **kwargs)
+    ft = FineTuner(
+        make_model(), cache_dtype="fp32", seed=3, cache_dir=str(tmp_path), verbose=False, **kwargs
+    )
     ft.prepare(fastft.data.index_select(X, torch.arange(4)))
     naive_model = copy.deepcopy(ft.model)  # same edits, same initial new weights
     initial = trainable_state(ft.model)
 
-    fit_args = dict(epochs=3, batch_size=16, lr=0.05 if optimizer == "sgd" else 0.01,
-                    optimizer=optimizer, weight_decay=0.01)
+    fit_args = dict(
+        epochs=3,
+        batch_size=16,
+        lr=0.05 if optimizer == "sgd" else 0.01,
+        optimizer=optimizer,
+        weight_decay=0.01,
+    )
     ft.fit((X, y), **fit_args)
     naive_finetune(naive_model, X, y, seed=3, **fit_args)
 
@@ -132,11 +125,13 @@ def test_fastft_equals_naive_frozen_finetuning(case, optimizer, tmp_path):
 
 @pytest.mark.filterwarnings("ignore::fastft.errors.CacheReuseWarning")  # instrumentation state
 def test_frozen_part_runs_once_per_sample_not_per_epoch(tmp_path):
-    X, y = mlp_data()
+    X, y = mlp_data(90)
     model = make_mlp()
     calls = {"rows": 0}
     first = model[0]
-    first.register_forward_hook(lambda m, i, o: calls.__setitem__("rows", calls["rows"] + o.shape[0]))
+    first.register_forward_hook(
+        lambda m, i, o: calls.__setitem__("rows", calls["rows"] + o.shape[0])
+    )
     ft = FineTuner(model, num_classes=3, cache_dtype="fp16", cache_dir=str(tmp_path), verbose=False)
     ft.fit((X, y), epochs=5, batch_size=32)
     # One pass over the 90 samples plus the small probe batches of the split's parity check.
@@ -145,22 +140,40 @@ def test_frozen_part_runs_once_per_sample_not_per_epoch(tmp_path):
 
 
 def test_predict_export_and_evaluate_agree(tmp_path):
-    X, y = cnn_data()
-    ft = FineTuner(make_cnn(), num_classes=5, hidden=[8], cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False)
+    X, y = image_data(70)
+    ft = FineTuner(
+        make_cnn(),
+        num_classes=5,
+        hidden=[8],
+        cache_dtype="fp32",
+        cache_dir=str(tmp_path),
+        verbose=False,
+    )
     ft.fit((X, y), epochs=2, batch_size=16)
     logits = ft.predict(X)
     plain = ft.export()
-    assert not any(isinstance(m, (fastft.FrozenPrefix, fastft.TrainableTail)) for m in plain.modules())
+    assert not any(
+        isinstance(m, (fastft.FrozenPrefix, fastft.TrainableTail)) for m in plain.modules()
+    )
     with torch.no_grad():
         torch.testing.assert_close(plain(X), logits, rtol=0, atol=1e-5)
     metrics = ft.evaluate((X, y))
-    assert metrics["accuracy"] == pytest.approx((logits.argmax(1) == y).double().mean().item(), abs=1e-9)
+    assert metrics["accuracy"] == pytest.approx(
+        (logits.argmax(1) == y).double().mean().item(), abs=1e-9
+    )
     assert set(metrics) >= {"loss", "accuracy", "macro_f1"}
 
 
 def test_save_load_round_trip(tmp_path):
-    X, y = mlp_data()
-    ft = FineTuner(make_mlp(), num_classes=4, hidden=[8], cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False)
+    X, y = mlp_data(90)
+    ft = FineTuner(
+        make_mlp(),
+        num_classes=4,
+        hidden=[8],
+        cache_dtype="fp32",
+        cache_dir=str(tmp_path),
+        verbose=False,
+    )
     ft.fit((X, y), epochs=2, batch_size=32)
     path = tmp_path / "ft.pt"
     ft.save(str(path))
@@ -170,10 +183,12 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_resumed_fit_equals_uninterrupted(tmp_path):
-    X, y = cnn_data()
+    X, y = image_data(70)
     args = dict(epochs=4, batch_size=16, lr=0.01, scheduler="cosine")
 
-    full = FineTuner(make_cnn(), num_classes=5, cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False)
+    full = FineTuner(
+        make_cnn(), num_classes=5, cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False
+    )
     full.fit((X, y), **args)
 
     class Interrupt(Exception):
@@ -184,10 +199,14 @@ def test_resumed_fit_equals_uninterrupted(tmp_path):
             raise Interrupt
 
     ckpt = str(tmp_path / "ckpt.pt")
-    first = FineTuner(make_cnn(), num_classes=5, cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False)
+    first = FineTuner(
+        make_cnn(), num_classes=5, cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False
+    )
     with pytest.raises(Interrupt):
         first.fit((X, y), callbacks=[crash_after_two], checkpoint=ckpt, **args)
-    resumed = FineTuner(make_cnn(), num_classes=5, cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False)
+    resumed = FineTuner(
+        make_cnn(), num_classes=5, cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False
+    )
     resumed.fit((X, y), checkpoint=ckpt, resume=True, **args)
     for name, want in trainable_state(full.model).items():
         torch.testing.assert_close(trainable_state(resumed.model)[name], want, rtol=0, atol=1e-6)
@@ -197,22 +216,44 @@ def test_resumed_fit_equals_uninterrupted(tmp_path):
 def test_validation_metrics_and_early_stopping(tmp_path):
     X, y = mlp_data(120)
     ft = FineTuner(make_mlp(), num_classes=4, cache_dir=str(tmp_path), verbose=False)
-    hist = ft.fit((X[:90], y[:90]), val=(X[90:], y[90:]), epochs=40, batch_size=16, lr=0.2,
-                  optimizer="sgd", early_stopping=2)
+    hist = ft.fit(
+        (X[:90], y[:90]),
+        val=(X[90:], y[90:]),
+        epochs=40,
+        batch_size=16,
+        lr=0.2,
+        optimizer="sgd",
+        early_stopping=2,
+    )
     assert "val_accuracy" in hist[-1] and "val_macro_f1" in hist[-1]
     assert len(hist) < 40  # stopped early
 
 
 def test_sweep_equals_separate_fits(tmp_path):
-    X, y = mlp_data()
+    X, y = mlp_data(90)
     configs = [{"lr": 0.01}, {"lr": 0.003, "weight_decay": 0.1}, {"lr": 0.01, "hidden": [6]}]
-    ft = FineTuner(make_mlp(), num_classes=4, hidden=[8], cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False)
+    ft = FineTuner(
+        make_mlp(),
+        num_classes=4,
+        hidden=[8],
+        cache_dtype="fp32",
+        cache_dir=str(tmp_path),
+        verbose=False,
+    )
     result = ft.fit_many(configs, (X, y), epochs=3, batch_size=16, keep_best=False)
     assert len(result.histories) == 3 and 0 <= result.best_index < 3
     for cfg, head, hist in zip(configs, result.heads, result.histories):
-        solo = FineTuner(make_mlp(), num_classes=4, hidden=cfg.get("hidden", [8]), cache_dtype="fp32",
-                         cache_dir=str(tmp_path), verbose=False)
-        solo.fit((X, y), epochs=3, batch_size=16, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+        solo = FineTuner(
+            make_mlp(),
+            num_classes=4,
+            hidden=cfg.get("hidden", [8]),
+            cache_dtype="fp32",
+            cache_dir=str(tmp_path),
+            verbose=False,
+        )
+        solo.fit(
+            (X, y), epochs=3, batch_size=16, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0)
+        )
         solo_head = solo.model[-1]
         for (n, p), (_, q) in zip(head.named_parameters(), solo_head.named_parameters()):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-5, msg=n)
@@ -220,8 +261,15 @@ def test_sweep_equals_separate_fits(tmp_path):
 
 
 def test_sweep_keep_best_installs_the_best_head(tmp_path):
-    X, y = mlp_data()
-    ft = FineTuner(make_mlp(), num_classes=4, hidden=[8], cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False)
+    X, y = mlp_data(90)
+    ft = FineTuner(
+        make_mlp(),
+        num_classes=4,
+        hidden=[8],
+        cache_dtype="fp32",
+        cache_dir=str(tmp_path),
+        verbose=False,
+    )
     result = ft.fit_many([{"lr": 1e-5}, {"lr": 0.05}], (X, y), epochs=4, batch_size=16)
     assert result.best_index == 1
     out = ft.predict(X)
@@ -231,7 +279,7 @@ def test_sweep_keep_best_installs_the_best_head(tmp_path):
 
 class TestBadInput:
     def test_labels_out_of_range(self, tmp_path):
-        X, y = mlp_data()
+        X, y = mlp_data(90)
         y = y.clone()
         y[7] = 9
         ft = FineTuner(make_mlp(), num_classes=4, cache_dir=str(tmp_path), verbose=False)
@@ -239,7 +287,7 @@ class TestBadInput:
             ft.fit((X, y), epochs=1)
 
     def test_float_labels_for_classification(self, tmp_path):
-        X, y = mlp_data()
+        X, y = mlp_data(90)
         ft = FineTuner(make_mlp(), num_classes=4, cache_dir=str(tmp_path), verbose=False)
         with pytest.raises(fastft.DataError, match="integer class labels"):
             ft.fit((X, y.float()), epochs=1)
@@ -249,7 +297,7 @@ class TestBadInput:
             FineTuner(make_mlp(), num_classes=1)
 
     def test_mismatched_lengths(self, tmp_path):
-        X, y = mlp_data()
+        X, y = mlp_data(90)
         ft = FineTuner(make_mlp(), num_classes=4, cache_dir=str(tmp_path), verbose=False)
         with pytest.raises(fastft.DataError):
             ft.fit((X, y[:-3]), epochs=1)
@@ -261,13 +309,13 @@ class TestBadInput:
 
     @pytest.mark.parametrize("bs", [0, -4])
     def test_batch_size(self, bs, tmp_path):
-        X, y = mlp_data()
+        X, y = mlp_data(90)
         ft = FineTuner(make_mlp(), num_classes=4, cache_dir=str(tmp_path), verbose=False)
         with pytest.raises(fastft.FastFTValueError, match="batch_size must be a positive integer"):
             ft.fit((X, y), batch_size=bs)
 
     def test_nan_in_frozen_features_names_the_sample(self, tmp_path):
-        X, y = mlp_data()
+        X, y = mlp_data(90)
         X = X.clone()
         X[13, 2] = float("nan")
         ft = FineTuner(make_mlp(), num_classes=4, cache_dir=str(tmp_path), verbose=False)
@@ -280,7 +328,7 @@ class TestBadInput:
             ft.predict(torch.randn(2, 12))
 
     def test_unknown_optimizer(self, tmp_path):
-        X, y = mlp_data()
+        X, y = mlp_data(90)
         ft = FineTuner(make_mlp(), num_classes=4, cache_dir=str(tmp_path), verbose=False)
         with pytest.raises(fastft.FastFTValueError, match="unknown optimizer 'adagrad'"):
             ft.fit((X, y), optimizer="adagrad")

@@ -10,20 +10,21 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import (DataLoader, Dataset, RandomSampler, SubsetRandomSampler, TensorDataset,
-                              WeightedRandomSampler)
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 from torch.utils.data.distributed import DistributedSampler
 
 from fastft import FineTuner
-from fastft.cache import FeatureCache, registry
+from fastft.cache import FeatureCache
 from fastft.errors import DataError
 
-
-@pytest.fixture(autouse=True)
-def fresh_registry():
-    registry.clear()
-    yield
-    registry.clear()
+pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 def dataset(n=100, seed=0):
@@ -34,8 +35,16 @@ def dataset(n=100, seed=0):
 
 
 def build(data, tmp_path, **kw):
-    return FeatureCache.build(nn.Identity(), data, dtype="fp32", tier="host", cache_dir=tmp_path, progress=False,
-                              batch_size=16, **kw)
+    return FeatureCache.build(
+        nn.Identity(),
+        data,
+        dtype="fp32",
+        tier="host",
+        cache_dir=tmp_path,
+        progress=False,
+        batch_size=16,
+        **kw,
+    )
 
 
 def cached_indices(cache) -> list[int]:
@@ -44,18 +53,26 @@ def cached_indices(cache) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- samplers
-@pytest.mark.reliability("fit(DataLoader(ds, sampler=SubsetRandomSampler(idx[:80])), val=DataLoader(ds, "
-                         "sampler=SubsetRandomSampler(idx[80:])))",
-                         "the train cache holds the 80 sampled samples, the val cache the other 20: disjoint, "
-                         "different keys; evaluate(subset loader) scores its 20 only")
+@pytest.mark.reliability(
+    "fit(DataLoader(ds, sampler=SubsetRandomSampler(idx[:80])), val=DataLoader(ds, "
+    "sampler=SubsetRandomSampler(idx[80:])))",
+    "the train cache holds the 80 sampled samples, the val cache the other 20: disjoint, "
+    "different keys; evaluate(subset loader) scores its 20 only",
+)
 def test_a_sampler_split_never_leaks(tmp_path):
     ds = dataset()
     idx = torch.randperm(100, generator=torch.Generator().manual_seed(3)).tolist()
     train = DataLoader(ds, batch_size=16, sampler=SubsetRandomSampler(idx[:80]))
     val = DataLoader(ds, batch_size=16, sampler=SubsetRandomSampler(idx[80:]))
     torch.manual_seed(0)
-    ft = FineTuner(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), num_classes=3, cache="host",
-                   cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False)
+    ft = FineTuner(
+        nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)),
+        num_classes=3,
+        cache="host",
+        cache_dtype="fp32",
+        cache_dir=str(tmp_path),
+        verbose=False,
+    )
     ft.fit(train, val=val, epochs=1)
     assert ft.cache.num_rows == 80
     val_cache = ft.build_cache(val, evaluation=True)
@@ -77,18 +94,25 @@ def test_every_form_of_the_same_samples_holds_the_same_rows(tmp_path):
     ds = dataset()
     X, y = ds.tensors
     sub = [3, 7, 50, 51, 99]
-    for data, want in [((X, y), list(range(100))), (ds, list(range(100))),
-                       (DataLoader(ds, batch_size=7), list(range(100))),
-                       (DataLoader(ds, batch_size=7, shuffle=True), list(range(100))),
-                       (DataLoader(ds, batch_size=2, sampler=SubsetRandomSampler(sub[::-1])), sub),
-                       (DataLoader(ds, batch_size=2, sampler=list(reversed(sub))), sub)]:
+    for data, want in [
+        ((X, y), list(range(100))),
+        (ds, list(range(100))),
+        (DataLoader(ds, batch_size=7), list(range(100))),
+        (DataLoader(ds, batch_size=7, shuffle=True), list(range(100))),
+        (DataLoader(ds, batch_size=2, sampler=SubsetRandomSampler(sub[::-1])), sub),
+        (DataLoader(ds, batch_size=2, sampler=list(reversed(sub))), sub),
+    ]:
         assert cached_indices(build(data, tmp_path)) == want
 
 
-@pytest.mark.parametrize("sampler", ["weighted", "replacement", "num_samples", "distributed", "changing"])
-@pytest.mark.reliability("a DataLoader whose sampler draws a different set each epoch (weighted, with replacement, "
-                         "num_samples, DistributedSampler, a custom one)",
-                         "DataError saying why and what to pass instead; nothing cached")
+@pytest.mark.parametrize(
+    "sampler", ["weighted", "replacement", "num_samples", "distributed", "changing"]
+)
+@pytest.mark.reliability(
+    "a DataLoader whose sampler draws a different set each epoch (weighted, with replacement, "
+    "num_samples, DistributedSampler, a custom one)",
+    "DataError saying why and what to pass instead; nothing cached",
+)
 def test_samplers_that_change_their_samples_are_refused(tmp_path, sampler):
     ds = dataset()
 
@@ -123,17 +147,26 @@ def test_a_custom_batch_sampler_is_refused_with_what_to_do(tmp_path):
 
 
 # ---------------------------------------------------------------------------- a loader's batch size
-@pytest.mark.reliability("fit(DataLoader(..., batch_size=8)) without batch_size=, and with another one",
-                         "trains in the loader's batches of 8; a different fit batch_size warns that the loader's "
-                         "only reads the samples")
+@pytest.mark.reliability(
+    "fit(DataLoader(..., batch_size=8)) without batch_size=, and with another one",
+    "trains in the loader's batches of 8; a different fit batch_size warns that the loader's "
+    "only reads the samples",
+)
 def test_a_loaders_batch_size_is_used_or_reported(tmp_path):
     ds = dataset(n=40)
     torch.manual_seed(0)
-    ft = FineTuner(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), num_classes=3, cache="host",
-                   cache_dir=str(tmp_path), verbose=False)
+    ft = FineTuner(
+        nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)),
+        num_classes=3,
+        cache="host",
+        cache_dir=str(tmp_path),
+        verbose=False,
+    )
     ft.fit(DataLoader(ds, batch_size=8), epochs=1)
     assert ft.fit_config.batch_size == 8
-    with pytest.warns(UserWarning, match=r"fit\(batch_size=20\).*DataLoader's batch_size=8 only reads"):
+    with pytest.warns(
+        UserWarning, match=r"fit\(batch_size=20\).*DataLoader's batch_size=8 only reads"
+    ):
         ft.fit(DataLoader(ds, batch_size=8), epochs=1, batch_size=20)
     assert ft.fit_config.batch_size == 20
 
@@ -175,19 +208,27 @@ class Augmenting(Dataset):
         return self.X[i] + torch.randn(6) * 0.1, i % 3
 
 
-@pytest.mark.reliability("a Dataset whose items change on every read (random augmentation in __getitem__)",
-                         "DataError naming the sample and saying to use transform=/views= or dataset_id=, "
-                         "instead of a cache under a key that describes other values")
+@pytest.mark.reliability(
+    "a Dataset whose items change on every read (random augmentation in __getitem__)",
+    "DataError naming the sample and saying to use transform=/views= or dataset_id=, "
+    "instead of a cache under a key that describes other values",
+)
 def test_a_dataset_that_changes_between_reads_is_refused(tmp_path):
-    with pytest.raises(DataError, match=r"sample 0 of the dataset \(dataset\[0\]\) is not what it was.*transform="):
+    with pytest.raises(
+        DataError, match=r"sample 0 of the dataset \(dataset\[0\]\) is not what it was.*transform="
+    ):
         build(Augmenting(), tmp_path)
     cache = build(Augmenting(), tmp_path, dataset_id="one-draw")  # knowingly: one draw, no hashing
     assert cache.num_rows == 40
 
 
-@pytest.mark.parametrize("what", ["an item", "a label", "the collate function", "the sampled subset"])
-@pytest.mark.reliability("a Dataset item, a label, a DataLoader's collate_fn or its sampler's subset changed",
-                         "the cache is rebuilt with the new samples")
+@pytest.mark.parametrize(
+    "what", ["an item", "a label", "the collate function", "the sampled subset"]
+)
+@pytest.mark.reliability(
+    "a Dataset item, a label, a DataLoader's collate_fn or its sampler's subset changed",
+    "the cache is rebuilt with the new samples",
+)
 def test_changed_data_rebuild(tmp_path, what):
     ds = dataset()
     X, y = ds.tensors
@@ -196,8 +237,12 @@ def test_changed_data_rebuild(tmp_path, what):
         return torch.stack([x for x, _ in items]) + shift, torch.stack([c for _, c in items])
 
     def loader(shift=0.0, subset=(1, 2, 3, 4)):
-        return DataLoader(ds, batch_size=4, collate_fn=lambda b: collate(b, shift),
-                          sampler=SubsetRandomSampler(list(subset)))
+        return DataLoader(
+            ds,
+            batch_size=4,
+            collate_fn=lambda b: collate(b, shift),
+            sampler=SubsetRandomSampler(list(subset)),
+        )
 
     before = build(loader(), tmp_path)
     assert build(loader(), tmp_path).telemetry["hit"] is True

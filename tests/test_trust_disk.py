@@ -36,14 +36,12 @@ from fastft.cache import FeatureCache, disk, folders, journal, registry
 from fastft.cache.fingerprint import FORMAT_VERSION
 from fastft.errors import CacheCorruptError, CacheError, CacheLockedError, CacheTooLargeError
 
+from helpers.data import labelled
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def fresh_registry():
-    registry.clear()
-    yield
-    registry.clear()
+pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 def prefix(seed=0):
@@ -52,20 +50,26 @@ def prefix(seed=0):
 
 
 def data(n=64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return labelled(n, seed=seed)
 
 
 def build(root, p=None, d=None, **kw):
     kw.setdefault("batch_size", 8)
-    return FeatureCache.build(p or prefix(), d or data(), dtype="fp32", tier="disk", cache_dir=root,
-                              progress=False, **kw)
+    return FeatureCache.build(
+        p or prefix(), d or data(), dtype="fp32", tier="disk", cache_dir=root, progress=False, **kw
+    )
 
 
 def run_cli(*args, cwd=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "fastft.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fastft.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
 
 
 # ---------------------------------------------------------------------------- cache rm
@@ -80,9 +84,11 @@ def webapp(tmp_path):
 
 
 @pytest.mark.parametrize("argument", ["myapp", "./myapp", "."])
-@pytest.mark.reliability("fastft cache rm on a folder that is not a cache but holds a manifest.json: by name "
-                         "(myapp), by path (./myapp), and '.' from inside it",
-                         "refused with a message, exit status 2, nothing deleted")
+@pytest.mark.reliability(
+    "fastft cache rm on a folder that is not a cache but holds a manifest.json: by name "
+    "(myapp), by path (./myapp), and '.' from inside it",
+    "refused with a message, exit status 2, nothing deleted",
+)
 def test_rm_never_deletes_what_fastft_does_not_own(tmp_path, webapp, argument):
     cwd = webapp if argument == "." else webapp.parent
     proc = run_cli("cache", "--cache-dir", str(tmp_path / "caches"), "rm", argument, cwd=cwd)
@@ -104,10 +110,14 @@ def test_a_local_folder_never_shadows_a_cache(tmp_path, monkeypatch):
     assert not cache.path.exists() and decoy.exists()
 
 
-@pytest.mark.parametrize("case", ["link", "stranger file", "other fingerprint", "the cache dir", "above it"])
-@pytest.mark.reliability("fastft cache rm of a link to a cache, a cache folder holding a file fastft did not write, "
-                         "a folder whose manifest names another fingerprint, the cache dir, a folder above it",
-                         "refused, nothing deleted")
+@pytest.mark.parametrize(
+    "case", ["link", "stranger file", "other fingerprint", "the cache dir", "above it"]
+)
+@pytest.mark.reliability(
+    "fastft cache rm of a link to a cache, a cache folder holding a file fastft did not write, "
+    "a folder whose manifest names another fingerprint, the cache dir, a folder above it",
+    "refused, nothing deleted",
+)
 def test_rm_refuses_everything_but_its_own_folders(tmp_path, case):
     root = tmp_path / "caches"
     cache = build(root)
@@ -141,15 +151,17 @@ def test_rm_removes_its_own_cache_and_waits_for_no_builder(tmp_path):
     assert not cache.path.exists()
 
 
-# ---------------------------------------------------------------------------- a cache larger than memory
+# ----------------------------------------------------------------------- a cache larger than memory
 def _memory_bytes() -> int:
     fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     return sum(int(fields[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
 
 
-@pytest.mark.reliability("a complete disk cache larger than the machine's RAM + swap (sparse files)",
-                         "opens (read-only shared mapping, nothing reserved), gathers rows, checksums checked "
-                         "chunk by chunk on first read (raw OSError ENOMEM before)")
+@pytest.mark.reliability(
+    "a complete disk cache larger than the machine's RAM + swap (sparse files)",
+    "opens (read-only shared mapping, nothing reserved), gathers rows, checksums checked "
+    "chunk by chunk on first read (raw OSError ENOMEM before)",
+)
 def test_a_cache_larger_than_memory_opens(tmp_path):
     dim, chunk = 4096, 4096  # fp32 rows of 16 KiB; 64 MiB chunks
     rows = -(-int(_memory_bytes() * 1.25) // (dim * 4 * chunk)) * chunk
@@ -161,19 +173,42 @@ def test_a_cache_larger_than_memory_opens(tmp_path):
         with open(folder / name, "wb") as f:
             f.truncate(size)  # sparse: no disk space, reads as zeros
     zero_tap, zero_labels = zlib.crc32(bytes(chunk * dim * 4)), zlib.crc32(bytes(chunk * 8))
-    chunks = [[0, s, chunk, {"tap0.bin": zero_tap, "labels.bin": zero_labels}] for s in range(0, rows, chunk)]
+    chunks = [
+        [0, s, chunk, {"tap0.bin": zero_tap, "labels.bin": zero_labels}]
+        for s in range(0, rows, chunk)
+    ]
     (folder / disk.JOURNAL).write_text(json.dumps({"chunks": chunks}))
-    manifest = {"format_version": FORMAT_VERSION, "fingerprint": fp, "parts": {}, "status": "complete",
-                "created": 0.0, "num_rows": rows, "num_views": 1, "dtype": "fp32", "pool": "none",
-                "taps": [{"name": "tap0", "dim": dim, "shape": [dim], "dtype": "float32", "pool": "none",
-                          "file": "tap0.bin", "scales_file": None}],
-                "labels": {"dtype": "int64", "shape": [], "file": "labels.bin"}}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fp,
+        "parts": {},
+        "status": "complete",
+        "created": 0.0,
+        "num_rows": rows,
+        "num_views": 1,
+        "dtype": "fp32",
+        "pool": "none",
+        "taps": [
+            {
+                "name": "tap0",
+                "dim": dim,
+                "shape": [dim],
+                "dtype": "float32",
+                "pool": "none",
+                "file": "tap0.bin",
+                "scales_file": None,
+            }
+        ],
+        "labels": {"dtype": "int64", "shape": [], "file": "labels.bin"},
+    }
     (folder / disk.MANIFEST).write_text(json.dumps(manifest))
     assert tap_bytes > _memory_bytes()
     if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "0":
         # What opened caches before: a private writable mapping, charged to RAM + swap in full.
         with open(folder / "tap0.bin", "rb") as f, pytest.raises(OSError) as info:
-            mmap.mmap(f.fileno(), tap_bytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mmap.mmap(
+                f.fileno(), tap_bytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
         assert info.value.errno == errno.ENOMEM
     cache = FeatureCache.open(folder)
     (got,) = cache.gather(torch.tensor([0, rows // 2, rows - 1]))
@@ -181,15 +216,24 @@ def test_a_cache_larger_than_memory_opens(tmp_path):
     assert cache.nbytes == tap_bytes + label_bytes
 
 
-# ---------------------------------------------------------------------------- complete caches are checked
+# ---------------------------------------------------------------------- complete caches are checked
 @pytest.mark.parametrize("damage", ["labels altered", "NaN in the features"])
-@pytest.mark.reliability("a complete cache whose labels.bin was altered, or with a NaN written into its features",
-                         "open() raises CacheCorruptError; a build rebuilds it; training never sees it")
+@pytest.mark.reliability(
+    "a complete cache whose labels.bin was altered, or with a NaN written into its features",
+    "open() raises CacheCorruptError; a build rebuilds it; training never sees it",
+)
 def test_damaged_complete_caches_never_reach_training(tmp_path, damage):
     X, y = data()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
-    ft = FineTuner(model, num_classes=3, cache="disk", cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False)
+    ft = FineTuner(
+        model,
+        num_classes=3,
+        cache="disk",
+        cache_dtype="fp32",
+        cache_dir=str(tmp_path),
+        verbose=False,
+    )
     ft.fit((X, y), epochs=1, batch_size=8)
     folder = ft.cache.path
     registry.clear()
@@ -208,9 +252,11 @@ def test_damaged_complete_caches_never_reach_training(tmp_path, damage):
     assert torch.equal(ft.cache.labels, y) and np.isfinite(history[-1]["loss"])
 
 
-@pytest.mark.reliability("a large cache (checked chunk by chunk) with a NaN written into one chunk",
-                         "rows of intact chunks are read; reading a row of the damaged chunk raises "
-                         "CacheCorruptError before any of it is used")
+@pytest.mark.reliability(
+    "a large cache (checked chunk by chunk) with a NaN written into one chunk",
+    "rows of intact chunks are read; reading a row of the damaged chunk raises "
+    "CacheCorruptError before any of it is used",
+)
 def test_large_caches_are_checked_before_each_chunk_is_first_read(tmp_path, monkeypatch):
     cache = build(tmp_path)
     folder = cache.path
@@ -227,8 +273,10 @@ def test_large_caches_are_checked_before_each_chunk_is_first_read(tmp_path, monk
         opened.gather(torch.tensor([1, 17]))
 
 
-@pytest.mark.reliability("a cache folder holding the manifest of another cache (copied or renamed)",
-                         "never opened as the folder's key: CacheCorruptError, and a build of that key rebuilds")
+@pytest.mark.reliability(
+    "a cache folder holding the manifest of another cache (copied or renamed)",
+    "never opened as the folder's key: CacheCorruptError, and a build of that key rebuilds",
+)
 def test_a_folder_must_hold_its_own_cache(tmp_path):
     real = build(tmp_path)
     other = build(tmp_path, p=prefix(seed=5))
@@ -242,11 +290,13 @@ def test_a_folder_must_hold_its_own_cache(tmp_path):
     assert json.loads((other.path / disk.MANIFEST).read_text())["fingerprint"] == other.fingerprint
 
 
-# ---------------------------------------------------------------------------- links planted where fastft writes
+# ---------------------------------------------------------------- links planted where fastft writes
 @pytest.mark.parametrize("where", ["lock", "temporary file", "cache folder"])
-@pytest.mark.reliability("a symbolic link planted at the build lock, at a temporary file of an atomic write, or "
-                         "as the cache folder itself",
-                         "CacheError naming the link; the link's target is never created or written")
+@pytest.mark.reliability(
+    "a symbolic link planted at the build lock, at a temporary file of an atomic write, or "
+    "as the cache folder itself",
+    "CacheError naming the link; the link's target is never created or written",
+)
 def test_planted_links_are_never_followed(tmp_path, where):
     fp = build(tmp_path / "probe").fingerprint
     registry.clear()  # the same key is built below in another folder
@@ -275,9 +325,11 @@ def test_planted_links_are_never_followed(tmp_path, where):
         assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"]
 
 
-# ---------------------------------------------------------------------------- readers racing writers
-@pytest.mark.reliability("cache ls / info racing builds and removals of caches in the same folder (hundreds of "
-                         "rounds)", "a consistent list or a CacheError; never a raw FileNotFoundError")
+# --------------------------------------------------------------------------- readers racing writers
+@pytest.mark.reliability(
+    "cache ls / info racing builds and removals of caches in the same folder (hundreds of rounds)",
+    "a consistent list or a CacheError; never a raw FileNotFoundError",
+)
 def test_readers_racing_builds_and_removals(tmp_path):
     stop = threading.Event()
     failures: list[BaseException] = []
@@ -311,19 +363,29 @@ def test_readers_racing_builds_and_removals(tmp_path):
     assert not failures, failures
 
 
-# ---------------------------------------------------------------------------- sizes checked before anything is made
+# ------------------------------------------------------------ sizes checked before anything is made
 @pytest.mark.parametrize("tier", ["host", "auto", "disk"])
-@pytest.mark.reliability("views=10**8 (a cache of petabytes)",
-                         "CacheTooLargeError naming the size before anything is allocated or written")
+@pytest.mark.reliability(
+    "views=10**8 (a cache of petabytes)",
+    "CacheTooLargeError naming the size before anything is allocated or written",
+)
 def test_absurd_sizes_are_refused_before_allocation(tmp_path, tier):
     X, y = data(n=16)
     with pytest.raises(CacheTooLargeError, match="needs"):
-        FeatureCache.build(prefix(), (X, y), views=10**8, transform=lambda x: x, tier=tier, cache_dir=tmp_path,
-                           progress=False, dtype="fp32")
+        FeatureCache.build(
+            prefix(),
+            (X, y),
+            views=10**8,
+            transform=lambda x: x,
+            tier=tier,
+            cache_dir=tmp_path,
+            progress=False,
+            dtype="fp32",
+        )
     assert [p for p in tmp_path.iterdir() if p.name != ".locks"] == []
 
 
-# ---------------------------------------------------------------------------- odds and ends of removal and reuse
+# --------------------------------------------------------------- odds and ends of removal and reuse
 def test_rm_of_a_name_too_long_for_the_filesystem_is_a_clear_error(tmp_path):
     with pytest.raises(CacheError, match="no fastft cache"):
         fcache.remove("a" * 300, tmp_path)
@@ -337,8 +399,10 @@ def test_rm_by_path_leaves_the_folder_around_it_as_it_was(tmp_path):
     assert list(project.iterdir()) == []
 
 
-@pytest.mark.reliability("a corrupt cache folder that also holds a file of the user's, rebuilt",
-                         "CacheError naming the file; nothing deleted (never rmtree of a folder with user files)")
+@pytest.mark.reliability(
+    "a corrupt cache folder that also holds a file of the user's, rebuilt",
+    "CacheError naming the file; nothing deleted (never rmtree of a folder with user files)",
+)
 def test_a_rebuild_never_deletes_a_users_file(tmp_path):
     cache = build(tmp_path)
     folder = cache.path

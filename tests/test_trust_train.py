@@ -16,17 +16,12 @@ import torch
 from torch import nn
 
 from fastft import FineTuner
-from fastft.cache import registry
 from fastft.errors import DataError, FastFTValueError
 
-from naive import trainable_state
+from helpers.data import labelled
+from helpers.oracle import trainable_state
 
-
-@pytest.fixture(autouse=True)
-def fresh_registry():
-    registry.clear()
-    yield
-    registry.clear()
+pytestmark = pytest.mark.usefixtures("fresh_registry")
 
 
 def mlp(seed=0):
@@ -35,26 +30,36 @@ def mlp(seed=0):
 
 
 def data(n=48, seed=1, classes=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g), torch.randint(0, classes, (n,), generator=g)
+    return labelled(n, classes=classes, seed=seed)
 
 
 def tuner(tmp_path, model=None, **kw):
     kw.setdefault("num_classes", 3)
-    return FineTuner(model or mlp(), cache="host", cache_dtype="fp32", cache_dir=str(tmp_path), verbose=False, **kw)
+    return FineTuner(
+        model or mlp(),
+        cache="host",
+        cache_dtype="fp32",
+        cache_dir=str(tmp_path),
+        verbose=False,
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------------------- evaluate
 @pytest.mark.parametrize("after", ["load", "unfreeze"])
-@pytest.mark.reliability("evaluate() right after FineTuner.load() or after unfreeze()",
-                         "works (the model is split again) and equals the exported model's accuracy")
+@pytest.mark.reliability(
+    "evaluate() right after FineTuner.load() or after unfreeze()",
+    "works (the model is split again) and equals the exported model's accuracy",
+)
 def test_evaluate_after_load_or_unfreeze(tmp_path, after):
     X, y = data()
     ft = tuner(tmp_path)
     ft.fit((X, y), epochs=2, batch_size=8)
     if after == "load":
         ft.save(str(tmp_path / "ft.pt"))
-        ft = FineTuner.load(str(tmp_path / "ft.pt"), mlp(), cache="host", cache_dir=str(tmp_path), verbose=False)
+        ft = FineTuner.load(
+            str(tmp_path / "ft.pt"), mlp(), cache="host", cache_dir=str(tmp_path), verbose=False
+        )
     else:
         ft.unfreeze(1)
     with torch.no_grad():
@@ -82,17 +87,24 @@ def interrupted(tmp_path, X, y, *, at, model=None, **fit):
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
-@pytest.mark.reliability("fit(resume=True) with more epochs than the interrupted fit, with a cosine or onecycle "
-                         "scheduler", "refused up front: its learning rate was planned over the other epochs")
+@pytest.mark.reliability(
+    "fit(resume=True) with more epochs than the interrupted fit, with a cosine or onecycle "
+    "scheduler",
+    "refused up front: its learning rate was planned over the other epochs",
+)
 def test_a_planned_schedule_is_not_stretched(tmp_path, scheduler):
     X, y = data()
     ckpt = interrupted(tmp_path, X, y, at=2, epochs=3, batch_size=8, scheduler=scheduler)
     with pytest.raises(FastFTValueError, match=rf"epochs=3 with scheduler='{scheduler}'.*epochs=5"):
-        tuner(tmp_path).fit((X, y), epochs=5, batch_size=8, scheduler=scheduler, checkpoint=ckpt, resume=True)
+        tuner(tmp_path).fit(
+            (X, y), epochs=5, batch_size=8, scheduler=scheduler, checkpoint=ckpt, resume=True
+        )
 
 
-@pytest.mark.reliability("fit(resume=True) with more epochs than the interrupted fit, no scheduler",
-                         "continues to the same weights as one uninterrupted fit of the longer length")
+@pytest.mark.reliability(
+    "fit(resume=True) with more epochs than the interrupted fit, no scheduler",
+    "continues to the same weights as one uninterrupted fit of the longer length",
+)
 def test_more_epochs_without_a_schedule_continue_exactly(tmp_path):
     X, y = data()
     whole = tuner(tmp_path)
@@ -106,8 +118,11 @@ def test_more_epochs_without_a_schedule_continue_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("other", ["data", "backbone"])
-@pytest.mark.reliability("fit(resume=True) from a checkpoint made on other training data, or with another "
-                         "pretrained backbone", "refused with a message saying what differs; nothing trained")
+@pytest.mark.reliability(
+    "fit(resume=True) from a checkpoint made on other training data, or with another "
+    "pretrained backbone",
+    "refused with a message saying what differs; nothing trained",
+)
 def test_a_checkpoint_of_another_fit_is_refused(tmp_path, other):
     X, y = data()
     ckpt = interrupted(tmp_path, X, y, at=2, epochs=3, batch_size=8)
@@ -128,43 +143,72 @@ def test_a_finished_fit_resumed_on_other_data_is_refused(tmp_path):
     with pytest.raises(FastFTValueError, match="other training data"):
         tuner(tmp_path).fit((X[:40], y[:40]), epochs=2, batch_size=8, checkpoint=ckpt, resume=True)
     again = tuner(tmp_path)
-    again.fit((X, y), epochs=2, batch_size=8, checkpoint=ckpt, resume=True)  # the same data: restored as it ended
+    again.fit(
+        (X, y), epochs=2, batch_size=8, checkpoint=ckpt, resume=True
+    )  # the same data: restored as it ended
     assert [r["epoch"] for r in again.history] == [1, 2]
 
 
-# ---------------------------------------------------------------------------- labels and hyper-parameters
+# ---------------------------------------------------------------------- labels and hyper-parameters
 def regression_tuner(tmp_path, outputs=1):
     return tuner(tmp_path, num_classes=None, head=nn.Linear(8, outputs))
 
 
-@pytest.mark.parametrize("case", ["mse NaN target", "mse Inf target", "bce NaN target", "bce target 1.5",
-                                  "bce target -0.5"])
-@pytest.mark.reliability("NaN/Inf targets for loss='mse' or 'bce', bce targets outside [0, 1]",
-                         "DataError naming the sample, before any training")
+@pytest.mark.parametrize(
+    "case",
+    ["mse NaN target", "mse Inf target", "bce NaN target", "bce target 1.5", "bce target -0.5"],
+)
+@pytest.mark.reliability(
+    "NaN/Inf targets for loss='mse' or 'bce', bce targets outside [0, 1]",
+    "DataError naming the sample, before any training",
+)
 def test_targets_that_would_give_nan_weights_are_refused(tmp_path, case):
     X, _ = data()
     model = mlp()  # its output layer (8 -> 3) is replaced by the regression or multi-label head
     if case.startswith("mse"):
         y = torch.randn(48)
         y[7] = float("nan") if "NaN" in case else float("inf")
-        ft, loss = FineTuner(model, head=nn.Linear(8, 1), cache="host", cache_dir=str(tmp_path),
-                             verbose=False), "mse"
+        ft, loss = (
+            FineTuner(
+                model, head=nn.Linear(8, 1), cache="host", cache_dir=str(tmp_path), verbose=False
+            ),
+            "mse",
+        )
     else:
         y = torch.randint(0, 2, (48, 4)).float()
-        y[7, 1] = {"bce NaN target": float("nan"), "bce target 1.5": 1.5, "bce target -0.5": -0.5}[case]
-        ft, loss = FineTuner(model, head=nn.Linear(8, 4), cache="host", cache_dir=str(tmp_path),
-                             verbose=False), "bce"
+        y[7, 1] = {"bce NaN target": float("nan"), "bce target 1.5": 1.5, "bce target -0.5": -0.5}[
+            case
+        ]
+        ft, loss = (
+            FineTuner(
+                model, head=nn.Linear(8, 4), cache="host", cache_dir=str(tmp_path), verbose=False
+            ),
+            "bce",
+        )
     with pytest.raises(DataError, match="sample 7"):
         ft.fit((X, y), epochs=1, batch_size=8, loss=loss)
     assert not ft.history
 
 
-@pytest.mark.parametrize("setting", [{"lr": math.inf}, {"lr": math.nan}, {"momentum": math.nan, "optimizer": "sgd"},
-                                     {"momentum": 1.5, "optimizer": "sgd"}, {"weight_decay": -1.0},
-                                     {"weight_decay": math.inf}, {"label_smoothing": 1.0},
-                                     {"class_weights": [1.0, math.nan, 1.0]}, {"lr_decay": math.inf}])
-@pytest.mark.reliability("lr=inf or NaN, momentum NaN or 1.5, weight_decay -1 or inf, label_smoothing 1, a NaN "
-                         "class weight, lr_decay inf", "FastFTValueError naming the setting, before any work")
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"lr": math.inf},
+        {"lr": math.nan},
+        {"momentum": math.nan, "optimizer": "sgd"},
+        {"momentum": 1.5, "optimizer": "sgd"},
+        {"weight_decay": -1.0},
+        {"weight_decay": math.inf},
+        {"label_smoothing": 1.0},
+        {"class_weights": [1.0, math.nan, 1.0]},
+        {"lr_decay": math.inf},
+    ],
+)
+@pytest.mark.reliability(
+    "lr=inf or NaN, momentum NaN or 1.5, weight_decay -1 or inf, label_smoothing 1, a NaN "
+    "class weight, lr_decay inf",
+    "FastFTValueError naming the setting, before any work",
+)
 def test_settings_that_would_give_nan_weights_are_refused(tmp_path, setting):
     X, y = data()
     ft = tuner(tmp_path)
@@ -175,7 +219,9 @@ def test_settings_that_would_give_nan_weights_are_refused(tmp_path, setting):
 
 
 @pytest.mark.parametrize("how", ["fit", "fit_many"])
-@pytest.mark.reliability("validation labels outside the model's classes", "DataError before the first epoch")
+@pytest.mark.reliability(
+    "validation labels outside the model's classes", "DataError before the first epoch"
+)
 def test_validation_labels_are_checked_before_training(tmp_path, how):
     X, y = data()
     Xv, yv = data(n=10, seed=2)

@@ -19,117 +19,66 @@ from fastft import FineTuner
 from fastft.data import index_select
 from fastft.errors import CacheTooLargeError, FastFTValueError, SurgeryError
 from fastft.model.blocks import find_blocks, param_groups, unfreeze_blocks
-from models import load_minilm_or_skip, make_resnet, make_text_encoder
-from naive import naive_finetune
 
-
-def make_mlp_stack(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
-        nn.Linear(16, 3),
-    )
-
-
-def mlp_data(n: int = 80, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 12, generator=g)
-    return X, (X[:, 0] > 0).long() + (X[:, 1] > 0.5).long()
-
-
-def image_data(n: int = 48, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
-
-
-def token_data(n: int = 48, length: int = 10, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 50, (n, length), generator=g)
-    lengths = torch.randint(3, length + 1, (n,), generator=g)
-    mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    return {"input_ids": ids * mask, "attention_mask": mask}, torch.randint(0, 3, (n,), generator=g)
-
-
-class _MaskedAttention(nn.Module):
-    """Single-head self-attention with an additive mask, then a feed-forward, with dropout."""
-
-    def __init__(self, dim: int = 16):
-        super().__init__()
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(0.1)
-
-    def forward(self, h, additive_mask, unused=None, *, scale=None):
-        q, k, v = self.qkv(h).chunk(3, dim=-1)
-        att = (q @ k.transpose(1, 2)) / q.shape[-1] ** 0.5 + additive_mask
-        h = h + self.dropout(att.softmax(-1) @ v)
-        return (self.norm(h + self.ff(h)),)
-
-
-class HFStyleEncoder(nn.Module):
-    """Like a Hugging Face encoder, for the replay split: data-dependent Python (fx cannot
-    trace it), a mask prepared by code outside modules and passed to every layer, layers
-    returning tuples, a frozen pooler that runs after the layers, then the classifier."""
-
-    def __init__(self, vocab: int = 50, dim: int = 16, depth: int = 3, num_classes: int = 3):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList(_MaskedAttention(dim) for _ in range(depth))
-        self.pooler = nn.Linear(dim, dim)
-        self.classifier = nn.Linear(dim, num_classes)
-
-    def run_layer(self, layer: nn.Module, h: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
-        """How a layer is called (subclasses call it with keywords)."""
-        return layer(h, additive, None, scale=None)[0]
-
-    def inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids, mask, additive mask) of a batch, checked in Python as HF models do."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if int(mask.sum()) == 0:
-            raise ValueError("empty batch")
-        return ids, mask, (1.0 - mask[:, None, :].float()) * -1e4
-
-    def run_layers(self, h: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            h = self.run_layer(layer, h, additive)
-        return h
-
-    def forward(self, batch):
-        ids, mask, additive = self.inputs(batch)
-        h = self.run_layers(self.embed(ids), additive)
-        pooled = torch.tanh(self.pooler(h[:, 0]))
-        m = mask.unsqueeze(-1).float()
-        return self.classifier(pooled + (h * m).sum(1) / m.sum(1))
-
-
-def make_hf_style(seed: int = 0) -> HFStyleEncoder:
-    torch.manual_seed(seed)
-    return HFStyleEncoder()
-
+from helpers.data import image_data, mlp_data, token_data
+from helpers.models import (
+    load_minilm_or_skip,
+    make_hf_style,
+    make_mlp_stack,
+    make_resnet,
+    make_text_encoder,
+)
+from helpers.oracle import FIT, naive_finetune
 
 CASES = {
-    "hf_style_untraceable": (make_hf_style, token_data, dict(num_classes=3), ["layers.0", "layers.1", "layers.2"]),
+    "hf_style_untraceable": (
+        make_hf_style,
+        token_data,
+        dict(num_classes=3),
+        ["layers.0", "layers.1", "layers.2"],
+    ),
     "mlp_stack": (make_mlp_stack, mlp_data, dict(num_classes=4, hidden=[8]), ["0", "2", "4"]),
-    "cnn_residual_batchnorm": (make_resnet, image_data, dict(num_classes=5),
-                               ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]),
-    "transformer_masked": (make_text_encoder, token_data, dict(num_classes=3),
-                           ["layers.0", "layers.1", "layers.2"]),
+    "cnn_residual_batchnorm": (
+        make_resnet,
+        image_data,
+        dict(num_classes=5),
+        ["layer1.0", "layer1.1", "layer2.0", "layer2.1"],
+    ),
+    "transformer_masked": (
+        make_text_encoder,
+        token_data,
+        dict(num_classes=3),
+        ["layers.0", "layers.1", "layers.2"],
+    ),
 }
-FIT = dict(batch_size=16, lr=0.01, optimizer="adamw", weight_decay=0.01)
 
 
 def _tuner(case: str, tmp_path, **overrides) -> tuple[FineTuner, object, torch.Tensor]:
     make_model, make_data, kwargs, _ = CASES[case]
     X, y = make_data()
-    ft = FineTuner(make_model(), cache_dtype="fp32", seed=3, cache_dir=str(tmp_path), verbose=False,
-                   **{**kwargs, **overrides})
+    ft = FineTuner(
+        make_model(),
+        cache_dtype="fp32",
+        seed=3,
+        cache_dir=str(tmp_path),
+        verbose=False,
+        **{**kwargs, **overrides},
+    )
     ft.prepare(index_select(X, torch.arange(4)))  # attach the head now, so the naive copy has it
     return ft, X, y
 
 
-def _naive_unfreezing(model: nn.Module, X, y, *, head_epochs: int, block_epochs: int, blocks: int,
-                      lr_decay: float | None, train_bn: bool = False) -> list[nn.Module]:
+def _naive_unfreezing(
+    model: nn.Module,
+    X,
+    y,
+    *,
+    head_epochs: int,
+    block_epochs: int,
+    blocks: int,
+    lr_decay: float | None,
+    train_bn: bool = False,
+) -> list[nn.Module]:
     """Head-only epochs, then the top ``blocks`` blocks with the head: plain PyTorch."""
     naive_finetune(model, X, y, epochs=head_epochs, seed=3, **FIT)
     top = [m for _, m in find_blocks(model)][-blocks:]
@@ -139,12 +88,25 @@ def _naive_unfreezing(model: nn.Module, X, y, *, head_epochs: int, block_epochs:
     head = [p for p in model.parameters() if p.requires_grad and id(p) not in in_blocks]
     decay = 1.0 if lr_decay is None else lr_decay
     groups = [{"params": head, "lr": FIT["lr"]}] + [
-        {"params": list(b.parameters()), "lr": FIT["lr"] * decay ** depth}
+        {"params": list(b.parameters()), "lr": FIT["lr"] * decay**depth}
         for depth, b in enumerate(reversed(top), start=1)
     ]
-    bns = [] if train_bn else [m for b in top for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    naive_finetune(model, X, y, epochs=block_epochs, seed=3, param_groups=groups, train_modules=top,
-                   keep_eval=bns, **FIT)
+    bns = (
+        []
+        if train_bn
+        else [m for b in top for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    )
+    naive_finetune(
+        model,
+        X,
+        y,
+        epochs=block_epochs,
+        seed=3,
+        param_groups=groups,
+        train_modules=top,
+        keep_eval=bns,
+        **FIT,
+    )
     return top
 
 
@@ -186,7 +148,9 @@ def test_unfreezing_equals_naive_training_of_the_same_blocks(case, blocks, tmp_p
     lower = [n for n, _ in find_blocks(ft.model)][:-blocks]
     assert any(n.startswith(CASES[case][3][-1] + ".") for n in moved)
     assert not any(n.startswith(b + ".") for n in moved for b in lower)
-    assert not any(n.endswith(("running_mean", "running_var", "num_batches_tracked")) for n in moved)
+    assert not any(
+        n.endswith(("running_mean", "running_var", "num_batches_tracked")) for n in moved
+    )
     assert [r.get("unfrozen_blocks") for r in history][-2:] == [blocks, blocks]
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     assert len(top) == blocks
@@ -318,16 +282,27 @@ def test_public_api():
 @pytest.fixture(scope="module")
 def minilm_and_text():
     st = load_minilm_or_skip()
-    texts = [f"sample {i}: " + " ".join(["market", "goal", "vote", "film", "chip"][i % 5] for _ in range(3 + i % 4))
-             for i in range(12)]
-    enc = st.tokenizer(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    texts = [
+        f"sample {i}: "
+        + " ".join(["market", "goal", "vote", "film", "chip"][i % 5] for _ in range(3 + i % 4))
+        for i in range(12)
+    ]
+    enc = st.tokenizer(
+        texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt"
+    )
     return st, dict(enc), torch.arange(12) % 3
 
 
 def test_real_minilm_top_layer_unfrozen_equals_naive(minilm_and_text, tmp_path):
     st, X, y = minilm_and_text
-    ft = FineTuner(copy.deepcopy(st), num_classes=3, cache_dtype="fp32", seed=3, cache_dir=str(tmp_path),
-                   verbose=False)
+    ft = FineTuner(
+        copy.deepcopy(st),
+        num_classes=3,
+        cache_dtype="fp32",
+        seed=3,
+        cache_dir=str(tmp_path),
+        verbose=False,
+    )
     ft.prepare(index_select(X, torch.arange(2)))
     naive = copy.deepcopy(ft.model)
     fit = dict(FIT, batch_size=4, lr=1e-3)
@@ -342,14 +317,21 @@ def test_real_minilm_top_layer_unfrozen_equals_naive(minilm_and_text, tmp_path):
     top = [m for _, m in find_blocks(naive)][-1]
     top.requires_grad_(True)
     in_top = {id(p) for p in top.parameters()}
-    groups = [{"params": [p for p in naive.parameters() if p.requires_grad and id(p) not in in_top], "lr": 1e-3},
-              {"params": list(top.parameters()), "lr": 5e-4}]
+    groups = [
+        {
+            "params": [p for p in naive.parameters() if p.requires_grad and id(p) not in in_top],
+            "lr": 1e-3,
+        },
+        {"params": list(top.parameters()), "lr": 5e-4},
+    ]
     naive_finetune(naive, X, y, epochs=1, seed=3, param_groups=groups, train_modules=[top], **fit)
     got, want = ft.model.state_dict(), naive.state_dict()
     moved = 0
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
-        moved += "layer.5." in name and not torch.equal(got[name], st.state_dict().get(name.removeprefix("encoder."), got[name]))
+        moved += "layer.5." in name and not torch.equal(
+            got[name], st.state_dict().get(name.removeprefix("encoder."), got[name])
+        )
     assert moved > 0
 
 
@@ -386,7 +368,6 @@ def test_schedule_runs_the_layers_below_the_deepest_cut_once(tmp_path):
 
 
 def test_derived_cache_equals_the_cache_built_from_data(tmp_path):
-
     ft, X, y = _tuner("hf_style_untraceable", tmp_path)
     ft.unfreeze(1)
     low = ft.build_cache((X, y))
@@ -396,8 +377,12 @@ def test_derived_cache_equals_the_cache_built_from_data(tmp_path):
     direct = ft.build_cache((X, y))
     derived = ft.caches.derived(ft.prefix, low_tail, low, pool=ft.tuned.cache_pool(ft.pool))
     assert derived.fingerprint != direct.fingerprint
-    torch.testing.assert_close(derived.gather(torch.arange(len(y)))[0], direct.gather(torch.arange(len(y)))[0],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        derived.gather(torch.arange(len(y)))[0],
+        direct.gather(torch.arange(len(y)))[0],
+        rtol=0,
+        atol=1e-6,
+    )
     assert torch.equal(derived.labels, direct.labels)
 
 
@@ -405,8 +390,12 @@ def test_save_load_and_export_keep_the_unfrozen_blocks(tmp_path):
     ft, X, y = _tuner("cnn_residual_batchnorm", tmp_path)
     ft.fit((X, y), epochs=2, unfreeze=[(1, 1)], **FIT)
     ft.save(str(tmp_path / "ft.pt"))
-    loaded = FineTuner.load(str(tmp_path / "ft.pt"), CASES["cnn_residual_batchnorm"][0](), cache_dir=str(tmp_path),
-                            verbose=False)
+    loaded = FineTuner.load(
+        str(tmp_path / "ft.pt"),
+        CASES["cnn_residual_batchnorm"][0](),
+        cache_dir=str(tmp_path),
+        verbose=False,
+    )
     assert loaded.model.layer2[1].conv1.weight.requires_grad  # unfrozen again, ready to train on
     torch.testing.assert_close(loaded.predict(X), ft.predict(X), rtol=0, atol=1e-6)
     exported = ft.export()
@@ -415,21 +404,42 @@ def test_save_load_and_export_keep_the_unfrozen_blocks(tmp_path):
         torch.testing.assert_close(exported(X), ft.predict(X), rtol=0, atol=1e-6)
 
 
-def _interrupted_and_resumed(case, tmp_path, stopped_after, schedule, callbacks=(), early_stopping=None, **tuner):
+def _interrupted_and_resumed(
+    case, tmp_path, stopped_after, schedule, callbacks=(), early_stopping=None, **tuner
+):
     """An uninterrupted fit, and one stopped after ``stopped_after`` epochs and resumed."""
+
     def stopper(limit):
         return lambda ft, rec: rec["epoch"] < limit
 
     whole, X, y = _tuner(case, tmp_path / "whole", **tuner)
-    whole.fit((X, y), val=(X, y), callbacks=list(callbacks), early_stopping=copy.deepcopy(early_stopping),
-              **schedule)
+    whole.fit(
+        (X, y),
+        val=(X, y),
+        callbacks=list(callbacks),
+        early_stopping=copy.deepcopy(early_stopping),
+        **schedule,
+    )
     ck = str(tmp_path / "ck.pt")
     first, _, _ = _tuner(case, tmp_path / "first", **tuner)
-    first.fit((X, y), val=(X, y), checkpoint=ck, callbacks=[*callbacks, stopper(stopped_after)],
-              early_stopping=copy.deepcopy(early_stopping), **schedule)
+    first.fit(
+        (X, y),
+        val=(X, y),
+        checkpoint=ck,
+        callbacks=[*callbacks, stopper(stopped_after)],
+        early_stopping=copy.deepcopy(early_stopping),
+        **schedule,
+    )
     resumed, _, _ = _tuner(case, tmp_path / "resumed", **tuner)
-    resumed.fit((X, y), val=(X, y), checkpoint=ck, resume=True, callbacks=list(callbacks),
-                early_stopping=copy.deepcopy(early_stopping), **schedule)
+    resumed.fit(
+        (X, y),
+        val=(X, y),
+        checkpoint=ck,
+        resume=True,
+        callbacks=list(callbacks),
+        early_stopping=copy.deepcopy(early_stopping),
+        **schedule,
+    )
     return whole, resumed
 
 
@@ -449,30 +459,49 @@ SCHEDULE = dict(epochs=6, unfreeze=[(2, 1), (4, 2)], lr_decay=0.5, **FIT)
 def test_an_interrupted_schedule_resumes_to_the_same_weights(case, stopped_after, tmp_path):
     """Stopped inside a stage (1, 3), at a stage's end (2, 4) or at the very end (6). The
     HF-style encoder has dropout in its blocks, and a callback draws random numbers too."""
-    whole, resumed = _interrupted_and_resumed(case, tmp_path, stopped_after, SCHEDULE,
-                                              callbacks=[lambda ft, rec: torch.randint(9, (1,)) and None])
+    whole, resumed = _interrupted_and_resumed(
+        case,
+        tmp_path,
+        stopped_after,
+        SCHEDULE,
+        callbacks=[lambda ft, rec: torch.randint(9, (1,)) and None],
+    )
     assert len(whole.history) == 6 and resumed.tuned.unfrozen_blocks == 2
     _assert_same_fit(resumed, whole)
 
 
 @pytest.mark.parametrize("stopped_after", [3, 5])
-def test_a_schedule_that_freezes_blocks_again_resumes_from_the_trained_weights(stopped_after, tmp_path):
+def test_a_schedule_that_freezes_blocks_again_resumes_from_the_trained_weights(
+    stopped_after, tmp_path
+):
     # The last stage's cache runs a block the stage before trained: it needs the saved weights.
     schedule = dict(epochs=6, unfreeze=[(2, 2), (4, 1)], lr_decay=0.5, **FIT)
-    _assert_same_fit(*reversed(_interrupted_and_resumed("hf_style_untraceable", tmp_path, stopped_after, schedule)))
+    _assert_same_fit(
+        *reversed(
+            _interrupted_and_resumed("hf_style_untraceable", tmp_path, stopped_after, schedule)
+        )
+    )
 
 
 @pytest.mark.parametrize("stopped_after", [1, 3])
 def test_early_stopping_state_survives_a_resume(stopped_after, tmp_path):
     stopping = fastft.EarlyStopping(patience=1, monitor="val_loss")
     schedule = dict(SCHEDULE, lr=0.2)  # overshoots, so the best epoch is early and restored
-    whole, resumed = _interrupted_and_resumed("mlp_stack", tmp_path, stopped_after, schedule, early_stopping=stopping)
+    whole, resumed = _interrupted_and_resumed(
+        "mlp_stack", tmp_path, stopped_after, schedule, early_stopping=stopping
+    )
     assert len(whole.history) < 6  # it did stop early
     _assert_same_fit(resumed, whole)
     # A fit that early stopping ended stays ended when run again with resume=True.
     again, X, y = _tuner("mlp_stack", tmp_path / "again")
-    again.fit((X, y), val=(X, y), checkpoint=str(tmp_path / "ck.pt"), resume=True,
-              early_stopping=copy.deepcopy(stopping), **schedule)
+    again.fit(
+        (X, y),
+        val=(X, y),
+        checkpoint=str(tmp_path / "ck.pt"),
+        resume=True,
+        early_stopping=copy.deepcopy(stopping),
+        **schedule,
+    )
     _assert_same_fit(again, whole)
 
 

@@ -3,12 +3,17 @@
 Runs the whole edited model every step — the frozen layers in eval mode, the new ones in
 train mode — with the batch order ``torch.randperm(N, generator=seed)`` per epoch and the
 same optimizer FineTuner uses. No fastft code is involved.
+
+``FIT`` holds the fit settings the unfreezing tests give both sides.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+#: Fit settings of the progressive-unfreezing tests (FineTuner.fit and naive_finetune alike).
+FIT = dict(batch_size=16, lr=0.01, optimizer="adamw", weight_decay=0.01)
 
 
 def index(x, rows):
@@ -31,8 +36,23 @@ def set_modes(model: nn.Module) -> None:
                 child.train()
 
 
-def naive_finetune(model, X, y, *, epochs, batch_size, lr, optimizer="adamw", weight_decay=0.0,
-                   momentum=0.9, seed=0, loss_fn=None, param_groups=None, train_modules=(), keep_eval=()):
+def naive_finetune(
+    model,
+    X,
+    y,
+    *,
+    epochs,
+    batch_size,
+    lr,
+    optimizer="adamw",
+    weight_decay=0.0,
+    momentum=0.9,
+    seed=0,
+    loss_fn=None,
+    param_groups=None,
+    train_modules=(),
+    keep_eval=(),
+):
     """``param_groups``: optimizer groups (default: every trainable parameter at ``lr``);
     ``train_modules``: modules trained whole, in train mode with everything inside them
     (unfrozen blocks: their dropout too); ``keep_eval``: modules kept in eval mode although
@@ -53,7 +73,7 @@ def naive_finetune(model, X, y, *, epochs, batch_size, lr, optimizer="adamw", we
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for start in range(0, n, batch_size):
-            rows = perm[start:start + batch_size]
+            rows = perm[start : start + batch_size]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(index(X, rows)), y[rows])
             loss.backward()

@@ -1,41 +1,79 @@
-"""Small models for tests, built with random weights (no downloads). Import from any test:
-``from models import make_resnet, image_batch``.
+"""Small models for tests, built with random weights (no downloads), e.g.
+``from helpers.models import make_resnet``; their inputs are in :mod:`helpers.data`.
 
 Each ``make_*`` takes a seed and returns a model in train mode (as a user's model usually
 is); models with BatchNorm have non-trivial running statistics, as a pretrained one has.
-Each ``*_batch`` returns one input batch for the matching model.
 
 - :func:`make_mlp` — ``nn.Sequential`` MLP with dropout, output layer at index 5.
+- :func:`make_mlp_stack` — ``nn.Sequential`` of Linear/ReLU pairs: blocks ``0``, ``2``, ``4``
+  under the output layer ``6``; for progressive unfreezing.
+- :func:`frozen_mlp` — a small ``Linear``/``LeakyReLU``/``Linear`` prefix over 6 features.
+- :class:`ScaledLinear` — a ``Linear`` with a plain float, a plain tensor and a config dict.
 - :func:`make_resnet` — ResNet-style CNN: stem, residual ``BasicBlock`` s with BatchNorm
   in ``layer1``/``layer2`` (``nn.Sequential``), pooling, ``fc``.
 - :func:`make_vit` — ViT-style encoder: patch embedding, CLS token, position embedding,
   transformer blocks (``nn.ModuleList``), final norm, ``head`` on the CLS token.
 - :func:`make_text_encoder` — token embedding, transformer layers, masked-mean pooling over
   ``attention_mask``, ``classifier``; takes a dict ``{'input_ids', 'attention_mask'}``.
+- :func:`make_hf_style` — a Hugging Face-style encoder torch.fx cannot trace (for the
+  replay split): layers taking a prepared mask and returning tuples, a pooler after them.
 - :func:`make_dynamic` — data-dependent control flow (torch.fx cannot trace it), ``head``.
 - :func:`make_dict_encoder` — an encoder with no classifier that returns a dict with
   ``'sentence_embedding'``, like a SentenceTransformer (for ``append_head``).
+- :func:`load_minilm_or_skip` — the real all-MiniLM-L6-v2, or a skip.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 
 # ---------------------------------------------------------------------------- MLP
 def make_mlp(seed: int = 0, d_in: int = 12, num_classes: int = 3) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(d_in, 32), nn.ReLU(), nn.Dropout(0.2),
-        nn.Linear(32, 16), nn.ReLU(),
+        nn.Linear(d_in, 32),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(32, 16),
+        nn.ReLU(),
         nn.Linear(16, num_classes),
     )
 
 
-def mlp_batch(n: int = 4, d_in: int = 12, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed))
+def make_mlp_stack(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(12, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    )
+
+
+def frozen_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.LeakyReLU(0.1), nn.Linear(8, 5))
+
+
+class ScaledLinear(nn.Module):
+    """A frozen module with a plain Python attribute and a plain (unregistered) tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.factor = 2.0
+        self.offset = torch.zeros(5)  # not a buffer
+        self.config = {"clip": 10.0}
+
+    def forward(self, x):
+        return (self.lin(x) * self.factor + self.offset).clamp(
+            -self.config["clip"], self.config["clip"]
+        )
 
 
 # ---------------------------------------------------------------------------- ResNet-style CNN
@@ -51,7 +89,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.downsample = None
         if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -67,7 +107,9 @@ class ResNetish(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = nn.Sequential(BasicBlock(width, width), BasicBlock(width, width))
-        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, stride=2), BasicBlock(2 * width, 2 * width))
+        self.layer2 = nn.Sequential(
+            BasicBlock(width, 2 * width, stride=2), BasicBlock(2 * width, 2 * width)
+        )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2 * width, num_classes)
 
@@ -92,19 +134,19 @@ def make_resnet(seed: int = 0, num_classes: int = 10) -> ResNetish:
     return model
 
 
-def image_batch(n: int = 4, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
 # ---------------------------------------------------------------------------- ViT-style
 class TinyViT(nn.Module):
-    def __init__(self, num_classes: int = 5, dim: int = 16, depth: int = 3, patch: int = 4, image: int = 8):
+    def __init__(
+        self, num_classes: int = 5, dim: int = 16, depth: int = 3, patch: int = 4, image: int = 8
+    ):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.02)
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.1, batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                dim, 2, 2 * dim, dropout=0.1, batch_first=True, norm_first=True
+            )
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
@@ -123,7 +165,7 @@ def make_vit(seed: int = 0, num_classes: int = 5) -> TinyViT:
     return TinyViT(num_classes)
 
 
-# ---------------------------------------------------------------------------- text encoder (dict input)
+# ------------------------------------------------------------------------ text encoder (dict input)
 class TextEncoder(nn.Module):
     """Token embedding → transformer layers → masked-mean pooling → classifier."""
 
@@ -131,7 +173,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.1, batch_first=True) for _ in range(depth)
+            nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.1, batch_first=True)
+            for _ in range(depth)
         )
         self.classifier = nn.Sequential(nn.Dropout(0.1), nn.Linear(dim, num_classes))
 
@@ -152,14 +195,6 @@ def make_text_encoder(seed: int = 0, num_classes: int = 4) -> TextEncoder:
     return TextEncoder(num_classes=num_classes)
 
 
-def token_batch(n: int = 4, length: int = 10, vocab: int = 50, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (n, length), generator=g)
-    lengths = torch.randint(3, length + 1, (n,), generator=g)
-    mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    return {"input_ids": ids * mask, "attention_mask": mask}
-
-
 class DictEncoder(TextEncoder):
     """Like a SentenceTransformer: no classifier, returns a dict of outputs."""
 
@@ -177,7 +212,66 @@ def make_dict_encoder(seed: int = 0) -> DictEncoder:
     return DictEncoder()
 
 
-# ---------------------------------------------------------------------------- data-dependent control flow
+# ----------------------------------------------------------------------- Hugging Face-style encoder
+class MaskedAttention(nn.Module):
+    """Single-head self-attention with an additive mask, then a feed-forward, with dropout."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, h, additive_mask, unused=None, *, scale=None):
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        att = (q @ k.transpose(1, 2)) / q.shape[-1] ** 0.5 + additive_mask
+        h = h + self.dropout(att.softmax(-1) @ v)
+        return (self.norm(h + self.ff(h)),)
+
+
+class HFStyleEncoder(nn.Module):
+    """Like a Hugging Face encoder, for the replay split: data-dependent Python (fx cannot
+    trace it), a mask prepared by code outside modules and passed to every layer, layers
+    returning tuples, a frozen pooler that runs after the layers, then the classifier."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16, depth: int = 3, num_classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(MaskedAttention(dim) for _ in range(depth))
+        self.pooler = nn.Linear(dim, dim)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def run_layer(self, layer: nn.Module, h: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
+        """How a layer is called (subclasses call it with keywords)."""
+        return layer(h, additive, None, scale=None)[0]
+
+    def inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, mask, additive mask) of a batch, checked in Python as HF models do."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if int(mask.sum()) == 0:
+            raise ValueError("empty batch")
+        return ids, mask, (1.0 - mask[:, None, :].float()) * -1e4
+
+    def run_layers(self, h: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            h = self.run_layer(layer, h, additive)
+        return h
+
+    def forward(self, batch):
+        ids, mask, additive = self.inputs(batch)
+        h = self.run_layers(self.embed(ids), additive)
+        pooled = torch.tanh(self.pooler(h[:, 0]))
+        m = mask.unsqueeze(-1).float()
+        return self.classifier(pooled + (h * m).sum(1) / m.sum(1))
+
+
+def make_hf_style(seed: int = 0) -> HFStyleEncoder:
+    torch.manual_seed(seed)
+    return HFStyleEncoder()
+
+
+# ---------------------------------------------------------------------- data-dependent control flow
 class DynamicNet(nn.Module):
     """Repeats its middle block a number of times that depends on the data (fx cannot trace
     ``int(tensor)``), then applies ``head``."""
@@ -209,17 +303,3 @@ def load_minilm_or_skip(max_seq_length: int = 256):
     from fastft.bench.demo.bbc_data import load_minilm
 
     return load_minilm(max_seq_length)
-
-
-class Rows(Dataset):
-    """``(X, y)`` as a map-style Dataset of (input, label) items; X a tensor or a dict of them."""
-
-    def __init__(self, X, y):
-        self.X, self.y = X, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        x = {k: v[i] for k, v in self.X.items()} if isinstance(self.X, dict) else self.X[i]
-        return x, self.y[i]
