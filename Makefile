@@ -34,8 +34,12 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The pytest-benchmark suites into $(BENCH_RESULTS) (git-ignored), then their tables copied
+# into docs/benchmarks.md. Committed figures change only with BENCH_RESULTS=benchmarks/results.
+BENCH_RESULTS ?= .benchmarks/results
 bench: setup
-	$(VENV)/bin/fastft bench --kernels
+	$(VENV)/bin/fastft bench --kernels --results-dir $(BENCH_RESULTS)
+	$(PY) benchmarks/render_benchmarks.py $(BENCH_RESULTS)
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .benchmarks

@@ -10,8 +10,9 @@ Goals (issue 5):
   fsync and journal commits.
 - bytes: int8 ≤ 0.27× and fp16 ≤ 0.51× the fp32 cache for D = 384.
 
-Ratios are printed at the end and written to ``benchmarks/results/cache_ratios.json``, three
-ways, because this machine is shared and the prefix's own time drifts by 2x between runs:
+Ratios are printed at the end and written to ``cache_ratios.json`` in the results folder
+(``--results-dir``, see conftest.py), three ways, because this machine is shared and the
+prefix's own time drifts by 2x between runs:
 ``overhead`` (median build / median prefix, separate runs), ``overhead_paired`` (median of
 build / prefix over alternating pairs) and ``overhead_in_run`` (a cold build's total time /
 the prefix's time inside that same build, from its telemetry).
@@ -23,7 +24,6 @@ import json
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +32,6 @@ from torch import nn
 from fastft import data as fdata
 from fastft.cache import FeatureCache, registry
 
-RESULTS = Path(__file__).parent / "results"
 _medians: dict[tuple[str, str], float] = {}
 _bytes: dict[str, int] = {}
 _paired: dict[str, float] = {}
@@ -172,7 +171,7 @@ def test_bytes(benchmark, dtype):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def report(request):
+def report(request, results_dir):
     yield
     out = {
         "machine": f"{torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -194,8 +193,7 @@ def report(request):
         out["bytes_vs_fp32"] = {k: round(v / _bytes["fp32"], 4) for k, v in _bytes.items()}
     if not out["overhead"] and not out["bytes_vs_fp32"]:
         return
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cache_ratios.json").write_text(json.dumps(out, indent=2))
+    (results_dir / "cache_ratios.json").write_text(json.dumps(out, indent=2))
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
     if tr is not None:
         tr.write_line("")

@@ -29,7 +29,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 N, BATCH = 2048, 128
-RESULTS = Path(__file__).parent / "results"
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -147,10 +146,10 @@ def test_sharded_build(benchmark, recorder, pools, world):
         ]  # the work was split
 
 
-def test_paired_ratio(benchmark, pools):
+def test_paired_ratio(benchmark, pools, results_dir):
     """The same ratio from alternating pairs (1 process, then 2), median of the pair ratios,
-    written to ``results/distributed_paired.json``: less exposed than the two tests above to
-    the load of this shared machine drifting between them."""
+    written to ``distributed_paired.json`` in the results folder: less exposed than the two
+    tests above to the load of this shared machine drifting between them."""
     ratios, times = [], {1: [], 2: []}
 
     def pair() -> None:
@@ -162,8 +161,7 @@ def test_paired_ratio(benchmark, pools):
 
     benchmark.group = "distributed:pairs (1 process then 2 processes)"
     benchmark.pedantic(pair, rounds=5, warmup_rounds=0, iterations=1)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distributed_paired.json").write_text(
+    (results_dir / "distributed_paired.json").write_text(
         json.dumps(
             {
                 "case": CASE,

@@ -1,6 +1,8 @@
 """GPU benchmarks of fastft: kernel bandwidth, CUDA-graph head step, end-to-end fine-tuning.
 
-Run by benchmarks/gpu_check.sh (or alone: ``python benchmarks/bench_gpu.py --json out.json``).
+Run by benchmarks/gpu_check.sh, alone (``python benchmarks/bench_gpu.py --json out.json``;
+default ``.benchmarks/results/bench_gpu.json``), or by ``pytest benchmarks`` (``test_gpu``,
+which writes ``gpu.json`` into the results folder and is skipped without CUDA).
 
 - **Bandwidth** of cache_gather / cache_write at B=16384, D=2048 (int8 <-> bf16, fp16 ->
   fp16, plus a few extra cases) as a fraction of the device's peak DRAM bandwidth (from
@@ -28,7 +30,9 @@ import statistics
 import time
 import traceback
 import warnings
+from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -454,48 +458,97 @@ def section(results: dict, path: str, name: str, fn, *args):
 
 
 def save(results: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:  # after every section: a timeout keeps what was measured
         json.dump(results, f, indent=2)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default="benchmarks/results/bench_gpu.json")
-    ap.add_argument("--samples", type=int, default=20_000)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--naive-epochs", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--skip-e2e", action="store_true")
-    args = ap.parse_args()
+def usable() -> str | None:
+    """Why the GPU benchmarks cannot run here, or None when they can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to PyTorch"
+    if not fastft.has_cuda():
+        return "fastft has no usable CUDA kernels (see fastft_build)"
+    return None
 
+
+def run(
+    path: str,
+    *,
+    samples: int = 20_000,
+    epochs: int = 10,
+    naive_epochs: int = 2,
+    batch_size: int = 256,
+    skip_e2e: bool = False,
+) -> dict:
+    """Every section, each saved to the JSON at ``path`` as soon as it is measured."""
     results: dict = {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "fastft_build": fastft.build_info(),
         "has_cuda": fastft.has_cuda(),
     }
-    if not torch.cuda.is_available():
-        results["error"] = "no CUDA device visible to PyTorch"
-    elif not fastft.has_cuda():
-        results["error"] = "fastft has no usable CUDA kernels (see fastft_build)"
+    problem = usable()
+    if problem:
+        results["error"] = problem
     else:
-        section(results, args.json, "device", peak_bandwidth)
+        section(results, path, "device", peak_bandwidth)
         peak = results["device"].get("peak_gbps", math.nan)
-        section(results, args.json, "bandwidth", bench_bandwidth, peak)
-        section(results, args.json, "eager_latency", bench_eager_latency)
-        section(results, args.json, "head_step", bench_head_step)
-        if not args.skip_e2e:
+        section(results, path, "bandwidth", bench_bandwidth, peak)
+        section(results, path, "eager_latency", bench_eager_latency)
+        section(results, path, "head_step", bench_head_step)
+        if not skip_e2e:
             section(
                 results,
-                args.json,
+                path,
                 "end_to_end",
                 bench_end_to_end,
-                args.samples,
-                args.epochs,
-                args.naive_epochs,
-                args.batch_size,
+                samples,
+                epochs,
+                naive_epochs,
+                batch_size,
             )
-    save(results, args.json)
+    save(results, path)
+    return results
+
+
+# ------------------------------------------------------------------ under pytest
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(usable() is not None, reason=usable() or "")
+def test_gpu(benchmark, results_dir):
+    """All sections, as one benchmark of ``pytest benchmarks``: writes ``gpu.json`` into
+    the results folder; skipped without a CUDA device and fastft's CUDA kernels."""
+    results = {}
+    benchmark.group = "gpu"
+    benchmark.pedantic(
+        lambda: results.update(run(str(results_dir / "gpu.json"))), rounds=1, iterations=1
+    )
+    failed = {k: v["error"] for k, v in results.items() if isinstance(v, dict) and "error" in v}
+    assert not failed, failed
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=".benchmarks/results/bench_gpu.json")
+    ap.add_argument("--samples", type=int, default=20_000)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--naive-epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--skip-e2e", action="store_true")
+    args = ap.parse_args()
+    results = run(
+        args.json,
+        samples=args.samples,
+        epochs=args.epochs,
+        naive_epochs=args.naive_epochs,
+        batch_size=args.batch_size,
+        skip_e2e=args.skip_e2e,
+    )
     print(f"wrote {args.json}", flush=True)
     return 0 if "error" not in results else 2
 

@@ -2,7 +2,12 @@
 
 Every suite measures the contenders of one case in the same run (this machine is shared
 and noisy, so only ratios measured side by side mean anything), then writes
-``benchmarks/results/<suite>.json`` and ``.csv`` and prints a table at the end.
+``<suite>.json`` and ``.csv`` into the results folder and prints a table at the end.
+
+The results folder is ``--results-dir DIR``; without it, ``.benchmarks/results`` in the
+checkout (git-ignored). A run never writes tracked files: the figures committed in
+``benchmarks/results`` (the record docs/benchmarks.md was rendered from) change only when
+a run is pointed there explicitly (``--results-dir benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# The default results folder: git-ignored (.gitignore lists .benchmarks/).
+DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / ".benchmarks" / "results"
 _medians: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
 _baselines: dict[tuple[str, str], str] = {}
 
@@ -44,6 +50,31 @@ class Recorder:
         _baselines[(self.suite, case)] = baseline
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--results-dir",
+        default=None,
+        metavar="DIR",
+        help=f"folder for the benchmark results (<suite>.json, .csv); default {DEFAULT_RESULTS}",
+    )
+
+
+def results_folder(config) -> Path:
+    """The folder this run writes its results into (created when first written)."""
+    given = config.getoption("results_dir", default=None)
+    if not given:
+        return DEFAULT_RESULTS
+    return (config.invocation_params.dir / Path(given).expanduser()).resolve()
+
+
+@pytest.fixture(scope="session")
+def results_dir(request) -> Path:
+    """The results folder of this run, created: suites write their extra figures here."""
+    folder = results_folder(request.config)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def two_threads():
     """Every suite measures on 2 threads (this machine's cores), whatever the default."""
@@ -62,7 +93,9 @@ def recorder(request):
 def pytest_sessionfinish(session, exitstatus):
     if not _medians:
         return
-    RESULTS.mkdir(exist_ok=True)
+    results = results_folder(session.config)
+    results.mkdir(parents=True, exist_ok=True)
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     for suite, cases in _medians.items():
         rows = []
@@ -88,13 +121,12 @@ def pytest_sessionfinish(session, exitstatus):
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "rows": rows,
         }
-        (RESULTS / f"{suite}.json").write_text(json.dumps(payload, indent=2))
-        with open(RESULTS / f"{suite}.csv", "w", newline="") as f:
+        (results / f"{suite}.json").write_text(json.dumps(payload, indent=2))
+        with open(results / f"{suite}.csv", "w", newline="") as f:
             if rows:
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))
                 w.writeheader()
                 w.writerows(rows)
-        tr = session.config.pluginmanager.get_plugin("terminalreporter")
         if tr is not None:
             tr.write_sep("=", f"{suite}: speed-up = baseline time / time ({machine})")
             for r in rows:
@@ -102,3 +134,5 @@ def pytest_sessionfinish(session, exitstatus):
                     f"  {r['case']:<48} {r['impl']:<10} {r['median_ms']:>10.3f} ms  "
                     f"vs {r['baseline']:<10} {r['baseline_ms']} ms  x{r['speedup']}"
                 )
+    if tr is not None:
+        tr.write_line(f"results in {results}")

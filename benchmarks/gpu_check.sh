@@ -11,13 +11,13 @@
 #
 # Writes $OUT/gpu_check.json (summary, with the benchmark figures), $OUT/gpu_check.log
 # (everything printed), $OUT/bench_gpu.json, $OUT/gpu_tests.{txt,xml}; $OUT defaults to
-# benchmarks/results.
+# .benchmarks/results (git-ignored: a check never writes tracked files).
 # Exit status: 0 all steps passed, 1 a step failed, 2 nothing to check here (no GPU, no torch,
 # no nvcc); the JSON says which.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-RESULTS="${OUT:-benchmarks/results}"
+RESULTS="${OUT:-.benchmarks/results}"
 mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu_check.log"
 STEPS="$RESULTS/gpu_check.steps"  # "name<TAB>status<TAB>seconds<TAB>detail" per step

@@ -73,11 +73,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- bench
+# Where benchmark runs write by default: git-ignored in a checkout, so that no run
+# rewrites the figures committed in benchmarks/results (pass --out to update those).
+DEFAULT_RESULTS = Path(".benchmarks") / "results"
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.suite:  # --kernels / --suite: the pytest-benchmark suites
-        return _run_suites(args.suite)
+        return _run_suites(args.suite, args.out, args.select)
+    if args.select:
+        raise FastFTError(
+            "-k selects benchmarks of the pytest suites: use it with --kernels/--suite."
+        )
+    out = args.out or DEFAULT_RESULTS
     if args.unfreeze:
-        return _bench_unfreeze(args)
+        return _bench_unfreeze(args, out)
     from fastft.bench import e2e as bench
 
     settings = bench.BenchSettings(
@@ -92,12 +102,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     rows = bench.run(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(bench.table(rows))
-    paths = bench.write(rows, settings, args.out)
+    paths = bench.write(rows, settings, out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
-def _bench_unfreeze(args: argparse.Namespace) -> int:
+def _bench_unfreeze(args: argparse.Namespace, out: str | Path) -> int:
     from fastft.bench import unfreeze as bu
 
     settings = bu.UnfreezeSettings(
@@ -108,16 +118,24 @@ def _bench_unfreeze(args: argparse.Namespace) -> int:
     )
     result = bu.run(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(bu.table(result, settings))
-    print(f"wrote {bu.write(result, settings, args.out)}")
+    print(f"wrote {bu.write(result, settings, out)}")
     return 0
 
 
-def _run_suites(suite: list[str]) -> int:
-    root = Path(__file__).resolve().parent.parent / "benchmarks"
+def _run_suites(suite: list[str], out: str | None, select: str | None) -> int:
+    """``pytest benchmarks`` (or some of its suites) with the results written into ``out``.
+
+    Never rewrites tracked files: the results go to ``out`` (default .benchmarks/results
+    in the checkout, git-ignored), and docs/benchmarks.md is rendered from them only by
+    the explicit ``benchmarks/render_benchmarks.py RESULTS_DIR`` (``make bench`` does both).
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    root = checkout / "benchmarks"
     if not root.is_dir():
         raise FastFTError(
             f"no benchmarks folder at {root}: run `fastft bench --kernels` from a source checkout."
         )
+    results = Path(out).resolve() if out else checkout / DEFAULT_RESULTS
     suites = [str(root)] if "all" in suite else [str(root / f"bench_{s}.py") for s in suite]
     cmd = [
         sys.executable,
@@ -125,14 +143,22 @@ def _run_suites(suite: list[str]) -> int:
         "pytest",
         *suites,
         "--benchmark-only",
+        "--results-dir",
+        str(results),
         "-q",
         "-p",
         "no:cacheprovider",
+        *(["-k", select] if select else []),
     ]
     code = subprocess.call(cmd)
+    if code == 5:  # pytest's "no tests collected"
+        print(f"fastft: no benchmark selected by {' '.join(cmd[3:])}", file=sys.stderr)
     if code == 0:
-        subprocess.call([sys.executable, str(root / "render_benchmarks.py")])
-        print(f"results in {root / 'results'}")
+        print(f"results in {results}")
+        print(
+            "to copy them into docs/benchmarks.md: "
+            f"python {root / 'render_benchmarks.py'} {results}"
+        )
     return code
 
 
@@ -261,8 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         description=(
             "End-to-end naive vs fastft on MiniLM/BBC and a CPU CNN, written to "
-            "benchmarks/results/e2e.{csv,json,png}. The default run takes about 10 minutes on a "
-            "2-core CPU; --quick 2-4."
+            "OUT/e2e.{csv,json,png} (OUT: --out, default .benchmarks/results). The default run "
+            "takes about 10 minutes on a 2-core CPU; --quick 2-4. --kernels / --suite run the "
+            "pytest-benchmark suites of a source checkout instead (results into OUT, default "
+            "the checkout's .benchmarks/results)."
         ),
     )
     b.add_argument(
@@ -296,7 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=None, help="articles per class (default all; 50 with --quick)"
     )
     b.add_argument(
-        "--out", default="benchmarks/results", help="output folder (default benchmarks/results)"
+        "--out",
+        "--results-dir",
+        dest="out",
+        default=None,
+        help="results folder (default .benchmarks/results; the suites': the checkout's); "
+        "benchmarks/results holds the committed figures, written only when named here",
     )
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.add_argument(
@@ -308,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--suite",
         action="append",
-        choices=["kernels", "cache", "trainer"],
-        help="run this pytest-benchmark suite instead (repeatable)",
+        choices=["kernels", "cache", "trainer", "distributed", "gpu"],
+        help="run this pytest-benchmark suite instead (repeatable; gpu is skipped without CUDA)",
     )
     b.add_argument(
         "--kernels",
@@ -317,6 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const=["all"],
         help="run every pytest-benchmark suite (pytest benchmarks --benchmark-only) instead",
+    )
+    b.add_argument(
+        "-k",
+        dest="select",
+        metavar="EXPR",
+        default=None,
+        help="with --kernels/--suite: only the benchmarks whose names match EXPR (pytest -k)",
     )
     b.set_defaults(func=_cmd_bench)
 
