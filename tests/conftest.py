@@ -1,5 +1,11 @@
-"""Shared test set-up: a private cache folder, a fresh cache registry for the modules that
-ask for one, and the reliability report. (Shared test *code* is in ``tests/helpers``.)
+"""Shared test set-up: the native build check, a private cache folder, a fresh cache
+registry for the modules that ask for one, and the reliability report. (Shared test *code*
+is in ``tests/helpers``.)
+
+A run stops with a failure, before any test, when fastft._C is missing or unusable, unless
+``FASTFT_ALLOW_NO_NATIVE=1`` (or ``FASTFT_DISABLE_NATIVE=1``) allows testing the reference
+alone; tests marked ``cuda_kernels`` run, skip or fail as :func:`helpers.native.cuda_verdict`
+decides. See :mod:`helpers.native`.
 
 Tests marked ``@pytest.mark.reliability("fault or input tried", "what must happen")`` are
 collected into a table: one row per test function, its parametrizations counted ("33/33
@@ -39,6 +45,47 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "reliability(fault, expectation): a row of docs/reliability.md"
     )
+    config.addinivalue_line(
+        "markers",
+        "cuda_kernels(device=True): tests fastft's CUDA kernels; skips without a GPU, fails "
+        "where a GPU and nvcc exist but fastft._C lacks them (helpers.native.cuda_verdict)",
+    )
+
+
+_CUDA_FAILURE = pytest.StashKey[str]()
+
+
+def pytest_sessionstart(session):
+    from helpers.native import native_failure
+
+    problem = native_failure()
+    if problem is not None:
+        pytest.exit(problem, returncode=pytest.ExitCode.TESTS_FAILED)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda_kernels``: skipped, or failed at set-up, as cuda_verdict decides."""
+    from helpers.native import cuda_verdict
+
+    verdicts: dict[bool, tuple[str, str]] = {}
+    for item in items:
+        marker = item.get_closest_marker("cuda_kernels")
+        if marker is None:
+            continue
+        device = marker.kwargs.get("device", True)
+        if device not in verdicts:
+            verdicts[device] = cuda_verdict(device)
+        verdict, why = verdicts[device]
+        if verdict == "skip":
+            item.add_marker(pytest.mark.skip(reason=why))
+        elif verdict == "fail":
+            item.stash[_CUDA_FAILURE] = why
+
+
+def pytest_runtest_setup(item):
+    why = item.stash.get(_CUDA_FAILURE, None)
+    if why is not None:
+        pytest.fail(why, pytrace=False)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -13,9 +13,10 @@ import torch
 import fastft
 from fastft.ops import reference
 
+from helpers.native import needs_native
 from helpers.ops import POOLS, SRC_DTYPES, STORAGE, assert_write_matches, make_src
 
-pytestmark = pytest.mark.skipif(not fastft.has_native(), reason="native module not built")
+pytestmark = needs_native  # a run without fastft._C fails in conftest unless it opts out
 
 
 # (B, L, D, N, layout): B=1, odd D, large L, N much larger than B, and non-contiguous views.

@@ -19,12 +19,12 @@ import fastft
 from fastft.ops import cuda as fastft_cuda
 from fastft.ops import reference
 
+from helpers.native import needs_cuda_build, needs_cuda_device
+from helpers.native import needs_cuda_kernels as needs_gpu
 from helpers.ops import POOLS, SRC_DTYPES, STORAGE, assert_write_matches, make_src
 
-BUILT = bool(fastft.build_info().get("cuda", False))
-needs_gpu = pytest.mark.skipif(
-    not fastft.has_cuda(), reason="needs a CUDA device and fastft built with nvcc"
-)
+# needs_gpu skips without a GPU and fails where a GPU and nvcc exist but fastft._C was built
+# without its CUDA kernels; needs_cuda_build likewise, for tests that need no GPU.
 
 PLACES = ["device", "pinned"]  # where the cache (dst of a write, src of a gather) lives
 
@@ -45,7 +45,7 @@ SHAPES = [
 # ---------------------------------------------------------------- build (no GPU needed)
 
 
-@pytest.mark.skipif(not BUILT, reason="fastft._C was built without nvcc")
+@needs_cuda_build
 def test_build_info_reports_the_cuda_build():
     info = fastft.build_info()
     assert info["cuda"] is True and fastft_cuda.BUILT_WITH_CUDA
@@ -55,7 +55,7 @@ def test_build_info_reports_the_cuda_build():
     assert info["cuda_runtime"] == "static"
 
 
-@pytest.mark.skipif(not BUILT, reason="fastft._C was built without nvcc")
+@needs_cuda_build
 def test_native_module_loads_without_libcudart_or_driver():
     """fastft._C carries its CUDA runtime: it loads, and answers, where no driver exists."""
     path = importlib.util.find_spec("fastft._C").origin
@@ -301,7 +301,7 @@ def test_deferred_row_checks_is_a_no_op_for_cpu_tensors():
             torch.ops.fastft.cache_gather(src, torch.empty(0), torch.tensor([7]), torch.float32)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda_device
 def test_reference_kernels_serve_a_pinned_host_cache_from_cuda():
     """The fallback when fastft's CUDA kernels cannot run (old driver, or built without nvcc)."""
     src = torch.randn(3, 5, 8, device="cuda")
