@@ -17,6 +17,8 @@ import torch
 
 import fastft
 
+from helpers.native import needs_native
+
 _SWITCHES = ("FASTFT_DISABLE_NATIVE", "FASTFT_REQUIRE_NATIVE")
 
 
@@ -81,51 +83,150 @@ def test_missing_native_module_warns_once_and_falls_back():
     assert first == "1 False [[1.0, 1.0]]", out
 
 
-def test_disabled_native_gives_the_same_answers(tmp_path):
-    """The same calls with and without FASTFT_DISABLE_NATIVE=1 give the same tensors."""
-    script = """
-        import sys, torch, fastft
-        g = torch.Generator().manual_seed(3)
-        src = torch.randn(6, 2048, 7, 7, generator=g).flatten(2).transpose(1, 2)
-        res = {}
-        for storage in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
-            for pool in ("first", "max", "mean"):
-                dst = torch.zeros(10, 2048, dtype=storage); sc = torch.zeros(10)
-                torch.ops.fastft.cache_write(src, torch.tensor([9, 0, 3, 4, 5, 1]), dst, sc, pool)
-                res[f"{storage}-{pool}"] = (dst, sc)
-                res[f"{storage}-{pool}-gather"] = torch.ops.fastft.cache_gather(
-                    dst, sc, torch.tensor([1, 1, 9]), torch.bfloat16)
-        torch.save(res, sys.argv[1])
-    """
-    path_script = tmp_path / "s.py"
-    path_script.write_text(textwrap.dedent(script))
-    outs = {}
-    for flag in ("0", "1"):
-        target = tmp_path / f"out{flag}.pt"
-        env = clean_env(FASTFT_DISABLE_NATIVE=flag)
-        subprocess.run(
-            [sys.executable, str(path_script), str(target)], env=env, check=True, timeout=120
+# ------------------------------------------------- the native path runs natively, and agrees
+# The same calls run three ways in subprocesses: native, FASTFT_DISABLE_NATIVE=1 (the
+# reference), and native with a deliberately wrong kernel (src + 1e-2) registered over the
+# CPU one. Each run reports which implementation served its calls (fastft.ops.backend_calls).
+SAME_CALLS = """
+    import sys, torch, fastft
+    from fastft.ops import cpu
+    if sys.argv[2] == "wrong":  # a kernel that is off by 1e-2, still reported as "cpu"
+        torch.library.register_kernel(
+            "fastft::cache_write", "cpu",
+            lambda src, *args: cpu.cache_write(src + 1e-2, *args),
         )
-        outs[flag] = torch.load(target)
-    for key, ref in outs["1"].items():
-        nat = outs["0"][key]
-        if "mean" in key:  # rounding of the mean may differ by one ulp before the cast
-            ref_t = ref[0] if isinstance(ref, tuple) else ref
-            nat_t = nat[0] if isinstance(nat, tuple) else nat
-            assert (nat_t.float() - ref_t.float()).abs().max() <= 1.01, key
-            continue
-        if isinstance(ref, tuple):
-            assert torch.equal(nat[0], ref[0]) and torch.equal(nat[1], ref[1]), key
+    g = torch.Generator().manual_seed(3)
+    src = torch.randn(6, 2048, 7, 7, generator=g).flatten(2).transpose(1, 2)
+    fastft.ops.backend_calls(reset=True)
+    res = {}
+    for storage in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
+        for pool in ("first", "max", "mean"):
+            dst = torch.zeros(10, 2048, dtype=storage); sc = torch.zeros(10)
+            torch.ops.fastft.cache_write(src, torch.tensor(ROWS), dst, sc, pool)
+            res[f"{storage}-{pool}"] = (dst, sc)
+            res[f"{storage}-{pool}-gather"] = torch.ops.fastft.cache_gather(
+                dst, sc, torch.tensor(GATHER_ROWS), torch.bfloat16)
+    torch.save({"src": src, "res": res, "calls": fastft.ops.backend_calls()}, sys.argv[1])
+"""
+ROWS, GATHER_ROWS = [9, 0, 3, 4, 5, 1], [1, 1, 9]
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+def run_same_calls(tmp_path, mode: str) -> dict:
+    script = tmp_path / "same_calls.py"
+    code = textwrap.dedent(SAME_CALLS).replace("GATHER_ROWS", repr(GATHER_ROWS))
+    script.write_text(code.replace("ROWS", repr(ROWS)))
+    target = tmp_path / f"{mode}.pt"
+    env = clean_env(FASTFT_DISABLE_NATIVE="1" if mode == "reference" else "0")
+    subprocess.run(
+        [sys.executable, str(script), str(target), mode], env=env, check=True, timeout=120
+    )
+    return torch.load(target)
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` values at ``|x|``: one unit in the last place."""
+    info = torch.finfo(dtype)
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(info.tiny)))) * info.eps
+
+
+def within(got: torch.Tensor, want: torch.Tensor, tol: torch.Tensor) -> bool:
+    return bool(((got - want).abs() <= tol).all())
+
+
+def mean_write_agrees(got, want, bound: torch.Tensor) -> bool:
+    """Whether a mean-pooled write (dst, scales) is as close to the reference as rounding allows.
+
+    Two float32 means of the same L values, summed in other orders, differ by at most
+    ``bound`` = 2 (L - 1) u mean|x| (u = 2^-24), plus one float32 ulp for the division;
+    casting both to the storage dtype adds one of its ulps (at most 2^-7 of the magnitude in
+    bf16, 2^-10 in fp16); an int8 value adds one quantization step (its row's scale).
+    """
+    (dst, scales), (ref, ref_scales) = got, want
+    if ref.dtype == torch.int8:
+        scale_tol = bound.amax(dim=1) / 127 + ulp(ref_scales, torch.float32)
+        if not within(scales, ref_scales, scale_tol):
+            return False
+        values, ref_values = dst.float() * scales[:, None], ref.float() * ref_scales[:, None]
+        cast = ref_scales[:, None]
+    else:
+        values, ref_values = dst.float(), ref.float()
+        cast = torch.maximum(ulp(values, ref.dtype), ulp(ref_values, ref.dtype))
+    return within(values, ref_values, bound + ulp(ref_values, torch.float32) + cast)
+
+
+def mean_gather_agrees(got, want, storage, bound, ref_scales) -> bool:
+    """A bf16 gather of mean-pooled rows: the write's tolerance, plus one bf16 ulp."""
+    values, ref_values = got.float(), want.float()
+    cast = ref_scales[:, None] if storage == torch.int8 else ulp(ref_values, storage)
+    read = torch.maximum(ulp(values, torch.bfloat16), ulp(ref_values, torch.bfloat16))
+    return within(values, ref_values, bound + ulp(ref_values, torch.float32) + cast + read)
+
+
+def disagreements(results: dict, reference: dict, src: torch.Tensor) -> list[str]:
+    """The results (by key) that differ from the reference's by more than rounding allows:
+    first and max must be equal, means within :func:`mean_write_agrees`' tolerance."""
+    B, L, D = src.shape
+    bound = torch.zeros(10, D)
+    bound[ROWS] = 2 * (L - 1) * U32 * src.abs().mean(dim=1)
+    storages = {str(t): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.int8)}
+    bad = []
+    for key, want in reference.items():
+        got = results[key]
+        storage_name, pool, *gather = key.split("-")
+        if pool != "mean":
+            agree = all(map(torch.equal, got, want)) if gather == [] else torch.equal(got, want)
+        elif not gather:
+            agree = mean_write_agrees(got, want, bound)
         else:
-            assert torch.equal(nat, ref), key
+            ref_scales = reference[f"{storage_name}-{pool}"][1][GATHER_ROWS]
+            storage = storages[storage_name]
+            agree = mean_gather_agrees(got, want, storage, bound[GATHER_ROWS], ref_scales)
+        if not agree:
+            bad.append(key)
+    return bad
+
+
+@needs_native
+def test_native_run_uses_the_native_kernels_and_agrees_with_the_reference(tmp_path):
+    """The native run is served by fastft._C (not the reference compared with itself), the
+    disabled run by the reference, and their answers agree as exactly as the dtypes allow:
+    tight enough that a kernel off by 1e-2 fails on every result."""
+    runs = {mode: run_same_calls(tmp_path, mode) for mode in ("native", "reference", "wrong")}
+    n_calls = 12  # 4 storage dtypes x 3 pools, one write and one gather each
+    for mode, backend in [("native", "cpu"), ("reference", "reference"), ("wrong", "cpu")]:
+        assert runs[mode]["calls"] == {
+            ("cache_write", backend): n_calls,
+            ("cache_gather", backend): n_calls,
+        }, mode
+    reference, src = runs["reference"]["res"], runs["reference"]["src"]
+    assert torch.equal(runs["native"]["src"], src)
+    assert disagreements(runs["native"]["res"], reference, src) == []
+    assert sorted(disagreements(runs["wrong"]["res"], reference, src)) == sorted(reference)
+
+
+def test_backend_calls_counts_the_implementation_that_served_each_call():
+    from fastft.ops import reference
+
+    fastft.ops.backend_calls(reset=True)
+    cache = torch.arange(6.0).reshape(3, 2)
+    assert fastft.ops.cache_gather(cache, torch.empty(0), torch.tensor([2])).tolist() == [[4, 5]]
+    reference.cache_gather(cache, torch.empty(0), torch.tensor([0]), torch.float32)
+    with pytest.raises(fastft.FastFTValueError):  # rejected by the argument checks: not served
+        fastft.ops.cache_write(torch.ones(2, 2), torch.tensor([0, 1]), cache, torch.empty(0))
+    calls = fastft.ops.backend_calls(reset=True)
+    if fastft.has_native():
+        assert calls == {("cache_gather", "cpu"): 1, ("cache_gather", "reference"): 1}
+    else:
+        assert calls == {("cache_gather", "reference"): 2}
+    assert fastft.ops.backend_calls() == {}  # reset cleared them
+    assert set(fastft.ops.BACKENDS) == {"reference", "cpu", "cuda"}
 
 
 # --------------------------------------------------------------- mismatch and FASTFT_REQUIRE_NATIVE
 # In-process tests load afresh: they clear the loader's cache, patch what it sees, and clear
 # it again so that later tests load the real module. fastft.ops keeps the module it got at
 # import, so the kernels other tests use are unaffected.
-
-needs_native = pytest.mark.skipif(not fastft.has_native(), reason="native module not built")
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from fastft.ops import _schemas, reference  # noqa: F401  (defines the ops)
 from fastft.ops import cpu as _cpu  # noqa: F401  (registers the native CPU kernels)
 from fastft.ops import cuda as _cuda  # noqa: F401  (registers the CUDA kernels, when built)
 from fastft.ops._schemas import COMPUTE_DTYPES, POOLS, STORAGE_DTYPES
+from fastft.ops._served import BACKENDS, snapshot
 
 
 def cache_write(
@@ -41,4 +42,30 @@ def cache_gather(
     return torch.ops.fastft.cache_gather(src, scales, rows, out_dtype)
 
 
-__all__ = ["cache_write", "cache_gather", "POOLS", "STORAGE_DTYPES", "COMPUTE_DTYPES"]
+def backend_calls(reset: bool = False) -> dict[tuple[str, str], int]:
+    """How many fastft op calls each implementation served in this process.
+
+    Returns ``{(op, backend): calls}`` with ``op`` ``"cache_write"`` or ``"cache_gather"``
+    and ``backend`` one of :data:`BACKENDS`: ``"reference"`` (the pure-PyTorch kernels, also
+    when a CUDA call falls back to them), ``"cpu"`` or ``"cuda"`` (fastft._C's kernels).
+    Every call an implementation accepted counts, whether it came through ``torch.ops``,
+    these wrappers, or a direct call of ``fastft.ops.reference``; a call whose arguments it
+    rejected does not. Calls replayed by a CUDA graph are not seen. ``reset=True`` clears
+    the counts after reading them. For example, to check that the native kernels ran::
+
+        fastft.ops.backend_calls(reset=True)
+        fastft.ops.cache_gather(cache, scales, rows)
+        assert fastft.ops.backend_calls() == {("cache_gather", "cpu"): 1}
+    """
+    return snapshot(reset)
+
+
+__all__ = [
+    "cache_write",
+    "cache_gather",
+    "backend_calls",
+    "BACKENDS",
+    "POOLS",
+    "STORAGE_DTYPES",
+    "COMPUTE_DTYPES",
+]

@@ -10,6 +10,7 @@ import torch
 from fastft._native import native_module
 from fastft.ops._codes import DTYPE_CODES, POOL_CODES, raise_status
 from fastft.ops._schemas import check_cache_gather, check_cache_write
+from fastft.ops._served import record
 
 _C = native_module()
 
@@ -24,6 +25,7 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
     check_cache_write(src, rows, dst, scales, pool, mask)
+    record("cache_write", "cpu")
     B, L, D = src.shape
     if B == 0:
         return
@@ -56,6 +58,7 @@ def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
 
 def cache_gather(src, scales, rows, out_dtype):
     check_cache_gather(src, scales, rows, out_dtype)
+    record("cache_gather", "cpu")
     rows = rows.contiguous()
     out = torch.empty((rows.shape[0], src.shape[1]), dtype=out_dtype, device=src.device)
     if rows.shape[0] == 0:

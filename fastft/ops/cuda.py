@@ -50,6 +50,7 @@ from fastft.ops._codes import (
     raise_status,
 )
 from fastft.ops._schemas import check_cache_gather, check_cache_write, gather_device
+from fastft.ops._served import record
 
 _C = native_module()
 #: Whether ``fastft._C`` carries CUDA kernels (compiled with nvcc; says nothing of a GPU).
@@ -212,6 +213,7 @@ def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
         raise FastFTValueError(
             "cache_write: scales must live where dst lives (same device, or both pinned)."
         )
+    record("cache_write", "cuda")
     B, L, D = src.shape
     if B == 0:
         return
@@ -264,6 +266,7 @@ def cache_gather(src, scales, rows, out_dtype):
         raise FastFTValueError(
             "cache_gather: scales must live where src lives (same device, or both pinned)."
         )
+    record("cache_gather", "cuda")
     rows = rows.to(device, non_blocking=True).contiguous()
     B, D = rows.shape[0], src.shape[1]
     out = torch.empty((B, D), dtype=out_dtype, device=device)

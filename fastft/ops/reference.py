@@ -28,6 +28,7 @@ from fastft.ops._schemas import (
     gather_device,
     row_out_of_range,
 )
+from fastft.ops._served import record
 
 
 def check_rows(op: str, rows: torch.Tensor, n: int, unique: bool) -> None:
@@ -76,6 +77,7 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
     check_cache_write(src, rows, dst, scales, pool, mask)
+    record("cache_write", "reference")
     if (
         src.device != dst.device
     ):  # CUDA activations into a pinned host cache (the CUDA kernel's case)
@@ -95,6 +97,7 @@ def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
 
 def cache_gather(src, scales, rows, out_dtype):
     check_cache_gather(src, scales, rows, out_dtype)
+    record("cache_gather", "reference")
     device = gather_device(src, rows)  # where the CUDA kernel's result lands too
     rows = rows.to(src.device)
     check_rows("cache_gather", rows, src.shape[0], unique=False)
