@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fastft.errors import SurgeryError
+from fastft.model.calling import call_model
 from fastft.model.status import all_eval, device_of, get_module, mark_new, parent_of
 
 __all__ = ["insert_layers", "remove_layers"]
@@ -177,8 +178,9 @@ def remove_layers(
     if example_inputs is not None:
         try:
             with torch.no_grad(), all_eval(model):
-                model(
-                    dict(example_inputs) if isinstance(example_inputs, Mapping) else example_inputs
+                call_model(
+                    model,
+                    dict(example_inputs) if isinstance(example_inputs, Mapping) else example_inputs,
                 )
         except Exception as exc:
             for parent, modules in saved:

@@ -31,6 +31,7 @@ import torch.fx
 from torch import nn
 
 from fastft.errors import SurgeryError
+from fastft.model.calling import call_model
 from fastft.model.freezing import freeze, unfreeze
 from fastft.model.heads import find_head
 from fastft.model.layer_edits import insert_layers, remove_layers
@@ -72,7 +73,8 @@ def replace_head(
     """Swap the output layer for a new one, in place, and return the new module.
 
     Give either ``num_classes`` (a new ``nn.Linear(in_features, num_classes)`` with the old
-    layer's ``in_features``, bias setting, dtype and device) or ``module`` (used as is,
+    layer's ``in_features``, bias setting, dtype and device; a 1x1 convolution for a 1x1-conv
+    classifier) or ``module`` (used as is,
     moved to the old layer's device). ``name`` picks the layer; by default
     :func:`find_head` finds it. The new module is recorded as new.
     """
@@ -88,6 +90,9 @@ def replace_head(
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise SurgeryError(f"num_classes must be a positive int, got {num_classes!r}.")
         in_features = getattr(old, "in_features", None)
+        conv = isinstance(old, nn.modules.conv._ConvNd) and all(k == 1 for k in old.kernel_size)
+        if conv:
+            in_features = old.in_channels
         if not isinstance(in_features, int):
             raise SurgeryError(
                 f"cannot infer the input width of {name!r} ({type(old).__name__} has no "
@@ -95,8 +100,11 @@ def replace_head(
             )
         weight = getattr(old, "weight", None)
         kw = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
-        module = nn.Linear(
-            in_features, num_classes, bias=getattr(old, "bias", None) is not None, **kw
+        bias = getattr(old, "bias", None) is not None
+        module = (
+            type(old)(in_features, num_classes, 1, bias=bias, **kw)
+            if conv
+            else nn.Linear(in_features, num_classes, bias=bias, **kw)
         )
     elif not isinstance(module, nn.Module):
         raise SurgeryError(f"module= must be an nn.Module, got {type(module).__name__}.")
@@ -141,7 +149,8 @@ class EncoderWithHead(nn.Module):
         self.output_key = output_key
 
     def forward(self, x: Any) -> Any:
-        return self.head(_pick_output(self.encoder(x), self.output_key))
+        # A dict goes to the encoder as keywords or as one argument (fastft.model.calling).
+        return self.head(_pick_output(call_model(self.encoder, x), self.output_key))
 
     def extra_repr(self) -> str:
         return f"output_key={self.output_key!r}"

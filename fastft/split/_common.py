@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastft.model.calling import call_model
 from fastft.model.status import MIXED, NEW, TRAINABLE, all_eval
 
 
@@ -58,7 +59,7 @@ def record_calls(model: nn.Module, example: Any) -> list[Call]:
         handles.append(m.register_forward_hook(post, with_kwargs=True))
     try:
         with torch.no_grad(), all_eval(model):
-            model(example)
+            call_model(model, example)
     finally:
         for h in handles:
             h.remove()

@@ -22,6 +22,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from fastft.model.calling import takes_keywords
 from fastft.model.status import FROZEN, NEW, TRAINABLE, all_eval
 from fastft.split._common import CannotSplit, batch_size
 
@@ -50,14 +51,18 @@ class _Recorder(torch.fx.Interpreter):
         return value
 
 
-def trace(model: nn.Module, status: dict[int, str]) -> torch.fx.Graph:
-    """Trace ``model`` (one input argument; other arguments fixed to their defaults)."""
+def trace(
+    model: nn.Module, status: dict[int, str], keys: list[str] | None = None
+) -> torch.fx.Graph:
+    """Trace ``model`` (one input argument, or the keyword arguments ``keys`` of a dict input;
+    other arguments fixed to their defaults)."""
     params = list(inspect.signature(model.forward).parameters.values())
     if not params:
         raise CannotSplit("forward() takes no input")
     concrete = {}
-    for p in params[1:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+    inputs = {params[0].name} if keys is None else set(keys)
+    for p in params:
+        if p.name in inputs or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if p.default is p.empty:
             raise CannotSplit(f"forward() needs the argument {p.name!r} besides the input")
@@ -80,12 +85,16 @@ def _tap_name(n: torch.fx.Node) -> str:
 
 def build(model: nn.Module, example: Any, status: dict[int, str]):
     """Return ``(prefix GraphModule, tail GraphModule, tap names, signature text)``."""
-    graph = trace(model, status)
+    keys = list(example) if takes_keywords(model, example) else None
+    graph = trace(model, status, keys)
     full = torch.fx.GraphModule(model, graph)
     rec = _Recorder(full)
+    placeholders = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
+    if keys is not None and not set(placeholders) <= set(keys):
+        raise CannotSplit(f"the traced graph takes {placeholders}, not the input keys {keys}")
     try:
         with torch.no_grad(), all_eval(model):
-            rec.run(example)
+            rec.run(*([example] if keys is None else [example[k] for k in placeholders]))
     except Exception as exc:
         raise CannotSplit(
             f"the traced graph does not run on the example ({type(exc).__name__}: {exc})"
@@ -146,7 +155,20 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
     prefix = torch.fx.GraphModule(model, prefix_graph, class_name="FrozenPrefixGraph")
     tail = torch.fx.GraphModule(model, tail_graph, class_name="TrainableTailGraph")
     names = _unique([_tap_name(n) for n in frontier])
-    return prefix, tail, names, _signature(prefix, names)
+    body = prefix if keys is None else KeywordInputs(prefix, placeholders)
+    return body, tail, names, _signature(prefix, names)
+
+
+class KeywordInputs(nn.Module):
+    """Calls a traced prefix, whose inputs are the model's keyword arguments, on a dict."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, keys: list[str]):
+        super().__init__()
+        self.graph_module = graph_module
+        self.keys = list(keys)
+
+    def forward(self, x: Any) -> Any:
+        return self.graph_module(*[x[k] for k in self.keys])
 
 
 def _attr_frozen(model: nn.Module, target: str, status: dict[int, str]) -> bool:

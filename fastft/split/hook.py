@@ -7,8 +7,12 @@ that ran after the cut, each fed the previous one's output.
 
 That is only right when the trainable modules run last, as a chain: after the cut only
 trainable modules (and stateless ones such as ReLU) may run, each once, each taking exactly
-the previous one's output, and the model must return the last one's output. A single
-recorded forward on the example checks all of that and explains what breaks it.
+the previous one's output, and the model must return the last one's output, as is or as the
+logits of what it returns (a Hugging Face ``ModelOutput``, a tuple). A single recorded
+forward on the example checks all of that and explains what breaks it. Whatever the model
+computes in code before the cut (a ViT's ``[:, 0]``, BERT's pooler and dropout) runs in the
+prefix, so the cache holds only what the head reads; a decoder classifier's last-token pick
+after a per-token head is moved before the head (:mod:`fastft.split.pick`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 
 from fastft.errors import SplitError
+from fastft.model.calling import call_model, logits_of, structured_output
 from fastft.model.status import MIXED, NEW, TRAINABLE
 from fastft.split._common import (
     CannotSplit,
@@ -28,6 +33,7 @@ from fastft.split._common import (
     signature_text,
     units,
 )
+from fastft.split.pick import LastTokenPick, plan
 
 
 class _Stop(BaseException):
@@ -84,11 +90,17 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
                 f"{c.name!r} does not take exactly the output of {prev.name!r} (code runs between "
                 "them), so the modules after the cut are not a chain"
             )
-    if calls[0].output is not chain[-1].output:
-        raise CannotSplit(
-            f"the model does not return the output of its last module {chain[-1].name!r} as is "
-            f"(it returns {type(calls[0].output).__name__} built from it)"
-        )
+    out, last = calls[0].output, chain[-1].output
+    pick = None
+    if out is not last and not (structured_output(out) and logits_of(out) is last):
+        # A decoder classifier's last-token pick after a per-token head: moved before it.
+        pick = plan(model, example, [c.module for c in chain], last, logits_of(out))
+        if pick is None:
+            raise CannotSplit(
+                f"the model does not return the output of its last module {chain[-1].name!r} "
+                f"as is, nor as the logits of its output (it returns {type(out).__name__} "
+                "built from it)"
+            )
     batch = batch_size(example)
     for i, t in enumerate(start.args):
         if t.dim() == 0 or t.shape[0] != batch:
@@ -103,13 +115,23 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
             if status.get(id(c.module)) not in (NEW, TRAINABLE, MIXED)
         ]
     )
+    tail = _Chain([c.module for c in chain], [c.name for c in chain])
+    if pick is not None:
+        body = PickPrefix(model, start.module, cut, frozen_ran, status, pick)
+        names = [f"{cut}.input.last_token"]
+        note = f", one token per sample ({pick.extra_repr()})"
+        return (
+            body,
+            tail,
+            names,
+            signature_text("hook", model, cut, start.module, names, frozen_ran, note),
+        )
     body = HookPrefix(model, start.module, cut, frozen_ran, status)
     names = (
         [f"{cut}.input"]
         if len(start.args) == 1
         else [f"{cut}.input{i}" for i in range(len(start.args))]
     )
-    tail = _Chain([c.module for c in chain], [c.name for c in chain])
     return body, tail, names, signature_text("hook", model, cut, start.module, names, frozen_ran)
 
 
@@ -184,7 +206,7 @@ class HookPrefix(nn.Module):
 
         handle = self._cut.register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            self._model(x)
+            call_model(self._model, x)
         except _Stop:
             pass
         finally:
@@ -196,6 +218,19 @@ class HookPrefix(nn.Module):
                 "hold here."
             )
         return captured[0]
+
+
+class PickPrefix(HookPrefix):
+    """The hook prefix of a decoder classifier: the cut's per-token input, one row per sample
+    (the token the model's logits come from; see :mod:`fastft.split.pick`)."""
+
+    def __init__(self, model, cut, cut_name, frozen, status, pick: LastTokenPick):
+        super().__init__(model, cut, cut_name, frozen, status)
+        self.pick = pick
+
+    def forward(self, x: Any) -> tuple[torch.Tensor, ...]:
+        ids = x["input_ids"]  # before the forward: a model may add to its input dict
+        return (self.pick(self.run_to_cut(x)[0][0], ids),)
 
 
 class _Chain(nn.Module):

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastft.model.calling import logits_of, structured_output
 from fastft.model.status import eval_mode, eval_modules
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -77,7 +78,9 @@ class FrozenPrefix(nn.Module):
 
 
 class TrainableTail(nn.Module):
-    """The trainable part of a split model: ``tail(*taps)`` returns the model's output.
+    """The trainable part of a split model: ``tail(*taps)`` returns the model's output, or
+    its logits when the model returns them inside a structure (a ``ModelOutput``, a dataclass
+    or dict with ``logits``, a tuple; see :func:`fastft.model.calling.logits_of`).
 
     Holds the new and unfrozen modules (shared with the model, not copied) and any frozen
     modules that run after them; those stay in eval mode and frozen even under
@@ -113,7 +116,9 @@ class TrainableTail(nn.Module):
 
     def forward(self, *taps: torch.Tensor) -> Any:
         with eval_mode(self.frozen_modules()):
-            return self.body(*taps)
+            out = self.body(*taps)
+        # A ModelOutput, dataclass, dict with logits or tuple: training reads the logits.
+        return logits_of(out) if structured_output(out) else out
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, taps={self.tap_names}"

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastft.model.calling import call_model
 from fastft.model.status import FROZEN
 from fastft.split._common import (
     CannotSplit,
@@ -240,4 +241,4 @@ class ReplayTail(nn.Module):
 
     def forward(self, hidden: torch.Tensor, *inputs: torch.Tensor) -> Any:
         with self.replaying(hidden):
-            return self.model(self.raw_inputs(inputs))
+            return call_model(self.model, self.raw_inputs(inputs))

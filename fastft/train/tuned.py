@@ -27,11 +27,14 @@ from fastft.model.attach import (
     apply_freeze,
     attach_head,
     current_head,
+    head_outputs,
     locate_head,
     path_of,
+    probe_width,
+    sync_label_config,
 )
 from fastft.model.blocks import trained_blocks, unfreeze_blocks, unfrozen_blocks
-from fastft.model.heads import build_head
+from fastft.model.heads import as_conv1x1, build_head
 from fastft.model.status import mark_new
 from fastft.split import FrozenPrefix, TrainableTail, split
 from fastft.train.checkpoint import TrainingState
@@ -96,6 +99,7 @@ class TunedModel:
         self.device = device
         self.head_spec: HeadSpec | None = None
         self.edited = False
+        self.sized = False  # the new head's width checked against what reaches it
         self.unfreeze_request: tuple[int, bool] | None = None  # (blocks, train_bn) last accepted
         self.prefix: FrozenPrefix | None = None
         self.tail: TrainableTail | None = None
@@ -143,8 +147,9 @@ class TunedModel:
                 output_key=self.options.output_key,
                 example=example,
             )
-            self.model = attach_head(self.model, spec, self.options.build(spec.in_features))
+            self.model = attach_head(self.model, spec, self.heads_for(spec))
             self.head_spec = spec
+            sync_label_config(self.model, head_outputs(current_head(self.model, spec)))
         apply_freeze(self.model, self.freeze)
         self.model.to(self.device)
         self.edited = True
@@ -154,6 +159,45 @@ class TunedModel:
             except FastFTError:
                 self.unfreeze_request = None  # rejected: nothing is unfrozen, and nothing says so
                 raise
+
+    def heads_for(self, spec: HeadSpec, **overrides) -> list[nn.Module]:
+        """The new output layer(s) for ``spec``: one, or one per head of a distilled model
+        (the others seeded ``seed + i``); 1x1 convolutions for a 1x1-conv classifier."""
+        heads = []
+        for i in range(1 + len(spec.also)):
+            seed = overrides.get("seed", self.options.seed) + i
+            head = self.options.build(spec.in_features, **{**overrides, "seed": seed})
+            if i and self.options.head is not None:
+                head = copy.deepcopy(head)  # a custom head= module: the same layer, twice
+            if spec.kind == "conv" and self.options.head is None:
+                head = as_conv1x1(head, spec.conv_dims)
+            heads.append(head)
+        return heads
+
+    def size_head(self, example: Any) -> None:
+        """Before the first split: measure what reaches the new head on ``example`` and, when
+        surgery below it changed the width (a removed stage, an inserted layer), build the
+        new layers for that width instead; a ``head=`` module that does not fit is an error."""
+        spec = self.head_spec
+        if self.sized or spec is None or spec.mode != "replace":
+            self.sized = True
+            return
+        head = current_head(self.model, spec)
+        width = probe_width(self.model, spec, head, example)
+        self.sized = True
+        if width == spec.in_features:
+            return
+        if self.options.head is not None:
+            first = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
+            if first is not None and first.in_features != width:
+                raise SurgeryError(
+                    f"the layers before {spec.name!r} now give {width} features, but the head= "
+                    f"module takes {first.in_features}: build it for {width} inputs."
+                )
+            return
+        spec.in_features = width
+        self.model = attach_head(self.model, spec, self.heads_for(spec))
+        self.model.to(self.device)
 
     def cache_pool(self, pool: str) -> str:
         """The pool of the cache at the current cut: below the top of the network the tail
@@ -166,6 +210,7 @@ class TunedModel:
         again when the model changed since (a module replaced, a frozen attribute or weight
         changed, other parameters made trainable)."""
         self.edit(example)
+        self.size_head(example)
         if self.prefix is not None and self._split_state != self._model_state():
             self.forget_split()
         if self.prefix is None:
@@ -203,7 +248,12 @@ class TunedModel:
             raise FastFTValueError(
                 "fit_many needs a FineTuner that attached a new head (pass num_classes=)."
             )
-        return self.options.build(self.head_spec.in_features, **overrides).to(self.device)
+        if self.head_spec.also:
+            raise FastFTValueError(
+                "fit_many sweeps one output layer; this model has several (a distillation "
+                f"head: {', '.join([self.head_spec.name, *self.head_spec.also])}). Use fit()."
+            )
+        return self.heads_for(self.head_spec, **overrides)[0].to(self.device)
 
     def tail_with_head(self, head: nn.Module) -> nn.Module:
         """A copy of the tail whose new head is ``head`` (the frozen rest is copied by value)."""
@@ -273,6 +323,13 @@ class TunedModel:
             self.unfreeze(saved.unfrozen_blocks, train_bn=saved.train_bn)
         if not self.edited:  # an encoder: the head is appended from the recorded spec, no probe
             self.edit(example=None, spec=HeadSpec(**saved.head))
+        elif saved.head and self.head_spec is not None:
+            spec = HeadSpec(**saved.head)
+            if spec.mode == "replace" and spec.in_features != self.head_spec.in_features:
+                self.head_spec = spec  # sized from the cut when saved: rebuild that width
+                self.model = attach_head(self.model, spec, self.heads_for(spec))
+                self.model.to(self.device)
+        self.sized = True  # the saved width is the one the trained weights have
         self.load_state(saved.state, origin)
 
     def backbone_digest(self, trainable: dict[str, torch.Tensor]) -> str:
