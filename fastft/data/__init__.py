@@ -155,7 +155,12 @@ def to_device(
 
 
 def as_pair(batch: Any, where: str) -> tuple[Inputs, torch.Tensor]:
-    """A batch checked to be ``(inputs, labels)``, labels made a tensor."""
+    """A batch checked to be ``(inputs, labels)``, labels made a tensor. A dict batch with one
+    ``label`` or ``labels`` entry (a Hugging Face data collator's) is split into the two."""
+    if isinstance(batch, Mapping):
+        keys = [k for k in ("label", "labels") if k in batch]
+        if len(keys) == 1:
+            batch = ({k: v for k, v in batch.items() if k != keys[0]}, batch[keys[0]])
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise DataError(
             f"{where} must yield (input, label) pairs; got {type(batch).__name__}"

@@ -11,6 +11,8 @@ A cache row is one sample, so the cache needs the samples in a fixed order, ever
   ``num_samples``, weights, a ``DistributedSampler``'s share) cannot be cached and is
   refused with a message.
 - a ``DataLoader`` over an ``IterableDataset``: its batches, in the order it yields them.
+- a Hugging Face ``datasets.Dataset``: its numeric columns as inputs, ``label``/``labels``
+  as labels (:mod:`~fastft.data.hf_dataset`).
 
 :func:`as_source` picks the reader of each form: :class:`TensorSource` (here),
 :class:`~fastft.data.dataset_source.DatasetSource` and
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from fastft import data as fdata
 from fastft.data.dataset_source import DatasetSource
+from fastft.data.hf_dataset import HFDataset, is_hf_dataset
 from fastft.data.loader_source import loader_source
 from fastft.data.source_base import Chunk, ContentKey, Source
 from fastft.errors import DataError
@@ -70,6 +73,8 @@ def as_source(data: Any) -> Source:
         return TensorSource(*data)
     if isinstance(data, DataLoader):
         return loader_source(data)
+    if is_hf_dataset(data):
+        return DatasetSource(HFDataset(data), description="the Hugging Face dataset")
     if isinstance(data, IterableDataset):
         raise DataError(
             "an IterableDataset needs a DataLoader around it (fastft reads it in batches); pass "
