@@ -22,7 +22,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fastft.model.calling import takes_keywords
+from fastft.model.calling import logits_of, structured_output, takes_keywords
 from fastft.model.status import FROZEN, NEW, TRAINABLE, all_eval
 from fastft.split._common import CannotSplit, batch_size
 
@@ -100,6 +100,7 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
             f"the traced graph does not run on the example ({type(exc).__name__}: {exc})"
         ) from exc
     values = rec.values
+    _keep_logits(graph, values)
 
     frozen: dict[torch.fx.Node, bool] = {}
     depends: dict[torch.fx.Node, bool] = {}  # on a model input
@@ -135,6 +136,14 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
         if not movable:
             break
         for n in movable:
+            if n.op == "call_module" and any(
+                True for _ in model.get_submodule(str(n.target)).parameters()
+            ):
+                raise CannotSplit(
+                    f"the frozen module {n.target!r} returns {type(values.get(n)).__name__}, "
+                    "not a per-sample tensor the cut could cache, and the trainable part "
+                    "would have to run it again"
+                )
             frozen[n] = False
     for n in frontier:
         if not isinstance(values.get(n), torch.Tensor):
@@ -169,6 +178,23 @@ class KeywordInputs(nn.Module):
 
     def forward(self, x: Any) -> Any:
         return self.graph_module(*[x[k] for k in self.keys])
+
+
+def _keep_logits(graph: torch.fx.Graph, values: dict[torch.fx.Node, Any]) -> None:
+    """When the model returns its logits inside a structure (a ModelOutput traced into a dict,
+    a tuple), make the graph return the logits alone: the other entries (hidden states, a
+    frozen module's whole output) must not reach the trainable part, which would then have
+    to recompute them."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    value = values.get(output)
+    if not structured_output(value):
+        return
+    target = logits_of(value)
+    node = next((n for n in graph.nodes if n.op != "output" and values.get(n) is target), None)
+    if node is None:
+        return
+    output.args = (node,)
+    graph.eliminate_dead_code()
 
 
 def _attr_frozen(model: nn.Module, target: str, status: dict[int, str]) -> bool:
