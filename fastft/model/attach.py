@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fastft import data as fdata
-from fastft.errors import SurgeryError
+from fastft.errors import FastFTError, SurgeryError
 from fastft.model import surgery
 from fastft.model.calling import call_model
 from fastft.model.heads import FoundHead, find_heads
@@ -146,6 +146,8 @@ def head_input(model: nn.Module, head: nn.Module, example: Any) -> torch.Tensor:
             call_model(model, fdata.to_device(example, module_device(model)))
     except _Reached:
         pass
+    except FastFTError:
+        raise  # already says what to do (inputs the model does not take, ...)
     except Exception as exc:
         raise SurgeryError(
             f"the edited model fails before its new output layer on the example inputs "
