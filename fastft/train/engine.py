@@ -3,6 +3,11 @@
 Each epoch draws ``torch.randperm(N, generator=g)`` on a CPU generator seeded by the tuner's
 seed (the same order on every device, so the naive oracle and resumed runs see the same
 batches), gathers each batch of rows from the cache once and trains every tail on it.
+
+Dropout in the tails draws from torch's global generator, which fastft neither seeds nor
+forks. With several tails (a sweep), each tail with dropout draws from its own copy of that
+stream, taken when the engine is made (:class:`TailStreams`): its masks are those its own
+``fit`` would draw, not masks drawn after the other heads'.
 """
 
 from __future__ import annotations
@@ -50,6 +55,52 @@ def make_scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer, steps_per_e
             optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total
         )
     return None
+
+
+class TailStreams:
+    """Torch's global random stream, one copy per tail with active dropout (see the module
+    docstring): hooks put a tail's copy in place before its forward and keep where it got to
+    after. Only with two or more such tails (one alone draws what its own fit draws), and not
+    under a CUDA graph (a captured step cannot set the generator's state)."""
+
+    def __init__(self, tails: Sequence[nn.Module], device: torch.device):
+        self.cuda = device if device.type == "cuda" else None
+        drawing = [t for t in tails if any(_drops(m) for m in t.modules())]
+        self.states: dict[int, tuple] = {}
+        self.handles: list = []
+        if len(drawing) < 2:
+            return
+        start = self._get()
+        for t in drawing:
+            self.states[id(t)] = start
+            self.handles.append(t.register_forward_pre_hook(self._enter))
+            self.handles.append(t.register_forward_hook(self._leave))
+
+    def _get(self) -> tuple:
+        return (
+            torch.get_rng_state(),
+            None if self.cuda is None else torch.cuda.get_rng_state(self.cuda),
+        )
+
+    def _set(self, state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(state[1], self.cuda)
+
+    def _enter(self, module: nn.Module, args) -> None:
+        self._set(self.states[id(module)])
+
+    def _leave(self, module: nn.Module, args, out) -> None:
+        self.states[id(module)] = self._get()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _drops(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
 
 
 class Engine:
@@ -101,9 +152,13 @@ class Engine:
         self.world = fdist.rank_and_world()[1]
         self.share = 1.0  # this rank's share of the current global batch (see run_epoch)
         self.graphed = GraphedStep(self.step, device) if cfg.cuda_graph else None
+        self.streams = None if cfg.cuda_graph else TailStreams(tails, device)
 
     def release_graph(self) -> None:
-        """Let a CUDA graph's memory pool go: the graph and the .grad tensors captured in it."""
+        """Let a CUDA graph's memory pool go: the graph and the .grad tensors captured in it;
+        and take the per-tail random streams' hooks off the tails."""
+        if self.streams is not None:
+            self.streams.remove()
         if self.graphed is not None:
             self.graphed = None
             self.optimizer.zero_grad(set_to_none=True)
