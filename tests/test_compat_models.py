@@ -113,10 +113,9 @@ def record(case: Case, ft: fastft.FineTuner) -> None:
         return
     path = Path(target)
     results = json.loads(path.read_text()) if path.exists() else {}
-    versions = {"torch": torch.__version__.split("+")[0]}
     module = {"sentence-transformers": "sentence_transformers"}.get(case.library, case.library)
-    lib = __import__(module)
-    versions[case.library] = getattr(lib, "__version__", "?")
+    version = getattr(__import__(module), "__version__", "?")
+    versions = {"torch": torch.__version__.split("+")[0], case.library: version.split("+")[0]}
     spec = ft.tuned.head_spec
     results[case.id] = {
         "family": case.family,

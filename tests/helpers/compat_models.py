@@ -41,6 +41,7 @@ class Case:
     inputs: str = "text"  # "text" or "image"
     keywords: bool = True  # a dict goes to forward as keyword arguments
     note: str = ""  # what the case shows besides the family working
+    variant: bool = False  # another form of a family listed already (not in the README list)
 
     @property
     def id(self) -> str:
@@ -135,7 +136,6 @@ TRANSFORMERS = [
         "RoBERTa",
         "transformers",
         _hf("RobertaForSequenceClassification", "RobertaConfig", **_TEXT),
-        note="head classifier.out_proj",
     ),
     Case(
         "ALBERT",
@@ -329,6 +329,7 @@ TIMM = [
         _timm("resnet10t", num_classes=0),
         inputs="image",
         note="no classifier: head appended",
+        variant=True,
     ),
 ]
 
@@ -367,6 +368,7 @@ TORCHVISION = [
         _tv(_resnet18_without_layer4),
         inputs="image",
         note="head sized from the cut (256)",
+        variant=True,
     ),
     Case(
         "SqueezeNet",
