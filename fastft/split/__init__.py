@@ -1,7 +1,9 @@
 """Split an edited model into a frozen prefix (run once per sample, cached) and a trainable tail.
 
 ``prefix, tail = split(model, example_inputs)``; then ``tail(*prefix(x))`` equals
-``model(x)`` with the model in eval mode. Three methods, tried in this order:
+``model(x)`` with the model in eval mode (its logits, when the model returns them inside a
+``ModelOutput``, a dict or a tuple; a dict input goes to the model as keywords or as one
+argument, see :mod:`fastft.model.calling`). Three methods, tried in this order:
 
 - ``fx``: trace the model with torch.fx (frozen, trainable and new modules as leaves) and
   cut the graph at the frozen frontier. Several taps when a skip connection crosses the cut.

@@ -63,7 +63,7 @@ class FineTuner:
 
     Args:
         model: the pretrained network. It is edited **in place** (pass a deep copy to keep
-            the original). Called as ``model(x)`` with one tensor or a dict of tensors.
+            the original). Takes a tensor or a dict (see :mod:`fastft.model.calling`).
         num_classes: size of the new output layer. With ``None`` and no ``head``, the model
             is used as edited by the caller (e.g. with :mod:`fastft.surgery`).
         hidden: widths of new hidden layers put before the new output layer
