@@ -28,7 +28,7 @@ import fastft
 from fastft import surgery
 from fastft.errors import DataError, SplitError, SurgeryError
 
-from helpers.compat_models import TRANSFORMERS, VOCAB, require, text_batch
+from helpers.compat_models import TRANSFORMERS, VIT_CONFIG, VOCAB, require, text_batch
 from helpers.naive_reference import naive_fit, trainable_state
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -295,6 +295,17 @@ def test_hf_vit_caches_the_cls_token_only_and_gpt2_the_last_non_pad_token():
     # left padding: the pick follows the model's own rule
     left = {k: v.flip(1) for k, v in X.items()}
     torch.testing.assert_close(gpt2.predict(left), gpt2.export()(**left).logits, rtol=0, atol=1e-5)
+
+
+def test_two_heads_combined_in_untraceable_code_are_refused_with_what_to_use():
+    """HF DeiT with teacher: a class and a distillation head on two tokens, averaged in code
+    fx cannot trace; both heads are found (config.num_labels) and the split says why not."""
+    t = require("transformers")
+    torch.manual_seed(0)
+    ft = tuner(t.DeiTForImageClassificationWithTeacher(t.DeiTConfig(**VIT_CONFIG)), num_classes=5)
+    assert ft.tuned.head_spec.also == ["distillation_classifier"]
+    with pytest.raises(SplitError, match="read different inputs.*single-head form"):
+        ft.fit((torch.randn(8, 3, 32, 32), labels(8)), epochs=1)
 
 
 class TokenMixingHead(nn.Module):

@@ -86,6 +86,13 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
         elif (
             len(c.args) != 1 or c.args[0] is not prev.output or not _tensors_only(c.args, c.kwargs)
         ):
+            if id(c.module) in trainable_units and id(prev.module) in trainable_units:
+                raise CannotSplit(
+                    f"the trainable modules {prev.name!r} and {c.name!r} read different inputs "
+                    "and the model's code combines their outputs (two heads, as a distilled "
+                    "model has); only a traced graph could cut that. Use the model's single-head "
+                    "form (a classifier without distillation head)"
+                )
             raise CannotSplit(
                 f"{c.name!r} does not take exactly the output of {prev.name!r} (code runs between "
                 "them), so the modules after the cut are not a chain"

@@ -104,7 +104,7 @@ _DECODER = dict(
     num_labels=3,
     pad_token_id=PAD,
 )
-_VIT = dict(
+VIT_CONFIG = dict(
     image_size=IMAGE,
     patch_size=8,
     hidden_size=32,
@@ -199,14 +199,14 @@ TRANSFORMERS = [
     Case(
         "ViT",
         "transformers",
-        _hf("ViTForImageClassification", "ViTConfig", **_VIT),
+        _hf("ViTForImageClassification", "ViTConfig", **VIT_CONFIG),
         inputs="image",
         note="CLS token only cached",
     ),
     Case(
         "DeiT",
         "transformers",
-        _hf("DeiTForImageClassification", "DeiTConfig", **_VIT),
+        _hf("DeiTForImageClassification", "DeiTConfig", **VIT_CONFIG),
         inputs="image",
     ),
     Case(

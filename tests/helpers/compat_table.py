@@ -59,7 +59,7 @@ LIMITS = """## Known limits
 - A model whose new heads read different inputs and whose code combines their outputs, and
   which torch.fx cannot trace (Hugging Face `DeiTForImageClassificationWithTeacher`: two
   heads on two tokens, averaged), cannot be split: a `SplitError` says so. Use the model's
-  single-head class (`DeiTForImageClassification`), or replace one head and freeze the other.
+  single-head class (`DeiTForImageClassification`).
 - A decoder classifier (GPT-2, Llama, ...) picks each sample's last non-pad token after its
   head; fastft moves that pick before the head only for a position-wise head (Linear,
   activations, dropout, LayerNorm; what `hidden=` builds). Another `head=` module is refused
