@@ -108,7 +108,7 @@ def _init_process_group() -> bool:
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # pragma: cuda
     torch.distributed.init_process_group(backend)
     return True
 

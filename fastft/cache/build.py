@@ -212,7 +212,7 @@ def _reuse(
             return hit(known), None
         # Built in this process for another device (a CPU run, then a CUDA one): the same
         # bytes, copied where this device reads them best, not rebuilt and not read remotely.
-        return hit(
+        return hit(  # pragma: cuda
             _to_memory(known, replace(s, tier=known.tier)), "hit: copied for this device"
         ), None
     folder = s.root / key.fingerprint
@@ -341,7 +341,7 @@ def _placed_for(cache: Store, device: torch.device) -> bool:
     """Whether an in-memory cache lives where its tier puts it for ``device`` (pinned or not)."""
     where, pin = memory_device(cache.tier, device)
     if where.type == "cuda" and where.index is None:
-        where = torch.device("cuda", torch.cuda.current_device())
+        where = torch.device("cuda", torch.cuda.current_device())  # pragma: cuda
     data = cache.storages[0].data
     return data.device == where and (where.type != "cpu" or data.is_pinned() == pin)
 

@@ -131,13 +131,13 @@ def choose_tier(
     if tier != "auto":
         return tier
     if device.type == "cuda":
-        budget = (
+        budget = (  # pragma: cuda
             max_memory
             if max_memory is not None
             else int(torch.cuda.mem_get_info(device)[0] * AUTO_FRACTION)
         )
         if nbytes <= budget:
-            return "device"
+            return "device"  # pragma: cuda
     budget = max_memory if max_memory is not None else int(free_host_memory() * AUTO_FRACTION)
     return "host" if nbytes <= budget else "disk"
 
@@ -173,7 +173,7 @@ def _check_fits(
     """Refuse an in-memory cache larger than ``max_memory`` (or than the memory free now)
     before any work is done, naming its size and what would fit."""
     if tier == "device" and device.type == "cuda":
-        free, where = torch.cuda.mem_get_info(device)[0], f"free memory on {device}"
+        free, where = torch.cuda.mem_get_info(device)[0], f"free memory on {device}"  # pragma: cuda
     else:
         free, where = free_host_memory(), "free host memory"
     budget, what = (max_memory, "max_memory") if max_memory is not None else (free, where)

@@ -21,20 +21,20 @@ import torch
 from fastft import data as fdata
 
 
-def _tensors(inputs: Any) -> list[torch.Tensor]:
+def _tensors(inputs: Any) -> list[torch.Tensor]:  # pragma: cuda
     if isinstance(inputs, torch.Tensor):
         return [inputs]
     return [v for v in inputs.values() if isinstance(v, torch.Tensor)]
 
 
-def _pin(inputs: Any) -> Any:
+def _pin(inputs: Any) -> Any:  # pragma: cuda
     pin = lambda t: t if t.is_cuda or t.is_pinned() else t.pin_memory()  # noqa: E731
     if isinstance(inputs, torch.Tensor):
         return pin(inputs)
     return {k: pin(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
-class _InFlight:
+class _InFlight:  # pragma: cuda
     """One chunk whose inputs are being copied to the device on the side stream."""
 
     def __init__(self, chunk, device: torch.device, stream: torch.cuda.Stream):
@@ -61,12 +61,12 @@ def staged(chunks: Iterator, device: torch.device) -> Iterator:
     if device.type != "cuda":
         yield from chunks
         return
-    stream = torch.cuda.Stream(device)
-    pending: _InFlight | None = None
-    for chunk in chunks:
+    stream = torch.cuda.Stream(device)  # pragma: cuda
+    pending: _InFlight | None = None  # pragma: cuda
+    for chunk in chunks:  # pragma: cuda
         nxt = _InFlight(chunk, device, stream)  # its copy starts before the previous chunk's work
         if pending is not None:
             yield pending.ready()
         pending = nxt
-    if pending is not None:
+    if pending is not None:  # pragma: cuda
         yield pending.ready()

@@ -80,7 +80,7 @@ class Store:
         back and forth, hence no host synchronisation per batch)."""
         data = self._storages[0].data
         if data.device.type == "cpu" and device.type == "cuda" and data.is_pinned():
-            return device
+            return device  # pragma: cuda
         return data.device
 
     def _physical_rows(

@@ -125,7 +125,7 @@ class Writer:
                 out = self._call("the frozen prefix", lambda: self.prefix(inputs), chunk, inputs)
             names, tensors = taps_of(out, self.prefix)
         if self.s.device.type == "cuda":
-            torch.cuda.synchronize(self.s.device)
+            torch.cuda.synchronize(self.s.device)  # pragma: cuda
         self.timer.prefix += time.perf_counter() - t0
         self.timer.prefix_calls += 1
         return names, tensors, inputs, labels
@@ -232,7 +232,7 @@ class Writer:
         with torch.inference_mode():
             self._write(chunk, tensors, inputs, labels)
         if self.s.device.type == "cuda":
-            torch.cuda.synchronize(self.s.device)
+            torch.cuda.synchronize(self.s.device)  # pragma: cuda
         self.timer.write += time.perf_counter() - t0
         self.timer.rows_written += chunk.count
 
@@ -263,8 +263,8 @@ class Writer:
             tap_mask = None if pool == "none" else self._tap_mask(mask, src, tap.name)
             dst = store.data
             if dst.device != src.device and not (dst.is_pinned() and src.is_cuda):
-                src = src.to(dst.device)
-                tap_mask = None if tap_mask is None else tap_mask.to(dst.device)
+                src = src.to(dst.device)  # pragma: cuda
+                tap_mask = None if tap_mask is None else tap_mask.to(dst.device)  # pragma: cuda
             first = chunk.view * self.n + chunk.start
             rows = torch.arange(first, first + chunk.count, device=src.device)
             tap_pool = "none" if pool == "none" else self._tap_pool(tap_mask, src)
@@ -272,7 +272,7 @@ class Writer:
             if src.is_cuda and dst.device.type == "cpu":
                 # The kernel writes the pinned rows through mapped memory: read them only once it
                 # has run (the row check may be deferred, and then nothing else waits for it).
-                torch.cuda.current_stream(src.device).synchronize()
+                torch.cuda.current_stream(src.device).synchronize()  # pragma: cuda
             check_finite(
                 store,
                 slice(first, first + chunk.count),

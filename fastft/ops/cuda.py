@@ -120,7 +120,9 @@ def _raise_verdict(op: str, key: int, rows: torch.Tensor, n: int) -> None:
     raise_status(op, (code, index), rows, n)
 
 
-def _report_rows(op: str, scratch: torch.Tensor, rows: torch.Tensor, n: int) -> None:
+def _report_rows(  # pragma: cuda
+    op: str, scratch: torch.Tensor, rows: torch.Tensor, n: int
+) -> None:
     """Read (or defer reading) the row verdict the kernels left in ``scratch[0]``."""
     if torch.cuda.is_current_stream_capturing():
         return  # a graph replays without us; the kernels still never touch a bad row
@@ -182,11 +184,13 @@ def _native_usable() -> bool:
     return True
 
 
-def _ptr(t: torch.Tensor | None) -> int:
+def _ptr(t: torch.Tensor | None) -> int:  # pragma: cuda
     return 0 if t is None else t.data_ptr()
 
 
-def _check_placement(op: str, name: str, t: torch.Tensor, device: torch.device) -> bool:
+def _check_placement(  # pragma: cuda
+    op: str, name: str, t: torch.Tensor, device: torch.device
+) -> bool:
     """True when ``t`` is pinned host memory, False when it is on ``device``; else raise."""
     if t.device == device:
         return False
@@ -198,7 +202,7 @@ def _check_placement(op: str, name: str, t: torch.Tensor, device: torch.device) 
     )
 
 
-def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
+def cache_write(src, rows, dst, scales, pool, mask=None) -> None:  # pragma: cuda
     check_cache_write(src, rows, dst, scales, pool, mask)
     if src.device.type != "cuda":  # only scales on CUDA sends a CPU call here
         raise FastFTValueError(
@@ -251,7 +255,7 @@ def cache_write(src, rows, dst, scales, pool, mask=None) -> None:
     _report_rows("cache_write", scratch, rows, dst.shape[0])
 
 
-def cache_gather(src, scales, rows, out_dtype):
+def cache_gather(src, scales, rows, out_dtype):  # pragma: cuda
     check_cache_gather(src, scales, rows, out_dtype)
     device = gather_device(src, rows)
     if device.type != "cuda":

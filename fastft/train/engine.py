@@ -85,7 +85,7 @@ class TailStreams:
     def _set(self, state: tuple) -> None:
         torch.set_rng_state(state[0])
         if self.cuda is not None:
-            torch.cuda.set_rng_state(state[1], self.cuda)
+            torch.cuda.set_rng_state(state[1], self.cuda)  # pragma: cuda
 
     def _enter(self, module: nn.Module, args) -> None:
         self._set(self.states[id(module)])

@@ -76,7 +76,7 @@ def check_cuda_graph(device: torch.device, cfg, world: int) -> None:
         raise FastFTValueError(f"cuda_graph=True {reason}.")
 
 
-class _CudaGraphs:
+class _CudaGraphs:  # pragma: cuda
     """Warm-up on a side stream and capture with ``torch.cuda.graph``."""
 
     def __init__(self, device: torch.device):

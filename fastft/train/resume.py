@@ -100,11 +100,11 @@ def rng_state(device: torch.device) -> dict:
     """torch's global random state (CPU, and the device's on CUDA): dropout draws from it."""
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+        state["cuda"] = torch.cuda.get_rng_state(device)  # pragma: cuda
     return state
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"], device)  # pragma: cuda
