@@ -19,15 +19,21 @@ setup: $(PY)
 	$(PIP) install -q -e ".[dev,demo]"
 	@$(PY) -c "import fastft, json; print('fastft', fastft.__version__, json.dumps(fastft.build_info()))"
 
+# Branch coverage of fastft/ (subprocesses included), its report in the terminal and in
+# build/coverage.json; the run fails below fail_under of [tool.coverage.report] in
+# pyproject.toml (lines and branches together, CUDA-only code left out).
+COV := --cov=fastft --cov-branch --cov-report=term-missing:skip-covered --cov-report=json
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests $(COV)
 
 demo: setup
 	$(VENV)/bin/fastft demo
 
-# The reliability table, from a run of the whole suite (never written by an ordinary test run).
+# The reliability table and the coverage table, from a run of the whole suite (never written
+# by an ordinary test run).
 docs: setup
-	FASTFT_RELIABILITY_REPORT=docs/reliability.md $(PY) -m pytest tests -q
+	FASTFT_RELIABILITY_REPORT=docs/reliability.md $(PY) -m pytest tests -q $(COV)
+	$(PY) tools/coverage_table.py build/coverage.json docs/coverage.md
 
 # ruff: lint rules and formatting as configured in pyproject.toml.
 lint: setup
