@@ -134,8 +134,9 @@ def test_max_pool_propagates_nan_like_torch():
 def test_opcheck(op):
     gen = torch.Generator().manual_seed(1)
     if op == "cache_write":
-        src = torch.randn(4, 6, 16, generator=gen).transpose(1, 2)[:, :6, :]
-        src = torch.randn(4, 6, 16, generator=gen)
+        # A [B, L, D] = [4, 6, 16] view of a [4, 16, 6] tensor: strided, not contiguous.
+        src = torch.randn(4, 16, 6, generator=gen).transpose(1, 2)
+        assert src.shape == (4, 6, 16)
         for storage in STORAGE:
             for pool, mask in [
                 ("mean", None),
@@ -143,9 +144,10 @@ def test_opcheck(op):
             ]:
                 dst = torch.zeros(10, 16, dtype=storage)
                 args = (src, torch.tensor([1, 3, 5, 7]), dst, torch.zeros(10), pool, mask)
+                assert not args[0].is_contiguous()
                 torch.library.opcheck(torch.ops.fastft.cache_write.default, args)
     else:
-        for storage in STORAGE:
+        for storage in STORAGE:  # cache_gather requires a contiguous src (it refuses others)
             src = (
                 torch.randn(10, 16, generator=gen).to(storage)
                 if storage != torch.int8
