@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -114,6 +115,30 @@ def build(
 def spawn(fn, *args) -> None:
     """Run ``fn(rank, *args)`` in two fresh processes of one gloo group (one thread each)."""
     mp.start_processes(_in_group, args=(fn, *args), nprocs=WORLD, join=True, start_method="spawn")
+
+
+def spawn_and_kill(fn, *args, victim: int) -> None:
+    """Like :func:`spawn`, for a run in which rank ``victim`` SIGKILLs itself: wait for that
+    rank, require it to have died of SIGKILL (not of an exception, not of old age), then end
+    the other ranks wherever they are (blocked on the dead peer, or failing because of it)."""
+    ctx = mp.start_processes(
+        _in_group, args=(fn, *args), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    dead, errors = ctx.processes[victim], [Path(f) for f in ctx.error_files]
+    try:
+        dead.join(timeout=300)
+        if dead.exitcode != -signal.SIGKILL:
+            trace = pickle.loads(errors[victim].read_bytes()) if errors[victim].exists() else ""
+            pytest.fail(
+                f"rank {victim} ended with exit code {dead.exitcode}, not by SIGKILL\n{trace}"
+            )
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+            p.join(timeout=60)
+        for f in errors:  # the tracebacks of ranks that raised (torch's join would read them)
+            f.unlink(missing_ok=True)
 
 
 def _in_group(rank: int, fn, init: str, *args) -> None:
@@ -229,8 +254,7 @@ def test_rank_killed_mid_build_then_relaunch_recomputes_nothing_committed(tmp_pa
     second.mkdir()
     # Rank 1 commits two chunks (its 1st and 2nd calls) and dies at its 3rd; the parent then
     # ends rank 0 wherever it is.
-    with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
-        spawn(_killed_build, str(tmp_path / "init1"), str(shared), str(first), 3)
+    spawn_and_kill(_killed_build, str(tmp_path / "init1"), str(shared), str(first), 3, victim=1)
     folder = next(p for p in shared.iterdir() if not p.name.startswith("."))
     assert disk.read_manifest(folder)["status"] == "building"
     rank1 = journal.Journal(folder, shard=1)
