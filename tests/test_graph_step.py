@@ -1,12 +1,14 @@
 """``fit(..., cuda_graph=True)``: the captured-and-replayed training step.
 
-The CUDA graph itself needs a GPU (tests/test_gpu_pipeline.py). Here the graph backend is
-replaced by one with the same contract, where ``capture`` records the step without running
-it and a replay runs it again on the static buffers, and Adam is allowed to be
-``capturable`` on the CPU. What that checks for real: the warm-up steps are real training
-steps, every full batch after them reaches the static buffers the replay reads, partial
-batches run eagerly, the capturable optimizer trains what the ordinary one does, and a
-failed capture falls back without losing a step.
+The CUDA graph itself needs a GPU: ``test_a_real_cuda_graph_trains_what_eager_training_does``
+captures and replays one (and skips without a GPU; tests/test_gpu_pipeline.py has more).
+The other tests replace the graph backend by one with the same contract, where ``capture``
+records the step without running it and a replay runs it again on the static buffers, and
+let Adam be ``capturable`` on the CPU. What that checks for real: the warm-up steps are
+real training steps, every full batch after them reaches the static buffers the replay
+reads, partial batches run eagerly, the capturable optimizer trains what the ordinary one
+does, and a failed capture falls back without losing a step. What it cannot check is the
+CUDA part: the side-stream warm-up, the capture, and kernels replayed on new inputs.
 """
 
 from __future__ import annotations
@@ -67,7 +69,14 @@ def _data(n: int = 1000):
 
 
 def _fit(
-    cuda_graph: bool, *, optimizer: str = "adamw", epochs: int = 3, n: int = 1000, **kw
+    cuda_graph: bool,
+    *,
+    optimizer: str = "adamw",
+    epochs: int = 3,
+    n: int = 1000,
+    device: str = "cpu",
+    cache: str = "host",
+    **kw,
 ) -> FineTuner:
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
@@ -75,9 +84,9 @@ def _fit(
         model,
         num_classes=4,
         hidden=[16],
-        cache="host",
+        cache=cache,
         cache_dtype="fp32",
-        device="cpu",
+        device=device,
         verbose=False,
     )
     ft.fit(
@@ -110,6 +119,31 @@ def test_replayed_steps_train_what_eager_steps_train(graphs_on_cpu, optimizer):
     assert backend.warms == 3 and backend.captures == 1
     # A graph replays Adam's step only when its step counters live on the device.
     assert [opt.defaults.get("capturable", False) for opt in made] == [False, optimizer != "sgd"]
+    assert _max_diff(eager, graphed) <= 1e-5
+    for want, got in zip(eager.history.column("loss"), graphed.history.column("loss")):
+        assert got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: captures a CUDA graph")
+@pytest.mark.parametrize("cache", ["device", "host"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_a_real_cuda_graph_trains_what_eager_training_does(monkeypatch, optimizer, cache):
+    # No stand-in: _CudaGraphs warms up on its side stream, torch.cuda.graph captures the
+    # step, and CUDAGraph.replay (counted, patched before any capture binds it) trains.
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(
+        torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(1), replay(graph))[1]
+    )
+    eager = _fit(False, optimizer=optimizer, device="cuda", cache=cache)
+    assert replays == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture would train eagerly
+        graphed = _fit(True, optimizer=optimizer, device="cuda", cache=cache)
+    # 1000 rows at batch 64: 15 full batches and a partial one per epoch; the first three
+    # full batches are the eager warm-up, every later full one a replay.
+    assert len(replays) == 3 * 15 - 3
+    assert all(p.is_cuda for p in graphed.tail.parameters())
     assert _max_diff(eager, graphed) <= 1e-5
     for want, got in zip(eager.history.column("loss"), graphed.history.column("loss")):
         assert got == pytest.approx(want, rel=1e-5)
