@@ -5,6 +5,7 @@ object, and library functions replaced at run time."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import numpy as np
@@ -80,3 +81,55 @@ def test_a_replaced_library_function_changes_the_key(monkeypatch):
     assert content_hash(activation)[0] != plain
     monkeypatch.undo()
     assert content_hash(activation)[0] == plain
+
+
+# ---------------------------------------------------------------- code that reads the outside
+# A transform that reads files or processes computes what its key cannot see: opaque.
+load = np.load
+
+
+def imports_subprocess(x):
+    import subprocess  # noqa: F401
+
+    return x
+
+
+def uses_os(x):
+    return os.getcwd()
+
+
+def calls_an_alias_of_np_load(x):
+    return load(x)
+
+
+def calls_open(x):
+    with open(x) as f:
+        return f.read()
+
+
+def calls_np_load(x):
+    return np.load(x)
+
+
+def pure(x):
+    return np.tanh(x) * 2
+
+
+@pytest.mark.parametrize(
+    "fn, why",
+    [
+        (imports_subprocess, "imports the module subprocess (files, sockets or processes)"),
+        (uses_os, "uses the module os (files, sockets or processes)"),
+        (calls_an_alias_of_np_load, "calls numpy.load (reads a file)"),
+        (calls_open, "calls the builtin open()"),
+        (calls_np_load, "calls numpy.load (reads a file)"),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_code_that_reads_the_outside_world_is_opaque(fn, why):
+    _, opaque = content_hash(fn)
+    assert len(opaque) == 1 and why in opaque[0], opaque
+
+
+def test_pure_library_calls_are_not_opaque():
+    assert content_hash(pure)[1] == []
