@@ -86,7 +86,11 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
         elif (
             len(c.args) != 1 or c.args[0] is not prev.output or not _tensors_only(c.args, c.kwargs)
         ):
-            if id(c.module) in trainable_units and id(prev.module) in trainable_units:
+            if (
+                id(c.module) in trainable_units
+                and id(prev.module) in trainable_units
+                and _parallel(prev, c)
+            ):
                 raise CannotSplit(
                     f"the trainable modules {prev.name!r} and {c.name!r} read different inputs "
                     "and the model's code combines their outputs (two heads, as a distilled "
@@ -140,6 +144,19 @@ def build(model: nn.Module, example: Any, status: dict[int, str]):
         else [f"{cut}.input{i}" for i in range(len(start.args))]
     )
     return body, tail, names, signature_text("hook", model, cut, start.module, names, frozen_ran)
+
+
+def _parallel(a: Any, b: Any) -> bool:
+    """Whether call ``b`` reads an input like ``a``'s own, not like ``a``'s output: two heads
+    side by side (a class and a distillation head), not one after the other."""
+    first = a.args[0] if a.args else None
+    take = b.args[0] if b.args else None
+    out = a.output
+    return (
+        all(isinstance(t, torch.Tensor) for t in (first, take, out))
+        and take.shape == first.shape
+        and take.shape != out.shape
+    )
 
 
 class HookPrefix(nn.Module):
