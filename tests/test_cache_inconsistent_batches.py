@@ -90,13 +90,6 @@ def test_labels_that_change_between_batches_are_refused(label, dataset_id, messa
         build(nn.Linear(5, 3), DataLoader(Pairs(label), batch_size=B), dataset_id=dataset_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="bug: DatasetSource.content_key (fastft/data/dataset_source.py) joins the batches' "
-    "labels with torch.cat before any check, so labels whose shape changes between batches "
-    "raise torch's RuntimeError instead of the DataError naming the samples",
-)
 def test_labels_whose_shape_changes_are_refused_while_the_data_are_hashed():
     torch.manual_seed(0)
     with pytest.raises(DataError, match="labels of samples 4"):

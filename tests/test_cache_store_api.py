@@ -100,12 +100,6 @@ def test_memory_sizes_as_numbers_or_strings():
             parse_bytes(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: parse_bytes matches [0-9.]+, so '1..2GB' passes the pattern and float() "
-    "raises a bare ValueError instead of the FastFTValueError the option promises",
-)
 def test_a_malformed_number_is_refused_like_any_unreadable_size():
     with pytest.raises(FastFTValueError, match="cannot read max_memory"):
         parse_bytes("1..2GB")

@@ -94,7 +94,7 @@ def parse_bytes(size: int | float | str | None) -> int | None:
     """``max_memory`` as bytes: a number, or a string like ``"512MB"`` / ``"2GiB"``."""
     if size is None or isinstance(size, (int, float)):
         return None if size is None else int(size)
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", size)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", size)
     if not match or match.group(2).lower() not in _UNITS:
         raise FastFTValueError(
             f"cannot read max_memory={size!r}; use bytes or e.g. '512MB', '2GiB'."

@@ -202,7 +202,15 @@ class DatasetSource(Source):
             except Exception as exc:
                 raise DataError(self._load_failure(start, count, exc)) from exc
             digests += unit_digests
-            labels.append(torch.as_tensor(y))
+            y = torch.as_tensor(y)
+            if labels and (y.shape[1:] != labels[0].shape[1:] or y.dtype != labels[0].dtype):
+                # the cache writer's own check, here before torch.cat would fail unexplained
+                raise DataError(
+                    f"labels of samples {start}.. have {y.dtype} {tuple(y.shape[1:])} per "
+                    f"sample, the first batch had {labels[0].dtype} "
+                    f"{tuple(labels[0].shape[1:])}."
+                )
+            labels.append(y)
             opaque += [o for o in unit_opaque if o not in opaque][: 4 - len(opaque)]
         self._unit_digests = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(
             -1, DIGEST_BYTES
