@@ -57,7 +57,7 @@ class FeatureCache(Store):
         dataset_id: str | None = None,
         transform_id: str | None = None,
         max_memory: int | str | None = None,
-        progress: bool = True,
+        progress: bool | str = True,
         seed: int = 0,
         device: torch.device | str | None = None,
         amp: str | None = None,
@@ -88,7 +88,8 @@ class FeatureCache(Store):
             transform_id: a name for what the transform computes with that fastft cannot see
                 (files it reads, an object without readable state); without it, such a
                 transform's caches are never reused.
-            progress: show a tqdm bar (only on a terminal).
+            progress: show a tqdm bar (only on a terminal); a string is the bar's label
+                (default ``"fastft cache"``; a FineTuner says ``"train cache"``, ``"val cache"``).
             device: where the prefix runs (default: where its parameters are). On a CUDA
                 device each chunk's inputs are pinned and copied on a side stream while the
                 previous chunk runs (see :mod:`fastft.cache.staging`).

@@ -19,15 +19,17 @@ __all__ = ["Job", "run_chunks", "progress_bar"]
 
 # ---------------------------------------------------------------------------- running
 def progress_bar(s: Settings, total: int, done: int):
+    """The build's bar (on a terminal, when ``s.progress``), labelled ``s.progress`` when that
+    is a string (``"train cache"``, ``"val cache"``)."""
     from tqdm.auto import tqdm
 
-    enabled = s.progress and sys.stderr.isatty()
+    enabled = bool(s.progress) and sys.stderr.isatty()
     return tqdm(
         total=total,
         initial=done,
         unit="rows",
         unit_scale=True,
-        desc="fastft cache",
+        desc=s.progress if isinstance(s.progress, str) else "fastft cache",
         disable=not enabled,
         dynamic_ncols=True,
     )

@@ -268,7 +268,8 @@ def _write_share(
             folder, layout, tensors, journal.Journal(folder, n, s.views, shard=rank), n
         )
         skip = ShardSkip({tuple(c) for c in plan["committed"]}, rank, world)
-        writer.s = replace(s, progress=s.progress and rank == 0)  # one bar: rank 0's share
+        # One bar: rank 0's share (``progress`` may be the bar's label).
+        writer.s = replace(s, progress=s.progress if rank == 0 else False)
         try:
             summary["rows"] = run_chunks(
                 writer, job.source, probe, skip, committer.done, 0, share=True

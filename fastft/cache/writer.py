@@ -52,7 +52,7 @@ class Settings:
     num_workers: int
     root: Path
     max_memory: int | None
-    progress: bool
+    progress: bool | str  # a string: the bar's label
     seed: int
     device: torch.device
     amp: str | None = None

@@ -13,6 +13,7 @@ from fastft.cache import FeatureCache
 from fastft.cache.derive import derived_cache
 from fastft.cache.fingerprint import dataset_part
 from fastft.data.sources import as_source
+from fastft.model.status import warn_user
 from fastft.split import FrozenPrefix
 
 #: Samples of the data a probe or the split's parity check runs on: enough to check the batch
@@ -51,6 +52,7 @@ class TunerCaches:
 
     def __init__(self, options: CacheOptions):
         self.options = options
+        self.said_memory = False  # told once that cache="auto" left cache_dir= unused
 
     def settings(self, pool: str) -> dict[str, Any]:
         """:meth:`FeatureCache.build` settings shared by every cache of the tuner; ``pool`` is
@@ -77,17 +79,39 @@ class TunerCaches:
         pool: str,
         train: bool,
         dataset_id: str | None = None,
+        label: str | None = None,
     ) -> FeatureCache:
-        """The cache of ``prefix`` over ``data``: for training (views, transform) or not."""
+        """The cache of ``prefix`` over ``data``: for training (views, transform) or not.
+        ``label``: its progress bar's (default ``"train cache"`` or ``"eval cache"``)."""
         o = self.options
-        return FeatureCache.build(
+        settings = self.settings(pool)
+        if settings["progress"]:
+            settings["progress"] = label or ("train cache" if train else "eval cache")
+        cache = FeatureCache.build(
             prefix,
             data,
             views=o.views if train else 1,
             transform=o.transform if train else None,
             transform_id=o.transform_id if train else None,
             dataset_id=dataset_id,
-            **self.settings(pool),
+            **settings,
+        )
+        self._say_memory(cache)
+        return cache
+
+    def _say_memory(self, cache: FeatureCache) -> None:
+        """Warn (once per tuner) when ``cache="auto"`` kept a cache in memory although the
+        user named a ``cache_dir=``: that folder is not used."""
+        o = self.options
+        if o.tier != "auto" or o.cache_dir is None or cache.tier == "disk" or self.said_memory:
+            return
+        self.said_memory = True
+        warn_user(
+            f"cache_dir={str(o.cache_dir)!r} is not used: cache='auto' kept the features in "
+            f"{cache.tier} memory because they fit ({cache.nbytes / 2**20:.1f} MiB; "
+            "max_memory= sets the limit), and in-memory caches last as long as the process. "
+            "Pass cache='disk' to write them to cache_dir (reused by later runs), or drop "
+            "cache_dir=."
         )
 
     def derived(
