@@ -31,6 +31,7 @@ from fastft import data as fdata
 from fastft.data.dataset_source import DatasetSource
 from fastft.data.hf_dataset import HFDataset, is_hf_dataset
 from fastft.data.loader_source import loader_source
+from fastft.data.refusals import check_data_form
 from fastft.data.source_base import Chunk, ContentKey, Source
 from fastft.errors import DataError
 from fastft.hashing import ContentHasher
@@ -80,6 +81,7 @@ def as_source(data: Any) -> Source:
             "an IterableDataset needs a DataLoader around it (fastft reads it in batches); pass "
             "DataLoader(dataset, batch_size=...)."
         )
+    check_data_form(data)  # numpy arrays, lists, {"x": X, "y": y}: says how to pass them
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         return DatasetSource(data)
     fdata.dataset_length(data)  # raises the DataError that names the accepted forms

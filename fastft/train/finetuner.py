@@ -29,6 +29,7 @@ from torch import nn
 from fastft import data as fdata
 from fastft import distributed as fdist
 from fastft.cache import FeatureCache
+from fastft.data.refusals import check_forward_inputs, explained_predict, input_ranks
 from fastft.errors import FastFTValueError, NotFittedError
 from fastft.train.caches import CacheOptions, TunerCaches, example_of
 from fastft.train.checkpoint import TrainingState
@@ -42,7 +43,7 @@ from fastft.train.config import (
     refuse_positional,
     resolve_fit_config,
 )
-from fastft.train.evaluation import cache_metrics, predict
+from fastft.train.evaluation import cache_metrics, eval_config, predict
 from fastft.train.fitting import Callback, StagedFit
 from fastft.train.graph_step import check_cuda_graph
 from fastft.train.settings import (
@@ -174,6 +175,7 @@ class FineTuner:
         self.history = History()
         self.fit_config: FitConfig | None = None  # of the last fit (or the loaded one)
         self.fitted = False  # True once the new layers were trained or loaded
+        self.input_ranks: dict[str, int] | None = None  # of the batch the model was split on
 
     # ------------------------------------------------------------------ the model
     @property
@@ -230,9 +232,10 @@ class FineTuner:
         model takes it) and split the model; ``fit``, ``evaluate`` and ``predict`` do this
         themselves. The split is made again whenever the model changed since."""
         before = self.tuned.split_version
+        check_forward_inputs(self.model, example_inputs)
         self.tuned.split_for(example_inputs)
         if self.tuned.split_version != before:
-            self.cache = None
+            self.cache, self.input_ranks = None, input_ranks(example_inputs)
 
     # ------------------------------------------------------------------ caches
     def build_cache(
@@ -348,14 +351,15 @@ class FineTuner:
         """
         self._require_fitted("evaluate")
         cache = self.build_cache(data, evaluation=True)  # splits first after load() or unfreeze()
-        cfg = self.fit_config or FitConfig(batch_size=batch_size)
+        cfg = eval_config(self.fit_config, batch_size)  # evaluate's batch size, the fit's loss
         return cache_metrics(self.tail, cache, cfg, device=self.device)
 
     def predict(self, x: Any, *, batch_size: int = 256) -> torch.Tensor:
         """Model outputs (logits) for a batch of inputs ``x`` (a tensor or a dict of tensors)."""
         self._require_fitted("predict")
-        self.prepare(fdata.index_select(x, torch.arange(min(2, fdata.batch_length(x)))))
-        return predict(self.prefix, self.tail, x, batch_size=batch_size, device=self.device)
+        with explained_predict(x, self.input_ranks):  # one sample: says to add a batch axis
+            self.prepare(fdata.index_select(x, torch.arange(min(2, fdata.batch_length(x)))))
+            return predict(self.prefix, self.tail, x, batch_size=batch_size, device=self.device)
 
     def export(self) -> nn.Module:
         """The edited model with the trained weights: a plain ``nn.Module`` in eval mode whose
