@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 import fastft
+import fastft.ops
 
 B, D = 16384, 2048
 
@@ -468,8 +469,31 @@ def usable() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device visible to PyTorch"
     if not fastft.has_cuda():
-        return "fastft has no usable CUDA kernels (see fastft_build)"
+        return f"fastft has no usable CUDA kernels: {fastft.build_info().get('cuda_problem')}"
     return None
+
+
+def kernels_serve() -> str | None:
+    """None when one small cache_write and cache_gather on CUDA tensors ran fastft's CUDA
+    kernels; else which implementations served them (never time the reference as fastft)."""
+    dev = torch.device("cuda")
+    fastft.ops.backend_calls(reset=True)
+    dst, scales = torch.zeros(4, 8, dtype=torch.int8, device=dev), torch.zeros(4, device=dev)
+    rows = torch.arange(2, device=dev)
+    fastft.ops.cache_write(torch.randn(2, 3, 8, device=dev), rows, dst, scales, "mean")
+    fastft.ops.cache_gather(dst, scales, rows)
+    torch.cuda.synchronize()
+    served = fastft.ops.backend_calls(reset=True)
+    if served == {("cache_write", "cuda"): 1, ("cache_gather", "cuda"): 1}:
+        return None
+    return f"the fastft ops on CUDA tensors were served by {served}, not fastft's CUDA kernels"
+
+
+def reference_calls() -> dict:
+    """Calls the reference served since the last reset (none may happen while timing)."""
+    return {
+        op: n for (op, backend), n in fastft.ops.backend_calls().items() if backend == "reference"
+    }
 
 
 def run(
@@ -488,7 +512,7 @@ def run(
         "fastft_build": fastft.build_info(),
         "has_cuda": fastft.has_cuda(),
     }
-    problem = usable()
+    problem = usable() or kernels_serve()
     if problem:
         results["error"] = problem
     else:
@@ -508,6 +532,10 @@ def run(
                 naive_epochs,
                 batch_size,
             )
+        fell_back = reference_calls()
+        results["reference_calls"] = fell_back
+        if fell_back:
+            results["error"] = f"the reference served {fell_back} during the benchmarks"
     save(results, path)
     return results
 

@@ -174,14 +174,60 @@ def has_native() -> bool:
     return native_module() is not None
 
 
-def has_cuda() -> bool:
-    """True when CUDA kernels were compiled in *and* a usable CUDA device is present."""
+@lru_cache(maxsize=1)
+def cuda_runtime_error() -> str | None:
+    """Why the CUDA runtime linked into fastft._C cannot run here (None when it can, or when
+    fastft._C has no CUDA kernels).
+
+    fastft._C carries its own (static) CUDA runtime, which needs a driver at least as new as
+    the nvcc it was built with; ``cudaGetDeviceCount`` tells. The usual errors are
+    cudaErrorInsufficientDriver (an older driver) and cudaErrorNoDevice.
+    """
     mod = native_module()
     if mod is None or not bool(mod.build_info().get("cuda", False)):
-        return False
+        return None
+    info = mod.cuda_runtime_info()
+    if not info["error"]:
+        return None
+    driver = (
+        "no CUDA driver is installed"
+        if not info["driver_version"]
+        else f"the driver supports CUDA {info['driver_version']}"
+    )
+    return (
+        f"{info['error']} (fastft._C carries CUDA runtime {info['runtime_version']}; {driver}). "
+        "Rebuild fastft with an nvcc no newer than the driver, or with FASTFT_CUDA=OFF."
+    )
+
+
+def cuda_problem() -> str | None:
+    """Why fastft's CUDA kernels will not serve CUDA tensors here; None when they will."""
+    mod, reason = _load()
+    if mod is None:
+        return f"the native extension fastft._C is not in use ({reason})"
+    if not bool(mod.build_info().get("cuda", False)):
+        return (
+            "fastft._C was built without CUDA kernels (no nvcc found at build time; "
+            "FASTFT_CUDA=ON makes that an error)"
+        )
+    error = cuda_runtime_error()
+    if error is not None:
+        return f"the CUDA runtime in fastft._C cannot run: {error}"
     import torch
 
-    return torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        return (
+            f"torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False; "
+            f"torch built for CUDA {torch.version.cuda})"
+        )
+    return None
+
+
+def has_cuda() -> bool:
+    """True when fastft's CUDA kernels will serve CUDA tensors: compiled in, their CUDA runtime
+    runs with the installed driver, and torch sees a device. ``build_info()["cuda_problem"]``
+    says why not."""
+    return cuda_problem() is None
 
 
 def build_info() -> dict[str, Any]:
@@ -193,7 +239,16 @@ def build_info() -> dict[str, Any]:
     """
     mod, reason = _load()
     if mod is None:
-        return {"native": False, "reason": reason, "cuda": False, "openmp": False}
+        return {
+            "native": False,
+            "reason": reason,
+            "cuda": False,
+            "openmp": False,
+            "cuda_problem": cuda_problem(),
+        }
     info = dict(mod.build_info())
     info["native"] = True
+    if info.get("cuda"):
+        info["cuda_runtime_error"] = cuda_runtime_error()
+    info["cuda_problem"] = cuda_problem()  # None when fastft.has_cuda()
     return info

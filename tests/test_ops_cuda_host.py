@@ -5,6 +5,7 @@ in tests/test_ops_cuda.py and need a GPU.)"""
 
 from __future__ import annotations
 
+import collections
 import warnings
 
 import pytest
@@ -34,9 +35,10 @@ class FakeEvent:
 
 @pytest.fixture
 def pending(monkeypatch):
-    """An empty queue of deferred verdicts, put back as it was afterwards."""
-    queue = type(fcuda._pending)()
-    monkeypatch.setattr(fcuda, "_pending", queue)
+    """An empty queue of this thread's deferred verdicts, put back as it was afterwards."""
+    queue = collections.deque()
+    monkeypatch.setattr(fcuda._thread, "pending", queue, raising=False)
+    assert fcuda._pending() is queue
     return queue
 
 
@@ -56,7 +58,7 @@ def test_an_out_of_range_verdict_names_the_row_and_its_index():
 
 
 def test_a_duplicate_verdict_names_the_repeated_row():
-    with pytest.raises(fastft.FastFTIndexError, match="row 3 appears more than once"):
+    with pytest.raises(fastft.FastFTIndexError, match=r"row 3 appears more than once.*rows\[2\]"):
         fcuda._raise_verdict("cache_write", DUPLICATE | 2, torch.tensor([3, 1, 3]), 5)
 
 
@@ -104,23 +106,26 @@ def test_sync_checks_setting_returns_the_old_value():
 def test_an_unusable_runtime_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(fcuda, "_runtime_problem", lambda: "no CUDA driver (runtime 13000)")
     monkeypatch.setattr(fcuda, "_warned_runtime", False)
+    cuda0 = torch.device("cuda", 0)
     with pytest.warns(RuntimeWarning, match=r"CUDA kernels cannot run \(no CUDA driver"):
-        assert fcuda._native_usable() is False
+        assert fcuda._native_usable(cuda0) is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert fcuda._native_usable() is False  # said once
+        assert fcuda._native_usable(cuda0) is False  # said once
 
 
 def test_a_usable_runtime_reports_deferred_errors(monkeypatch, pending):
     monkeypatch.setattr(fcuda, "_runtime_problem", lambda: None)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert fcuda._native_usable() is True
+    capturing = set()  # the devices whose current stream is capturing
+    monkeypatch.setattr(fcuda, "_capturing", lambda device: device in capturing)
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert fcuda._native_usable(cuda0) is True
     deferred(pending, "cache_gather", OUT_OF_RANGE | 0, [5], 2)
     with pytest.raises(fastft.FastFTIndexError, match=r"rows\[0\] = 5"):
-        fcuda._native_usable()
+        fcuda._native_usable(cuda0)
     deferred(pending, "cache_gather", OUT_OF_RANGE | 0, [5], 2)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert fcuda._native_usable() is True  # queries are illegal while capturing: left queued
+    capturing.add(cuda1)
+    assert fcuda._native_usable(cuda1) is True  # queries are illegal while capturing: left queued
     assert len(pending) == 1
 
 
@@ -133,5 +138,9 @@ def test_the_runtime_problem_names_both_versions_and_the_fix():
         return
     assert info["error"] in problem
     assert f"runtime {info['runtime_version']}" in problem
-    assert f"supports {info['driver_version']}" in problem
+    if info["driver_version"]:
+        assert f"supports CUDA {info['driver_version']}" in problem
+    else:
+        assert "no CUDA driver is installed" in problem
     assert "FASTFT_CUDA=OFF" in problem
+    assert not fastft.has_cuda()  # whatever torch says, the kernels cannot run

@@ -114,20 +114,42 @@ def free_host_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def pinned_reserve(nbytes: int) -> int:
+    """Bytes torch's pinned host allocator (CachingHostAllocator) reserves for one
+    ``nbytes`` allocation: the size rounded up to the next power of two (0 for 0)."""
+    return 0 if nbytes <= 0 else 1 << (int(nbytes) - 1).bit_length()
+
+
+def pinned_overhead(rows: int, taps: list[TapInfo]) -> int:
+    """Extra bytes the pinned host tier takes over the rows' size: each tap's data and
+    scales are pinned allocations of their own (see :func:`allocate`), each rounded up to a
+    power of two, so up to twice the exact size."""
+    extra = 0
+    for t in taps:
+        sizes = [rows * t.dim * torch.empty((), dtype=t.dtype).element_size()]
+        sizes += [rows * 4] if t.dtype == torch.int8 else []
+        extra += sum(pinned_reserve(n) - n for n in sizes)
+    return extra
+
+
 def choose_tier(
     tier: str,
     nbytes: int,
     device: torch.device,
     max_memory: int | None,
     dtype: torch.dtype | None = None,
+    pin_extra: int = 0,
 ) -> str:
     """The tier a cache of ``nbytes`` goes to: ``tier`` itself unless it is ``auto``, which
     picks the fastest tier that fits ``max_memory`` (default: a share of free memory).
-    ``dtype`` (the storage dtype) lets a refusal name the sizes in smaller dtypes."""
+    ``dtype`` (the storage dtype) lets a refusal name the sizes in smaller dtypes.
+    ``pin_extra`` (:func:`pinned_overhead`) is what the host tier takes beyond ``nbytes``
+    when it is pinned (a CUDA ``device``): the budget counts the memory really reserved."""
     if tier not in TIERS:
         raise FastFTValueError(f"unknown cache tier {tier!r}; use one of {', '.join(TIERS)}.")
+    host_nbytes = nbytes + (pin_extra if device.type == "cuda" else 0)
     if tier in ("device", "host"):
-        _check_fits(tier, nbytes, device, max_memory, dtype)
+        _check_fits(tier, host_nbytes if tier == "host" else nbytes, device, max_memory, dtype)
     if tier != "auto":
         return tier
     if device.type == "cuda":
@@ -139,7 +161,7 @@ def choose_tier(
         if nbytes <= budget:
             return "device"  # pragma: cuda
     budget = max_memory if max_memory is not None else int(free_host_memory() * AUTO_FRACTION)
-    return "host" if nbytes <= budget else "disk"
+    return "host" if host_nbytes <= budget else "disk"
 
 
 def format_gib(nbytes: float) -> str:
@@ -221,12 +243,18 @@ def memory_device(tier: str, device: torch.device) -> tuple[torch.device, bool]:
 # ---------------------------------------------------------------------------- taps
 @dataclass(frozen=True)
 class TapInfo:
-    """One cached frontier activation.
+    """One cached frontier activation (a tap), as ``cache.taps`` lists them.
 
-    ``dim`` is the row width D; ``shape`` the per-sample shape the tail expects (the
-    activation's own shape with ``pool='none'``, ``(D,)`` otherwise); ``dtype`` the storage dtype.
-    ``source_dtype`` is set for a non-float tap (an attention mask, token ids the tail needs):
-    it is stored exactly in fp32 whatever the cache dtype and gathered back in this dtype.
+    Attributes:
+        name: the tap's name (the frontier node or module it comes from).
+        dim: the row width D.
+        shape: the per-sample shape the tail expects (the activation's own shape with
+            ``pool='none'``, ``(D,)`` otherwise).
+        dtype: the storage dtype.
+        pool: how its positions were reduced (``none``, ``mean``, ...).
+        source_dtype: set for a non-float tap (an attention mask, token ids the tail needs):
+            stored exactly in fp32 whatever the cache dtype and gathered back in this dtype
+            (default None).
     """
 
     name: str
@@ -237,6 +265,7 @@ class TapInfo:
     source_dtype: torch.dtype | None = None
 
     def to_json(self) -> dict:
+        """The tap as a manifest records it (:meth:`from_json` reads it back)."""
         d = {
             "name": self.name,
             "dim": self.dim,
@@ -250,6 +279,11 @@ class TapInfo:
 
     @classmethod
     def from_json(cls, d: dict) -> TapInfo:
+        """The tap a manifest records.
+
+        Args:
+            d: a dict :meth:`to_json` wrote.
+        """
         source = d.get("source_dtype")
         return cls(
             d["name"],

@@ -39,5 +39,5 @@ def raise_status(op: str, status: tuple[int, int], rows: torch.Tensor, n: int) -
     if code == STATUS_ROW_OUT_OF_RANGE:
         raise row_out_of_range(op, index, value, n)
     if code == STATUS_DUPLICATE_ROW:
-        raise duplicate_row(op, value)
+        raise duplicate_row(op, index, value)
     raise RuntimeError(f"{op}: native kernel returned unknown status {code}")

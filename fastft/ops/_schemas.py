@@ -161,10 +161,11 @@ def row_out_of_range(op: str, index: int, value: int, n: int) -> FastFTIndexErro
     )
 
 
-def duplicate_row(op: str, value: int) -> FastFTIndexError:
+def duplicate_row(op: str, index: int, value: int) -> FastFTIndexError:
+    """``rows[index]`` is the first entry (in order) that repeats an earlier one."""
     return FastFTIndexError(
-        f"{op}: row {value} appears more than once in one write; each row of a batch must be "
-        "distinct."
+        f"{op}: row {value} appears more than once in one write (rows[{index}] repeats it); "
+        "each row of a batch must be distinct."
     )
 
 

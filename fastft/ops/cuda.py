@@ -30,11 +30,10 @@ import os
 import threading
 import warnings
 from collections import deque
-from functools import lru_cache
 
 import torch
 
-from fastft._native import native_module
+from fastft._native import cuda_runtime_error, native_module
 from fastft.errors import FastFTError, FastFTValueError
 from fastft.ops import reference
 from fastft.ops._codes import (
@@ -67,8 +66,18 @@ _sync_checks = os.environ.get("FASTFT_CUDA_SYNC_CHECKS", "1").strip().lower() no
     "no",
     "off",
 }
-_pending: deque = deque()  # (op, n_rows, rows, pinned verdict, event) of deferred checks
-_thread = threading.local()  # .deferred: inside deferred_row_checks() on this thread
+# Per thread: .deferred (inside deferred_row_checks()), .pending (a deque of the thread's
+# deferred checks: (op, n_rows, rows, pinned verdict, event)). A thread reads only its own
+# verdicts, so no other thread can drain, lose or double them.
+_thread = threading.local()
+
+
+def _pending() -> deque:
+    """This thread's queue of deferred row checks."""
+    queue = getattr(_thread, "pending", None)
+    if queue is None:
+        queue = _thread.pending = deque()
+    return queue
 
 
 def set_sync_checks(enabled: bool) -> bool:
@@ -102,13 +111,15 @@ def deferred_row_checks():
 
 
 def raise_pending_errors(wait: bool = True) -> None:
-    """Raise the first row error of earlier deferred-check calls (waiting for them if ``wait``)."""
-    while _pending:
-        op, n, rows, verdict, event = _pending[0]
-        if not wait and not event.query():
+    """Raise the first row error of this thread's earlier deferred-check calls (waiting for
+    them if ``wait``). Each thread sees only the verdicts of its own calls."""
+    queue = _pending()
+    while queue:
+        if not wait and not queue[0][4].query():
             return
+        # Taken off before the wait (which releases the GIL): a verdict is read exactly once.
+        op, n, rows, verdict, event = queue.popleft()
         event.synchronize()
-        _pending.popleft()
         _raise_verdict(op, int(verdict[0]), rows, n)
 
 
@@ -120,20 +131,34 @@ def _raise_verdict(op: str, key: int, rows: torch.Tensor, n: int) -> None:
     raise_status(op, (code, index), rows, n)
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph (the op's device, which
+    need not be the current one)."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def _report_rows(  # pragma: cuda
     op: str, scratch: torch.Tensor, rows: torch.Tensor, n: int
 ) -> None:
     """Read (or defer reading) the row verdict the kernels left in ``scratch[0]``."""
-    if torch.cuda.is_current_stream_capturing():
+    if _capturing(scratch.device):
         return  # a graph replays without us; the kernels still never touch a bad row
     if _sync_checks and not getattr(_thread, "deferred", False):
         _raise_verdict(op, int(scratch[0]), rows, n)
         return
+    verdict, event = _copy_verdict(scratch)
+    _pending().append((op, n, rows, verdict, event))
+
+
+def _copy_verdict(scratch: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:  # pragma: cuda
+    """Start copying ``scratch[0]`` to pinned memory behind the kernels: (verdict, event
+    recorded after the copy)."""
     verdict = torch.empty(1, dtype=torch.int64, pin_memory=True)
     verdict.copy_(scratch[:1], non_blocking=True)
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(scratch.device))
-    _pending.append((op, n, rows, verdict, event))
+    return verdict, event
 
 
 def _check_launch(op: str, status: tuple[int, str]) -> None:
@@ -145,27 +170,20 @@ def _check_launch(op: str, status: tuple[int, str]) -> None:
     raise CudaKernelError(f"{message}. The CUDA kernel of fastft.{op} could not run.")
 
 
-@lru_cache(maxsize=1)
 def _runtime_problem() -> str | None:
     """Why the CUDA runtime linked into fastft._C cannot run here (None when it can).
 
     The usual cause is a driver older than the nvcc fastft was built with; the reference
-    implementation then serves CUDA tensors, after one warning.
+    implementation then serves CUDA tensors, after one warning, and ``fastft.has_cuda()``
+    is False.
     """
-    info = _C.cuda_runtime_info()
-    if not info["error"]:
-        return None
-    return (
-        f"{info['error']} (fastft._C carries CUDA runtime {info['runtime_version']}, the "
-        f"driver supports {info['driver_version']}). Rebuild fastft with an nvcc no newer "
-        "than the driver, or with FASTFT_CUDA=OFF."
-    )
+    return cuda_runtime_error()
 
 
 _warned_runtime = False
 
 
-def _native_usable() -> bool:
+def _native_usable(device: torch.device) -> bool:
     """True when the CUDA kernels can run; also raises errors left by deferred checks."""
     global _warned_runtime
     problem = _runtime_problem()
@@ -179,7 +197,7 @@ def _native_usable() -> bool:
                 stacklevel=4,
             )
         return False
-    if not torch.cuda.is_current_stream_capturing():  # event queries are illegal in a capture
+    if not _capturing(device):  # event queries are illegal in a capture
         raise_pending_errors(wait=False)
     return True
 
@@ -208,7 +226,7 @@ def cache_write(src, rows, dst, scales, pool, mask=None) -> None:  # pragma: cud
         raise FastFTValueError(
             f"cache_write: scales are on {scales.device} but src is on {src.device}."
         )
-    if not _native_usable():
+    if not _native_usable(src.device):
         return reference.cache_write(src, rows, dst, scales, pool, mask)
     device = src.device
     on_host = _check_placement("cache_write", "dst", dst, device)
@@ -262,7 +280,7 @@ def cache_gather(src, scales, rows, out_dtype):  # pragma: cuda
         raise FastFTValueError(
             "cache_gather: a host cache needs rows on the CUDA device that reads it."
         )
-    if not _native_usable():
+    if not _native_usable(device):
         return reference.cache_gather(src, scales, rows, out_dtype)
     on_host = _check_placement("cache_gather", "src", src, device)
     quantized = src.dtype == torch.int8

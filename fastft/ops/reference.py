@@ -5,10 +5,13 @@ Semantics (every native kernel must match them):
 ``cache_write(src[B, L, D], rows[B], dst[N, D], scales[N], pool, mask)``
     1. ``x = src.float()``; pool over L: ``none``/``first`` take ``x[:, 0]``, ``mean`` the
        mean, ``max`` the maximum (NaN propagates), ``masked_mean`` the mean over positions
-       where ``mask != 0`` (a row whose mask is all zero pools to 0).
+       where ``mask != 0``, ignoring whatever the other positions hold (a row whose mask is
+       all zero pools to 0).
     2. Cast to ``dst.dtype`` with round-to-nearest-even, or, for int8, quantize each row
        symmetrically: ``scale = max|x| / 127`` (float32), ``q = round_half_even(x / scale)``
-       clamped to [-127, 127]; an all-zero row gets ``scale = 0`` and ``q = 0``. The
+       clamped to [-127, 127]; an all-zero row gets ``scale = 0`` and ``q = 0``; a row
+       holding a NaN gets a NaN scale (an Inf, an Inf scale) and ``q = 0``, so the
+       builder's finiteness check of the scales catches it. The
        dequantized value ``q * scale`` is within half a step (``scale / 2``) of ``x``.
     3. Write into ``dst[rows[b]]`` (and ``scales[rows[b]]``). Rows must be in range and
        distinct.
@@ -39,10 +42,14 @@ def check_rows(op: str, rows: torch.Tensor, n: int, unique: bool) -> None:
     if bad.numel():
         i = int(bad[0, 0])
         raise row_out_of_range(op, i, int(rows[i]), n)
-    if unique:
-        values, counts = torch.unique(rows, return_counts=True)
-        if bool((counts > 1).any()):
-            raise duplicate_row(op, int(values[counts > 1][0]))
+    if unique and rows.numel() > 1:
+        # The first row (in order) that repeats an earlier one, as the kernels name it: in
+        # rows sorted stably, an entry equal to its predecessor is a repeat.
+        values, order = torch.sort(rows, stable=True)
+        repeats = order[1:][values[1:] == values[:-1]]
+        if repeats.numel():
+            i = int(repeats.min())
+            raise duplicate_row(op, i, int(rows[i]))
 
 
 def pool_rows(
@@ -61,17 +68,21 @@ def pool_rows(
     if pool == "max":
         return x.amax(dim=1)
     if pool == "masked_mean":
-        m = (mask != 0).to(dtype)
-        return (x * m.unsqueeze(-1)).sum(dim=1) / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+        # Masked-out positions are left out, not multiplied by 0: a NaN/Inf there (padding
+        # garbage) must not reach the result, as in the kernels, which skip them.
+        on = mask != 0
+        kept = torch.where(on.unsqueeze(-1), x, torch.zeros((), dtype=dtype, device=x.device))
+        return kept.sum(dim=1) / on.sum(dim=1, keepdim=True).to(dtype).clamp_min(1.0)
     raise AssertionError(pool)  # rejected by check_cache_write
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 quantization of float32 ``x[B, D]`` → (q int8, scale float32)."""
-    scale = x.abs().amax(dim=1) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = x.abs().amax(dim=1) / 127.0  # NaN when the row holds a NaN, Inf for an Inf
+    ok = (scale > 0) & torch.isfinite(scale)  # else the row stores 0s (all-zero, NaN or Inf)
+    safe = torch.where(ok, scale, torch.ones_like(scale))
     q = torch.round(x / safe.unsqueeze(1)).clamp_(-127, 127)
-    q = torch.where(scale.unsqueeze(1) > 0, q, torch.zeros_like(q))
+    q = torch.where(ok.unsqueeze(1), q, torch.zeros_like(q))
     return q.to(torch.int8), scale
 
 

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "../../common/codes.h"
 #include "../../common/convert.h"
@@ -142,12 +143,16 @@ void row_from_f32(const float* in, void* out, int dtype, int64_t n) {
 
 float quantize_row_i8(const float* in, int8_t* out, int64_t n) {
   float amax = 0.0f;
+  bool nan = false;
   for (int64_t i = 0; i < n; ++i) {
     const float a = std::fabs(in[i]);
-    amax = a > amax ? a : amax;  // a max the compiler vectorizes (NaN rows are rejected earlier)
+    amax = a > amax ? a : amax;  // a max the compiler vectorizes; it skips NaN, hence:
+    nan |= a != a;
   }
-  const float scale = amax / 127.0f;
-  if (!(scale > 0.0f)) {  // an all-zero row
+  // A NaN anywhere makes the scale NaN (as torch.amax in the reference), so the builder's
+  // check of the scales sees it; an Inf makes it Inf.
+  const float scale = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
+  if (!(scale > 0.0f) || !std::isfinite(scale)) {  // an all-zero row, or a NaN/Inf one
     std::memset(out, 0, static_cast<size_t>(n));
     return scale;
   }

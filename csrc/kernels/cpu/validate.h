@@ -2,6 +2,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "../../common/codes.h"
@@ -14,13 +15,17 @@ inline Status check_rows(const int64_t* rows, int64_t B, int64_t N, bool unique)
   for (int64_t i = 0; i < B; ++i)
     if (rows[i] < 0 || rows[i] >= N) return {kRowOutOfRange, i};
   if (unique && B > 1) {
-    std::vector<int64_t> sorted(rows, rows + B);
+    // The first row (in order) that repeats an earlier one, as the CUDA kernel and the
+    // reference report it: sort (row, index) pairs; in a run of equal rows every index after
+    // the run's first is a repeat, and the smallest of those is the one to name.
+    std::vector<std::pair<int64_t, int64_t>> sorted(static_cast<size_t>(B));
+    for (int64_t i = 0; i < B; ++i) sorted[static_cast<size_t>(i)] = {rows[i], i};
     std::sort(sorted.begin(), sorted.end());
-    auto dup = std::adjacent_find(sorted.begin(), sorted.end());
-    if (dup != sorted.end()) {
-      for (int64_t i = 0; i < B; ++i)
-        if (rows[i] == *dup) return {kDuplicateRow, i};
-    }
+    int64_t first_repeat = B;
+    for (size_t k = 1; k < sorted.size(); ++k)
+      if (sorted[k].first == sorted[k - 1].first)
+        first_repeat = std::min(first_repeat, sorted[k].second);
+    if (first_repeat < B) return {kDuplicateRow, first_repeat};
   }
   return {kOk, 0};
 }

@@ -1,10 +1,10 @@
 // cache_write on CUDA: pool a strided src[B, L, D] over L, cast or int8-quantize, and
 // scatter into rows of dst[N, D]; one pass over src.
 //
-// Three launches on the caller's stream, no host synchronisation:
+// Four launches on the caller's stream, no host synchronisation:
 //   1. clear the scratch (status word + hash set),
-//   2. check_rows: every row in range and distinct (a hash set in scratch), first bad row
-//      recorded in the status word,
+//   2. insert_rows + report_repeats: every row in range and distinct (a hash set in
+//      scratch); the first bad row in order is recorded in the status word,
 //   3. write_kernel: one block per sample; it returns at once if any row was bad, so a bad
 //      call writes nothing.
 // dst (and scales) may be pinned host memory written through its mapped device address.
@@ -22,9 +22,16 @@ int64_t table_capacity(int64_t B) {  // a power of two >= 2B: probes stay short
   return cap;
 }
 
-__global__ void check_rows(const int64_t* __restrict__ rows, int64_t B, int64_t N,
-                           unsigned long long* __restrict__ status,
-                           unsigned long long* __restrict__ table, int64_t cap) {
+__device__ __forceinline__ unsigned long long first_slot(unsigned long long key) {
+  return (key * 0x9E3779B97F4A7C15ull) >> 20;  // Fibonacci hashing
+}
+
+// Pass 1: every row in range goes into the hash set (keys in table[0, cap), and in
+// first[0, cap) the smallest index holding that row); out-of-range rows are reported.
+__global__ void insert_rows(const int64_t* __restrict__ rows, int64_t B, int64_t N,
+                            unsigned long long* __restrict__ status,
+                            unsigned long long* __restrict__ table,
+                            unsigned long long* __restrict__ first, int64_t cap) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = rows[i];
@@ -33,17 +40,38 @@ __global__ void check_rows(const int64_t* __restrict__ rows, int64_t B, int64_t 
       continue;
     }
     const unsigned long long key = static_cast<unsigned long long>(r);
-    unsigned long long slot = (key * 0x9E3779B97F4A7C15ull) >> 20;  // Fibonacci hashing
+    unsigned long long slot = first_slot(key);
     for (;;) {
       slot &= static_cast<unsigned long long>(cap - 1);
       const unsigned long long prev = atomicCAS(&table[slot], kEmpty, key);
-      if (prev == kEmpty) break;  // first time this row is seen
-      if (prev == key) {          // seen before: a duplicate
-        report_row(status, kRowKindDuplicate, i);
+      if (prev == kEmpty || prev == key) {
+        atomicMin(&first[slot], static_cast<unsigned long long>(i));
         break;
       }
       ++slot;  // linear probing; the table is at least half empty
     }
+  }
+}
+
+// Pass 2 (after pass 1 completed): an index that is not its row's first is a repeat. The
+// smallest such index wins the atomicMin, so the row named is the first repeat in order,
+// whatever the threads' timing: the same row the CPU kernel and the reference name.
+__global__ void report_repeats(const int64_t* __restrict__ rows, int64_t B, int64_t N,
+                               unsigned long long* __restrict__ status,
+                               const unsigned long long* __restrict__ table,
+                               const unsigned long long* __restrict__ first, int64_t cap) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = rows[i];
+    if (r < 0 || r >= N) continue;
+    const unsigned long long key = static_cast<unsigned long long>(r);
+    unsigned long long slot = first_slot(key);
+    for (;;) {
+      slot &= static_cast<unsigned long long>(cap - 1);
+      if (table[slot] == key) break;  // pass 1 put every in-range row in the set
+      ++slot;
+    }
+    if (first[slot] != static_cast<unsigned long long>(i)) report_row(status, kRowKindDuplicate, i);
   }
 }
 
@@ -120,16 +148,22 @@ __device__ void pool_group(const WriteArgs& a, int64_t b, int64_t g, float* out)
   }
 }
 
-// Largest value of x over the block (blockDim.x a multiple of 32, at most 1024).
+// max that propagates NaN (fmaxf skips it): NaN when either argument is NaN.
+__device__ __forceinline__ float nan_max(float a, float b) {
+  return (isnan(a) || a > b) ? a : b;
+}
+
+// Largest value of x over the block (blockDim.x a multiple of 32, at most 1024); NaN when
+// any thread's x is NaN.
 __device__ float block_max(float x) {
   __shared__ float warp_max[32];
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  for (int o = 16; o > 0; o >>= 1) x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, o));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_max[warp] = x;
   __syncthreads();
   const int warps = blockDim.x / 32;
   x = lane < warps ? warp_max[lane] : 0.0f;
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  for (int o = 16; o > 0; o >>= 1) x = nan_max(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
 
@@ -159,12 +193,14 @@ __global__ void write_kernel(WriteArgs a, int64_t B, int cache_row) {
         pool_group<TIn, V>(a, b, g, v);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          amax = fmaxf(amax, fabsf(v[i]));  // fmaxf skips NaN, as the CPU kernel does
+          amax = nan_max(fabsf(v[i]), amax);  // a NaN makes the scale NaN, as on the CPU
           if (cache_row) row[g * V + i] = v[i];
         }
       }
       amax = block_max(amax);  // also a barrier: `row` is complete after it
       const float scale = __fdiv_rn(amax, 127.0f);
+      // An all-zero row stores 0 with scale 0; a NaN/Inf row stores 0 with its NaN/Inf scale.
+      const bool quantize = scale > 0.0f && isfinite(scale);
       if (threadIdx.x == 0) a.scales[r] = scale;
       Vec<int8_t, V>* dst =
           reinterpret_cast<Vec<int8_t, V>*>(static_cast<int8_t*>(a.dst) + r * a.D);
@@ -179,8 +215,8 @@ __global__ void write_kernel(WriteArgs a, int64_t B, int cache_row) {
         Vec<int8_t, V> q;
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          // round half to even (rintf), clamp to +-127; an all-zero row stays 0 with scale 0.
-          float x = scale > 0.0f ? rintf(__fdiv_rn(v[i], scale)) : 0.0f;
+          // round half to even (rintf), clamp to +-127.
+          float x = quantize ? rintf(__fdiv_rn(v[i], scale)) : 0.0f;
           x = fminf(fmaxf(x, -127.0f), 127.0f);
           q.v[i] = static_cast<int8_t>(x);
         }
@@ -227,7 +263,7 @@ int64_t element_size(int dtype) { return dtype == kF32 ? 4 : dtype == kI8 ? 1 : 
 
 }  // namespace
 
-int64_t write_scratch_len(int64_t B) { return 1 + table_capacity(B); }
+int64_t write_scratch_len(int64_t B) { return 1 + 2 * table_capacity(B); }
 
 LaunchStatus cache_write(const void* src, int src_dtype, int64_t B, int64_t L, int64_t D,
                          int64_t sb, int64_t sl, int64_t sd, const int64_t* rows, void* dst,
@@ -242,15 +278,20 @@ LaunchStatus cache_write(const void* src, int src_dtype, int64_t B, int64_t L, i
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   unsigned long long* status = reinterpret_cast<unsigned long long*>(scratch);
   const int64_t cap = table_capacity(B);
-  // 0xFF bytes: the status word becomes kRowsOk and every slot of the set kEmpty.
-  cudaError_t err =
-      cudaMemsetAsync(scratch, 0xFF, static_cast<size_t>(1 + cap) * sizeof(int64_t), stream);
+  // 0xFF bytes: the status word becomes kRowsOk, every key slot kEmpty and every first
+  // index the largest value (so atomicMin keeps the smallest index).
+  cudaError_t err = cudaMemsetAsync(scratch, 0xFF,
+                                    static_cast<size_t>(1 + 2 * cap) * sizeof(int64_t), stream);
   if (err != cudaSuccess) return cuda_error("cache_write: clear scratch", err);
   if (B == 0) return ok();
 
   const int64_t check_blocks = std::min<int64_t>(ceil_div(B, 256), kMaxBlocks);
-  check_rows<<<static_cast<unsigned>(check_blocks), 256, 0, stream>>>(rows, B, N, status,
-                                                                      status + 1, cap);
+  insert_rows<<<static_cast<unsigned>(check_blocks), 256, 0, stream>>>(
+      rows, B, N, status, status + 1, status + 1 + cap, cap);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return cuda_error("cache_write: launch row check", err);
+  report_repeats<<<static_cast<unsigned>(check_blocks), 256, 0, stream>>>(
+      rows, B, N, status, status + 1, status + 1 + cap, cap);
   err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_error("cache_write: launch row check", err);
   if (D == 0) return ok();

@@ -38,7 +38,8 @@ constexpr int kRowKindOutOfRange = 0;
 constexpr int kRowKindDuplicate = 1;
 
 // int64 elements of device scratch that cache_write needs for a batch of B rows: the
-// status word plus an open-addressing hash set of rows (duplicates detection).
+// status word plus an open-addressing hash set of rows and, per slot, the first index
+// holding that row (duplicates detection).
 int64_t write_scratch_len(int64_t B);
 
 // Pool src[B, L, D] (strided, on the device) over L, cast or int8-quantize, and scatter
