@@ -363,3 +363,134 @@ def test_opcheck_cache_gather(storage):
         torch.float16,
     )
     torch.library.opcheck(torch.ops.fastft.cache_gather.default, args)
+
+
+# ---------------------------------------------------------------- issue 23 (GPU)
+
+
+@needs_gpu
+def test_has_cuda_means_the_cuda_kernels_serve():
+    """has_cuda() true only where the kernels run: not the reference after a warning."""
+    assert fastft.has_cuda(), fastft.build_info()["cuda_problem"]
+    fastft.ops.backend_calls(reset=True)
+    dst, scales = torch.zeros(4, 8, dtype=torch.int8, device="cuda"), torch.zeros(4, device="cuda")
+    rows = torch.arange(2, device="cuda")
+    fastft.ops.cache_write(torch.randn(2, 3, 8, device="cuda"), rows, dst, scales, "mean")
+    fastft.ops.cache_gather(dst, scales, rows)
+    assert fastft.ops.backend_calls() == {("cache_write", "cuda"): 1, ("cache_gather", "cuda"): 1}
+
+
+@needs_gpu
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("pool", ["first", "mean", "max", "masked_mean"])
+@pytest.mark.parametrize("D", [8, 9000])  # 16-byte path with the row cache; scalar, pooled twice
+def test_int8_rows_with_nan_or_inf_get_a_nonfinite_scale(pool, D, place):
+    src = torch.randn(5, 3, D)
+    src[1, 0, 2], src[2, 0, D - 1], src[3, 0, 5], src[4] = (
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        0,
+    )
+    mask = torch.ones(5, 3, dtype=torch.bool) if pool == "masked_mean" else None
+    rows = torch.tensor([6, 0, 3, 1, 5])
+    ref_dst, ref_scales = torch.zeros(7, D, dtype=torch.int8), torch.zeros(7)
+    reference.cache_write(src, rows, ref_dst, ref_scales, pool, mask)
+    dst = cache_tensor(torch.zeros(7, D, dtype=torch.int8), place)
+    scales = cache_tensor(torch.zeros(7), place)
+    m = None if mask is None else mask.cuda()
+    torch.ops.fastft.cache_write(src.cuda(), rows.cuda(), dst, scales, pool, m)
+    torch.cuda.synchronize()
+    bad = [0, 3, 5] + ([] if pool == "max" else [1])  # -Inf does not survive a max
+    torch.testing.assert_close(scales.cpu()[bad], ref_scales[bad], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(dst.cpu()[bad], ref_dst[bad])
+    assert torch.isnan(scales.cpu()[0]) and torch.isinf(scales.cpu()[3])
+
+
+@needs_gpu
+@pytest.mark.parametrize("D", [8, 33])
+def test_masked_positions_holding_nan_do_not_reach_the_result(D):
+    src = torch.randn(4, 6, D)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[:, 4:], mask[3] = False, False
+    src[:, 4], src[:2, 5, 0] = float("nan"), float("inf")
+    ref = torch.zeros(4, D)
+    reference.cache_write(src, torch.arange(4), ref, torch.empty(0), "masked_mean", mask)
+    out = torch.zeros(4, D, device="cuda")
+    torch.ops.fastft.cache_write(
+        src.cuda(), torch.arange(4, device="cuda"), out, torch.empty(0), "masked_mean", mask.cuda()
+    )
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-6)
+
+
+@needs_gpu
+def test_a_duplicate_names_the_first_repeat_whatever_the_timing():
+    """Many duplicates in a large batch: the CUDA kernel must name the CPU kernel's row."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        rows = torch.randint(0, 3000, (4096,), generator=g)  # ~2800 repeats among 4096 rows
+        src = torch.zeros(4096, 1, 4)
+        with pytest.raises(fastft.FastFTIndexError) as cpu_error:
+            torch.ops.fastft.cache_write(src, rows, torch.zeros(3000, 4), torch.empty(0), "none")
+        with pytest.raises(fastft.FastFTIndexError) as cuda_error:
+            torch.ops.fastft.cache_write(
+                src.cuda(), rows.cuda(), torch.zeros(3000, 4, device="cuda"), torch.empty(0), "none"
+            )
+        assert str(cuda_error.value) == str(cpu_error.value), trial
+
+
+@needs_gpu
+def test_deferred_checks_of_many_threads_each_raise_their_own():
+    import threading
+
+    src = torch.zeros(4, 8, device="cuda")
+    errors: dict[int, list[str]] = {}
+
+    def work(k: int) -> None:
+        got = errors.setdefault(k, [])
+        try:
+            with fastft_cuda.deferred_row_checks():
+                for _ in range(50):
+                    torch.ops.fastft.cache_gather(
+                        src, torch.empty(0), torch.tensor([1], device="cuda"), torch.float32
+                    )
+                torch.ops.fastft.cache_gather(
+                    src, torch.empty(0), torch.tensor([100 + k], device="cuda"), torch.float32
+                )
+        except fastft.FastFTIndexError as exc:
+            got.append(str(exc))
+
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for k in range(6):
+        assert len(errors[k]) == 1 and f"rows[0] = {100 + k} " in errors[k][0], errors
+
+
+@needs_gpu
+def test_the_capture_check_reads_the_ops_device():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(dev)
+    assert not fastft_cuda._capturing(dev)
+    with torch.cuda.graph(graph, stream=stream):
+        seen = fastft_cuda._capturing(dev)
+        x = torch.zeros(1, device=dev) + 1  # something to capture
+    assert seen and not fastft_cuda._capturing(dev) and x.shape == (1,)
+
+
+@needs_gpu
+def test_pinned_storage_reserves_what_the_tier_budget_counts():
+    from fastft.cache import layout
+
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None:
+        pytest.skip("this torch has no torch.cuda.host_memory_stats()")
+    before = stats().get("reserved_bytes.current", stats().get("allocated_bytes.current"))
+    rows, dim = 3001, 517  # sizes no cached pinned block has: fresh allocations
+    storage = layout.allocate(rows, dim, torch.int8, torch.device("cpu"), pin=True)
+    after = stats().get("reserved_bytes.current", stats().get("allocated_bytes.current"))
+    tap = layout.TapInfo("t", dim, (dim,), torch.int8, "mean")
+    assert after - before == storage.nbytes + layout.pinned_overhead(rows, [tap])
