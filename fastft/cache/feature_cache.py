@@ -33,7 +33,11 @@ class FeatureCache(Store):
 
     @classmethod
     def of(cls, store: Store) -> FeatureCache:
-        """``store`` as a FeatureCache (the same storage, telemetry of its own)."""
+        """``store`` as a FeatureCache (the same storage, telemetry of its own).
+
+        Args:
+            store: a :class:`~fastft.cache.store.Store` (what the build functions return).
+        """
         cache = cls.__new__(cls)
         cache.__dict__.update(store.__dict__)
         cache.telemetry = dict(store.telemetry)
@@ -70,17 +74,24 @@ class FeatureCache(Store):
         storage by ``cache_write``, tap by tap.
 
         Args:
-            dtype: storage dtype, ``fp32 | bf16 | fp16 | int8`` (int8: per-row fp32 scale).
-            tier: ``device | host | disk | auto`` (fastest that fits ``max_memory``, default
-                half of what is free now).
+            prefix: the frozen part (a :class:`~fastft.FrozenPrefix`, or any module taking one
+                batch and returning a tensor or a tuple of tensors).
+            dataset: ``(X, y)`` tensors, a map-style Dataset of ``(input, label)`` or a
+                DataLoader (used as it is: its batches, collate function and sampler).
+            dtype: storage dtype, ``fp32 | bf16 | fp16 | int8`` (int8: per-row fp32 scale);
+                default ``fp16``.
+            tier: ``device | host | disk | auto`` (default: the fastest that fits
+                ``max_memory``).
             views: with a random ``transform``, K augmented views per sample (K forward passes).
             transform: callable on a batch of inputs, applied before the prefix; random ones
                 are seeded per chunk from ``seed`` (through the global RNG, and through a
                 ``generator=`` keyword when the transform takes one), so views are reproducible.
-            pool: how an activation's positions are reduced (``none | mean | max |
-                masked_mean | first``); ``masked_mean`` takes the mask from ``inputs[mask_key]``.
-            batch_size, num_workers: how raw samples are loaded (a DataLoader is used as is,
-                in dataset order).
+            pool: how an activation's positions are reduced (``none`` (default) | ``mean`` |
+                ``max`` | ``masked_mean`` | ``first``).
+            mask_key: the input entry ``masked_mean`` takes the mask from (default
+                ``"attention_mask"``).
+            batch_size, num_workers: how raw samples are loaded (default 256, 0; a DataLoader
+                is used as is, in dataset order).
             cache_dir: disk caches' folder (default ``$FASTFT_CACHE_DIR`` or ``~/.cache/fastft``).
             dataset_id: a name for the data's content: the key then uses it instead of hashing
                 every sample (which reads the whole dataset once per build); the labels of
@@ -88,8 +99,11 @@ class FeatureCache(Store):
             transform_id: a name for what the transform computes with that fastft cannot see
                 (files it reads, an object without readable state); without it, such a
                 transform's caches are never reused.
+            max_memory: bytes (or ``"2GB"``) the in-memory tiers may use: ``tier="auto"`` goes
+                to disk past it (default: half of the memory free now).
             progress: show a tqdm bar (only on a terminal); a string is the bar's label
                 (default ``"fastft cache"``; a FineTuner says ``"train cache"``, ``"val cache"``).
+            seed: seeds a random ``transform`` per chunk (default 0), so views are reproducible.
             device: where the prefix runs (default: where its parameters are). On a CUDA
                 device each chunk's inputs are pinned and copied on a side stream while the
                 previous chunk runs (see :mod:`fastft.cache.staging`).
@@ -129,11 +143,14 @@ class FeatureCache(Store):
     def open(
         cls, fingerprint_or_path: str | Path, cache_dir: str | Path | None = None
     ) -> FeatureCache:
-        """Reopen a complete disk cache by fingerprint (or a unique prefix of it) in ``cache_dir``,
-        or by folder (a ``Path``, or a string with a ``/``).
+        """Reopen a complete disk cache, checked as in :meth:`from_folder` (sizes, fingerprint,
+        labels; the features' checksums before they are first read).
 
-        Checked as in :meth:`from_folder` (sizes, fingerprint, labels; the features' checksums
-        before they are first read).
+        Args:
+            fingerprint_or_path: a fingerprint (or a unique prefix of one), or a folder (a
+                ``Path``, or a string with a ``/``).
+            cache_dir: where fingerprints are looked up (default ``$FASTFT_CACHE_DIR`` or
+                ``~/.cache/fastft``).
         """
         folder = resolve(fingerprint_or_path, cache_dir)
         return cls.from_folder(folder, telemetry={"hit": True, "reason": "opened"})
@@ -147,6 +164,14 @@ class FeatureCache(Store):
         expected: str | None = None,
         verified: bool = False,
     ) -> FeatureCache:
-        """Map a complete cache folder, read-only: see :func:`fastft.cache.store.open_folder`
-        (what is checked; ``verified``: the caller has just built and checksummed it)."""
+        """Map a complete cache folder, read-only (see :func:`fastft.cache.store.open_folder`
+        for what is checked).
+
+        Args:
+            folder: the cache's folder.
+            telemetry: the telemetry dict the cache reports (default: none).
+            expected: the fingerprint the folder must hold (default: any).
+            verified: the caller has just built and checksummed it (default False: the
+                checksums are checked before the features are first read).
+        """
         return cls.of(open_folder(Path(folder), telemetry, expected=expected, verified=verified))

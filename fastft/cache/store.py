@@ -68,7 +68,11 @@ class Store:
             self._verifier.check_all()
 
     def with_telemetry(self, **telemetry) -> Store:
-        """The same cache (shared storage) with its own telemetry, for a reuse of it."""
+        """The same cache (shared storage) with its own telemetry, for a reuse of it.
+
+        Args:
+            **telemetry: entries that replace or add to the telemetry (``hit=True``, ...).
+        """
         clone = copy.copy(self)
         clone.telemetry = dict(self.telemetry, **telemetry)
         return clone
@@ -77,7 +81,11 @@ class Store:
     def index_device(self, device: torch.device) -> torch.device:
         """Where row indices should be made to gather for training on ``device``: the cache's
         device, or ``device`` for a pinned host cache read by CUDA kernels (no copies of rows
-        back and forth, hence no host synchronisation per batch)."""
+        back and forth, hence no host synchronisation per batch).
+
+        Args:
+            device: where training runs.
+        """
         data = self._storages[0].data
         if data.device.type == "cpu" and device.type == "cuda" and data.is_pinned():
             return device  # pragma: cuda
@@ -136,12 +144,14 @@ class Store:
         view: int | torch.Tensor | None = None,
         out_dtype: torch.dtype = torch.float32,
     ) -> tuple[torch.Tensor, ...]:
-        """Rows ``rows[B]`` of every tap as ``[B, D]`` tensors in ``out_dtype`` (dequantized;
-        a non-float tap is cast from its exact fp32 copy, see :meth:`gather_shaped` for its own
-        dtype).
+        """Rows ``rows[B]`` of every tap as ``[B, D]`` tensors (dequantized; a non-float tap is
+        cast from its exact fp32 copy, see :meth:`gather_shaped` for its own dtype).
 
-        ``view`` is one view index for all rows, an int64 tensor ``[B]`` of view indices, or
-        None for view 0.
+        Args:
+            rows: the row indices (an integer tensor or sequence, ``0 <= row < num_rows``).
+            view: one view index for all rows, an int64 tensor ``[B]`` of view indices, or
+                None for view 0 (default).
+            out_dtype: the dtype of the returned tensors (default ``torch.float32``).
         """
         return tuple(
             x if tap.source_dtype is None else x.to(out_dtype)
@@ -173,9 +183,12 @@ class Store:
     ) -> tuple[torch.Tensor, ...]:
         """:meth:`gather` with each tap reshaped to ``[B, *tap.shape]``, as the tail takes it.
 
-        ``check_rows=False`` skips the range checks of ``rows`` and ``view`` made here (each
-        reads a value back to the host: a synchronisation on CUDA), for indices valid by
-        construction. The kernels still check every physical row they read.
+        Args:
+            rows, view, out_dtype: as in :meth:`gather`.
+            check_rows: check the range of ``rows`` and ``view`` here (default True); False
+                skips it (each check reads a value back to the host: a synchronisation on
+                CUDA) for indices valid by construction. The kernels still check every
+                physical row they read.
         """
         out = self._gather(rows, view, out_dtype, check_rows)
         # A non-float tap (a mask, token ids) goes back to its own dtype: it is exact in fp32.

@@ -19,7 +19,7 @@ from torch import nn
 from fastft import data as fdata
 from fastft.errors import FastFTError, SurgeryError
 from fastft.model import surgery
-from fastft.model.calling import call_model
+from fastft.model.calling import call_model, dtype_mismatch
 from fastft.model.heads import FoundHead, find_heads
 from fastft.model.status import all_eval
 
@@ -96,8 +96,14 @@ def locate_head(
     if example is None:
         raise NeedsProbe()
     model.eval()
-    with torch.no_grad():
-        out = call_model(model, fdata.to_device(example, module_device(model)))
+    try:
+        with torch.no_grad():
+            out = call_model(model, fdata.to_device(example, module_device(model)))
+    except Exception as exc:
+        clash = dtype_mismatch(exc, example, model)
+        if clash is not None:
+            raise clash from exc
+        raise
     key = None
     if isinstance(out, Mapping):
         if output_key not in out:
@@ -149,6 +155,9 @@ def head_input(model: nn.Module, head: nn.Module, example: Any) -> torch.Tensor:
     except FastFTError:
         raise  # already says what to do (inputs the model does not take, ...)
     except Exception as exc:
+        clash = dtype_mismatch(exc, example, model)
+        if clash is not None:
+            raise clash from exc
         raise SurgeryError(
             f"the edited model fails before its new output layer on the example inputs "
             f"({type(exc).__name__}: {exc}); check the surgery (removed or inserted layers)."

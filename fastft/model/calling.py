@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +31,13 @@ from torch import nn
 
 from fastft.errors import DataError
 
-__all__ = ["call_model", "logits_of", "structured_output", "takes_keywords"]
+__all__ = [
+    "call_model",
+    "dtype_mismatch",
+    "logits_of",
+    "structured_output",
+    "takes_keywords",
+]
 
 
 @functools.lru_cache(maxsize=256)
@@ -82,6 +89,56 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     if takes_keywords(model, inputs):
         return model(**inputs)
     return model(inputs)
+
+
+#: What torch's errors say when an op gets tensors of two dtypes (matmul, conv, norms, ...).
+_DTYPE_CLASH = re.compile(
+    r"same dtype|scalar type|Input type .* should be the same|dtype .* but got|"
+    r"expected .*dtype|should be the same",
+    re.IGNORECASE,
+)
+
+
+def _float_dtypes(x: Any) -> set[torch.dtype]:
+    if isinstance(x, torch.Tensor):
+        return {x.dtype} if x.is_floating_point() else set()
+    if isinstance(x, Mapping):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return set().union(*[_float_dtypes(v) for v in x]) if x else set()
+    return set()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_mismatch(exc: BaseException, inputs: Any, model: nn.Module) -> DataError | None:
+    """A :class:`~fastft.DataError` naming both dtypes when ``exc`` (or what caused it) is
+    torch refusing to mix the dtype of floating-point ``inputs`` with the dtype of
+    ``model``'s weights (``mat1 and mat2 must have the same dtype``); None otherwise."""
+    model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    data = _float_dtypes(inputs)
+    if model_dtype is None or not data or data == {model_dtype}:
+        return None
+    chain, link = [], exc
+    while link is not None and len(chain) < 16:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    matching = [e for e in chain if _DTYPE_CLASH.search(str(e))]
+    if not matching:
+        return None
+    cause = matching[-1]  # torch's own error, under any fastft error that wrapped it
+    got = ", ".join(sorted(_dtype_name(d) for d in data - {model_dtype}))
+    want = _dtype_name(model_dtype)
+    first = got.split(", ")[0]
+    cast = "model.float()" if first == "float32" else f"model.to(torch.{first})"
+    return DataError(
+        f"the inputs are {got} but the model's weights are {want} (torch: "
+        f"{type(cause).__name__}: {str(cause).splitlines()[0]}). Give the data the model's "
+        f"dtype (X.to(torch.{want}), or a transform/collate that does), or the model the "
+        f"data's ({cast} before FineTuner)."
+    )
 
 
 def _field(out: Any, name: str) -> Any:

@@ -88,14 +88,18 @@ def freeze(
     depth: int | None = None,
     except_new: bool = False,
 ) -> list[str]:
-    """Set ``requires_grad=False``; return the names of the parameters frozen.
+    """Set ``requires_grad=False`` on a selection of parameters; return the names frozen.
 
-    Selection (union of what is given; everything when nothing is given):
-    ``names``: modules or parameters by qualified name; ``patterns``: glob patterns
-    (``fnmatch``) matched against module and parameter names, e.g. ``"encoder.layer.[0-3]*"``;
-    ``depth``: the first ``depth`` top-level children that hold parameters.
-    ``except_new=True`` leaves the modules recorded as new out of the selection, so
-    ``freeze(model, except_new=True)`` freezes everything that is not new.
+    The selection is the union of what is given; everything when nothing is given.
+
+    Args:
+        model: the model, changed in place.
+        names: modules or parameters by qualified name (one or several).
+        patterns: glob patterns (``fnmatch``) matched against module and parameter names,
+            e.g. ``"encoder.layer.[0-3]*"``.
+        depth: the first ``depth`` top-level children that hold parameters.
+        except_new: leave the modules recorded as new out of the selection (default False):
+            ``freeze(model, except_new=True)`` freezes everything that is not new.
     """
     selected, _ = _select(model, names, patterns, depth)
     if except_new:
@@ -111,8 +115,13 @@ def unfreeze(
     patterns: str | Iterable[str] | None = None,
     depth: int | None = None,
 ) -> list[str]:
-    """Set ``requires_grad=True`` on the selection (as in :func:`freeze`; everything when
-    nothing is given); return the names of the parameters unfrozen."""
+    """Set ``requires_grad=True`` on a selection of parameters; return the names unfrozen.
+
+    Args:
+        model: the model, changed in place.
+        names, patterns, depth: the selection, as in :func:`freeze` (everything when
+            nothing is given).
+    """
     selected, _ = _select(model, names, patterns, depth)
     _set_requires_grad(model, selected, True)
     return selected

@@ -224,6 +224,10 @@ def find_head(model: nn.Module) -> tuple[str, nn.Module]:
     """Locate the output layer: ``(qualified name, module)`` (see :func:`find_heads`; the
     first one of a distilled model).
 
+    Args:
+        model: the model; its own contract first (timm ``get_classifier``, transformers'
+            ``config``), then the usual names and layouts.
+
     Raises :class:`~fastft.SurgeryError` listing the Linear layers of the model when it has
     none, or naming what it found when a classifier's layout is unknown.
     """

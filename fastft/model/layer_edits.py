@@ -13,7 +13,7 @@ from torch import nn
 
 from fastft.errors import SurgeryError
 from fastft.model.calling import call_model
-from fastft.model.status import all_eval, device_of, get_module, mark_new, parent_of
+from fastft.model.status import all_eval, get_module, mark_new, parent_of, place_like
 
 __all__ = ["insert_layers", "remove_layers"]
 
@@ -27,7 +27,8 @@ def insert_layers(
     renumbered, so later entries' names shift by ``len(modules)``). Anywhere else (a plain
     attribute, a ``ModuleList`` entry) the target is wrapped: ``after`` becomes
     ``nn.Sequential(target, *modules)``, so the target's own name gains a ``.0``; the target
-    must then take one input and return one tensor. Each inserted module is recorded as new.
+    must then take one input and return one tensor. Each inserted module is recorded as new
+    and moved to the device and floating dtype of ``after`` (the model's without parameters).
     """
     if isinstance(modules, nn.Module):
         modules = [modules]
@@ -36,11 +37,9 @@ def insert_layers(
         raise SurgeryError("insert_layers needs one or more nn.Module objects in modules=.")
     target = get_module(model, after)
     parent, key = parent_of(model, after)
-    device = device_of(target)
     for m in modules:
         mark_new(m)
-        if device is not None:
-            m.to(device)
+        place_like(m, target, model)  # the target's device and dtype (else the model's)
     if isinstance(parent, nn.Sequential):
         items = list(parent._modules.items())
         at = [k for k, _ in items].index(key) + 1

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
+import sys
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from fastft.errors import SurgeryError
+
+#: fastft's own folder: frames in it are skipped when a warning points at the user's line.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 NEW_ATTR = "_fastft_new"
 FROZEN_STATS_ATTR = "_fastft_frozen_stats"  # set by fastft.model.blocks on BatchNorm layers
@@ -96,6 +102,41 @@ def eval_modules(root: nn.Module, status: dict[int, str] | None = None) -> list[
     return out
 
 
+def differs_in_train_mode(m: nn.Module) -> bool:
+    """Whether ``m`` in train mode computes something else than in eval mode: dropout with
+    ``p > 0``, BatchNorm that keeps running statistics, or a class that overrides ``train()``
+    (a module of its own with a train-mode behaviour)."""
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return m.track_running_stats and not m.__dict__.get(FROZEN_STATS_ATTR)
+    return type(m).train is not nn.Module.train
+
+
+def train_mode_offenders(root: nn.Module, status: dict[int, str] | None = None) -> list[str]:
+    """Names of the frozen modules of ``root`` left in train mode whose output that changes
+    (:func:`differs_in_train_mode`): fastft runs them in eval mode, which a user who left
+    them in train mode may not expect. BatchNorm layers that keep their statistics in an
+    unfrozen block (``unfreeze(train_bn=False)``) are as the user asked: not listed."""
+    names = {id(m): n for n, m in root.named_modules()}
+    return [
+        names.get(id(m), "?")
+        for m in eval_modules(root, status)
+        if m.training and differs_in_train_mode(m)
+    ]
+
+
+def train_mode_message(offenders: list[str]) -> str:
+    """The warning about frozen modules found in train mode (see :func:`train_mode_offenders`)."""
+    shown = ", ".join(repr(n) for n in offenders[:4]) + (", ..." if len(offenders) > 4 else "")
+    return (
+        f"fastft runs the frozen layers in eval mode: {len(offenders)} frozen "
+        f"dropout/BatchNorm module(s) were in train mode ({shown}); their eval behaviour is "
+        "used (running statistics, no dropout). Call model.eval() before fastft to say that "
+        "this is meant."
+    )
+
+
 @contextlib.contextmanager
 def eval_mode(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Put ``modules`` in eval mode for the block, then restore each one's own flag."""
@@ -165,6 +206,39 @@ def device_of(module: nn.Module) -> torch.device | None:
     """The device of ``module``'s first parameter or buffer (None when it has neither)."""
     t = next(iter([*module.parameters(), *module.buffers()]), None)
     return None if t is None else t.device
+
+
+def float_dtype_of(module: nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating-point parameter or buffer (None without one):
+    the dtype new layers put in it are made in (a ``.half()`` model gets fp16 layers)."""
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def place_like(new: nn.Module, *refs: nn.Module) -> nn.Module:
+    """Move ``new`` to the device and floating dtype of the first of ``refs`` that has
+    parameters or buffers (a replaced layer, then the model holding it); returns ``new``.
+    Integer tensors (indices, counters) keep their dtype."""
+    for ref in refs:
+        device, dtype = device_of(ref), float_dtype_of(ref)
+        if device is not None:
+            new.to(device=device)
+            if dtype is not None:
+                new.to(dtype=dtype)
+            break
+    return new
+
+
+# ---------------------------------------------------------------------------- warnings
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointing at the first line outside fastft that led here (the user's
+    ``fit(...)``), however deep inside fastft the warning is raised."""
+    frame, level = sys._getframe(1), 2  # level 2: the function that called warn_user
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 # ---------------------------------------------------------------------------- summary

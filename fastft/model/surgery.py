@@ -36,11 +36,11 @@ from fastft.model.freezing import freeze, unfreeze
 from fastft.model.heads import find_head
 from fastft.model.layer_edits import insert_layers, remove_layers
 from fastft.model.status import (
-    device_of,
     get_module,
     mark_new,
     new_modules,
     parent_of,
+    place_like,
     summary,
 )
 
@@ -75,7 +75,7 @@ def replace_head(
     Give either ``num_classes`` (a new ``nn.Linear(in_features, num_classes)`` with the old
     layer's ``in_features``, bias setting, dtype and device; a 1x1 convolution for a 1x1-conv
     classifier) or ``module`` (used as is,
-    moved to the old layer's device). ``name`` picks the layer; by default
+    moved to the old layer's device and floating dtype). ``name`` picks the layer; by default
     :func:`find_head` finds it. The new module is recorded as new.
     """
     if (num_classes is None) == (module is None):
@@ -109,9 +109,7 @@ def replace_head(
     elif not isinstance(module, nn.Module):
         raise SurgeryError(f"module= must be an nn.Module, got {type(module).__name__}.")
     else:
-        device = device_of(old)
-        if device is not None:
-            module.to(device)
+        place_like(module, old, model)
     _set_module(model, name, mark_new(module))
     return module
 
@@ -166,7 +164,7 @@ def append_head(
 
     For encoders with no classifier (e.g. a SentenceTransformer): ``modules`` (one module,
     or a list run in order as an ``nn.Sequential``) become the head, recorded as new and
-    moved to the encoder's device. ``model`` itself is not copied.
+    moved to the encoder's device and floating dtype. ``model`` itself is not copied.
     """
     if isinstance(modules, nn.Module):
         modules = [modules]
@@ -176,7 +174,5 @@ def append_head(
             "append_head needs one or more nn.Module objects to run after the model."
         )
     head = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
-    device = device_of(model)
-    if device is not None:
-        head.to(device)
+    place_like(head, model)
     return EncoderWithHead(model, mark_new(head), output_key=output_key)

@@ -26,7 +26,6 @@ mode.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +33,15 @@ import torch
 from torch import nn
 
 from fastft.errors import SplitError
-from fastft.model.status import FROZEN_STATS_ATTR, MIXED, NEW, TRAINABLE, classify, eval_modules
+from fastft.model.status import (
+    MIXED,
+    NEW,
+    TRAINABLE,
+    classify,
+    train_mode_message,
+    train_mode_offenders,
+    warn_user,
+)
 from fastft.split import fx, hook, replay
 from fastft.split._common import CannotSplit
 from fastft.split.parity import parity
@@ -53,6 +60,7 @@ def split(
     atol: float = 1e-5,
     check: bool = True,
     method: str = "auto",
+    warn_train_mode: bool = True,
 ) -> tuple[FrozenPrefix, TrainableTail]:
     """Split ``model`` at its frozen frontier into ``(FrozenPrefix, TrainableTail)``.
 
@@ -61,7 +69,8 @@ def split(
     means new (added by :mod:`fastft.surgery`) or with ``requires_grad`` parameters.
     ``method``: ``"auto"`` (fx, then hooks, then replay), ``"fx"``, ``"hook"`` or ``"replay"``.
     With ``check=True`` the split must reproduce the model in eval mode on the example within
-    ``atol``.
+    ``atol``. ``warn_train_mode``: warn when frozen modules whose output depends on the mode
+    (dropout, BatchNorm) were in train mode (a FineTuner warns once itself).
 
     Both parts share the model's module objects. Raises :class:`~fastft.SplitError` when
     there is nothing to train, nothing frozen, no valid cut, or the parity check fails.
@@ -83,7 +92,8 @@ def split(
             "nothing to train: every parameter is frozen and no module was added. Replace the head "
             "(fastft.surgery.replace_head) or unfreeze some layers (fastft.surgery.unfreeze)."
         )
-    _warn_train_mode(model, status)
+    if warn_train_mode:
+        _warn_train_mode(model, status)
 
     reasons: list[str] = []
     parity_error: str | None = None
@@ -154,23 +164,9 @@ def _check_inputs(x: Any) -> None:
 
 
 def _warn_train_mode(model: nn.Module, status: dict[int, str]) -> None:
-    names = {id(m): n for n, m in model.named_modules()}
-    kinds = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
-    # BatchNorm layers of unfrozen blocks keep their statistics because the user asked for
-    # it (fastft.unfreeze): nothing to warn about.
-    offenders = [
-        names.get(id(m), "?")
-        for m in eval_modules(model, status)
-        if isinstance(m, kinds) and m.training and not m.__dict__.get(FROZEN_STATS_ATTR)
-    ]
+    # Only modules whose output changes with the mode (see train_mode_offenders).
+    offenders = train_mode_offenders(model, status)
     # A schedule splits the same model again at every stage: say it once per model and set.
     if offenders and model.__dict__.get(_WARNED_ATTR) != offenders:
         model.__dict__[_WARNED_ATTR] = offenders
-        shown = ", ".join(repr(n) for n in offenders[:4]) + (", ..." if len(offenders) > 4 else "")
-        warnings.warn(
-            f"fastft runs the frozen layers in eval mode: {len(offenders)} frozen "
-            f"dropout/BatchNorm module(s) were in train mode ({shown}); their eval behaviour is "
-            "used (running statistics, no dropout).",
-            UserWarning,
-            stacklevel=3,
-        )
+        warn_user(train_mode_message(offenders))

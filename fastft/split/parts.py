@@ -25,9 +25,18 @@ def shallow(x: Any) -> Any:
 class FrozenPrefix(nn.Module):
     """The frozen part of a split model: ``prefix(x)`` returns a tuple of tap tensors.
 
-    Always runs in eval mode and under ``torch.no_grad()``; ``train(mode)`` changes only its
-    own flag. Attributes: ``tap_names`` (one per tap, batch in dim 0 of each) and ``method``
-    (``"fx"`` or ``"hook"``). Its parameters are exactly the frozen ones it uses.
+    Made by :func:`fastft.split`. Always runs in eval mode and under ``torch.no_grad()``;
+    ``train(mode)`` changes only its own flag. Its parameters are exactly the frozen ones it
+    uses.
+
+    Args:
+        body: the module that computes the taps from the model's inputs.
+        tap_names: one name per tap (batch in dim 0 of each), kept as ``tap_names``.
+        method: the split method that made it (``"fx"``, ``"hook"`` or ``"replay"``).
+        signature: text of the frozen structure and the cut, for the cache key (see
+            :meth:`signature`; memory addresses are removed).
+        key_mask: the modules and parameters trainable at the split, left out of the cache
+            key (see :meth:`key_mask`); default none.
     """
 
     _fastft_prefix = True  # asked for its signature() and key_mask() by the cache key
@@ -82,9 +91,14 @@ class TrainableTail(nn.Module):
     its logits when the model returns them inside a structure (a ``ModelOutput``, a dataclass
     or dict with ``logits``, a tuple; see :func:`fastft.model.calling.logits_of`).
 
-    Holds the new and unfrozen modules (shared with the model, not copied) and any frozen
-    modules that run after them; those stay in eval mode and frozen even under
-    ``tail.train()``.
+    Made by :func:`fastft.split`. Holds the new and unfrozen modules (shared with the model,
+    not copied) and any frozen modules that run after them; those stay in eval mode and
+    frozen even under ``tail.train()``.
+
+    Args:
+        body: the module that computes the output from the taps.
+        tap_names: the names of the taps it takes, in order (the prefix's).
+        method: the split method that made it (``"fx"``, ``"hook"`` or ``"replay"``).
     """
 
     def __init__(self, body: nn.Module, tap_names: list[str], method: str):

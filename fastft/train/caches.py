@@ -13,6 +13,7 @@ from fastft.cache import FeatureCache
 from fastft.cache.derive import derived_cache
 from fastft.cache.fingerprint import dataset_part
 from fastft.data.sources import as_source
+from fastft.model.calling import dtype_mismatch
 from fastft.model.status import warn_user
 from fastft.split import FrozenPrefix
 
@@ -87,15 +88,21 @@ class TunerCaches:
         settings = self.settings(pool)
         if settings["progress"]:
             settings["progress"] = label or ("train cache" if train else "eval cache")
-        cache = FeatureCache.build(
-            prefix,
-            data,
-            views=o.views if train else 1,
-            transform=o.transform if train else None,
-            transform_id=o.transform_id if train else None,
-            dataset_id=dataset_id,
-            **settings,
-        )
+        try:
+            cache = FeatureCache.build(
+                prefix,
+                data,
+                views=o.views if train else 1,
+                transform=o.transform if train else None,
+                transform_id=o.transform_id if train else None,
+                dataset_id=dataset_id,
+                **settings,
+            )
+        except Exception as exc:  # data of another dtype than the model: say which
+            clash = dtype_mismatch(exc, example_of(data), prefix)
+            if clash is not None:
+                raise clash from exc
+            raise
         self._say_memory(cache)
         return cache
 

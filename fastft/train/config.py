@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from fastft.errors import CallFormError, FastFTValueError
 from fastft.train.objectives import LOSSES
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+#: optimizer="sgd" uses momentum 0.9 unless told otherwise (torch.optim.SGD's default is 0).
+SGD_MOMENTUM = 0.9
 SCHEDULERS = (None, "cosine", "onecycle")
 
 
@@ -33,7 +36,7 @@ class FitConfig:
     lr: float = 1e-3
     optimizer: str = "adamw"
     weight_decay: float = 0.0
-    momentum: float = 0.9
+    momentum: float = SGD_MOMENTUM  # SGD only (torch.optim.SGD defaults to 0)
     scheduler: str | None = None
     loss: str = "ce"
     label_smoothing: float = 0.0
@@ -56,6 +59,12 @@ class FitConfig:
             )
         if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
             raise FastFTValueError(f"momentum must be in [0, 1), got {self.momentum}.")
+        if self.momentum != SGD_MOMENTUM and self.optimizer != "sgd":
+            raise FastFTValueError(
+                f"momentum={self.momentum} applies to optimizer='sgd' only; "
+                f"optimizer={self.optimizer!r} ignores it (Adam and AdamW use their betas, "
+                "(0.9, 0.999)). Pass optimizer='sgd' with momentum=, or drop momentum=."
+            )
         if not (math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 1):
             raise FastFTValueError(
                 f"label_smoothing must be in [0, 1), got {self.label_smoothing}."
@@ -123,6 +132,15 @@ def resolve_fit_config(config: FitConfig | None, given: Mapping[str, Any], train
     return cfg
 
 
+def epochs_before(history: Sequence[dict], count: int) -> int:
+    """The number of the last epoch among the first ``count`` records of ``history`` (0 for
+    none): the epoch a new fit numbers its own after."""
+    if count <= 0:
+        return 0
+    last = history[count - 1].get("epoch")
+    return int(last) if isinstance(last, int) else count
+
+
 class History(list):
     """Per-epoch records of a fit (a list of dicts) with a few conveniences."""
 
@@ -137,27 +155,88 @@ class History(list):
         return min(self, key=lambda r: r[key]) if self else None
 
 
+#: Metric names ``mode="auto"`` maximises (any other name, a loss, is minimised).
+_HIGHER_IS_BETTER = re.compile(r"acc|f1|auc|precision|recall|score|top\d", re.IGNORECASE)
+MODES = ("auto", "min", "max")
+
+
+def monitor_mode(monitor: str, mode: str = "auto") -> str:
+    """``"max"`` or ``"min"``: ``mode`` itself, or for ``"auto"`` ``"max"`` when ``monitor``
+    names a score (accuracy, acc, f1, auc, precision, recall, score, top5), else ``"min"``."""
+    if mode not in MODES:
+        raise FastFTValueError(
+            f"EarlyStopping(mode={mode!r}): use 'min' (a loss), 'max' (accuracy, F1, ...) or "
+            "'auto' (max for names holding accuracy/acc/f1/auc/precision/recall/score)."
+        )
+    if mode != "auto":
+        return mode
+    return "max" if _HIGHER_IS_BETTER.search(monitor) else "min"
+
+
 @dataclass
 class EarlyStopping:
-    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
+
+    Args:
+        patience: epochs without improvement before training stops.
+        monitor: the history key watched (``"val_loss"``, ``"val_accuracy"``, ``"loss"``, ...).
+        min_delta: how much better than the best so far an epoch must be to count.
+        restore_best: at the end of the fit, load the weights of the best epoch.
+        mode: ``"min"`` (lower is better), ``"max"`` (higher is better) or ``"auto"`` (the
+            default): ``"max"`` when ``monitor`` holds accuracy, acc, f1, auc, precision,
+            recall, score or top5 (``val_accuracy``, ``val_macro_f1``), else ``"min"``.
+
+    Each ``fit`` starts the count afresh (an instance passed to two fits forgets the first);
+    a resumed fit takes it from the checkpoint.
+    """
 
     patience: int = 3
     monitor: str = "val_loss"
     min_delta: float = 0.0
     restore_best: bool = True
+    mode: str = "auto"
     _best: float = field(default=math.inf, init=False)
     _bad: int = field(default=0, init=False)
     _state: dict | None = field(default=None, init=False)
 
+    def __post_init__(self) -> None:
+        self.reset()
+
+    @property
+    def direction(self) -> str:
+        """``"min"`` or ``"max"``: :attr:`mode` with ``"auto"`` resolved from the monitor."""
+        return monitor_mode(self.monitor, self.mode)
+
+    def reset(self) -> None:
+        """Forget the epochs seen (a new fit starts the count)."""
+        self._best = -math.inf if self.direction == "max" else math.inf
+        self._bad, self._state = 0, None
+
+    def improved(self, value: float) -> bool:
+        """Whether a value beats the best so far by more than ``min_delta``.
+
+        Args:
+            value: the monitored metric of an epoch.
+        """
+        if self.direction == "max":
+            return value > self._best + self.min_delta
+        return value < self._best - self.min_delta
+
     def step(self, record: dict, module: nn.Module) -> bool:
-        """Record an epoch; True when training should stop."""
+        """Record an epoch; True when training should stop.
+
+        Args:
+            record: the epoch's history record (must hold ``monitor``).
+            module: what to snapshot when the epoch is the best so far (its ``state_dict``,
+                with ``restore_best``).
+        """
         if self.monitor not in record:
             raise FastFTValueError(
                 f"early stopping monitors {self.monitor!r}, which this fit does not report "
                 f"(it reports {', '.join(sorted(record))}); pass val= or monitor='loss'."
             )
         value = record[self.monitor]
-        if value < self._best - self.min_delta:
+        if self.improved(value):
             self._best, self._bad = value, 0
             if self.restore_best:
                 self._state = copy.deepcopy(module.state_dict())
@@ -166,13 +245,22 @@ class EarlyStopping:
         return self._bad >= self.patience
 
     @property
+    def best(self) -> float:
+        """The best value of the monitor so far (±inf before the first epoch)."""
+        return self._best
+
+    @property
     def best_state(self) -> dict | None:
         """The state dict of the best epoch so far (None before one, or without restore_best)."""
         return self._state
 
     def keep_missing(self, state: Mapping[str, Any]) -> None:
         """Add the entries of ``state`` the best state lacks: blocks frozen until now (a new
-        stage unfreezes them) held at the best epoch what they hold now."""
+        stage unfreezes them) held at the best epoch what they hold now.
+
+        Args:
+            state: the trainable state now, under the model's names.
+        """
         if self._state is not None:
             for name, t in state.items():
                 self._state.setdefault(name, t)
@@ -180,9 +268,19 @@ class EarlyStopping:
     def state_dict(self) -> dict:
         """What a checkpoint keeps, so that a resumed fit stops and restores as an uninterrupted
         one."""
-        return {"best": self._best, "bad": self._bad, "state": self._state}
+        return {"best": self._best, "bad": self._bad, "state": self._state, "mode": self.direction}
 
     def load_state_dict(self, state: dict) -> None:
+        """Take up the count of a checkpoint.
+
+        Args:
+            state: what :meth:`state_dict` returned.
+        """
+        # Checkpoints written before ``mode`` existed minimised every monitor: a best value
+        # kept in the other direction means nothing here, so the count starts over.
+        if state.get("mode", "min") != self.direction:
+            self.reset()
+            return
         self._best, self._bad, self._state = float(state["best"]), int(state["bad"]), state["state"]
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from fastft import distributed as fdist
 from fastft.cache.store import Store
 from fastft.model.blocks import param_groups
+from fastft.model.status import float_dtype_of
 from fastft.train.config import FitConfig
 from fastft.train.graph_step import GraphedStep
 from fastft.train.objectives import make_loss, prepare_targets
@@ -97,6 +98,11 @@ class TailStreams:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def tap_dtype(tail: nn.Module) -> torch.dtype:
+    """The dtype cached features are read in for ``tail``: its parameters' (fp32 without)."""
+    return float_dtype_of(tail) or torch.float32
 
 
 def _drops(m: nn.Module) -> bool:
@@ -186,7 +192,8 @@ class Engine:
         for t in self.tails:
             t.train()
         totals = torch.zeros(len(self.tails), dtype=torch.float64, device=self.device)
-        out_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float32
+        # The tails' own dtype (a .half() model trains fp16 layers); bf16 under amp.
+        out_dtype = torch.bfloat16 if cfg.amp == "bf16" else tap_dtype(self.tails[0])
         # The rows are a permutation of the cache's own: their range checks would only cost
         # a host synchronisation per step on CUDA (the kernels still check what they read).
         with cache.deferred_checks():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -9,7 +10,9 @@ from torch import nn
 
 from fastft import data as fdata
 from fastft.cache.store import Store
+from fastft.model.calling import dtype_mismatch
 from fastft.train.config import FitConfig
+from fastft.train.engine import tap_dtype
 from fastft.train.metrics import fit_metrics
 
 
@@ -21,15 +24,24 @@ def logits_from_cache(
     tail.eval()
     outs = []
     where = cache.index_device(device)  # rows made where they are read: no copy, no sync
+    dtype = tap_dtype(tail)
     try:
         with torch.no_grad(), cache.deferred_checks():  # rows in range by construction
             for start in range(0, cache.num_rows, batch_size):
                 rows = torch.arange(start, min(start + batch_size, cache.num_rows), device=where)
-                taps = cache.gather_shaped(rows, out_dtype=torch.float32, check_rows=False)
+                taps = cache.gather_shaped(rows, out_dtype=dtype, check_rows=False)
                 outs.append(tail(*[t.to(device, non_blocking=True) for t in taps]).float())
     finally:
         tail.train(was_training)
     return torch.cat(outs)
+
+
+def eval_config(fit: FitConfig | None, batch_size: int) -> FitConfig:
+    """The settings ``evaluate`` computes with: the last fit's loss (and its smoothing and
+    class weights), in batches of ``batch_size`` (evaluate's own, not the fit's)."""
+    if fit is None:
+        return FitConfig(batch_size=batch_size)
+    return dataclasses.replace(fit, batch_size=batch_size)
 
 
 def cache_metrics(
@@ -48,7 +60,7 @@ def cache_metrics(
 
 def num_outputs(tail: nn.Module, cache: Store, *, device: torch.device) -> int:
     """Width of ``tail``'s output (one row of ``cache`` through it)."""
-    probe = cache.gather_shaped(torch.arange(1), out_dtype=torch.float32)
+    probe = cache.gather_shaped(torch.arange(1), out_dtype=tap_dtype(tail))
     was_training = tail.training
     tail.eval()
     try:
@@ -70,6 +82,12 @@ def predict(
     with torch.no_grad():
         for start in range(0, n, batch_size):
             part = fdata.index_select(x, torch.arange(start, min(start + batch_size, n)))
-            taps = prefix(fdata.to_device(part, device))
+            try:
+                taps = prefix(fdata.to_device(part, device))
+            except Exception as exc:  # data of another dtype than the model: say which
+                clash = dtype_mismatch(exc, part, prefix)
+                if clash is not None:
+                    raise clash from exc
+                raise
             outs.append(tail(*(taps if isinstance(taps, tuple) else (taps,))))
     return torch.cat(outs)

@@ -13,28 +13,33 @@ optimizer, history, early-stopping state and random state of the checkpoint.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from fastft.cache import FeatureCache
 from fastft.cache.derive import can_derive
 from fastft.train.caches import example_of
 from fastft.train.checkpoint import Progress, TrainingState
-from fastft.train.config import EarlyStopping, FitConfig, History, Stage, schedule_record
+from fastft.train.config import (
+    EarlyStopping,
+    FitConfig,
+    History,
+    Stage,
+    epochs_before,
+    schedule_record,
+)
 from fastft.train.engine import Engine
 from fastft.train.evaluation import cache_metrics, num_outputs
 from fastft.train.objectives import check_labels
+from fastft.train.progress import EpochProgress
 from fastft.train.resume import (
     check_same_blocks,
     check_same_data,
-    read_resumable,
+    find_resumable,
     rng_state,
     set_rng_state,
 )
@@ -92,10 +97,17 @@ class StagedFit:
         self.data_key: str | None = None  # the training data's key, recorded in checkpoints
 
     def run(self, *, resume: bool) -> History:
+        """Train; returns this call's epochs (``ft.history`` holds every fit's)."""
         ft, cfg, es = self.ft, self.cfg, self.early_stopping
-        saved = None
-        if resume and self.checkpoint is not None and Path(self.checkpoint).is_file():
-            saved = read_resumable(self.checkpoint, self.stages, cfg, ft.tuned)
+        if es is not None:
+            es.reset()  # each fit counts afresh (a resumed one takes the checkpoint's count)
+        saved = find_resumable(resume, self.checkpoint, self.stages, cfg, ft.tuned)
+        # A fit goes on from the current weights and numbers its epochs after the last fit's;
+        # a resumed one after the epochs its checkpoint's history holds before it.
+        self.first_record = len(ft.history)
+        if saved is not None:
+            self.first_record = len(saved.history) - saved.progress.global_epochs_done
+        self.base = epochs_before(ft.history if saved is None else saved.history, self.first_record)
         low = self._lowest_cut() if len(self.stages) > 1 else None
         for stage in self.stages:
             stage_resume = None  # the checkpoint, when this stage goes on from inside
@@ -131,7 +143,7 @@ class StagedFit:
         if es is not None and es.restore_best and es.best_state:
             ft.model.load_state_dict(es.best_state, strict=False)
         ft.tail.eval()
-        return ft.history
+        return History(ft.history[self.first_record :])
 
     # ------------------------------------------------------------------ caches
     def _build_train_cache(self) -> None:
@@ -140,7 +152,8 @@ class StagedFit:
 
     def _eval_cache(self, data: Any) -> FeatureCache:
         ft = self.ft
-        return ft.caches.build(ft.prefix, data, pool=ft.tuned.cache_pool(ft.pool), train=False)
+        pool = ft.tuned.cache_pool(ft.pool)
+        return ft.caches.build(ft.prefix, data, pool=pool, train=False, label="val cache")
 
     def _lowest_cut(self) -> LowCut | None:
         """Build the caches (train, and val when given) at the deepest cut of the schedule;
@@ -198,19 +211,19 @@ class StagedFit:
             self._restore_progress(resume_from)
             engine.load_state_dict(resume_from.progress.engine)
             start_epoch = int(resume_from.progress.epochs_done)
-        epochs_bar = tqdm(
-            range(start_epoch, cfg.epochs),
-            desc="fastft fit",
-            unit="epoch",
-            disable=not ft.verbose or not sys.stderr.isatty(),
-            leave=False,
+        progress = EpochProgress(
+            epochs=cfg.epochs,
+            done=start_epoch,
+            fit_epochs=self.base + self.cfg.epochs,
+            enabled=ft.verbose,
+            unfrozen_blocks=ft.tuned.unfrozen_blocks,
         )
         try:
-            for epoch in epochs_bar:
+            for epoch in range(start_epoch, cfg.epochs):
                 t0 = time.perf_counter()
                 losses = engine.run_epoch(ft.cache, labels)
                 record = {
-                    "epoch": stage.first_epoch + epoch + 1,
+                    "epoch": self.base + stage.first_epoch + epoch + 1,
                     "loss": losses[0],
                     "lr": engine.current_lrs()[0],
                 }
@@ -222,7 +235,7 @@ class StagedFit:
                 record["seconds"] = time.perf_counter() - t0
                 ft.history.append(record)
                 ft.fitted = True
-                epochs_bar.set_postfix(loss=f"{record['loss']:.4f}")
+                progress.epoch_done(record)
                 stop = any(cb(ft, record) is False for cb in self.callbacks)
                 early_stopped = self.early_stopping is not None and self.early_stopping.step(
                     record, TrainableState(ft)
@@ -234,6 +247,7 @@ class StagedFit:
                     return True
             return False
         finally:
+            progress.close()
             engine.release_graph()
 
     # ------------------------------------------------------------------ checkpoints

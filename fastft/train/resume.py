@@ -9,13 +9,41 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 from fastft.errors import FastFTValueError
+from fastft.model.status import warn_user
 from fastft.train.checkpoint import TrainingState
 from fastft.train.config import FitConfig, Stage, schedule_record
 from fastft.train.tuned import TunedModel
+
+
+def find_resumable(
+    resume: bool, path: str | None, stages: Sequence[Stage], cfg: FitConfig, tuned: TunedModel
+) -> TrainingState | None:
+    """The checkpoint a ``fit(resume=True)`` goes on from (see :func:`read_resumable`), or
+    None: without ``resume``, or, with a warning, when there is no checkpoint (the first run
+    of a job that is run again after each preemption starts from scratch)."""
+    if not resume:
+        return None
+    if path is None:
+        warn_user(
+            "fit(resume=True) without checkpoint=: there is nothing to resume from, so this "
+            "fit starts from scratch. Pass checkpoint='run.ckpt' (written after every epoch) "
+            "to make a fit resumable."
+        )
+        return None
+    if not Path(path).is_file():
+        where = Path(path).resolve().parent
+        warn_user(
+            f"fit(resume=True): no checkpoint found in {where} ({Path(path).name} does not "
+            "exist yet); starting from scratch. Later runs of the same call resume from the "
+            "checkpoint this fit writes."
+        )
+        return None
+    return read_resumable(path, stages, cfg, tuned)
 
 
 def read_resumable(

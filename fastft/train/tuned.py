@@ -34,8 +34,15 @@ from fastft.model.attach import (
     sync_label_config,
 )
 from fastft.model.blocks import trained_blocks, unfreeze_blocks, unfrozen_blocks
+from fastft.model.calling import dtype_mismatch
 from fastft.model.heads import as_conv1x1, build_head
-from fastft.model.status import mark_new
+from fastft.model.status import (
+    mark_new,
+    place_like,
+    train_mode_message,
+    train_mode_offenders,
+    warn_user,
+)
 from fastft.split import FrozenPrefix, TrainableTail, split
 from fastft.train.checkpoint import TrainingState
 
@@ -105,6 +112,7 @@ class TunedModel:
         self.tail: TrainableTail | None = None
         self.split_version = 0  # counts splits: caches and state built on an older one are stale
         self._split_state: str | None = None
+        self.said_train_mode = False  # warned about frozen modules left in train mode
         # Heads of the usual layouts are attached right away; an encoder's waits for data.
         try:
             self.edit(example=None)
@@ -214,9 +222,27 @@ class TunedModel:
         if self.prefix is not None and self._split_state != self._model_state():
             self.forget_split()
         if self.prefix is None:
-            self.prefix, self.tail = split(self.model, fdata.to_device(example, self.device))
+            self._say_train_mode()
+            try:
+                self.prefix, self.tail = split(
+                    self.model, fdata.to_device(example, self.device), warn_train_mode=False
+                )
+            except Exception as exc:  # data of another dtype than the model: say which
+                clash = dtype_mismatch(exc, example, self.model)
+                if clash is not None:
+                    raise clash from exc
+                raise
             self._split_state = self._model_state()
             self.split_version += 1
+
+    def _say_train_mode(self) -> None:
+        """Warn once per tuner when frozen modules whose output depends on the mode were left
+        in train mode (fastft runs them in eval mode)."""
+        if not self.said_train_mode:
+            offenders = train_mode_offenders(self.model)
+            if offenders:
+                self.said_train_mode = True
+                warn_user(train_mode_message(offenders))
 
     def forget_split(self) -> None:
         self.prefix = self.tail = None
@@ -253,7 +279,7 @@ class TunedModel:
                 "fit_many sweeps one output layer; this model has several (a distillation "
                 f"head: {', '.join([self.head_spec.name, *self.head_spec.also])}). Use fit()."
             )
-        return self.heads_for(self.head_spec, **overrides)[0].to(self.device)
+        return place_like(self.heads_for(self.head_spec, **overrides)[0], self.model)
 
     def tail_with_head(self, head: nn.Module) -> nn.Module:
         """A copy of the tail whose new head is ``head`` (the frozen rest is copied by value)."""
