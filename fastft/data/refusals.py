@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastft.errors import DataError, FastFTError
+from fastft.errors import DataError
 
 __all__ = [
     "check_data_form",
@@ -170,10 +170,8 @@ def explained_predict(x: Any, reference: dict[str, int] | None) -> Iterator[None
         raise DataError(fix)
     try:
         yield
-    except FastFTError:
-        raise
     except Exception as exc:
-        if isinstance(x, torch.Tensor) and reference is None:
+        if isinstance(x, torch.Tensor) and reference is None and not isinstance(exc, DataError):
             exc.add_note(
                 "fastft: predict takes a batch; if x is one sample, add a batch dimension: "
                 "predict(x.unsqueeze(0))."

@@ -21,7 +21,7 @@ from torch.func import functional_call, vmap
 
 from fastft import distributed as fdist
 from fastft.errors import FastFTValueError
-from fastft.train.config import FitConfig, History, resolve_fit_config
+from fastft.train.config import History, resolve_fit_config
 from fastft.train.engine import Engine
 from fastft.train.evaluation import cache_metrics
 from fastft.train.graph_step import check_cuda_graph
@@ -35,7 +35,17 @@ SWEEPABLE = {"lr", "weight_decay", "hidden", "seed", "dropout"}
 
 @dataclass
 class SweepResult:
-    """The outcome of :func:`fit_many`: one history and one trained head per config."""
+    """The outcome of :func:`fit_many`: one history and one trained head per config.
+
+    Attributes:
+        configs: the configs, as given.
+        histories: one :class:`History` per config.
+        heads: the trained heads, in config order.
+        best_index: the config of the lowest final ``metric``.
+        seconds: the sweep's wall time.
+        metric: what ``best_index`` compares: ``"val_loss"`` with validation data, else
+            ``"loss"`` (default).
+    """
 
     configs: list[dict]
     histories: list[History]
@@ -50,31 +60,71 @@ class SweepResult:
         return {"index": i, "config": self.configs[i], "history": self.histories[i]}
 
 
+#: fit_many's keywords shared by every head: fit's settings (a config's own lr or weight_decay
+#: overrides the shared one) and those of the sweep itself.
+SHARED = (
+    "val",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "optimizer",
+    "momentum",
+    "scheduler",
+    "loss",
+    "label_smoothing",
+    "class_weights",
+    "amp",
+    "vectorize",
+    "keep_best",
+    "dataset_id",
+    "cuda_graph",
+)
+
+
 def fit_many(
     ft: FineTuner,
     configs: Sequence[dict],
     train: Any,
     *,
     val: Any = None,
-    epochs: int = 10,
+    epochs: int | None = None,
     batch_size: int | None = None,
-    optimizer: str = "adamw",
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    optimizer: str | None = None,
+    momentum: float | None = None,
     scheduler: str | None = None,
-    loss: str = "ce",
-    label_smoothing: float = 0.0,
-    momentum: float = 0.9,
+    loss: str | None = None,
+    label_smoothing: float | None = None,
+    class_weights: Sequence[float] | None = None,
+    amp: str | None = None,
     vectorize: bool = True,
     keep_best: bool = True,
     dataset_id: str | None = None,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
+    **unknown: Any,
 ) -> SweepResult:
     """Train one head per config (keys: lr, weight_decay, hidden, seed, dropout) in one pass.
+
+    The keywords are shared by every head and mean what they mean in :meth:`FineTuner.fit`
+    (unset ones take :class:`FitConfig`'s defaults: 10 epochs, AdamW, lr 1e-3); a config's
+    own ``lr`` or ``weight_decay`` overrides the shared one, e.g.
+    ``fit_many([{"hidden": [64]}, {"hidden": [256]}, {"lr": 1e-2}], train, lr=3e-3)``.
+    ``hidden``, ``seed`` and ``dropout`` default to the FineTuner's. ``vectorize`` runs heads of
+    one shape as one vmapped call.
 
     Returns a :class:`SweepResult`; with ``keep_best`` the best head (lowest final
     ``val_loss``, else training loss) is installed in ``ft``, ready for predict/export.
     ``cuda_graph=True`` replays the step of all heads as one CUDA graph (see
     :meth:`FineTuner.fit`).
     """
+    if unknown:
+        raise FastFTValueError(
+            f"fit_many got unknown keyword{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(sorted(unknown))}; it takes {', '.join(SHARED)} (shared by every "
+            f"head) and, per config, {', '.join(sorted(SWEEPABLE))}."
+        )
     if not configs:
         raise FastFTValueError("fit_many needs at least one config.")
     if ft.tuned.unfrozen_blocks:
@@ -84,23 +134,31 @@ def fit_many(
             "fit the best one."
         )
     for c in configs:
-        unknown = set(c) - SWEEPABLE
-        if unknown:
+        if not isinstance(c, dict):
+            raise FastFTValueError(
+                f"fit_many takes a list of dicts (one per head), got a {type(c).__name__} in it."
+            )
+        unknown_keys = set(c) - SWEEPABLE
+        if unknown_keys:
             raise FastFTValueError(
                 f"fit_many configs may set {', '.join(sorted(SWEEPABLE))}; got unknown "
-                f"{', '.join(sorted(unknown))}."
+                f"{', '.join(sorted(unknown_keys))} (settings shared by every head are "
+                f"keywords of fit_many: {', '.join(SHARED)})."
             )
     cfg = resolve_fit_config(
         None,
         dict(
             epochs=epochs,
             batch_size=batch_size,
-            lr=configs[0].get("lr", FitConfig.lr),
+            lr=lr if lr is not None else configs[0].get("lr"),
+            weight_decay=weight_decay,
             optimizer=optimizer,
             momentum=momentum,
             scheduler=scheduler,
             loss=loss,
             label_smoothing=label_smoothing,
+            class_weights=class_weights,
+            amp=amp,
             cuda_graph=cuda_graph,
         ),
         train,
