@@ -20,13 +20,14 @@ for training. Modules, one job each:
   on-disk format, the journal of committed chunks and its checks, folders, locks, removal;
 - :mod:`~fastft.cache.derive`: a higher cut's cache computed from a lower cut's cache;
 - :mod:`~fastft.cache.staging`: overlapped input copies for builds on a GPU;
-- :mod:`~fastft.cache.manage`: ``list``, ``info``, ``verify``, ``remove`` of disk caches.
+- :mod:`~fastft.cache.manage`: ``list``, ``info``, ``verify``, ``remove``, ``prune`` of disk
+  caches.
 """
 
 from __future__ import annotations
 
 from fastft.cache.feature_cache import FeatureCache, TapInfo
-from fastft.cache.manage import default_cache_dir, info, list_caches, remove, verify
+from fastft.cache.manage import default_cache_dir, info, list_caches, prune, remove, verify
 from fastft.cache.registry import clear as clear_registry
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "info",
     "verify",
     "remove",
+    "prune",
     "clear_registry",
 ]

@@ -17,6 +17,7 @@ from fastft.cache.disk import FORMAT_VERSION
 from fastft.cache.job import Job, run_chunks
 from fastft.cache.layout import TapInfo, TapStorage, dtype_str
 from fastft.cache.store import Store, open_folder
+from fastft.cache.telemetry import describes
 from fastft.cache.writer import LayoutMismatch, Probe, Writer
 from fastft.data.source_base import Chunk
 from fastft.errors import CacheCorruptError, CacheError
@@ -137,6 +138,7 @@ def new_folder(job: Job, taps: list[TapInfo], label_layout: dict) -> dict:
             for i, t in enumerate(taps)
         ],
         "labels": dict(label_layout, file="labels.bin"),
+        "describes": describes(job.writer.prefix, job.source),
     }
     for array in disk.arrays(manifest):
         disk.map_array(folder, array, create=True)

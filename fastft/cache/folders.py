@@ -70,6 +70,24 @@ def build_lock(
         os.close(fd)  # closing the descriptor releases the flock
 
 
+def mark_used(folder: Path) -> None:
+    """Record that a disk cache was just used (its manifest's modification time, which
+    ``fastft cache prune`` reads as the last use); a read-only cache dir is left as it is."""
+    try:
+        os.utime(folder / MANIFEST, follow_symlinks=False)
+    except OSError:
+        pass
+
+
+def last_used(folder: Path, created: float = 0.0) -> float:
+    """When a disk cache was last built or reused (see :func:`mark_used`; ``created`` when its
+    manifest cannot be read)."""
+    try:
+        return (folder / MANIFEST).lstat().st_mtime
+    except OSError:
+        return float(created or 0.0)
+
+
 def is_being_built(cache_dir: Path, fingerprint: str) -> bool:
     """True while a process holds the build lock of ``fingerprint`` (never waits)."""
     path = cache_dir / LOCKS / f"{fingerprint}.lock"
