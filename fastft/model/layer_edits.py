@@ -27,8 +27,14 @@ def insert_layers(
     renumbered, so later entries' names shift by ``len(modules)``). Anywhere else (a plain
     attribute, a ``ModuleList`` entry) the target is wrapped: ``after`` becomes
     ``nn.Sequential(target, *modules)``, so the target's own name gains a ``.0``; the target
-    must then take one input and return one tensor. Each inserted module is recorded as new
-    and moved to the device and floating dtype of ``after`` (the model's without parameters).
+    must then take one input and return one tensor.
+
+    Args:
+        model: the model, edited in place.
+        after: the qualified name of the module the new ones follow.
+        modules: one module or a list, run in order; each is recorded as new and moved to
+            the device and floating dtype of ``after`` (of the model when ``after`` has no
+            parameters, e.g. a ReLU).
     """
     if isinstance(modules, nn.Module):
         modules = [modules]
@@ -134,9 +140,14 @@ def remove_layers(
     Entries of an ``nn.Sequential`` or ``nn.ModuleList`` are dropped (numbered containers are
     renumbered, e.g. ``encoder.layer.4`` and ``.5`` removed keeps 4 of 6 transformer layers);
     any other module is replaced by ``nn.Identity``. Shapes must still fit: layers with known
-    widths (Linear, Conv, norms) on both sides of a removed Sequential entry must agree, an
-    Identity replacement must not change the width, and when ``example_inputs`` is given the
-    edited model is run once on them. On any of these errors nothing is changed.
+    widths (Linear, Conv, norms) on both sides of a removed Sequential entry must agree and
+    an Identity replacement must not change the width. On any error nothing is changed.
+
+    Args:
+        model: the model, edited in place.
+        names: qualified names of the modules to remove (one or several).
+        example_inputs: a batch the edited model is run on once, as a check (default None:
+            no run).
     """
     names = [names] if isinstance(names, str) else list(names)
     if not names:

@@ -194,7 +194,11 @@ def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 # ---------------------------------------------------------------------------- new modules
 def new_modules(model: nn.Module) -> list[str]:
     """Current qualified names of the modules added by surgery (outermost ones only, in
-    ``named_modules`` order: an inserted ``Sequential`` is listed, not its children)."""
+    ``named_modules`` order: an inserted ``Sequential`` is listed, not its children).
+
+    Args:
+        model: the edited model.
+    """
     names: list[str] = []
     for name, m in model.named_modules():
         if is_marked_new(m) and not any(name.startswith(n + ".") or n == "" for n in names):
@@ -244,7 +248,11 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
 # ---------------------------------------------------------------------------- summary
 def summary(model: nn.Module) -> str:
     """A table of the top-level modules: type, parameter count, trainable count, status
-    (``new``, ``frozen``, ``trainable``, ``partly trainable``, or ``-`` without parameters)."""
+    (``new``, ``frozen``, ``trainable``, ``partly trainable``, or ``-`` without parameters).
+
+    Args:
+        model: the model to describe.
+    """
     rows = [("name", "type", "params", "trainable", "status")]
     total = trainable = 0
     new_prefixes = new_modules(model)

@@ -72,11 +72,16 @@ def replace_head(
 ) -> nn.Module:
     """Swap the output layer for a new one, in place, and return the new module.
 
-    Give either ``num_classes`` (a new ``nn.Linear(in_features, num_classes)`` with the old
-    layer's ``in_features``, bias setting, dtype and device; a 1x1 convolution for a 1x1-conv
-    classifier) or ``module`` (used as is,
-    moved to the old layer's device and floating dtype). ``name`` picks the layer; by default
-    :func:`find_head` finds it. The new module is recorded as new.
+    Give either ``num_classes`` or ``module``; the new module is recorded as new.
+
+    Args:
+        model: the model, edited in place.
+        num_classes: the new layer's outputs: a new ``nn.Linear(in_features, num_classes)``
+            with the old layer's ``in_features``, bias setting, dtype and device (a 1x1
+            convolution for a 1x1-conv classifier).
+        module: a ready-made layer, used as is, moved to the old layer's device and floating
+            dtype (the model's when the old layer has no parameters).
+        name: the qualified name of the layer to replace (default: :func:`find_head`).
     """
     if (num_classes is None) == (module is None):
         raise SurgeryError(
@@ -133,9 +138,12 @@ def _pick_output(out: Any, key: str | None) -> Any:
 class EncoderWithHead(nn.Module):
     """``head(encoder(x)[output_key])``: an encoder without a classifier plus a new head.
 
-    When the encoder returns a dict (a SentenceTransformer returns ``token_embeddings``,
-    ``sentence_embedding``, ...) the entry ``output_key`` is fed to the head; a tensor output
-    is fed as is. Attributes: ``encoder``, ``head``, ``output_key``.
+    Args:
+        encoder: the encoder (a SentenceTransformer returns a dict: ``token_embeddings``,
+            ``sentence_embedding``, ...).
+        head: the new head, fed the encoder's output.
+        output_key: the entry of a dict output fed to the head (default
+            ``"sentence_embedding"``); a tensor output is fed as is.
     """
 
     def __init__(
@@ -162,9 +170,16 @@ def append_head(
 ) -> EncoderWithHead:
     """Return ``EncoderWithHead(model, head, output_key)`` running ``model`` then ``modules``.
 
-    For encoders with no classifier (e.g. a SentenceTransformer): ``modules`` (one module,
-    or a list run in order as an ``nn.Sequential``) become the head, recorded as new and
-    moved to the encoder's device and floating dtype. ``model`` itself is not copied.
+    For encoders with no classifier (e.g. a SentenceTransformer). ``model`` itself is not
+    copied.
+
+    Args:
+        model: the encoder.
+        modules: one module, or a list run in order as an ``nn.Sequential``: the head,
+            recorded as new and moved to the encoder's device and floating dtype (a
+            ``.half()`` encoder gets an fp16 head).
+        output_key: the entry of a dict output fed to the head (default
+            ``"sentence_embedding"``; see :class:`EncoderWithHead`).
     """
     if isinstance(modules, nn.Module):
         modules = [modules]

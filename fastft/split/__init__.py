@@ -64,16 +64,23 @@ def split(
 ) -> tuple[FrozenPrefix, TrainableTail]:
     """Split ``model`` at its frozen frontier into ``(FrozenPrefix, TrainableTail)``.
 
-    ``example_inputs``: one batch as the model takes it (a tensor or a dict of tensors, batch
-    in dim 0; two or more samples make the batch-dimension checks meaningful). Trainable
-    means new (added by :mod:`fastft.surgery`) or with ``requires_grad`` parameters.
-    ``method``: ``"auto"`` (fx, then hooks, then replay), ``"fx"``, ``"hook"`` or ``"replay"``.
-    With ``check=True`` the split must reproduce the model in eval mode on the example within
-    ``atol``. ``warn_train_mode``: warn when frozen modules whose output depends on the mode
-    (dropout, BatchNorm) were in train mode (a FineTuner warns once itself).
+    Trainable means new (added by :mod:`fastft.surgery`) or with ``requires_grad``
+    parameters. Both parts share the model's module objects.
 
-    Both parts share the model's module objects. Raises :class:`~fastft.SplitError` when
-    there is nothing to train, nothing frozen, no valid cut, or the parity check fails.
+    Args:
+        model: the edited model (not changed).
+        example_inputs: one batch as the model takes it (a tensor or a dict of tensors, batch
+            in dim 0; two or more samples make the batch-dimension checks meaningful).
+        atol: the largest difference from the model's output the check accepts (default 1e-5).
+        check: run the split on ``example_inputs`` and compare it with the model in eval mode
+            (default True).
+        method: ``"auto"`` (default: fx, then hooks, then replay), ``"fx"``, ``"hook"`` or
+            ``"replay"``.
+        warn_train_mode: warn when frozen modules whose output depends on the mode (dropout,
+            BatchNorm) were in train mode (default True; a FineTuner warns once itself).
+
+    Raises :class:`~fastft.SplitError` when there is nothing to train, nothing frozen, no
+    valid cut, or the parity check fails.
     """
     if method not in METHODS:
         raise SplitError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")

@@ -29,6 +29,25 @@ class FitConfig:
 
     ``fit(train, config=FitConfig(epochs=5, lr=1e-2))`` is the same fit as
     ``fit(train, epochs=5, lr=1e-2)``.
+
+    Attributes:
+        epochs: epochs of the fit (default 10).
+        batch_size: rows per step (default None: ``fit`` takes a DataLoader's own, else 256).
+        lr: learning rate (default 1e-3).
+        optimizer: ``"adamw"`` (default), ``"adam"`` or ``"sgd"``.
+        weight_decay: the optimizer's weight decay (default 0).
+        momentum: SGD's momentum, 0.9 by default (torch's SGD has 0); another value with
+            ``"adamw"`` or ``"adam"`` is refused (they use their betas).
+        scheduler: None (constant lr, default), ``"cosine"`` or ``"onecycle"``, stepped per
+            batch.
+        loss: ``"ce"`` (default; class labels), ``"bce"`` (multi-label) or ``"mse"``.
+        label_smoothing: of the ``"ce"`` loss (default 0).
+        class_weights: per-class weights of the loss (default None).
+        amp: ``"bf16"`` trains under bf16 autocast (default None: fp32).
+        lr_decay: ``d`` gives each unfrozen block ``lr * d ** depth`` (default None: the
+            same lr).
+        cuda_graph: replay the training step as a CUDA graph (default False; see
+            :meth:`FineTuner.fit`).
     """
 
     epochs: int = 10
@@ -94,7 +113,11 @@ class FitConfig:
             )
 
     def with_epochs(self, epochs: int) -> FitConfig:
-        """The same settings for ``epochs`` epochs (one stage of a staged fit)."""
+        """The same settings for another number of epochs (one stage of a staged fit).
+
+        Args:
+            epochs: the number of epochs of the copy.
+        """
         return dataclasses.replace(self, epochs=epochs)
 
 
@@ -145,7 +168,12 @@ class History(list):
     """Per-epoch records of a fit (a list of dicts) with a few conveniences."""
 
     def column(self, key: str) -> list[Any]:
-        """The values of ``key`` per epoch (None where an epoch does not report it)."""
+        """The values of one key per epoch.
+
+        Args:
+            key: a record's key (``"loss"``, ``"val_accuracy"``, ...); None where an epoch
+                does not report it.
+        """
         return [r.get(key) for r in self]
 
     @property

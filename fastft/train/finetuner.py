@@ -13,6 +13,7 @@ of a naive loop that runs the frozen layers (in eval mode, under no_grad) every 
 the same batch order and optimizer: that is the package's correctness oracle.
 
 The work is done by one module each: :mod:`~fastft.train.settings` (checked, recorded),
+:mod:`~fastft.train.facade` (the settings as attributes),
 :mod:`~fastft.train.tuned` (the edited model, its split and state),
 :mod:`~fastft.train.caches`, :mod:`~fastft.train.fitting` (stages, checkpoints, resume),
 :mod:`~fastft.train.engine` (the loop), :mod:`~fastft.train.evaluation`.
@@ -31,7 +32,7 @@ from fastft import distributed as fdist
 from fastft.cache import FeatureCache
 from fastft.data.refusals import check_forward_inputs, explained_predict, input_ranks
 from fastft.errors import FastFTValueError, NotFittedError
-from fastft.train.caches import CacheOptions, TunerCaches, example_of
+from fastft.train.caches import TunerCaches, example_of
 from fastft.train.checkpoint import TrainingState
 from fastft.train.config import (
     FIT_SETTINGS,
@@ -44,75 +45,59 @@ from fastft.train.config import (
     resolve_fit_config,
 )
 from fastft.train.evaluation import cache_metrics, eval_config, predict
+from fastft.train.facade import INIT_SETTINGS, TunerAttributes, tuner_options
 from fastft.train.fitting import Callback, StagedFit
 from fastft.train.graph_step import check_cuda_graph
-from fastft.train.settings import (
-    OLD_FIT_ORDER,
-    OLD_INIT_ORDER,
-    Setting,
-    check_cache_settings,
-    check_head_settings,
-    saved_config,
-    training_device,
-)
+from fastft.train.settings import OLD_FIT_ORDER, OLD_INIT_ORDER, saved_config
 from fastft.train.sweep import fit_many
-from fastft.train.tuned import HeadOptions, TunedModel
+from fastft.train.tuned import TunedModel
 
 
-class FineTuner:
+class FineTuner(TunerAttributes):
     """Fine-tune ``model`` by training only its new layers on cached frozen features.
 
     Args:
-        model: the pretrained network. It is edited **in place** (pass a deep copy to keep
-            the original). Takes a tensor or a dict (see :mod:`fastft.model.calling`).
-        num_classes: size of the new output layer. With ``None`` and no ``head``, the model
-            is used as edited by the caller (e.g. with :mod:`fastft.surgery`).
-        hidden: widths of new hidden layers put before the new output layer
-            (``[256]`` → Linear+ReLU, then the output Linear).
-        head: a ready-made module to use as the new output layer instead.
-        freeze: ``"auto"`` freezes everything that is not new; a list of module names or
-            glob patterns freezes those on top; ``None`` leaves ``requires_grad`` as is.
-        cache: the cache tier: ``"auto"``, ``"device"``, ``"host"`` or ``"disk"``.
-        cache_dtype: storage dtype of the cached features: fp32, bf16, fp16 or int8.
-        views: augmented views per sample cached when ``transform`` is random.
-        transform: a callable applied to each batch of inputs before the frozen part.
+        model: the pretrained network, edited **in place** (pass a deep copy to keep the
+            original). It takes a tensor or a dict (see :mod:`fastft.model.calling`).
+        num_classes: size of the new output layer (default None: with no ``head`` either,
+            the model is used as the caller edited it, e.g. with :mod:`fastft.surgery`).
+        hidden: widths of new hidden layers before the output layer (default none;
+            ``[256]`` → Linear+ReLU, then the output Linear).
+        head: a ready-made module to use as the new output layer (instead of
+            ``num_classes``; a tuner with one cannot use :meth:`save`).
+        freeze: ``"auto"`` (default) freezes everything that is not new; a list of module
+            names or glob patterns freezes those too; None leaves ``requires_grad`` as is.
+        cache: the cache tier: ``"auto"`` (default: the fastest that fits ``max_memory``),
+            ``"device"``, ``"host"`` or ``"disk"`` (kept in ``cache_dir``, reused by later runs).
+        cache_dtype: storage dtype of the cached features: ``"fp16"`` (default), ``"bf16"``,
+            ``"fp32"`` (exactly a naive loop's weights) or ``"int8"``.
+        views: augmented views cached per sample (default 1; > 1 needs a random ``transform``).
+        transform: a callable applied to each batch of inputs before the frozen part, when
+            the cache is built (training caches only; default None).
         device: where training runs (default: CUDA when available, else CPU).
-        seed: seeds the new layers' initialisation and the batch order.
-        head_name: qualified name of the output layer to replace, when not found automatically.
-        output_key: for encoders returning a dict (SentenceTransformer), the entry fed to
-            the new head.
-        activation, dropout: of the new hidden layers.
+        seed: seeds the new layers' initialisation, the batch order and the transform's
+            views (default 0).
+        head_name: qualified name of the output layer to replace (default: found from the
+            model's own contract or its layout).
+        output_key: the entry fed to the new head for encoders that return a dict
+            (default ``"sentence_embedding"``, SentenceTransformer's).
+        activation, dropout: of the new hidden layers (default ``"relu"``, 0.0).
         pool: how the cache reduces sequence/spatial axes of the frozen output
-            (``"none"`` keeps it whole; see :func:`fastft.ops.cache_write`).
-        cache_dir: folder of disk caches (default ``$FASTFT_CACHE_DIR`` or ``~/.cache/fastft``).
-        max_memory: bytes the in-memory tiers may use before ``"auto"`` goes to disk.
-        extract_batch_size: batch size of the one frozen pass.
-        extract_amp: ``'bf16'`` runs the frozen pass under bf16 autocast (on GPUs with bf16
-            tensor cores; the cached features then carry bf16 rounding).
-        transform_id: a name for what ``transform`` computes with that fastft cannot hash (a
-            file it reads, an object without readable state); without it such a transform's
-            caches are used once and never reused (see :meth:`FeatureCache.build`).
-        verbose: progress bars and messages.
+            (``"none"`` keeps it whole, default; see :func:`fastft.ops.cache_write`).
+        cache_dir: folder of disk caches (default ``$FASTFT_CACHE_DIR`` or
+            ``~/.cache/fastft``); used with ``cache="disk"``, or when ``"auto"`` goes to disk.
+        max_memory: bytes (or ``"2GB"``) the in-memory tiers may use before ``cache="auto"``
+            goes to disk (default: half of the memory free at build time).
+        extract_batch_size: batch size of the one frozen pass (default 256; a DataLoader's
+            own batches are used as they are).
+        extract_amp: ``"bf16"`` runs the frozen pass under bf16 autocast (GPUs with bf16
+            tensor cores; the features carry bf16 rounding); default None.
+        transform_id: a name for what ``transform`` computes that fastft cannot hash (a file
+            it reads, an object without readable state); without it such a transform's
+            caches are never reused (see :meth:`FeatureCache.build`). Default None.
+        verbose: progress bars on a terminal, one log line per epoch elsewhere (default
+            True; see :mod:`fastft.train.progress`).
     """
-
-    num_classes = Setting("head_options")
-    hidden = Setting("head_options")
-    head = Setting("head_options")
-    head_name = Setting("head_options")
-    output_key = Setting("head_options")
-    activation = Setting("head_options")
-    dropout = Setting("head_options")
-    cache_tier = Setting("cache_options", "tier")
-    cache_dtype = Setting("cache_options", "dtype")
-    views = Setting("cache_options")
-    transform = Setting("cache_options")
-    transform_id = Setting("cache_options")
-    pool = Setting("cache_options")
-    cache_dir = Setting("cache_options")
-    max_memory = Setting("cache_options")
-    extract_batch_size = Setting("cache_options", "batch_size")
-    extract_amp = Setting("cache_options", "amp")
-    verbose = Setting("cache_options")
 
     def __init__(
         self,
@@ -141,34 +126,9 @@ class FineTuner:
         verbose: bool = True,
     ):
         refuse_positional("FineTuner(model", OLD_INIT_ORDER, positional)
-        check_head_settings(num_classes, head)
-        check_cache_settings(cache_dtype, views, transform, extract_amp)
-        device = training_device(device)
-        self.head_options = HeadOptions(
-            num_classes=None if num_classes is None else int(num_classes),
-            hidden=list(hidden or []),
-            head=head,
-            head_name=head_name,
-            output_key=output_key,
-            activation=activation,
-            dropout=float(dropout),
-            seed=int(seed),
-        )
-        self.cache_options = CacheOptions(
-            tier=cache,
-            dtype=cache_dtype,
-            views=int(views),
-            transform=transform,
-            transform_id=transform_id,
-            pool=pool,
-            cache_dir=cache_dir,
-            max_memory=max_memory,
-            batch_size=int(extract_batch_size),
-            amp=extract_amp,
-            seed=int(seed),
-            device=device,
-            verbose=verbose,
-        )
+        given = locals()  # the keyword settings
+        self.head_options, self.cache_options = tuner_options({k: given[k] for k in INIT_SETTINGS})
+        device = self.cache_options.device
         self.caches = TunerCaches(self.cache_options)
         self.tuned = TunedModel(model, self.head_options, freeze=freeze, device=device)
         self.cache: FeatureCache | None = None  # the training cache of the current cut
@@ -178,59 +138,36 @@ class FineTuner:
         self.input_ranks: dict[str, int] | None = None  # of the batch the model was split on
 
     # ------------------------------------------------------------------ the model
-    @property
-    def model(self) -> nn.Module:
-        """The edited model (a new root module when a head was appended to an encoder)."""
-        return self.tuned.model
-
-    @property
-    def prefix(self) -> nn.Module | None:
-        """The frozen part of the current split (None before the first split)."""
-        return self.tuned.prefix
-
-    @property
-    def tail(self) -> nn.Module | None:
-        """The trainable part of the current split."""
-        return self.tuned.tail
-
-    @property
-    def device(self) -> torch.device:
-        return self.tuned.device
-
-    @property
-    def seed(self) -> int:
-        """Seeds the new layers' initialisation and the batch order."""
-        return self.cache_options.seed
-
-    @seed.setter
-    def seed(self, value: int) -> None:
-        self.head_options.seed = self.cache_options.seed = int(value)
-
-    @property
-    def freeze(self) -> str | Sequence[str] | None:
-        return self.tuned.freeze
-
     def unfreeze(self, blocks: int, *, train_bn: bool = False) -> list[str]:
-        """Make the top ``blocks`` blocks of the frozen part trainable (exactly those: ``0``
-        freezes them again) and move the cut down to the input of the lowest one.
+        """Make the top ``blocks`` blocks of the frozen part trainable and move the cut down to
+        the input of the lowest one.
 
         Blocks are the children of the model's Sequential/ModuleList stacks (``encoder.layer``,
         ``layer4``, ``blocks``; see :func:`fastft.model.blocks.find_blocks`). The next ``fit``
-        caches the frozen part below the new cut (whole sequences or feature maps, ``pool``
-        ``'none'``; reused by fingerprint) and trains the unfrozen blocks with the new layers,
-        with learning rates decayed per block when ``fit(lr_decay=...)`` is given.
-        BatchNorm layers in the unfrozen blocks keep their running statistics unless
-        ``train_bn=True``. Returns the names of the unfrozen blocks (``[]`` before the model is
-        edited, when an encoder's head still waits for data: they are unfrozen then).
+        caches the frozen part below the new cut (``pool`` ``'none'``; reused by key) and
+        trains the unfrozen blocks with the new layers (per-block rates: ``fit(lr_decay=)``).
+
+        Args:
+            blocks: how many top blocks are trainable, exactly (``0`` freezes them again).
+            train_bn: let BatchNorm layers in those blocks update their running statistics
+                (default False: they keep the pretrained ones).
+
+        Returns:
+            The names of the unfrozen blocks (``[]`` before an encoder's head is attached,
+            which waits for data: they are unfrozen then).
         """
         names = self.tuned.unfreeze(blocks, train_bn=train_bn)
         self.cache = None
         return names
 
     def prepare(self, example_inputs: Any) -> None:
-        """Attach the new layers (an encoder's head needs ``example_inputs``: one batch as the
-        model takes it) and split the model; ``fit``, ``evaluate`` and ``predict`` do this
-        themselves. The split is made again whenever the model changed since."""
+        """Attach the new layers and split the model; ``fit``, ``evaluate`` and ``predict`` do
+        this themselves. The split is made again whenever the model changed since.
+
+        Args:
+            example_inputs: one small batch as the model takes it (an encoder's head is sized
+                from what reaches it; the split is checked on it).
+        """
         before = self.tuned.split_version
         check_forward_inputs(self.model, example_inputs)
         self.tuned.split_for(example_inputs)
@@ -243,8 +180,12 @@ class FineTuner:
     ) -> FeatureCache:
         """Run the frozen part once over ``data`` (or reuse a matching cache) and return it.
 
-        With ``evaluation=True`` the cache is the one ``fit(val=data)`` and ``evaluate(data)``
-        use (one view, no transform), e.g. to build it ahead of training.
+        Args:
+            data: the data, in any form ``fit`` takes.
+            dataset_id: a name for the data's content, used by the key instead of a hash of
+                every sample (see ``fit``); default None.
+            evaluation: build the cache ``fit(val=data)`` and ``evaluate(data)`` use (one view,
+                no transform) instead of the training cache (default False).
         """
         self.prepare(example_of(data))
         cache = self.caches.build(
@@ -285,36 +226,53 @@ class FineTuner:
         resume: bool = False,
         dataset_id: str | None = None,
     ) -> History:
-        """Train the new layers on the cached frozen features; returns the :class:`History`.
+        """Train the new layers on the cached frozen features.
 
-        The training settings (``epochs`` … ``cuda_graph``) are those of :class:`FitConfig`,
-        given as keywords or as ``config=FitConfig(...)``; unset ones take FitConfig's
-        defaults (10 epochs, AdamW at lr 1e-3, loss ``'ce'``). ``batch_size`` defaults to a
-        DataLoader's own (else 256). A DataLoader is read with its own batch size, collate
-        function and workers for the one frozen pass, and its sampler decides which samples
-        are cached (a subset stays a subset).
+        The settings ``epochs`` … ``cuda_graph`` are :class:`FitConfig`'s, as keywords or as
+        ``config=``. A second ``fit`` goes on from the trained weights (with a fresh optimizer)
+        and numbers its epochs after the first's; ``ft.history`` holds every fit's epochs.
 
-        The history has one dict per epoch: ``loss``, ``seconds``, ``lr`` and, with ``val``,
-        ``val_loss`` / ``val_accuracy`` / ``val_macro_f1``. ``early_stopping=n`` stops after
-        ``n`` epochs without improvement (or pass an :class:`EarlyStopping`); a callback
-        ``cb(tuner, record)`` returning ``False`` stops training.
+        Args:
+            train: ``(X, y)`` tensors, a map-style Dataset of ``(input, label)`` or a DataLoader
+                (read with its own batch size, collate function, workers and sampler).
+            val: validation data in the same forms (default None); adds ``val_loss``,
+                ``val_accuracy``, ``val_macro_f1`` to each epoch's record.
+            config: a :class:`FitConfig` (default None: FitConfig's defaults); a keyword that
+                contradicts it is refused.
+            epochs: epochs of the whole fit, every ``unfreeze`` stage included (default 10).
+            batch_size: rows per step (default: a DataLoader's own, else 256).
+            lr: learning rate (default 1e-3).
+            optimizer: ``"adamw"`` (default), ``"adam"`` or ``"sgd"``.
+            weight_decay: the optimizer's weight decay (default 0).
+            momentum: SGD's momentum (default 0.9; torch's SGD has 0); refused with Adam(W).
+            scheduler: None (constant lr, default), ``"cosine"`` or ``"onecycle"``, stepped
+                per batch over the stage.
+            loss: ``"ce"`` (default; integer labels), ``"bce"`` (multi-label) or ``"mse"``.
+            label_smoothing: for ``"ce"`` (default 0).
+            class_weights: per-class weights of the loss (default None).
+            amp: ``"bf16"`` trains under bf16 autocast (default None: fp32).
+            lr_decay: ``d`` gives each unfrozen block ``lr * d ** depth`` (depth 1 for the top
+                block); default None (the same lr).
+            cuda_graph: capture the step as a CUDA graph after three eager steps (CUDA only;
+                the same batches as eager; not with a ``scheduler`` or torch.distributed).
+            early_stopping: ``n`` stops after ``n`` epochs without improvement of
+                ``val_loss`` (``loss`` without ``val``), or an :class:`EarlyStopping`.
+            callbacks: ``cb(tuner, record)`` called after each epoch; ``False`` stops training.
+            unfreeze: ``[(epoch, n), ...]`` calls :meth:`unfreeze` ``(n)`` before that 0-based
+                epoch; e.g. ``epochs=8, unfreeze=[(5, 1)]``: 5 head epochs, then 3 with the
+                top block. Each stage trains like a ``fit`` of its own on its cut's cache.
+            checkpoint: a path written atomically after every epoch (default None).
+            resume: go on from ``checkpoint`` to the same final weights as an uninterrupted
+                run (weights, optimizer, history, early stopping, random state); a checkpoint
+                of other settings, data or backbone is refused; none yet: a warning, and a
+                fresh start. Default False.
+            dataset_id: a name for ``train``'s content: the cache key uses it instead of
+                reading every sample to hash it. Pass it for a slow Dataset, and change it when
+                the data change (default None).
 
-        ``checkpoint=path`` writes a checkpoint atomically after every epoch, and
-        ``resume=True`` continues from it, giving the same final weights as an uninterrupted
-        run (weights, optimizer, history, early-stopping state and torch's global random
-        state); a checkpoint of a fit with other settings, data or backbone is refused. A fit
-        that early stopping ended stays ended.
-
-        Progressive unfreezing: ``unfreeze=[(epoch, n), ...]`` calls :meth:`unfreeze`
-        ``(n)`` before that (0-based) epoch, e.g. ``epochs=8, unfreeze=[(5, 1)]`` trains the
-        head for 5 epochs, then the top block with it for 3. Each stage is trained like a
-        ``fit`` of its own epochs on the cache at its cut. ``lr_decay=d`` gives each unfrozen
-        block ``lr * d ** depth`` (depth 1 for the top block).
-
-        ``cuda_graph=True`` (CUDA only) captures the training step as a CUDA graph after three
-        eager warm-up steps and replays it for every full batch: the same batches in the same
-        order as eager training, one launch instead of dozens. It does not combine with a
-        ``scheduler`` or with torch.distributed.
+        Returns:
+            The :class:`History` of this call: one dict per epoch with ``epoch``, ``loss``,
+            ``lr``, ``seconds`` and the ``val_*`` metrics.
         """
         refuse_positional("fit(train, val", OLD_FIT_ORDER, positional)
         given = locals()  # the keyword settings: those named like FitConfig's fields
@@ -339,7 +297,17 @@ class FineTuner:
     def fit_many(self, configs: Sequence[dict], train: Any, **common):
         """Train several heads (lr, width, weight decay, seed) in one pass over the cache.
 
-        See :func:`fastft.train.sweep.fit_many`.
+        Args:
+            configs: one dict per head, with keys among ``lr``, ``weight_decay``, ``hidden``,
+                ``seed``, ``dropout``.
+            train: the training data, as for :meth:`fit`.
+            **common: settings shared by every head: ``val``, ``epochs``, ``batch_size``,
+                ``lr``, ``optimizer``, ``scheduler``, ``loss``, ``label_smoothing``,
+                ``momentum``, ``vectorize``, ``keep_best``, ``dataset_id``, ``cuda_graph``
+                (see :func:`fastft.train.sweep.fit_many`).
+
+        Returns:
+            A :class:`SweepResult`; with ``keep_best`` (default) the best head is in the tuner.
         """
         return fit_many(self, configs, train, **common)
 
@@ -348,6 +316,10 @@ class FineTuner:
         """Loss and metrics on ``data`` (accuracy, top-5 when C > 5, macro-F1 for 'ce').
 
         The frozen part runs once over ``data`` into a cache of its own (reused on later calls).
+
+        Args:
+            data: the data, in any form ``fit`` takes.
+            batch_size: rows per forward of the new layers (default 256).
         """
         self._require_fitted("evaluate")
         cache = self.build_cache(data, evaluation=True)  # splits first after load() or unfreeze()
@@ -355,7 +327,12 @@ class FineTuner:
         return cache_metrics(self.tail, cache, cfg, device=self.device)
 
     def predict(self, x: Any, *, batch_size: int = 256) -> torch.Tensor:
-        """Model outputs (logits) for a batch of inputs ``x`` (a tensor or a dict of tensors)."""
+        """Model outputs (logits) for a batch of inputs.
+
+        Args:
+            x: a batch as the model takes it (a tensor or a dict of tensors, batch first).
+            batch_size: samples per forward (default 256).
+        """
         self._require_fitted("predict")
         with explained_predict(x, self.input_ranks):  # one sample: says to add a batch axis
             self.prepare(fdata.index_select(x, torch.arange(min(2, fdata.batch_length(x)))))
@@ -378,7 +355,11 @@ class FineTuner:
         return self.tuned.training_state(config, self.history, self.fit_config)
 
     def save(self, path: str) -> None:
-        """Write the new layers' weights, the configuration and the history (atomically)."""
+        """Write the new layers' weights, the configuration and the history (atomically).
+
+        Args:
+            path: the file to write; :meth:`load` reads it.
+        """
         self._require_fitted("save")
         if self.head is not None:
             raise FastFTValueError(
@@ -389,7 +370,14 @@ class FineTuner:
 
     @classmethod
     def load(cls, path: str, model: nn.Module, **overrides) -> FineTuner:
-        """Rebuild a FineTuner saved with :meth:`save` on a fresh copy of the original model."""
+        """Rebuild a FineTuner saved with :meth:`save` on a fresh copy of the original model.
+
+        Args:
+            path: the file :meth:`save` wrote.
+            model: an unedited copy of the pretrained model the saved tuner started from.
+            **overrides: FineTuner settings that replace the saved ones (``device``,
+                ``cache_dir``, ``verbose``, ...).
+        """
         saved = TrainingState.read(path)
         ft = cls(model, **{**saved.config, **overrides})
         ft.tuned.restore(saved, path)
