@@ -6,8 +6,15 @@ The CUDA kernels' side of each is in tests/test_ops_cuda.py (needs a GPU)."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,3 +329,31 @@ def test_the_pinned_host_tier_is_budgeted_by_what_it_reserves(monkeypatch):
     with pytest.raises(CacheTooLargeError, match="262,144 bytes"):
         layout.choose_tier("host", nbytes, cuda, 250000, pin_extra=extra)
     assert layout.choose_tier("host", nbytes, cpu, 250000, pin_extra=extra) == "host"
+
+
+# ---------------------------------------------------------------------------- gpu_check.sh
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_dry_run_ends_with_a_clear_verdict(tmp_path):
+    """The dry run builds nothing; it records the versions and says whether fastft's CUDA
+    kernels would run (here, without a GPU: they do not, exit 3)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    run = subprocess.run(
+        ["bash", str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["environment"]["python"] == platform.python_version()
+    assert summary["environment"]["torch"] == torch.__version__
+    assert summary["kernels"]["has_cuda"] == fastft.has_cuda()
+    assert f"VERDICT: {summary['verdict']}" in run.stdout
+    if fastft.has_cuda():  # a GPU machine: the kernels would run
+        assert run.returncode == 0 and summary["verdict"].startswith("dry run: fastft's CUDA")
+        return
+    assert run.returncode == 3, run.stdout[-2000:]
+    problem = fastft.build_info()["cuda_problem"]
+    assert summary["verdict"].startswith("no CUDA kernels running: ")
+    assert (
+        problem.rstrip(".") in summary["verdict"] and summary["kernels"]["cuda_problem"] == problem
+    )
+    assert [s["step"] for s in summary["steps"]][-2:] == ["build", "kernels"]
+    assert summary["steps"][-2]["status"] == "skipped_dry_run"  # nothing was (re)installed
