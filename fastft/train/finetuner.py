@@ -302,9 +302,11 @@ class FineTuner(TunerAttributes):
                 ``seed``, ``dropout``.
             train: the training data, as for :meth:`fit`.
             **common: settings shared by every head: ``val``, ``epochs``, ``batch_size``,
-                ``lr``, ``optimizer``, ``scheduler``, ``loss``, ``label_smoothing``,
-                ``momentum``, ``vectorize``, ``keep_best``, ``dataset_id``, ``cuda_graph``
-                (see :func:`fastft.train.sweep.fit_many`).
+                ``lr``, ``weight_decay``, ``optimizer``, ``scheduler``, ``loss``,
+                ``label_smoothing``, ``class_weights``, ``amp``, ``momentum``, ``vectorize``,
+                ``keep_best``, ``dataset_id``, ``cuda_graph`` (see
+                :func:`fastft.train.sweep.fit_many`); a config's own ``lr`` or
+                ``weight_decay`` overrides the shared one. Other keywords are refused.
 
         Returns:
             A :class:`SweepResult`; with ``keep_best`` (default) the best head is in the tuner.
