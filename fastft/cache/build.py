@@ -32,6 +32,8 @@ from fastft.cache import disk, folders, registry
 from fastft.cache.disk_build import build_on_disk, complete_cache
 from fastft.cache.fingerprint import (
     CacheKey,
+    complete_key,
+    finish_key,
     make_key,
     warn_if_self_changing,
     warn_if_transform_changed,
@@ -156,9 +158,17 @@ def build(
         mask_key=s.mask_key,
         amp=s.amp,
         device=s.device,
+        defer_data=True,
     )
+    if key.pending and key.reusable and (
+        s.tier == "disk" or fdist.is_distributed() or registry.similar(key.parts, s.root)
+    ):
+        # A cache may hold these data (or a disk build is named by its key): one hashing pass
+        # decides. Else the data are hashed while the cache is built (one read of each sample).
+        key = complete_key(key, source, s.batch_size, s.num_workers)
     source.check_unchanged()  # before anything is made: a dataset whose len() drifts is refused
-    if not key.reusable:
+    warned = not key.reusable
+    if warned:
         warn_not_reusable(key)
     found, reason = _reuse(key, s, dataset_id, t_start)
     if found is not None:
@@ -171,6 +181,14 @@ def build(
     job = Job(
         Writer(prefix, s, source.n, Timer()), source, key.fingerprint, key.parts, reason, t_start
     )
+    if key.pending:  # an 'auto' build that turns out to need the disk is named by its key
+
+        def hash_first() -> None:
+            nonlocal key
+            key = complete_key(key, source, s.batch_size, s.num_workers)
+            job.fp, job.parts = key.fingerprint, key.parts
+
+        job.before_disk = hash_first
     prefix_mode = prefix.training
     _train(
         prefix, False
@@ -179,6 +197,11 @@ def build(
         cache = build_sharded(job) if s.tier == "disk" and fdist.is_distributed() else _run(job)
     finally:
         _train(prefix, prefix_mode)
+    if key.pending:  # built in memory while every sample was hashed: its key is known now
+        key = finish_key(key, source)
+        cache.fingerprint, cache.parts = key.fingerprint, key.parts
+        if not key.reusable and not warned:  # what the data hide is known only now
+            warn_not_reusable(key)
     registry.register(cache)
     if not key.reusable and cache.path is not None:
         _remove_at_exit(cache.path)
@@ -245,6 +268,8 @@ def _run(job: Job) -> Store:
         )
     if tier != "disk":
         return _build_in_memory(job, tier, probe, layout)
+    if job.before_disk is not None:
+        job.before_disk()
     with folders.build_lock(
         s.root,
         job.fp,

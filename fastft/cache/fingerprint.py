@@ -16,6 +16,10 @@ modules     every frozen module by value: class and its code (the user's by byte
 weights     the content of every frozen parameter and buffer
 dataset     the samples: every input and label by content (for a DataLoader, its sampler's
             samples after its collate function), or ``dataset_id``
+sample      (a map-style Dataset or DataLoader without ``dataset_id``) the length and a few
+            samples: a cheap key that finds the caches the data may have; when there is none
+            the data are hashed while the cache is built (one read of each sample), else one
+            hashing pass decides (a hit reads each sample once and runs no prefix)
 transform   the transform by value (as modules), the seed and the batch size it is applied to
 views       the number of augmented views
 dtype       the storage dtype (and bf16 autocast of the prefix)
@@ -47,7 +51,7 @@ from torch import nn
 
 from fastft.cache.disk import FORMAT_VERSION
 from fastft.data.source_base import Source
-from fastft.errors import CacheReuseWarning, FastFTValueError
+from fastft.errors import CacheError, CacheReuseWarning, FastFTValueError
 from fastft.hashing import ContentHasher, first_difference
 
 #: The parts of a fingerprint, in the order they are reported when they change.
@@ -102,6 +106,10 @@ class CacheKey:
         default_factory=list, repr=False
     )  # of the prefix's modules, see warn_if_self_changing
     transform_digest: str = ""  # the transform as hashed, see warn_if_transform_changed
+    #: The data's part is not computed yet (a single-pass build: see :func:`make_key`); the
+    #: fingerprint is then only a name for the build, and :func:`lookup` finds the caches it
+    #: may be.
+    pending: bool = False
 
     def __post_init__(self) -> None:
         if not self.reusable and "once" not in self.parts:
@@ -228,6 +236,10 @@ def dataset_part(
     return _sha(found.digest), found.labels, [f"the data: {o}" for o in found.opaque]
 
 
+#: The data's part of a key whose data are hashed while the cache is built.
+PENDING = "pending: hashed while building"
+
+
 def make_key(
     prefix: nn.Module,
     source: Source,
@@ -244,11 +256,25 @@ def make_key(
     mask_key: str,
     amp: str | None = None,
     device: torch.device | str = "cpu",
+    defer_data: bool = False,
 ) -> CacheKey:
     """The :class:`CacheKey` of a build (reads every sample once unless ``dataset_id`` is given;
-    see the module docstring for what each part covers)."""
+    see the module docstring for what each part covers).
+
+    ``defer_data`` (for a ``single_pass`` source without ``dataset_id``): read only a few
+    samples now; the key is ``pending``, its ``sample`` part (the data's length and those
+    samples) finds the caches it may match (:func:`lookup`), and the data's part is computed
+    by :func:`complete_key` (one hashing pass) or, while the cache is built, by
+    :func:`finish_key`."""
     parts, opaque, trace = prefix_parts(prefix)
-    dataset, labels, data_opaque = dataset_part(source, dataset_id, batch_size, num_workers)
+    pending = defer_data and dataset_id is None and source.single_pass
+    sample, data_opaque = source.probe_key(batch_size) if pending else (None, [])
+    pending = sample is not None
+    if pending:
+        dataset, labels, parts["sample"] = PENDING, None, sample
+        data_opaque = [f"the data: {o}" for o in data_opaque]
+    else:
+        dataset, labels, data_opaque = dataset_part(source, dataset_id, batch_size, num_workers)
     opaque += data_opaque
     t_part, t_opaque, t_digest = transform_part(
         transform, transform_id, seed, source.chunk_size or batch_size
@@ -265,7 +291,40 @@ def make_key(
             "pool": pool + (f":{mask_key}" if pool == "masked_mean" else ""),
         }
     )
-    return CacheKey(parts, opaque, labels, trace=trace, transform_digest=t_digest)
+    return CacheKey(parts, opaque, labels, trace=trace, transform_digest=t_digest, pending=pending)
+
+
+def lookup(parts: dict[str, str]) -> str:
+    """What a pending key and the complete keys it may become share: every part but the data's
+    (``sample``, the length and a few samples, is among them)."""
+    return combine({k: v for k, v in parts.items() if k not in ("dataset", "once")})
+
+
+def _completed(key: CacheKey, dataset: str, labels, data_opaque: list[str]) -> CacheKey:
+    parts = dict(key.parts, dataset=dataset)
+    opaque = key.opaque + [o for o in data_opaque if o not in key.opaque]
+    if not opaque:
+        parts.pop("once", None)
+    return CacheKey(parts, opaque, labels, trace=key.trace, transform_digest=key.transform_digest)
+
+
+def complete_key(key: CacheKey, source: Source, batch_size: int, num_workers: int) -> CacheKey:
+    """A pending key completed by one hashing pass over the data (the samples read for the
+    pending key must read the same again)."""
+    dataset, labels, data_opaque = dataset_part(source, None, batch_size, num_workers)
+    return _completed(key, dataset, labels, data_opaque)
+
+
+def finish_key(key: CacheKey, source: Source) -> CacheKey:
+    """A pending key completed from the digests recorded while its cache was built (every
+    sample read once); CacheError when some sample was never read."""
+    found = source.recorded_key()
+    if found is None:
+        raise CacheError(
+            f"{source.description}: the build did not read every sample; the cache was not "
+            "completed."
+        )
+    return _completed(key, _sha(found.digest), None, [f"the data: {o}" for o in found.opaque])
 
 
 def warn_not_reusable(key: CacheKey) -> None:
@@ -330,8 +389,15 @@ def combine(parts: dict[str, str]) -> str:
 
 
 def changed_parts(old: dict[str, str], new: dict[str, str]) -> list[str]:
-    """Names of the parts that differ between two keys, in :data:`PARTS` order."""
-    return [k for k in PARTS if old.get(k) != new.get(k)]
+    """Names of the parts that differ between two keys, in :data:`PARTS` order (a pending
+    key's data part is not compared: its ``sample`` part stands for it)."""
+
+    def differs(k: str) -> bool:
+        if k == "dataset" and new.get(k) == PENDING:  # its "sample" part stands for it
+            return old.get("sample") != new.get("sample")
+        return old.get(k) != new.get(k)
+
+    return [k for k in PARTS if differs(k)]
 
 
 def describe_changes(changed: list[str]) -> str:

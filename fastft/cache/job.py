@@ -51,22 +51,27 @@ def run_chunks(
     s, n = writer.s, writer.n
     bar = progress_bar(s, None if share else n * s.views, done)
     written = 0
+    probed: list[Chunk] = []  # the probe's chunk when it is to be written: not read again
+
+    def plan(view: int, start: int, count: int) -> bool:
+        if skip(view, start, count):  # asked once per chunk, in order (see Source.chunks)
+            return True
+        if probe is not None and (view, start, count) == (0, 0, probe.chunk.count):
+            probed.append(probe.chunk)
+            return True
+        return False
+
+    def ready():
+        for chunk in staged(chunks(source, s, plan), s.device):
+            while probed:
+                yield probed.pop(), (probe.names, probe.tensors, probe.inputs, probe.labels)
+            yield chunk, None
+        while probed:
+            yield probed.pop(), (probe.names, probe.tensors, probe.inputs, probe.labels)
+
     try:
-        for chunk in staged(chunks(source, s, skip), s.device):
-            if (
-                probe is not None
-                and (chunk.view, chunk.start) == (0, 0)
-                and chunk.count == probe.chunk.count
-            ):
-                names, tensors, inputs, labels = (
-                    probe.names,
-                    probe.tensors,
-                    probe.inputs,
-                    probe.labels,
-                )
-            else:
-                names, tensors, inputs, labels = writer.forward(chunk)
-            probe = None
+        for chunk, computed in ready():
+            names, tensors, inputs, labels = computed or writer.forward(chunk)
             writer.write(chunk, names, tensors, inputs, labels)
             on_done(chunk)
             bar.update(chunk.count)
@@ -89,6 +94,9 @@ class Job:
     parts: dict
     reason: str
     t_start: float
+    #: Called before a build goes to disk, whose folder is named by the complete key (a
+    #: pending key is completed by it: see :func:`fastft.cache.fingerprint.make_key`).
+    before_disk: Callable[[], None] | None = None
 
     @property
     def s(self) -> Settings:

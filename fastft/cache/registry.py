@@ -12,7 +12,7 @@ from collections import OrderedDict, deque
 from pathlib import Path
 
 from fastft.cache import disk
-from fastft.cache.fingerprint import PARTS, changed_parts, describe_changes
+from fastft.cache.fingerprint import PARTS, changed_parts, describe_changes, lookup
 from fastft.cache.store import Store
 from fastft.errors import CacheError
 
@@ -80,3 +80,22 @@ def explain(parts: dict, root: Path) -> str:
     if best is None or len(best) == len(PARTS):
         return "new: no cache with this key"
     return f"rebuilt: {describe_changes(best)} changed"
+
+
+def similar(parts: dict, root: Path) -> bool:
+    """Whether a reusable cache of this process or in ``root`` (complete or interrupted) may
+    be the cache of the pending key ``parts``: all its parts but the data's are the same (see
+    :func:`~fastft.cache.fingerprint.lookup`)."""
+    want = lookup(parts)
+    for cache in [*_recent.values(), *_alive.values()]:
+        if "once" not in cache.parts and lookup(cache.parts) == want:
+            return True
+    if root.is_dir():
+        for folder in root.iterdir():
+            try:
+                found = disk.read_manifest(folder)["parts"]
+            except (OSError, CacheError, KeyError, TypeError):
+                continue
+            if "once" not in found and lookup(found) == want:
+                return True
+    return False

@@ -83,6 +83,8 @@ class DatasetSource(Source):
     """Samples ``indices`` of a map-style dataset (all of it by default), collated by fastft
     (units: items) or by a DataLoader's own ``collate_fn`` in its batches (units: batches)."""
 
+    single_pass = True  # any unit can be read on its own: a few are probed, the rest recorded
+
     def __init__(
         self,
         dataset: Any,
@@ -111,10 +113,17 @@ class DatasetSource(Source):
         return position if self.indices is None else self.indices[position]
 
     def _loader(
-        self, batches: Iterable[list[int]], collate: _Collate, num_workers: int
+        self,
+        batches: Iterable[list[int]],
+        collate: _Collate,
+        num_workers: int,
+        in_process: bool = False,
     ) -> DataLoader:
         options = dict(self.loader_options)
         options.setdefault("num_workers", num_workers)
+        if in_process:  # a few units: starting workers would cost more than reading them
+            options.update(num_workers=0, persistent_workers=False)
+            options.pop("prefetch_factor", None)
         # Its own generator: a DataLoader otherwise draws its base seed from the global one,
         # and reading data must not change the random stream of the training that follows.
         return DataLoader(
@@ -143,13 +152,16 @@ class DatasetSource(Source):
             return f"sample {unit} of {self.description} (dataset[{self._index(unit)}])"
         return f"batch {unit} of {self.description}"
 
-    def read(self, chunks, num_workers=0):
+    def read(self, chunks, num_workers=0, in_process=False):
         plan = _Plan(chunks, self._index)
-        collate = _Collate(self.collate, self.per_item, digests=self._unit_digests is not None)
-        loader = iter(self._loader(plan, collate, num_workers))
+        hashed = self._unit_digests is not None or self._seen is not None
+        collate = _Collate(self.collate, self.per_item, digests=hashed)
+        loader = iter(self._loader(plan, collate, num_workers, in_process))
         while True:
             try:
-                batch, digests, _ = next(loader)
+                batch, digests, opaque = next(loader)
+                if self._seen is not None and opaque and len(self._recorded_opaque) < 4:
+                    self._recorded_opaque += [o for o in opaque if o not in self._recorded_opaque]
                 inputs, labels = fdata.as_pair(
                     batch, "the dataset" if self.per_item else "the DataLoader"
                 )
@@ -188,6 +200,44 @@ class DatasetSource(Source):
             f"{what}.{changed}"
         )
 
+    def _unit_count(self, batch_size: int) -> int:
+        return self.n if self.per_item else -(-self.n // self.chunk_size)
+
+    def probe_key(self, batch_size):
+        units = self._unit_count(batch_size)
+        self._start_recording(units)
+        if self.per_item:
+            probed = sorted({0, 1, self.n // 2, self.n - 1} & set(range(self.n)))
+            spans = [(0, p, 1) for p in probed]
+        else:
+            probed = sorted({0, units - 1})
+            spans = [
+                (0, u * self.chunk_size, min(self.chunk_size, self.n - u * self.chunk_size))
+                for u in probed
+            ]
+        collate = _Collate(self.collate, self.per_item, digests=True, labels_only=True)
+        batches = [[self._index(p) for p in range(st, st + c)] for _, st, c in spans]
+        try:
+            for (_, start, _), (_, digests, opaque) in zip(
+                spans, self._loader(batches, collate, 0, in_process=True)
+            ):
+                self._check_units(self._unit(start), digests, self._describe_unit)
+                self._recorded_opaque += [o for o in opaque if o not in self._recorded_opaque]
+        except Exception:  # the hashing pass reads them again and says what is wrong
+            self._recorded, self._seen = None, None
+            return None, []
+        h = ContentHasher()
+        h.update([self.n, self.indices is not None, self.per_item, probed], "layout")
+        h.update(self._recorded[probed], "units")
+        return f"n={self.n}:{h.hexdigest()}", list(self._recorded_opaque)
+
+    def _digest_of(self, units):
+        h = ContentHasher()
+        h.update(self.n, "n")
+        h.update(units, "units")
+        h.update(self.indices is not None, "subset")
+        return f"n={self.n}:{h.hexdigest()}"
+
     def content_key(self, batch_size, num_workers=0):
         spans = list(self.spans(batch_size))
         batches = [[self._index(p) for p in range(start, start + count)] for start, count in spans]
@@ -212,11 +262,6 @@ class DatasetSource(Source):
                 )
             labels.append(y)
             opaque += [o for o in unit_opaque if o not in opaque][: 4 - len(opaque)]
-        self._unit_digests = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(
-            -1, DIGEST_BYTES
-        )
-        h = ContentHasher()
-        h.update(self.n, "n")
-        h.update(self._unit_digests, "units")
-        h.update(self.indices is not None, "subset")
-        return ContentKey(f"n={self.n}:{h.hexdigest()}", torch.cat(labels), opaque)
+        units = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+        self._adopt(units)
+        return ContentKey(self._digest_of(units), torch.cat(labels), opaque)

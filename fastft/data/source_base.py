@@ -42,7 +42,7 @@ class ContentKey:
     and what it could not see (``opaque``: the samples cannot be hashed soundly)."""
 
     digest: str
-    labels: torch.Tensor
+    labels: torch.Tensor | None  # None from a recorded key (the build has them)
     opaque: list[str]
 
 
@@ -65,8 +65,16 @@ class Source:
     chunk_size: int | None = None
     description: str = "the data"
 
+    #: Whether the content key can be computed *while* building (:meth:`probe_key`, then
+    #: every read recorded): one read of the data on a cache miss instead of two.
+    single_pass: bool = False
+
     def __init__(self) -> None:
         self._unit_digests: np.ndarray | None = None  # set by content_key; checked on every read
+        # Recording (a single-pass build): each unit's digest as first read, and which are known.
+        self._recorded: np.ndarray | None = None
+        self._seen: np.ndarray | None = None
+        self._recorded_opaque: list[str] = []
 
     # ------------------------------------------------------------------ layout
     def spans(self, batch_size: int) -> Iterator[tuple[int, int]]:
@@ -109,6 +117,49 @@ class Source:
         so that later reads are checked against it."""
         raise NotImplementedError
 
+    def probe_key(self, batch_size: int) -> tuple[str | None, list[str]]:
+        """``(key, opaque)``: a cheap key of the data (its length and the digests of a few
+        units, which it reads) that finds the caches that may hold it; starts recording the
+        digest of every unit read from now on (see :meth:`recorded_key`). ``(None, [])`` when
+        those units cannot be read (:meth:`content_key` then says why). Only for
+        ``single_pass`` sources."""
+        raise NotImplementedError
+
+    def _unit_count(self, batch_size: int) -> int:
+        return self.n
+
+    def _start_recording(self, units: int) -> None:
+        self._recorded = np.zeros((units, DIGEST_BYTES), dtype=np.uint8)
+        self._seen = np.zeros(units, dtype=bool)
+        self._recorded_opaque = []
+
+    def recorded_key(self) -> ContentKey | None:
+        """The content key of the units recorded since :meth:`probe_key` (the same as
+        :meth:`content_key` gives), when every unit was read; None otherwise. Later reads are
+        checked against it."""
+        if self._seen is None or not self._seen.all():
+            return None
+        units, self._recorded, self._seen = self._recorded, None, None
+        self._unit_digests = units
+        return ContentKey(self._digest_of(units), None, list(self._recorded_opaque))
+
+    def _digest_of(self, units: np.ndarray) -> str:
+        """The content digest of a dataset whose units have digests ``units``."""
+        raise NotImplementedError
+
+    def _adopt(self, units: np.ndarray) -> None:
+        """Set the digests of a full hashing pass; the units recorded before it (the probe's)
+        must agree with it."""
+        if self._seen is not None:
+            for unit in np.flatnonzero(self._seen):
+                if units[unit].tobytes() != self._recorded[unit].tobytes():
+                    raise DataError(self._changed(self._describe_unit(int(unit))))
+        self._recorded, self._seen = None, None
+        self._unit_digests = units
+
+    def _describe_unit(self, unit: int) -> str:
+        return f"unit {unit} of {self.description}"
+
     def check_unchanged(self) -> None:
         """DataError when the data's length changed since this source was made (rows would
         belong to no fixed sample)."""
@@ -116,15 +167,28 @@ class Source:
     def _check_units(
         self, first_unit: int, digests: list[bytes], what: Callable[[int], str]
     ) -> None:
+        if self._seen is not None:  # recording: the first read of a unit is its digest
+            for i, d in enumerate(digests):
+                unit = first_unit + i
+                if not self._seen[unit]:
+                    self._recorded[unit] = np.frombuffer(d, dtype=np.uint8)
+                    self._seen[unit] = True
+                elif self._recorded[unit].tobytes() != d:
+                    raise DataError(self._changed(what(unit)))
+            return
         if self._unit_digests is None:
             return
         for i, d in enumerate(digests):
             if self._unit_digests[first_unit + i].tobytes() != d:
-                raise DataError(
-                    f"{what(first_unit + i)} is not what it was when fastft hashed it a moment "
-                    "ago: the data gives different values on each read (random augmentation "
-                    "inside the Dataset, a shuffling IterableDataset, or data changed by another "
-                    "thread). A cache holds fixed samples: move the random transform to "
-                    "transform= (with views=K for K augmented views per sample), or pass "
-                    "dataset_id= to cache one draw of it knowingly."
-                )
+                raise DataError(self._changed(what(first_unit + i)))
+
+    @staticmethod
+    def _changed(what: str) -> str:
+        return (
+            f"{what} is not what it was when fastft hashed it a moment "
+            "ago: the data gives different values on each read (random augmentation "
+            "inside the Dataset, a shuffling IterableDataset, or data changed by another "
+            "thread). A cache holds fixed samples: move the random transform to "
+            "transform= (with views=K for K augmented views per sample), or pass "
+            "dataset_id= to cache one draw of it knowingly."
+        )
