@@ -116,6 +116,11 @@ def _check_keys(given: Any, section: str, where: str) -> None:
 def check_config(config: dict) -> None:
     """ConfigError for a ``finetuner``, ``fit`` or ``early_stopping`` section with keys that
     are not arguments of FineTuner, fit or EarlyStopping (listing the valid keys)."""
+    for key in ("model_kwargs", "data_kwargs", "surgery"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise ConfigError(
+                f"{key!r} must be a mapping of keyword arguments, not {type(config[key]).__name__}."
+            )
     _check_keys(config.get("finetuner") or {}, "finetuner", "'finetuner'")
     fit = config.get("fit") or {}
     _check_keys(fit, "fit", "'fit'")
@@ -231,6 +236,11 @@ def run(config: dict) -> dict[str, Any]:
             raise ConfigError(
                 f"{config['data']!r} must return a dict with 'train' "
                 "(and optionally 'val', 'test')."
+            )
+        if set(splits) - {"train", "val", "test"}:
+            raise ConfigError(
+                f"{config['data']!r} returned splits {sorted(splits)}; a job uses 'train', "
+                "'val' and 'test' only: rename the others (e.g. 'validation' to 'val')."
             )
         for name, args in (config.get("surgery") or {}).items():
             if name not in ("remove_layers", "freeze", "unfreeze"):

@@ -196,6 +196,25 @@ def test_an_unknown_key_lists_the_valid_ones(tmp_path, section, words):
     assert not (tmp_path / "out").exists()
 
 
+def test_kwargs_that_are_not_mappings_and_unknown_splits_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="'model_kwargs' must be a mapping .*not list"):
+        jobs.run({**GOOD, "model_kwargs": [12], "output": str(tmp_path / "out")})
+    # A split named 'validation' would be ignored silently: refused before training.
+    (tmp_path / "renamed.py").write_text(
+        "from helpers.jobfactories import splits\n"
+        "def data():\n"
+        "    s = splits()\n"
+        "    return {'train': s['train'], 'validation': s['test']}\n"
+    )
+    config = {**GOOD, "data": "renamed:data", "output": str(tmp_path / "out")}
+    (tmp_path / "job.json").write_text(json.dumps(config))
+    sys.modules.pop("renamed", None)
+    with pytest.raises(ConfigError, match=r"\['train', 'validation'\].*'validation' to 'val'"):
+        jobs.run_file(tmp_path / "job.json")
+    sys.modules.pop("renamed", None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_early_stopping_is_configurable_in_a_job(tmp_path):
     # min_delta larger than any loss: epoch 1 is the best, epoch 2 the first without progress.
     fit = {"epochs": 6, "batch_size": 16, "lr": 0.01}
