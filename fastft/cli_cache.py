@@ -68,6 +68,8 @@ def _cache_ls(cache, args: argparse.Namespace) -> int:
     print("{:<18} {:<5} {:>10} {:<10} {:<14} {}".format(*head))
     for e in entries:
         status = e.get("status", "?")
+        if status == "building" and not e.get("being_built"):
+            status = "partial"  # an interrupted build: building it again resumes
         if status == "complete" and e.get("reusable") is False:
             status = "once"  # a key that could not see everything: never reused, safe to remove
         shapes = _shapes(e) if "taps" in e else e.get("error", "")
@@ -92,7 +94,14 @@ def _cache_info(cache, args: argparse.Namespace) -> int:
         ("path", info["path"]),
         ("model", about.get("model", "not recorded")),
         ("data", about.get("data", f"{info['num_rows']} samples")),
-        ("complete", "yes" if info["complete"] else f"no ({chunks}; building again resumes)"),
+        (
+            "complete",
+            "yes"
+            if info["complete"]
+            else f"no ({chunks}; being built now)"
+            if info.get("being_built")
+            else f"no ({chunks}; building it again resumes)",
+        ),
         ("reusable", "yes" if info["reusable"] else "no (built for one use only)"),
         ("dtype", info["dtype"]),
         ("pool", info["pool"]),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fastft.cache import FeatureCache, manage, registry
+from fastft.cache.telemetry import because
 from fastft.cli import main
 
 from helpers.caches import build_on_disk
@@ -43,6 +44,10 @@ def labelled_build(p, X_y, root, label):
     )
 
 
+def reason(cache) -> str:
+    return cache.telemetry["reason"]
+
+
 def decisions(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "fastft.cache"]
 
@@ -59,7 +64,9 @@ def test_one_line_per_build_says_hit_or_why_it_was_rebuilt(tmp_path, caplog):
     first = labelled_build(p, X_y, tmp_path, "train cache")
     (line,) = decisions(caplog)
     assert line.startswith("train cache: built in ") and f"disk at {first.path}" in line
-    assert "fp32" in line and "40x5" in line and "(new: no cache with this key)" in line
+    # Why it was built ("new: no cache with this key" in a fresh process; the nearest cache
+    # this process saw otherwise) ends the line.
+    assert "fp32" in line and "40x5" in line and line.endswith(f"({because(reason(first))})")
 
     caplog.clear()
     labelled_build(p, X_y, tmp_path, "train cache")
@@ -87,8 +94,9 @@ def test_fit_labels_its_train_and_val_caches(tmp_path, caplog):
     ft.fit((X, y), val=(X[:16], y[:16]), epochs=1, batch_size=8)
     lines = decisions(caplog)
     assert sum(line.startswith("train cache: built") for line in lines) == 1
-    assert sum(line.startswith("val cache: built") for line in lines) == 1
-    assert not any("rebuilt" in line for line in lines)  # nothing was replaced: both are new
+    (val,) = (line for line in lines if line.startswith("val cache: built"))
+    # Its nearest cache is the train cache, other data: not "rebuilt", nothing was replaced.
+    assert val.endswith("(no cache of these data yet: new data, or the data changed)")
 
 
 SCRIPT = textwrap.dedent(
@@ -252,6 +260,33 @@ def test_info_says_complete_dtype_shapes_and_what_it_caches(disk_cache, capsys):
         and fields["data"] == "the (X, y) tensors, 40 samples"
     )
     assert "KiB" in fields["size on disk"] and "ago" in fields["created"]
+
+
+class Interrupted(nn.Module):
+    """A prefix whose build is interrupted (Ctrl-C) in its third batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.calls = prefix(), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            raise KeyboardInterrupt
+        return self.inner(x)
+
+
+def test_an_interrupted_cache_reads_as_partial(tmp_path, capsys):
+    with pytest.raises(KeyboardInterrupt):
+        build_on_disk(Interrupted(), data(), tmp_path)
+    (folder,) = (p for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path)]) == 0
+    assert " partial " in capsys.readouterr().out
+    assert main(["cache", "info", folder.name, "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "complete: no (2 chunk(s) committed; building it again resumes)" in out
+    assert main(["cache", "verify", folder.name, "--cache-dir", str(tmp_path)]) == 0
+    assert "is intact but partial: 2 chunk(s) committed" in capsys.readouterr().out
 
 
 def test_verify_prints_a_verdict(disk_cache, capsys):

@@ -125,6 +125,7 @@ def info(fingerprint_or_path: str | Path, cache_dir: str | Path | None = None) -
                 "disk_bytes": _folder_bytes(folder),
                 "committed_chunks": len(committed.chunks),
                 "complete": manifest.get("status") == "complete",
+                "being_built": folders.is_being_built(folder.parent, folder.name),
                 "reusable": "once" not in manifest["parts"],
                 "last_used": folders.last_used(folder, manifest.get("created", 0.0)),
             }
