@@ -16,7 +16,7 @@ from fastft.cache.fingerprint import PARTS, changed_parts, describe_changes, loo
 from fastft.cache.store import Store
 from fastft.errors import CacheError
 
-__all__ = ["register", "registered", "forget", "clear", "explain"]
+__all__ = ["register", "registered", "in_use", "forget", "clear", "explain"]
 
 _SIZE = 4
 _recent: OrderedDict[str, Store] = OrderedDict()
@@ -45,6 +45,11 @@ def registered(fp: str) -> Store | None:
         forget(fp)
         return None
     return found
+
+
+def in_use() -> set[str]:
+    """Fingerprints of the caches this process holds (never evicted by a size cap)."""
+    return set(_recent) | set(_alive.keys())
 
 
 def forget(fp: str) -> None:
