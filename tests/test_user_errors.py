@@ -63,6 +63,7 @@ NEAR_MISSES = [
     ("a dict", {"x": X, "y": Y}, ["dict with keys 'x', 'y'", "(X, y) pair", "(input, label)"]),
     ("inputs as a tuple", ((X, X), Y), ["tuple of 2 input tensors", "dict keyed by forward"]),
     ("no labels", X, ["no labels", "pass (X, y)"]),
+    ("a dict of splits", {"train": (X, Y), "test": (X, Y)}, ["dict of splits", "data['train']"]),
 ]
 
 

@@ -106,6 +106,11 @@ def check_data_form(data: Any) -> None:
             )
     if isinstance(data, Mapping) and 0 not in data:
         keys = ", ".join(repr(k) for k in list(data)[:6])
+        if "train" in data:
+            raise DataError(
+                f"got a dict of splits (keys {keys}); pass one split: fit(data['train'], "
+                "val=data['validation']), evaluate(data['test'])."
+            )
         raise DataError(
             f"got a dict with keys {keys}; fastft takes training data as an (X, y) pair, e.g. "
             "(d['x'], d['y']), or a Dataset whose items are (input, label). A dict of tensors "
