@@ -218,7 +218,8 @@ def add_cache_parser(sub) -> None:
         "prune",
         help="remove superseded caches (and, on request, old or least recently used ones)",
         description="Remove the caches a newer cache of the same model and data supersedes "
-        "(one that differs only in the frozen weights or the cache format) and those built "
+        "(one whose key differs only in the frozen weights: the model was trained further, or "
+        "another checkpoint loaded) and those built "
         "for one use only; with --older-than and --max-size, also old or least recently used "
         "ones. Removal follows `cache rm`'s rules: only fastft's own folders, never through "
         "a link, never a cache being built.",
