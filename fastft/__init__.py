@@ -13,6 +13,7 @@ from fastft.errors import *  # noqa: F401,F403
 from fastft.errors import __all__ as _error_names
 from fastft.model import surgery
 from fastft.model.freezing import freeze, unfreeze  # also fastft.surgery.freeze, .unfreeze
+from fastft.probing import ProbeReport, TapStack, probe
 from fastft.split import FrozenPrefix, TrainableTail, split
 from fastft.train import CheckpointError, EarlyStopping, FineTuner, FitConfig, History, SweepResult
 
@@ -38,5 +39,8 @@ __all__ = [
     "CheckpointError",
     "History",
     "SweepResult",
+    "probe",
+    "ProbeReport",
+    "TapStack",
     *_error_names,
 ]
