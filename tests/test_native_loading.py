@@ -90,13 +90,20 @@ def test_missing_native_module_warns_once_and_falls_back():
 SAME_CALLS = """
     import sys, torch, fastft
     from fastft.ops import cpu
-    if sys.argv[2] == "wrong":  # a kernel that is off by 1e-2, still reported as "cpu"
-        torch.library.register_kernel(
-            "fastft::cache_write", "cpu",
-            lambda src, *args: cpu.cache_write(src + 1e-2, *args),
-        )
     g = torch.Generator().manual_seed(3)
     src = torch.randn(6, 2048, 7, 7, generator=g).flatten(2).transpose(1, 2)
+    if sys.argv[2] == "wrong":  # a kernel that is off by 1e-2, still reported as "cpu"
+        # fastft._C's entry point is wrapped (torch 2.11 refuses a second Python kernel for
+        # the same op and device): it reads src + 1e-2, laid out as src, instead of src.
+        shifted, native = src + 1e-2, cpu._C
+        assert shifted.stride() == src.stride()
+        class Off:
+            def __getattr__(self, name):
+                return getattr(native, name)
+            def cache_write_cpu(self, **kw):
+                assert kw["src_ptr"] == src.data_ptr()
+                return native.cache_write_cpu(**{**kw, "src_ptr": shifted.data_ptr()})
+        cpu._C = Off()
     fastft.ops.backend_calls(reset=True)
     res = {}
     for storage in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
