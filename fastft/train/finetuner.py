@@ -267,8 +267,9 @@ class FineTuner(TunerAttributes):
                 of other settings, data or backbone is refused; none yet: a warning, and a
                 fresh start. Default False.
             dataset_id: a name for ``train``'s content: the cache key uses it instead of
-                reading every sample to hash it. Pass it for a slow Dataset, and change it when
-                the data change (default None).
+                reading every sample to hash it (without it each fit reads every item of a
+                Dataset once, on a hit too). Pass it when loading items is slow and you know
+                the data are unchanged; change it whenever they change (default None).
 
         Returns:
             The :class:`History` of this call: one dict per epoch with ``epoch``, ``loss``,
