@@ -169,7 +169,15 @@ def heatmap(report: ProbeReport, path: Path) -> None:
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if v == v:
-                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="w")
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="k" if v > 60 else "w",
+                    )
         ax.set_title(f"{b}: test accuracy (%)")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
