@@ -229,8 +229,11 @@ class FineTuner(TunerAttributes):
         """Train the new layers on the cached frozen features.
 
         The settings ``epochs`` … ``cuda_graph`` are :class:`FitConfig`'s, as keywords or as
-        ``config=``. A second ``fit`` goes on from the trained weights (with a fresh optimizer)
-        and numbers its epochs after the first's; ``ft.history`` holds every fit's epochs.
+        ``config=``. Calling ``fit`` again continues training: it goes on from the trained
+        weights (with a fresh optimizer and a fresh early-stopping count) and numbers its
+        epochs after the last fit's; ``ft.history`` holds every fit's epochs, the returned
+        History this call's. To start over, build a new FineTuner on a fresh copy of the
+        pretrained model.
 
         Args:
             train: ``(X, y)`` tensors, a map-style Dataset of ``(input, label)`` or a DataLoader
