@@ -180,6 +180,8 @@ def test_native_failure_is_none_with_the_module_loaded(no_opt_out):
     [
         (False, False, True, None, True, "skip"),  # no GPU: nothing to run the kernels on
         (True, True, True, None, True, "run"),
+        (True, True, True, "runtime", True, "fail"),  # a driver older than fastft's runtime
+        (True, True, True, "runtime", False, "fail"),
         (False, True, False, None, False, "run"),  # the build alone: no GPU needed
         (True, False, True, None, True, "fail"),  # GPU and nvcc, but no CUDA kernels built
         (True, False, True, None, False, "fail"),
@@ -193,14 +195,20 @@ def test_cuda_verdict(no_opt_out, monkeypatch, gpu, built, nvcc, opt_out, device
     monkeypatch.setattr(native, "gpu_available", lambda: gpu)
     monkeypatch.setattr(native, "built_with_cuda", lambda: built)
     monkeypatch.setattr(native, "find_nvcc", lambda: "/opt/cuda/bin/nvcc" if nvcc else None)
-    if opt_out:
+    runtime = "cudaErrorInsufficientDriver: CUDA driver version is insufficient"
+    monkeypatch.setattr(
+        native, "cuda_runtime_error", lambda: runtime if opt_out == "runtime" else None
+    )
+    if opt_out and opt_out != "runtime":
         monkeypatch.setenv(opt_out, "1")
     got, why = native.cuda_verdict(device=device)
     assert got == verdict, why
-    if verdict == "fail":
+    if opt_out == "runtime":
+        assert runtime in why and "only test the pure-PyTorch reference" in why
+    elif verdict == "fail":
         assert "built without its CUDA kernels" in why and "/opt/cuda/bin/nvcc" in why
         assert "FASTFT_ALLOW_NO_NATIVE=1" in why and "pip install -e ." in why
-    if verdict == "skip" and opt_out:
+    if verdict == "skip" and opt_out and opt_out != "runtime":
         assert f"{opt_out}=1" in why
 
 

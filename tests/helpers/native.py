@@ -99,6 +99,13 @@ def built_with_cuda() -> bool:
     return cuda.BUILT_WITH_CUDA
 
 
+def cuda_runtime_error() -> str | None:
+    """Why the CUDA runtime inside fastft._C cannot run here (None when it can)."""
+    from fastft._native import cuda_runtime_error as error
+
+    return error()
+
+
 def gpu_available() -> bool:
     import torch
 
@@ -116,6 +123,12 @@ def cuda_verdict(device: bool = True) -> tuple[str, str]:
     if device and not gpu:
         return "skip", "needs a CUDA device"
     if built_with_cuda():
+        error = cuda_runtime_error() if gpu else None
+        if error:  # the kernels would fall back to the reference: tests of them must not pass
+            return "fail", (
+                f"fastft._C's CUDA kernels cannot run on this GPU: {error} The CUDA tests "
+                "would only test the pure-PyTorch reference."
+            )
         return "run", ""
     why = "fastft._C was built without its CUDA kernels"
     nvcc = find_nvcc()
