@@ -316,3 +316,15 @@ def test_a_cache_built_in_this_process_for_the_cpu_is_copied_for_cuda(tier, tmp_
         device="cuda",
     )
     assert again.storages[0].data.data_ptr() == data.data_ptr()  # now found as it is
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_reference_quantizes_alike_on_cuda_and_on_the_cpu():
+    """The fallback on CUDA tensors gives the CPU reference's int8 scales bit for bit (a
+    division by the number 127 would be a multiplication by 1/127 there)."""
+    from fastft.ops import reference
+
+    x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+    q, scales = reference.quantize_int8(x)
+    q_cuda, scales_cuda = reference.quantize_int8(x.cuda())
+    assert torch.equal(scales_cuda.cpu(), scales) and torch.equal(q_cuda.cpu(), q)

@@ -78,7 +78,11 @@ def pool_rows(
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 quantization of float32 ``x[B, D]`` → (q int8, scale float32)."""
-    scale = x.abs().amax(dim=1) / 127.0  # NaN when the row holds a NaN, Inf for an Inf
+    amax = x.abs().amax(dim=1)  # NaN when the row holds a NaN, Inf for an Inf
+    # Divided by a tensor, not the number 127: on CUDA torch turns division by a Python
+    # scalar into a multiplication by its reciprocal, a last-bit difference from the CPU
+    # (and from the kernels, which divide exactly).
+    scale = amax / torch.full_like(amax, 127.0)
     ok = (scale > 0) & torch.isfinite(scale)  # else the row stores 0s (all-zero, NaN or Inf)
     safe = torch.where(ok, scale, torch.ones_like(scale))
     q = torch.round(x / safe.unsqueeze(1)).clamp_(-127, 127)
