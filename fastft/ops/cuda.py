@@ -20,7 +20,8 @@ synchronisation. By default it happens at once, and a bad call raises the same
 :class:`fastft.FastFTIndexError` as on the CPU. ``set_sync_checks(False)`` (or
 ``FASTFT_CUDA_SYNC_CHECKS=0``) defers it: the verdict is copied to pinned memory behind the
 kernel, and the error is raised by a later fastft CUDA call once the copy has landed, or by
-:func:`raise_pending_errors`. While a CUDA graph is being captured the verdict is not read.
+:func:`raise_pending_errors`, in the thread that made the call. While a CUDA graph is being
+captured (on the op's device) the verdict is not read.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def set_sync_checks(enabled: bool) -> bool:
     """Choose whether CUDA row checks raise at once (True, default) or later; returns the old value.
 
     Deferred checks remove the one host synchronisation per call; a bad row still never
-    reads or writes out of bounds, and the error surfaces at a later call.
+    reads or writes out of bounds, and the error surfaces at a later fastft CUDA call of the
+    same thread (or its :func:`raise_pending_errors`): each thread reads only its own
+    verdicts, so a thread that defers checks should call it before it ends.
     """
     global _sync_checks
     old, _sync_checks = _sync_checks, bool(enabled)
