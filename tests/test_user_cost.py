@@ -99,8 +99,9 @@ def test_a_miss_reads_each_item_once_and_a_hit_at_most_once(tmp_path, tier):
 
 
 def test_the_key_hashed_while_building_is_the_key_of_a_hashing_pass(tmp_path):
-    """A disk build hashes first, then builds; the same data in memory are hashed while they
-    are built: both keys must be the same, or no build of one would ever be found by the other."""
+    """The disk build finds the memory cache of the same key in this process, so it hashes
+    first, then builds; the memory build hashed while it built: both keys must be the same, or
+    no build of one would ever be found by the other."""
     prefix, data = CountingPrefix(), Counting()
     in_memory = build(prefix, data, tmp_path, "host")
     on_disk = build(prefix, data, tmp_path, "disk")
@@ -183,3 +184,70 @@ def test_fit_on_a_dataset_reads_each_item_once_on_a_miss_and_at_most_once_on_a_h
     assert N <= miss_reads <= N + FIT_SLACK and N <= hit_reads <= N + FIT_SLACK
     assert id_reads <= FIT_SLACK - SLACK  # the model's input shape only: nothing is hashed
     registry.clear()
+
+
+def test_an_auto_build_that_needs_the_disk_reads_once_and_is_found_again(tmp_path):
+    """'auto' learns that the cache does not fit in memory only after its first chunk: the
+    disk build goes on hashing, and its folder is renamed to its key at the end."""
+    prefix, data = CountingPrefix(), Counting()
+    first = build(prefix, data, tmp_path, "auto", max_memory=1)
+    assert first.tier == "disk" and first.telemetry["hit"] is False
+    assert N <= data.reads() <= N + SLACK
+    assert first.path.name == first.fingerprint
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [first.fingerprint]
+    torch.testing.assert_close(rows(first), expected(prefix, data))
+    registry.clear()  # as in a new process
+    again = build(prefix, data, tmp_path, "auto", max_memory=1)
+    assert again.telemetry["hit"] is True and again.fingerprint == first.fingerprint
+    assert N <= data.reads() <= N + SLACK
+    assert build(prefix, data, tmp_path, "host").fingerprint == first.fingerprint
+
+
+class Failing(CountingPrefix):
+    """Raises (as a Ctrl-C would) on its ``fail_at``-th call."""
+
+    fastft_key_ignore = ("calls", "fail_at")
+
+    def __init__(self, fail_at=None):
+        torch.manual_seed(0)
+        super().__init__()
+        self.fail_at = fail_at
+
+    def forward(self, x):
+        if self.calls + 1 == self.fail_at:
+            raise KeyboardInterrupt("injected")
+        return super().forward(x)
+
+
+def test_a_disk_miss_reads_each_item_once(tmp_path):
+    prefix, data = CountingPrefix(), Counting()
+    first = build(prefix, data, tmp_path, "disk")
+    assert first.telemetry["hit"] is False and N <= data.reads() <= N + SLACK
+    assert first.path.name == first.fingerprint and not (first.path / "units.bin").exists()
+    torch.testing.assert_close(rows(first), expected(prefix, data))
+    registry.clear()  # as in a new process: found on disk by its key
+    again = build(prefix, data, tmp_path, "disk")
+    assert again.telemetry["hit"] is True and again.fingerprint == first.fingerprint
+    assert N <= data.reads() <= N + SLACK
+
+
+# Unchanged; an item of committed chunk 0; a probed item (another pending key: built anew); an
+# item not built yet.
+@pytest.mark.parametrize("change, kept", [(None, 24), (3, 16), (1, 0), (30, 24)])
+def test_an_interrupted_disk_build_resumes_only_what_still_hashes_the_same(tmp_path, change, kept):
+    data = Counting(seed=2000 + (change or 0))
+    with pytest.raises(KeyboardInterrupt):
+        build(Failing(fail_at=4), data, tmp_path, "disk")  # chunks 0..2 (24 rows) committed
+    if change is not None:
+        data.X[change] += 1.0
+    data.reads()
+    prefix = Failing()
+    cache = build(prefix, data, tmp_path, "disk")
+    if kept:
+        assert cache.telemetry["reason"] == f"resumed: {kept} of {N} rows were already committed"
+    assert prefix.calls == (N - kept) // 8
+    torch.testing.assert_close(rows(cache), expected(prefix, data))
+    assert torch.equal(cache.labels, data.y) and cache.path.name == cache.fingerprint
+    assert data.reads() <= 2 * N + SLACK  # resuming hashes every item, then builds the rest
+    registry.clear()
+    assert build(Failing(), data, tmp_path, "disk").telemetry["hit"] is True

@@ -33,13 +33,12 @@ from fastft.cache.disk_build import build_on_disk, complete_cache
 from fastft.cache.fingerprint import (
     CacheKey,
     complete_key,
-    finish_key,
     make_key,
     warn_if_self_changing,
     warn_if_transform_changed,
     warn_not_reusable,
 )
-from fastft.cache.job import Job, run_chunks
+from fastft.cache.job import Job, Pending, run_chunks
 from fastft.cache.layout import (
     DTYPES,
     TIERS,
@@ -160,11 +159,11 @@ def build(
         device=s.device,
         defer_data=True,
     )
-    if key.pending and key.reusable and (
-        s.tier == "disk" or fdist.is_distributed() or registry.similar(key.parts, s.root)
-    ):
-        # A cache may hold these data (or a disk build is named by its key): one hashing pass
-        # decides. Else the data are hashed while the cache is built (one read of each sample).
+    sharded = s.tier == "disk" and fdist.is_distributed()
+    if key.pending and key.reusable and (sharded or registry.similar(key.parts, s.root)):
+        # A cache may hold these data (or the ranks of a sharded build must agree on the key):
+        # one hashing pass decides. Else the data are hashed while the cache is built (one
+        # read of each sample).
         key = complete_key(key, source, s.batch_size, s.num_workers)
     source.check_unchanged()  # before anything is made: a dataset whose len() drifts is refused
     warned = not key.reusable
@@ -181,14 +180,8 @@ def build(
     job = Job(
         Writer(prefix, s, source.n, Timer()), source, key.fingerprint, key.parts, reason, t_start
     )
-    if key.pending:  # an 'auto' build that turns out to need the disk is named by its key
-
-        def hash_first() -> None:
-            nonlocal key
-            key = complete_key(key, source, s.batch_size, s.num_workers)
-            job.fp, job.parts = key.fingerprint, key.parts
-
-        job.before_disk = hash_first
+    if key.pending:
+        job.pending = Pending(key, source)
     prefix_mode = prefix.training
     _train(
         prefix, False
@@ -197,8 +190,8 @@ def build(
         cache = build_sharded(job) if s.tier == "disk" and fdist.is_distributed() else _run(job)
     finally:
         _train(prefix, prefix_mode)
-    if key.pending:  # built in memory while every sample was hashed: its key is known now
-        key = finish_key(key, source)
+    if key.pending:  # built while every sample was hashed: its key is known now
+        key = job.pending.finish()
         cache.fingerprint, cache.parts = key.fingerprint, key.parts
         if not key.reusable and not warned:  # what the data hide is known only now
             warn_not_reusable(key)
@@ -268,8 +261,6 @@ def _run(job: Job) -> Store:
         )
     if tier != "disk":
         return _build_in_memory(job, tier, probe, layout)
-    if job.before_disk is not None:
-        job.before_disk()
     with folders.build_lock(
         s.root,
         job.fp,
@@ -277,7 +268,8 @@ def _run(job: Job) -> Store:
             "fastft: another process is building cache %s; waiting for it to finish.", job.fp[:12]
         ),
     ):
-        cache = complete_cache(job.folder)
+        # A pending key's folder is never a hit: only its key's folder is (see Pending).
+        cache = complete_cache(job.folder) if job.pending is None else None
         if cache is not None:
             timer = writer.timer
             return cache.with_telemetry(
@@ -285,7 +277,8 @@ def _run(job: Job) -> Store:
                     job.t_start, "hit: built by another process", timer.prefix, timer.prefix_calls
                 )
             )
-        return build_on_disk(job, probe)
+        cache = build_on_disk(job, probe)
+        return cache if job.pending is None else job.pending.publish(job, cache)
 
 
 def _build_in_memory(job: Job, tier: str, probe: Probe, layout: tuple[list, dict]) -> Store:

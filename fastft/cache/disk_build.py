@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,6 +43,9 @@ def build_on_disk(job: Job, probe: Probe | None) -> Store:
         folder, n, s.views
     )  # with the rank journals of a sharded build, if any
     reused = drop_bad_chunks(committed, tensors, layout, n)
+    if resumed and job.pending is not None:  # keep only chunks of samples that hash the same
+        job.pending.on_resume(folder, committed, s)
+        reused = committed.rows
     if journal.shard_journals(folder):  # one journal again, even when nothing is left to compute
         with folders.write_errors(
             folder, "merging the journals of its ranks", committed_rows=reused
@@ -50,6 +54,8 @@ def build_on_disk(job: Job, probe: Probe | None) -> Store:
     if reused:
         job.reason = f"resumed: {reused} of {n * s.views} rows were already committed"
     committer = Committer(folder, layout, tensors, committed, n)
+    if job.pending is not None:
+        committer.before_save = job.pending.on_commit
     try:
         run_chunks(writer, job.source, probe, committed.is_committed, committer.done, reused)
     except LayoutMismatch as exc:  # raised before any byte of this run was written
@@ -197,6 +203,8 @@ class Committer:
         )
         self.pending: list[Chunk] = []
         self.last = time.monotonic()
+        #: Called with the folder after the data files' fsync, before the journal is saved.
+        self.before_save: Callable[[Path], None] | None = None
 
     def done(self, chunk: Chunk) -> None:
         self.pending.append(chunk)
@@ -211,6 +219,8 @@ class Committer:
             self.folder, "committing written rows", committed_rows=committed.rows
         ):
             journal.fsync_files(self.folder, self.layout)
+            if self.before_save is not None:
+                self.before_save(self.folder)
             saved = dict(committed.chunks)
             for c in self.pending:
                 committed.add(

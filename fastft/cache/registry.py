@@ -12,7 +12,7 @@ from collections import OrderedDict, deque
 from pathlib import Path
 
 from fastft.cache import disk
-from fastft.cache.fingerprint import PARTS, changed_parts, describe_changes, lookup
+from fastft.cache.fingerprint import PARTS, PENDING, changed_parts, describe_changes, lookup
 from fastft.cache.store import Store
 from fastft.errors import CacheError
 
@@ -101,6 +101,7 @@ def similar(parts: dict, root: Path) -> bool:
                 found = disk.read_manifest(folder)["parts"]
             except (OSError, CacheError, KeyError, TypeError):
                 continue
-            if "once" not in found and lookup(found) == want:
+            pending = found.get("dataset") == PENDING  # resumed as such, never reused
+            if "once" not in found and not pending and lookup(found) == want:
                 return True
     return False

@@ -203,6 +203,11 @@ class DatasetSource(Source):
     def _unit_count(self, batch_size: int) -> int:
         return self.n if self.per_item else -(-self.n // self.chunk_size)
 
+    def units_of(self, start: int, count: int) -> range:
+        if self.per_item:
+            return range(start, start + count)
+        return range(start // self.chunk_size, (start + count - 1) // self.chunk_size + 1)
+
     def probe_key(self, batch_size):
         units = self._unit_count(batch_size)
         self._start_recording(units)
@@ -264,4 +269,5 @@ class DatasetSource(Source):
             opaque += [o for o in unit_opaque if o not in opaque][: 4 - len(opaque)]
         units = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
         self._adopt(units)
+        self._recorded_opaque = list(opaque)
         return ContentKey(self._digest_of(units), torch.cat(labels), opaque)

@@ -137,11 +137,28 @@ class Source:
         """The content key of the units recorded since :meth:`probe_key` (the same as
         :meth:`content_key` gives), when every unit was read; None otherwise. Later reads are
         checked against it."""
-        if self._seen is None or not self._seen.all():
+        if self._seen is None:  # a hashing pass replaced the recording (a resumed build)
+            units = self._unit_digests
+            if units is None:
+                return None
+        elif not self._seen.all():
             return None
-        units, self._recorded, self._seen = self._recorded, None, None
-        self._unit_digests = units
+        else:
+            units, self._recorded, self._seen = self._recorded, None, None
+            self._unit_digests = units
         return ContentKey(self._digest_of(units), None, list(self._recorded_opaque))
+
+    def digest_state(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(digests, known)`` of every unit: recorded so far, or all of a hashing pass."""
+        if self._seen is not None:
+            return self._recorded, self._seen
+        if self._unit_digests is not None:
+            return self._unit_digests, np.ones(len(self._unit_digests), dtype=bool)
+        return None
+
+    def units_of(self, start: int, count: int) -> range:
+        """The units that hold samples ``start..start+count-1``."""
+        return range(start, start + count)
 
     def _digest_of(self, units: np.ndarray) -> str:
         """The content digest of a dataset whose units have digests ``units``."""
