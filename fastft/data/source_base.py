@@ -5,7 +5,9 @@ order, read in :class:`Chunk` objects, and the hash of its content.
 batch of a DataLoader, after its collate function) by content; the builder compares every
 unit it reads again with that hash, so a dataset whose items change between two reads
 (random augmentation inside ``__getitem__``) is caught instead of cached under a key that
-describes other values. The sources of each form of data are in :mod:`~fastft.data.sources`.
+describes other values. A ``single_pass`` source can instead record each unit's digest as the
+build first reads it (:meth:`Source.probe_key`, :meth:`Source.recorded_key`): a cache miss
+then reads the data once. The sources of each form of data are in :mod:`~fastft.data.sources`.
 """
 
 from __future__ import annotations
