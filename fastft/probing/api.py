@@ -236,6 +236,7 @@ def _pass(
     return cache, {
         "seconds": time.perf_counter() - t0,
         "hit": bool(cache.telemetry.get("hit", False)),
+        "prefix_seconds": float(cache.telemetry.get("prefix_seconds", 0.0)),  # in the backbone
         "reason": str(cache.telemetry.get("reason", "")),
         "fingerprint": cache.fingerprint,
         "tier": cache.tier,
