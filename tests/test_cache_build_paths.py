@@ -49,7 +49,7 @@ def build(tmp_path, data=(X, Y), model=None, **kw):
         ({"pool": "median"}, "unknown pool 'median'"),
         ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
         ({"tier": "gpu"}, "unknown cache tier 'gpu'"),
-        ({"amp": "fp16"}, "amp must be None or 'bf16'"),
+        ({"amp": "fp16"}, "amp must be None or 'fp32'"),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else "",
 )

@@ -45,7 +45,7 @@ def build(model, data=(X, Y), **kw):
 @pytest.mark.parametrize(
     "first, later, message",
     [
-        (lambda h: (h, h), lambda h: (h,), "returned 1 taps for samples 4.. but 2 before"),
+        (lambda h: (h, h), lambda h: (h,), "returned 1 taps for samples 4..7 but 2 before"),
         (lambda h: h, lambda h: h[:, :2], r"tap 'tap0' has shape \(4, 2\) for samples 4"),
         (lambda h: h[0, 0], lambda h: h, r"shape \(\); a frozen activation needs \[B, \.\.\.\]"),
     ],
@@ -79,8 +79,8 @@ def label_shape_changes(i):
 @pytest.mark.parametrize(
     "label, dataset_id, message",
     [
-        (label_dtype_changes, None, "labels of samples 4.. have torch.float"),
-        (label_shape_changes, "named", r"labels of samples 4\.\. have torch.int64 \(3,\)"),
+        (label_dtype_changes, None, "labels of samples 4..7 have torch.float"),
+        (label_shape_changes, "named", r"labels of samples 4\.\.7 have torch.int64 \(3,\)"),
     ],
     ids=["dtype", "shape"],
 )

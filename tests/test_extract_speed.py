@@ -168,3 +168,143 @@ def test_a_masked_bert_gives_the_same_pooled_rows_on_trimmed_batches():
     a = lengths.per_sample(blind_full, "masked_mean", inputs["attention_mask"])
     b = lengths.per_sample(blind_short, "masked_mean", cut["attention_mask"])
     assert not lengths.same_outputs([a], [b], bf16=False)
+
+
+# ---------------------------------------------------------------------------- in a build
+class MaskedEncoder(torch.nn.Module):
+    """A tiny BERT as a prefix taking the tokenizer's dict; ``honour_mask=False`` attends to
+    the padding (its rows then depend on how much padding there is)."""
+
+    fastft_key_ignore = ("seen_lengths",)  # a record for the test, not what it computes
+
+    def __init__(self, honour_mask=True, per_token=True):
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+        torch.manual_seed(0)
+        self.bert = transformers.BertModel(config).eval()
+        self.honour_mask, self.per_token = honour_mask, per_token
+        self.seen_lengths = []
+
+    def forward(self, x):
+        self.seen_lengths.append(int(x["input_ids"].shape[1]))
+        mask = x["attention_mask"] if self.honour_mask else None
+        out = self.bert(input_ids=x["input_ids"], attention_mask=mask).last_hidden_state
+        return out if self.per_token else out[:, 0]
+
+
+def token_data(n=40, length=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(2, length + 1, (n,), generator=g)
+    lens[5] = length  # one full-length sample
+    mask = (torch.arange(length) < lens[:, None]).long()
+    ids = torch.randint(1, 100, (n, length), generator=g) * mask
+    return {"input_ids": ids, "attention_mask": mask}, torch.randint(0, 3, (n,), generator=g)
+
+
+def dataset_order_rows(prefix, X, pool):
+    with torch.no_grad():
+        out = prefix(X)
+    prefix.seen_lengths.clear()
+    return lengths.per_sample(out, pool, X["attention_mask"])
+
+
+def build(prefix, data, tmp_path, **kw):
+    from fastft.cache import FeatureCache
+
+    kw.setdefault("tier", "host")
+    return FeatureCache.build(
+        prefix, data, dtype="fp32", batch_size=8, cache_dir=tmp_path, progress=False, **kw
+    )
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+@pytest.mark.parametrize("pool", ["masked_mean", "first"])
+def test_length_sorted_build_holds_the_dataset_order_rows(tier, pool, tmp_path):
+    prefix = MaskedEncoder()
+    X, y = token_data()
+    expected = dataset_order_rows(prefix, X, pool)
+    cache = build(prefix, (X, y), tmp_path, pool=pool, tier=tier)
+    (rows,) = cache.gather(torch.arange(len(y)))
+    torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(cache.labels, y)
+    # Longest first, every batch cut to its longest sample: lengths fall, and most batches
+    # ran shorter than the padded 24 (the first cut batch is also run uncut, once, to check).
+    seen = prefix.seen_lengths
+    assert seen[0] == 24 and min(seen) < 12
+    lens = X["attention_mask"].sum(1)
+    order = torch.sort(lens, descending=True, stable=True).indices
+    cut_runs = [L for L in seen if L < 24]
+    assert cut_runs == sorted(cut_runs, reverse=True)
+    assert len(seen) <= len(range(0, 40, 8)) + 1
+    assert int(lens[order[:8]].max()) == 24
+    assert "length-sorted" in cache.parts["numerics"]
+
+
+def test_a_prefix_that_sees_the_padding_is_not_cut(tmp_path, caplog):
+    prefix = MaskedEncoder(honour_mask=False)
+    X, y = token_data()
+    expected = dataset_order_rows(prefix, X, "masked_mean")
+    with caplog.at_level("INFO", logger="fastft.cache"):
+        cache = build(prefix, (X, y), tmp_path, pool="masked_mean")
+    (rows,) = cache.gather(torch.arange(len(y)))
+    torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-5)
+    assert "length-aware batching off" in caplog.text
+    assert prefix.seen_lengths.count(24) == len(prefix.seen_lengths) - 1  # the one check ran cut
+
+
+def test_per_token_taps_kept_whole_are_never_cut(tmp_path):
+    prefix = MaskedEncoder()
+    X, y = token_data(n=16)
+    with torch.no_grad():
+        expected = prefix(X).flatten(1)
+    prefix.seen_lengths.clear()
+    cache = build(prefix, (X, y), tmp_path, pool="none")
+    (rows,) = cache.gather(torch.arange(len(y)))
+    torch.testing.assert_close(rows.flatten(1), expected, rtol=1e-4, atol=1e-5)
+    assert rows.shape[1] == 24 * 32 and cache.taps[0].shape == (24, 32)
+
+
+def test_unpadded_or_transformed_data_keep_the_dataset_order(tmp_path):
+    prefix = MaskedEncoder(per_token=False)
+    X, y = token_data(n=16)
+    full = {k: torch.ones_like(v) if k == "attention_mask" else v for k, v in X.items()}
+    cache = build(prefix, (full, y), tmp_path, pool="first")
+    assert "length-sorted" not in cache.parts["numerics"]
+    assert prefix.seen_lengths == [24, 24]
+    assert lengths.visit_order(object(), "attention_mask", 1, None) is None
+
+
+def test_length_sorted_build_resumes_in_the_same_order(tmp_path, monkeypatch):
+    """An interrupted disk build resumes the chunks it had not written, in the same visit
+    order, and ends holding the dataset-order rows."""
+    from fastft.cache import writer as writer_module
+
+    prefix = MaskedEncoder()
+    X, y = token_data()
+    expected = dataset_order_rows(prefix, X, "masked_mean")
+    real_write, calls = writer_module.Writer.write, []
+
+    def dying_write(self, chunk, *args):
+        calls.append(chunk.start)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_write(self, chunk, *args)
+
+    monkeypatch.setattr(writer_module.Writer, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        build(prefix, (X, y), tmp_path, pool="masked_mean", tier="disk")
+    monkeypatch.setattr(writer_module.Writer, "write", real_write)
+    prefix.seen_lengths.clear()
+    cache = build(prefix, (X, y), tmp_path, pool="masked_mean", tier="disk")
+    assert cache.telemetry["hit"] is False
+    (rows,) = cache.gather(torch.arange(len(y)))
+    torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-5)
+    assert len(prefix.seen_lengths) < 6  # the committed chunks were not run again

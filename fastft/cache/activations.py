@@ -63,35 +63,42 @@ def taps_of(out: Any, prefix: nn.Module) -> tuple[list[str], list[torch.Tensor]]
 
 
 def check_finite(
-    store: TapStorage, rows: slice, name: str, start: int, view: int, views: int
+    store: TapStorage,
+    rows: slice | torch.Tensor,
+    name: str,
+    samples: int | torch.Tensor,
+    view: int,
+    views: int,
 ) -> None:
     """Raise DataError when a just-written row is NaN or Inf.
 
     The check reads the stored rows (D values per sample, not L x D), so it costs little and
     covers exactly what training will read: NaN/Inf from the prefix (pooling propagates them)
     and values that overflow the storage dtype (fp16 beyond 65504). An int8 row's scale is
-    non-finite exactly when its row was.
+    non-finite exactly when its row was. ``samples``: the first sample's position, or every
+    sample's (rows visited out of order), for the message.
     """
     written = store.scales[rows] if store.data.dtype == torch.int8 else store.data[rows]
     finite = torch.isfinite(written.reshape(written.shape[0], -1)).all(dim=1)
     if not bool(finite.all()):
         bad = int((~finite).nonzero()[0, 0])
+        sample = int(samples[bad]) if isinstance(samples, torch.Tensor) else samples + bad
         where = f" (view {view})" if views > 1 else ""
         raise DataError(
-            f"the frozen features of sample {start + bad}{where} are NaN or Inf in tap {name!r} "
+            f"the frozen features of sample {sample}{where} are NaN or Inf in tap {name!r} "
             f"(or too large for the {dtype_str(store.data.dtype)} storage dtype); check that "
             "sample's input and the pretrained weights, or store in bf16/fp32. The cache was not "
             "completed."
         )
 
 
-def check_exact(x: torch.Tensor, name: str, start: int) -> None:
+def check_exact(x: torch.Tensor, name: str, samples: str) -> None:
     """A non-float tap is stored in fp32, which holds integers exactly only up to 2**24."""
     if x.dtype == torch.bool or x.numel() == 0:
         return
     if int(x.abs().max()) > 2**24:
         raise DataError(
-            f"tap {name!r} (dtype {x.dtype}) of samples {start}.. holds integers beyond 2**24, "
+            f"tap {name!r} (dtype {x.dtype}) of {samples} holds integers beyond 2**24, "
             "which the cache cannot store exactly; move the cut so that this tensor is computed "
             "in the tail."
         )

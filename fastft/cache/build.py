@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from fastft import distributed as fdist
-from fastft.cache import disk, folders, registry
+from fastft.cache import disk, folders, lengths, registry
+from fastft.cache.amp import check_amp, resolve_amp
 from fastft.cache.disk_build import build_on_disk, complete_cache
 from fastft.cache.fingerprint import (
     CacheKey,
@@ -48,12 +49,13 @@ from fastft.cache.layout import (
     dtype_name,
     memory_device,
     parse_bytes,
+    pinned_overhead,
     str_dtype,
 )
-from fastft.cache.manage import cache_root
+from fastft.cache.manage import apply_size_cap, cache_root
 from fastft.cache.sharded import build_sharded
 from fastft.cache.store import Store, open_folder
-from fastft.cache.telemetry import Timer, hit_telemetry
+from fastft.cache.telemetry import Timer, announce, hit_telemetry
 from fastft.cache.writer import Probe, Settings, Writer
 from fastft.data.sources import as_source
 from fastft.errors import CacheCorruptError, CacheError, FastFTValueError
@@ -73,15 +75,6 @@ def check_views(views: int, transform: Callable | None) -> None:
         )
 
 
-def check_amp(amp: str | None, name: str = "amp") -> None:
-    """FastFTValueError unless ``amp`` is None or 'bf16' (``name``: the argument, in the
-    message)."""
-    if amp not in (None, "bf16"):
-        raise FastFTValueError(
-            f"{name} must be None or 'bf16' (the frozen pass under bf16 autocast), got {amp!r}."
-        )
-
-
 def settings(
     prefix: nn.Module,
     *,
@@ -95,7 +88,7 @@ def settings(
     num_workers: int,
     cache_dir: str | Path | None,
     max_memory: int | str | None,
-    progress: bool,
+    progress: bool | str,
     seed: int,
     device: torch.device | str | None,
     amp: str | None = None,
@@ -129,19 +122,33 @@ def settings(
         progress=progress,
         seed=int(seed),
         device=torch.device(device),
-        amp=amp,
+        amp=resolve_amp(amp, device, "amp"),  # 'auto' and 'bf16' decided for this device here
         transform_id=transform_id,
     )
 
 
 # ---------------------------------------------------------------------------- the build
-def build(
+def build(prefix: nn.Module, dataset: Any, **options: Any) -> Store:
+    """See :meth:`fastft.FeatureCache.build` (``options``: its settings, see :func:`settings`):
+    the cache, its decision logged in one line (named by the bar's label, e.g. "train cache";
+    at DEBUG with ``progress=False``), then the size cap applied after a disk build."""
+    cache = _build(prefix, dataset, **options)
+    label = options.get("progress", True)
+    announce(cache, label if isinstance(label, str) and label else "cache", quiet=not label)
+    if cache.path is not None:
+        folders.mark_used(cache.path)
+        if not cache.telemetry.get("hit") and fdist.rank_and_world()[0] == 0:
+            apply_size_cap(cache.path.parent, keep=registry.in_use() | {cache.fingerprint})
+    return cache
+
+
+def _build(
     prefix: nn.Module, dataset: Any, *, dataset_id: str | None = None, **options: Any
 ) -> Store:
-    """See :meth:`fastft.FeatureCache.build` (``options``: its settings, see :func:`settings`)."""
     t_start = time.perf_counter()
     s = settings(prefix, **options)
     source = as_source(dataset)
+    order = lengths.visit_order(source, s.mask_key, s.views, s.transform)
     key = make_key(
         prefix,
         source,
@@ -158,6 +165,7 @@ def build(
         amp=s.amp,
         device=s.device,
         defer_data=True,
+        length_sorted=order is not None,
     )
     sharded = s.tier == "disk" and fdist.is_distributed()
     if key.pending and key.reusable and (sharded or registry.similar(key.parts, s.root)):
@@ -180,6 +188,8 @@ def build(
     job = Job(
         Writer(prefix, s, source.n, Timer()), source, key.fingerprint, key.parts, reason, t_start
     )
+    if order is not None:  # longest first, each batch cut to its longest sample
+        source.visit_order, job.writer.trim_key = order, s.mask_key
     if key.pending:
         job.pending = Pending(key, source)
     prefix_mode = prefix.training
@@ -236,6 +246,7 @@ def _reuse(
         try:
             found = open_folder(folder, expected=key.fingerprint)
             _check_labels(found, key, dataset_id)
+            folders.mark_used(folder)
             if s.tier in ("auto", "disk"):
                 return hit(found), None
             return hit(_to_memory(found, s), "hit: loaded from disk"), None
@@ -257,7 +268,12 @@ def _run(job: Job) -> Store:
         probe = writer.probe(job.source)
         layout = writer.layout_of(probe)
         tier = choose_tier(
-            tier, writer.total_bytes(*layout), s.device, s.max_memory, s.storage_dtype
+            tier,
+            writer.total_bytes(*layout),
+            s.device,
+            s.max_memory,
+            s.storage_dtype,
+            pin_extra=pinned_overhead(job.n * s.views, layout[0]),  # pinned sizes round up
         )
     if tier != "disk":
         return _build_in_memory(job, tier, probe, layout)

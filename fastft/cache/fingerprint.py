@@ -80,7 +80,7 @@ PART_NAMES = {
     "dtype": "the storage dtype",
     "numerics": (
         "the device kind or torch's numeric settings (default dtype, matmul precision, TF32, "
-        "deterministic algorithms)"
+        "deterministic algorithms) or length-aware batching"
     ),
     "pool": "the pooling",
 }
@@ -257,6 +257,7 @@ def make_key(
     amp: str | None = None,
     device: torch.device | str = "cpu",
     defer_data: bool = False,
+    length_sorted: bool = False,
 ) -> CacheKey:
     """The :class:`CacheKey` of a build (reads every sample once unless ``dataset_id`` is given;
     see the module docstring for what each part covers).
@@ -265,7 +266,9 @@ def make_key(
     samples now; the key is ``pending``, its ``sample`` part (the data's length and those
     samples) finds the caches it may match (:func:`lookup`), and the data's part is computed
     by :func:`complete_key` (one hashing pass) or, while the cache is built, by
-    :func:`finish_key`."""
+    :func:`finish_key`. ``length_sorted``: batches visit the samples by length and are cut
+    to their longest (:mod:`~fastft.cache.lengths`): the same rows up to rounding, and a
+    visit order an interrupted build must resume in."""
     parts, opaque, trace = prefix_parts(prefix)
     pending = defer_data and dataset_id is None and source.single_pass
     sample, data_opaque = source.probe_key(batch_size) if pending else (None, [])
@@ -287,7 +290,7 @@ def make_key(
             "transform": t_part,
             "views": f"views={views}",
             "dtype": dtype + (f",prefix under {amp} autocast" if amp else ""),
-            "numerics": numerics(device),
+            "numerics": numerics(device) + (",length-sorted batches" if length_sorted else ""),
             "pool": pool + (f":{mask_key}" if pool == "masked_mean" else ""),
         }
     )

@@ -18,7 +18,32 @@ from typing import Any
 
 import torch
 
-__all__ = ["sequence_lengths", "length_order", "trim", "per_sample", "same_outputs"]
+from fastft.data.sources import TensorSource
+
+__all__ = [
+    "visit_order",
+    "sequence_lengths",
+    "length_order",
+    "trim",
+    "per_sample",
+    "same_outputs",
+]
+
+
+def visit_order(source: Any, mask_key: str, views: int, transform: Any) -> torch.Tensor | None:
+    """The order a build visits ``source`` in when batching by length pays: (X, y) tensors
+    whose dict inputs carry a token mask with padding somewhere, no transform (it could
+    change the lengths), one view. None: the data's own order.
+
+    The order depends only on the data, so every rank of a sharded build and every resume
+    of an interrupted one visits the same samples in the same chunks.
+    """
+    if transform is not None or views != 1 or not isinstance(source, TensorSource):
+        return None
+    lengths = sequence_lengths(source.X, mask_key)
+    if lengths is None or source.n < 2 or int(lengths.min()) >= source.X[mask_key].shape[1]:
+        return None
+    return length_order(lengths)
 
 
 def sequence_lengths(inputs: Any, mask_key: str) -> torch.Tensor | None:

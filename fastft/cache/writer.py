@@ -9,6 +9,7 @@ writer over the chunks a build still needs is in :mod:`~fastft.cache.job`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from fastft import data as fdata
+from fastft.cache import lengths
 from fastft.cache.activations import (
     as_bld,
     check_exact,
@@ -34,6 +36,8 @@ from fastft.cache.layout import TapInfo, TapStorage, dtype_str, row_bytes, str_d
 from fastft.cache.telemetry import Timer
 from fastft.data.source_base import Chunk, Source
 from fastft.errors import CacheCorruptError, DataError, FastFTError, FastFTValueError
+
+log = logging.getLogger("fastft.cache")
 
 
 # ---------------------------------------------------------------------------- settings
@@ -100,6 +104,10 @@ class Writer:
         #: (taps, label layout) read from an interrupted build's manifest: the first chunk of a
         #: resume must produce exactly this layout, else the manifest lied (see LayoutMismatch).
         self.expected_layout: tuple[list[TapInfo], dict] | None = None
+        #: The mask key of length-aware batching (batches cut to their longest sample), or None;
+        #: set by the build, cleared here if cutting the padding changes what is cached.
+        self.trim_key: str | None = None
+        self._trim_checked = False
 
     def probe(self, source: Source) -> Probe:
         """The first chunk of ``source`` run through the prefix (see :class:`Probe`)."""
@@ -122,13 +130,48 @@ class Writer:
             with torch.autocast(
                 self.s.device.type, dtype=torch.bfloat16, enabled=self.s.amp == "bf16"
             ):
-                out = self._call("the frozen prefix", lambda: self.prefix(inputs), chunk, inputs)
+                out, inputs = self._run_prefix(inputs, chunk)
             names, tensors = taps_of(out, self.prefix)
         if self.s.device.type == "cuda":
             torch.cuda.synchronize(self.s.device)  # pragma: cuda
         self.timer.prefix += time.perf_counter() - t0
         self.timer.prefix_calls += 1
         return names, tensors, inputs, labels
+
+    def _run_prefix(self, inputs: Any, chunk: Chunk) -> tuple[Any, Any]:
+        """(the prefix's output, the inputs it ran on): the batch cut to its longest sample
+        under length-aware batching. The first cut is checked once against the uncut batch:
+        if the cached rows would differ (a prefix that does not honour the mask), batches are
+        no longer cut."""
+
+        def run(x: Any) -> Any:
+            return self._call("the frozen prefix", lambda: self.prefix(x), chunk, x)
+
+        if self.trim_key is None or not isinstance(inputs, dict):
+            return run(inputs), inputs
+        cut = lengths.trim(inputs, self.trim_key)
+        if cut is inputs or self._trim_checked:
+            return run(cut), cut
+        self._trim_checked = True
+        full, short = run(inputs), run(cut)
+        if self._same_rows(full, inputs, short, cut):
+            return short, cut
+        log.info(
+            "length-aware batching off: the frozen part's output changes when the padding after "
+            "the last token (inputs[%r]) is cut, so every batch runs at full length.",
+            self.trim_key,
+        )
+        self.trim_key = None
+        return full, inputs
+
+    def _same_rows(self, full: Any, inputs: dict, short: Any, cut: dict) -> bool:
+        """Whether the cut batch gives the rows the full one would cache (up to rounding)."""
+        mask_full, mask_cut = inputs[self.trim_key], cut[self.trim_key]
+        a = [lengths.per_sample(x, self.s.pool, mask_full) for x in taps_of(full, self.prefix)[1]]
+        b = [lengths.per_sample(x, self.s.pool, mask_cut) for x in taps_of(short, self.prefix)[1]]
+        if any(x is None for x in a + b):
+            return False
+        return lengths.same_outputs(a, b, bf16=self.s.amp == "bf16")
 
     def _call(self, what: str, fn: Callable[[], Any], chunk: Chunk, inputs: Any) -> Any:
         """``fn()``; an exception from user code (the prefix, the transform) becomes a DataError
@@ -140,7 +183,7 @@ class Writer:
         except Exception as exc:
             view = f" (view {chunk.view})" if self.s.views > 1 else ""
             raise DataError(
-                f"{what} failed on samples {chunk.start}..{chunk.start + chunk.count - 1}{view} "
+                f"{what} failed on {chunk.samples}{view} "
                 f"with inputs {describe_inputs(inputs)}: {type(exc).__name__}: {exc}. Check that "
                 "the data have the shape, dtype and device the model takes."
             ) from exc
@@ -239,7 +282,7 @@ class Writer:
     def _write(self, chunk: Chunk, tensors, inputs, labels) -> None:
         if len(tensors) != len(self.taps):
             raise DataError(
-                f"the prefix returned {len(tensors)} taps for samples {chunk.start}.. but "
+                f"the prefix returned {len(tensors)} taps for {chunk.samples} but "
                 f"{len(self.taps)} before."
             )
         if int(labels.shape[0]) != chunk.count:
@@ -247,13 +290,14 @@ class Writer:
                 f"a batch of {chunk.count} samples came with {int(labels.shape[0])} labels."
             )
         mask = self._mask(inputs) if self.s.pool == "masked_mean" else None
+        positions = chunk.positions  # the samples' own rows, whatever order they were visited in
         for tap, x, store in zip(self.taps, tensors, self.storages):
             pool = tap.pool  # the cache's pool, or 'none' for non-float and one-number taps
             if tap.source_dtype is not None:
-                check_exact(x, tap.name, chunk.start)
+                check_exact(x, tap.name, chunk.samples)
             if x.shape[0] != chunk.count or tap_shape(x, pool) != tap.shape:
                 raise DataError(
-                    f"tap {tap.name!r} has shape {tuple(x.shape)} for samples {chunk.start}..; "
+                    f"tap {tap.name!r} has shape {tuple(x.shape)} for {chunk.samples}; "
                     f"expected [{chunk.count}, ...] giving per-sample {tap.shape} as in the first "
                     "batch."
                 )
@@ -265,8 +309,7 @@ class Writer:
             if dst.device != src.device and not (dst.is_pinned() and src.is_cuda):
                 src = src.to(dst.device)  # pragma: cuda
                 tap_mask = None if tap_mask is None else tap_mask.to(dst.device)  # pragma: cuda
-            first = chunk.view * self.n + chunk.start
-            rows = torch.arange(first, first + chunk.count, device=src.device)
+            rows = (positions + chunk.view * self.n).to(src.device)
             tap_pool = "none" if pool == "none" else self._tap_pool(tap_mask, src)
             torch.ops.fastft.cache_write(src, rows, dst, store.scales, tap_pool, tap_mask)
             if src.is_cuda and dst.device.type == "cpu":
@@ -275,9 +318,9 @@ class Writer:
                 torch.cuda.current_stream(src.device).synchronize()  # pragma: cuda
             check_finite(
                 store,
-                slice(first, first + chunk.count),
+                rows.to(store.data.device),
                 tap.name,
-                chunk.start,
+                positions,
                 chunk.view,
                 self.s.views,
             )
@@ -287,11 +330,11 @@ class Writer:
                 or labels.dtype != self.labels.dtype
             ):
                 raise DataError(
-                    f"labels of samples {chunk.start}.. have {labels.dtype} "
+                    f"labels of {chunk.samples} have {labels.dtype} "
                     f"{tuple(labels.shape[1:])} per sample, the first batch had "
                     f"{self.labels.dtype} {tuple(self.labels.shape[1:])}."
                 )
-            self.labels[chunk.start : chunk.start + chunk.count] = labels.to(self.labels.device)
+            self.labels[positions] = labels.to(self.labels.device)
 
     def _mask(self, inputs: Any) -> torch.Tensor:
         if not isinstance(inputs, dict) or self.s.mask_key not in inputs:

@@ -30,12 +30,30 @@ DIGEST_BYTES = 16  # per unit: a collision needs 2**64 units
 
 @dataclass
 class Chunk:
-    """Samples ``start..start+count-1`` of one view, with a function that loads them."""
+    """Samples ``start..start+count-1`` of one view in the order the source visits them, with a
+    function that loads them. ``rows``: the samples' own positions in the data when the visit
+    order is not the data's (length-aware batching), else None (positions ``start..``)."""
 
     view: int
     start: int
     count: int
     load: Callable[[], tuple[Any, torch.Tensor]]
+    rows: torch.Tensor | None = None
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """The samples' positions in the data (their cache rows within a view)."""
+        if self.rows is not None:
+            return self.rows
+        return torch.arange(self.start, self.start + self.count)
+
+    @property
+    def samples(self) -> str:
+        """The samples in words, for messages: "samples 40..71", or their positions."""
+        if self.rows is None:
+            return f"samples {self.start}..{self.start + self.count - 1}"
+        shown = ", ".join(str(int(r)) for r in self.rows[:4])
+        return f"samples {shown}{', ...' if self.count > 4 else ''}"
 
 
 @dataclass

@@ -46,8 +46,14 @@ class TensorSource(Source):
         self.n = fdata.dataset_length((X, y))
         self.X, self.y = X, y
         self.description = "the (X, y) tensors"
+        #: The order the samples are visited in (sample positions), when not the data's own:
+        #: set by a build that batches by length (see :mod:`fastft.cache.lengths`).
+        self.visit_order: torch.Tensor | None = None
 
     def _slice(self, start: int, count: int) -> tuple[Any, torch.Tensor]:
+        if self.visit_order is not None:
+            rows = self.visit_order[start : start + count]
+            return fdata.index_select(self.X, rows), self.y[rows]
         sl = slice(start, start + count)
         X = (
             self.X[sl]
@@ -56,9 +62,18 @@ class TensorSource(Source):
         )
         return X, self.y[sl]
 
+    def _rows(self, start: int, count: int) -> torch.Tensor | None:
+        return None if self.visit_order is None else self.visit_order[start : start + count]
+
     def read(self, chunks, num_workers=0):
         for view, start, count in chunks:
-            yield Chunk(view, start, count, lambda s=start, c=count: self._slice(s, c))
+            yield Chunk(
+                view,
+                start,
+                count,
+                lambda s=start, c=count: self._slice(s, c),
+                self._rows(start, count),
+            )
 
     def content_key(self, batch_size, num_workers=0):
         # The tensors themselves are read again by the build: nothing to check per chunk.
