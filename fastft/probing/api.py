@@ -48,7 +48,7 @@ def probe(
     lrs: Sequence[float] = DEFAULT_LRS,
     weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
     epochs: int = 10,
-    batch_size: int = 64,
+    batch_size: int = 256,
     mlp_hidden: int = 256,
     Cs: Sequence[float] = DEFAULT_CS,
     ks: Sequence[int] = DEFAULT_KS,

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fastft.train import FineTuner
 
@@ -114,7 +115,7 @@ def linear_heads(
     weight_decays: Sequence[float],
     hidden: Sequence[int] = (),
     epochs: int = 10,
-    batch_size: int = 64,
+    batch_size: int = 256,
     seed: int = 0,
     device: torch.device | str | None = None,
     name: str = "linear",
@@ -145,17 +146,22 @@ def linear_heads(
         sweep = tuner.fit_many(
             configs,
             (feats.fit.float(), feats.y_fit),
-            val=(feats.val.float(), feats.y_val),
             epochs=epochs,
             batch_size=min(batch_size, len(feats.y_fit)),
             keep_best=False,
         )
-    val_acc = [h[-1]["val_accuracy"] for h in sweep.histories]
-    best = choose(val_acc, [h[-1]["val_loss"] for h in sweep.histories])
-    head = sweep.heads[best].eval()
-    with torch.no_grad(), small_ops(feats.test):
-        param = next(head.parameters())
-        pred = head(feats.test.to(param.device, param.dtype)).argmax(-1)
+        # Scored here, once, rather than by fit_many after every epoch: only the last counts.
+        val_acc, val_loss = [], []
+        with torch.no_grad():
+            for head in sweep.heads:
+                logits = head.eval()(feats.val.to(next(head.parameters()).device).float())
+                y_val = feats.y_val.to(logits.device)
+                val_acc.append(accuracy(logits.argmax(-1), y_val))
+                val_loss.append(float(F.cross_entropy(logits, y_val)) if len(y_val) else 0.0)
+        best = choose(val_acc, val_loss)
+        head = sweep.heads[best]
+        with torch.no_grad():
+            pred = head(feats.test.to(next(head.parameters()).device).float()).argmax(-1)
     grid = [
         {"lr": c["lr"], "weight_decay": c["weight_decay"], "val_accuracy": a}
         for c, a in zip(configs, val_acc)
