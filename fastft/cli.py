@@ -1,4 +1,5 @@
-"""The ``fastft`` command: ``demo``, ``bench``, ``cache ls|info|verify|rm``, ``--version``.
+"""The ``fastft`` command: ``demo``, ``bench``, ``train``, ``cache ls|info|verify|rm|prune``,
+``--version``.
 
 Built on the public API only. Errors of fastft's own (``FastFTError``) are printed as one
 line with what to do, exit status 2; nothing else is swallowed.
@@ -10,29 +11,12 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import fastft
+from fastft.cli_cache import add_cache_parser
 from fastft.errors import FastFTError
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _human_age(created: float | None) -> str:
-    if not created:
-        return "?"
-    seconds = max(0.0, time.time() - float(created))
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f} {unit} ago"
-    return f"{seconds:.0f} s ago"
+from fastft.probing.cli import add_probe_parser
 
 
 # ---------------------------------------------------------------------------- demo
@@ -166,59 +150,9 @@ def _run_suites(suite: list[str], out: str | None, select: str | None) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from fastft import jobs
 
-    metrics = jobs.run(jobs.load_config(args.config))
+    metrics = jobs.run_file(args.config)  # factories import from the config's folder, then cwd
     print(json.dumps(metrics, indent=2))
     return 0
-
-
-def _cmd_cache(args: argparse.Namespace) -> int:
-    from fastft import cache
-
-    if args.cache_cmd == "ls":
-        entries = cache.list_caches(args.cache_dir)
-        if args.json:
-            print(json.dumps(entries, indent=2, default=str))
-            return 0
-        if not entries:
-            print(f"no caches in {args.cache_dir or cache.default_cache_dir()}")
-            return 0
-        print(f"{'fingerprint':<18} {'rows':>9} {'views':>5} {'size':>10} {'status':<10} age")
-        for e in entries:
-            status = e.get("status") or ("complete" if e.get("complete") else "partial")
-            if status == "complete" and e.get("reusable") is False:
-                status = "once"  # a key that could not see everything: never reused, safe to remove
-            print(
-                f"{str(e.get('fingerprint', '?'))[:16]:<18} {e.get('num_rows', '?'):>9} "
-                f"{e.get('num_views', '?'):>5} {_human_bytes(e.get('disk_bytes', 0)):>10} "
-                f"{status:<10} {_human_age(e.get('created'))}"
-            )
-        return 0
-    if args.cache_cmd == "info":
-        info = cache.info(args.cache, args.cache_dir)
-        if args.json:
-            print(json.dumps(info, indent=2, default=str))
-        else:
-            for key in (
-                "fingerprint",
-                "path",
-                "num_rows",
-                "num_views",
-                "complete",
-                "committed_chunks",
-            ):
-                print(f"{key:>17}: {info.get(key)}")
-            print(f"{'size on disk':>17}: {_human_bytes(info.get('disk_bytes', 0))}")
-            print(f"{'created':>17}: {_human_age(info.get('created'))}")
-        return 0
-    if args.cache_cmd == "verify":
-        result = cache.verify(args.cache, args.cache_dir)
-        print(json.dumps(result, indent=2, default=str) if args.json else f"ok: {result}")
-        return 0
-    if args.cache_cmd == "rm":
-        removed = cache.remove(args.cache, args.cache_dir)
-        print(f"removed {removed}")
-        return 0
-    raise AssertionError(args.cache_cmd)
 
 
 def _csv_of(choices: list[str] | None, kind=str):
@@ -365,29 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a fine-tuning job from a JSON/YAML config (works under torchrun)",
         description="Run a job described by CONFIG: model and data factories "
         "('package.module:function'), surgery, FineTuner and fit settings, output folder. "
+        "Factories are imported from the config's folder first, then the current folder. "
         "See fastft/jobs.py for the format. A job config is code: the functions it names "
         "are imported and called, so run only configs you trust.",
     )
     t.add_argument("config", help="path to the .json (or .yaml) config")
     t.set_defaults(func=_cmd_train)
 
-    c = sub.add_parser("cache", help="list, inspect, verify or remove disk caches")
-    c.add_argument("--cache-dir", default=None, help="default $FASTFT_CACHE_DIR or ~/.cache/fastft")
-    c.add_argument("--json", action="store_true", help="machine-readable output")
-    csub = c.add_subparsers(dest="cache_cmd", required=True)
-    csub.add_parser("ls", help="list caches")
-    for name, text in (
-        ("info", "show one cache"),
-        ("verify", "check sizes and checksums"),
-        ("rm", "delete a cache"),
-    ):
-        q = csub.add_parser(name, help=text)
-        q.add_argument(
-            "cache",
-            help="fingerprint (or a unique prefix of one) in the cache dir, or a folder "
-            "written as a path (./name, /abs/path)",
-        )
-    c.set_defaults(func=_cmd_cache)
+    add_cache_parser(sub)
+    add_probe_parser(sub)
     return p
 
 
