@@ -138,7 +138,7 @@ def test_whole_probe(benchmark, recorder, task):
     _info.update(
         configurations=_configurations(len(info["taps"])),
         taps=len(info["taps"]),
-        rows=len(report.rows),
+        report_rows=len(report.rows),
         frozen_seconds=round(info["frozen_seconds"], 2),
         heads_seconds=round(info["heads_seconds"], 2),
         best=vars(report.best()),

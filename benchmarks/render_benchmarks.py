@@ -54,8 +54,10 @@ def suites(results: Path) -> dict[str, dict]:
     for path in sorted(results.glob("*.json")):
         payload = json.loads(path.read_text())
         rows = payload.get("rows") if isinstance(payload, dict) else None
-        if not rows or "baseline" not in rows[0] or "suite" not in payload:
+        if not isinstance(rows, list) or not rows or "baseline" not in rows[0]:
             continue  # not a pytest-benchmark suite (e2e.json, unfreeze.json, ratios)
+        if "suite" not in payload:
+            continue
         found[payload["suite"]] = payload
     return found
 
