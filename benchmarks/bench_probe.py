@@ -118,7 +118,7 @@ def test_frozen_pass(benchmark, recorder, task):
     _seconds["frozen pass"] = benchmark.stats.stats.median
 
 
-def test_whole_probe(benchmark, recorder, task):
+def test_whole_probe(benchmark, recorder, task, results_dir):
     reports = []
     recorder.run(
         benchmark,
@@ -131,6 +131,7 @@ def test_whole_probe(benchmark, recorder, task):
     )
     _seconds["probe"] = benchmark.stats.stats.median
     report = reports[-1]
+    report.write(results_dir / "probe_report")  # the table, JSON, CSV and heatmap of the run
     info = next(iter(report.backbones.values()))
     _seconds["probe in backbone"] = (
         info["train_pass"]["prefix_seconds"] + info["test_pass"]["prefix_seconds"]

@@ -197,3 +197,25 @@ def test_knn_chooses_k_on_validation_and_scores_test_once():
     assert r.chosen["k"] == max(scores, key=lambda k: (scores[k], -k))
     ref = brute_force_knn(X[:120], y[:120], X[160:], r.chosen["k"], 2)
     assert r.test_accuracy == pytest.approx((ref == y[160:]).float().mean().item())
+
+
+def test_taps_of_a_hugging_face_model_are_its_hidden_states():
+    """BERT's embedding output and every layer's output, masked-mean pooled, equal
+    ``output_hidden_states``; the classifier above the last tap never runs."""
+    from helpers.compat_models import CASES, require, text_batch
+
+    require("transformers")
+    case = next(c for c in CASES if c.family == "BERT" and c.library == "transformers")
+    model = case.build().eval()
+    ran = []
+    model.classifier.register_forward_hook(lambda *a: ran.append(1))
+    batch = text_batch(6)
+    stack = TapStack(model, "blocks", "auto")
+    assert stack.tap_list == ("bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1")
+    with torch.no_grad():
+        taps = stack(batch)
+        assert ran == []
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    for (name, got), h in zip(taps.items(), hidden):
+        torch.testing.assert_close(got, (h * m).sum(1) / m.sum(1), atol=1e-5, rtol=1e-5, msg=name)

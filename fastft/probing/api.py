@@ -30,7 +30,7 @@ from fastft.probing.taps import TapStack
 __all__ = ["probe", "HEADS", "DEFAULT_LRS", "DEFAULT_WEIGHT_DECAYS", "DEFAULT_CS", "DEFAULT_KS"]
 
 HEADS = ("linear", "mlp", "logreg", "knn")
-DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+DEFAULT_LRS = (1e-3, 1e-2, 1e-1, 3e-1)
 DEFAULT_WEIGHT_DECAYS = (0.0, 1e-3, 1e-2, 1e-1)
 DEFAULT_CS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
 DEFAULT_KS = (10, 20, 100, 200)
@@ -48,7 +48,7 @@ def probe(
     lrs: Sequence[float] = DEFAULT_LRS,
     weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
     epochs: int = 10,
-    batch_size: int = 256,
+    batch_size: int = 64,
     mlp_hidden: int = 256,
     Cs: Sequence[float] = DEFAULT_CS,
     ks: Sequence[int] = DEFAULT_KS,

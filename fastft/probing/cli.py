@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fastft.probing.api import DEFAULT_CS, DEFAULT_KS, DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS, HEADS
+from fastft.probing.heads import small_ops
 
 __all__ = ["add_probe_parser", "bbc_probe_task", "digits_probe_task"]
 
@@ -78,13 +79,14 @@ def digits_probe_task(limit: int | None, pretrain_epochs: int, seed: int) -> dic
     torch.manual_seed(seed)
     model = DigitsCNN(5).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for _ in range(pretrain_epochs):  # pretraining on 0-4: not what the probe measures
-        perm = low[torch.randperm(len(low), generator=g)]
-        for start in range(0, len(perm), 32):
-            rows = perm[start : start + 32]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X[rows]), y[rows]).backward()
-            opt.step()
+    with small_ops(X):  # tiny convolutions: a thread pool would slow them down
+        for _ in range(pretrain_epochs):  # pretraining on 0-4: not what the probe measures
+            perm = low[torch.randperm(len(low), generator=g)]
+            for start in range(0, len(perm), 32):
+                rows = perm[start : start + 32]
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(X[rows]), y[rows]).backward()
+                opt.step()
     model.eval()
     high = []
     for c in range(5, 10):

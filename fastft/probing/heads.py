@@ -115,7 +115,7 @@ def linear_heads(
     weight_decays: Sequence[float],
     hidden: Sequence[int] = (),
     epochs: int = 10,
-    batch_size: int = 256,
+    batch_size: int = 64,
     seed: int = 0,
     device: torch.device | str | None = None,
     name: str = "linear",

@@ -158,12 +158,15 @@ def heatmap(report: ProbeReport, path: Path) -> None:
             if r.backbone == b:
                 grid[layers.index(r.layer)][heads.index(r.head)] = 100 * r.test_accuracy
         panels.append((b, layers, grid))
+    values = [v for _, _, grid in panels for row in grid for v in row if v == v]
+    low, high = (min(values), max(values)) if values else (0.0, 100.0)
+    low, high = (low - 0.5, high + 0.5) if high - low < 1 else (low, high)  # a visible scale
     height = max(len(p[1]) for p in panels) * 0.45 + 1.5
     fig, axes = plt.subplots(
         1, len(panels), figsize=(2.2 + 1.3 * len(heads) * len(panels), height), squeeze=False
     )
     for ax, (b, layers, grid) in zip(axes[0], panels):
-        im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0, vmax=100)
+        im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=low, vmax=high)
         ax.set_xticks(range(len(heads)), heads)
         ax.set_yticks(range(len(layers)), [_label(x) for x in layers])
         for i, row in enumerate(grid):
@@ -176,7 +179,7 @@ def heatmap(report: ProbeReport, path: Path) -> None:
                         ha="center",
                         va="center",
                         fontsize=8,
-                        color="k" if v > 60 else "w",
+                        color="w" if v < low + 0.6 * (high - low) else "k",  # viridis
                     )
         ax.set_title(f"{b}: test accuracy (%)")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
