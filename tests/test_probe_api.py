@@ -196,11 +196,38 @@ def test_bad_arguments_are_refused_with_what_to_do():
         fastft.probe({"a": Backbone()}, (X, y), (X, y), heads=["svm"], progress=False)
     with pytest.raises(fastft.FastFTValueError, match="no module named 'nope'"):
         fastft.probe({"a": Backbone()}, (X, y), (X, y), taps=["nope"], progress=False)
+    with pytest.raises(fastft.FastFTValueError, match="names no taps for backbone 'a'"):
+        fastft.probe({"a": Backbone()}, (X, y), (X, y), taps={"b": "blocks"}, progress=False)
+    with pytest.raises(fastft.FastFTValueError, match="concat_last=5, but backbone 'a' has 3"):
+        fastft.probe({"a": Backbone()}, (X, y), (X, y), concat_last=5, **SMALL)
+    with pytest.raises(fastft.FastFTValueError, match="at least one backbone"):
+        fastft.probe({}, (X, y), (X, y))
+    with pytest.raises(fastft.FastFTValueError, match="val_fraction must be between 0 and 1"):
+        make_split(y, val_fraction=1.0, seed=0)
+    with pytest.raises(fastft.FastFTValueError, match="shots must be a positive"):
+        make_split(y, val_fraction=0.2, seed=0, shots=0)
+
+
+def test_tap_stacks_refuse_what_they_cannot_pool():
+    model = Backbone()
+    with pytest.raises(fastft.FastFTValueError, match="pooling must be one of"):
+        fastft.TapStack(model, "blocks", "max")
+    with pytest.raises(fastft.FastFTValueError, match="taps must be 'blocks' or a list"):
+        fastft.TapStack(model, "embed")
+    with pytest.raises(fastft.FastFTValueError, match="names a module twice"):
+        fastft.TapStack(model, ["embed", "embed"])
+    with pytest.raises(fastft.FastFTValueError, match="needs dict inputs with an 'attention_mask'"):
+        fastft.TapStack(model, ["embed"], "masked_mean")(torch.randn(2, 3, 5))
+    unused = nn.Linear(1, 1)
+    model.unused = unused  # registered, never called by forward
+    with pytest.raises(fastft.FastFTValueError, match="never ran"):
+        fastft.TapStack(model, ["embed", "unused"])(torch.randn(2, 3, 5))
+    with pytest.raises(fastft.FastFTValueError, match="no stack of blocks"):
+        fastft.TapStack(nn.Linear(3, 3))
 
 
 # ---------------------------------------------------------------------------- the command
 def test_the_command_writes_the_report(tmp_path):
-    env = dict(os.environ, FASTFT_CACHE_DIR=str(tmp_path / "cache"))
     done = subprocess.run(
         [
             sys.executable,
@@ -221,7 +248,6 @@ def test_the_command_writes_the_report(tmp_path):
         ],
         capture_output=True,
         text=True,
-        env=env,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr

@@ -219,3 +219,13 @@ def test_taps_of_a_hugging_face_model_are_its_hidden_states():
     m = batch["attention_mask"].unsqueeze(-1).float()
     for (name, got), h in zip(taps.items(), hidden):
         torch.testing.assert_close(got, (h * m).sum(1) / m.sum(1), atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_heads_refuse_grids_they_cannot_use():
+    X, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    with pytest.raises(fastft.FastFTValueError, match="every C must be positive"):
+        logreg_path(X, y, [0.0, 1.0], 2)
+    with pytest.raises(fastft.FastFTValueError, match="ks must be positive"):
+        knn_predict(X, y, X, [0], 2)
+    with pytest.raises(fastft.FastFTValueError, match="at least one training row"):
+        knn_predict(X[:0], y[:0], X, [1], 2)
