@@ -39,6 +39,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             max_seq_length=args.max_seq_length,
             per_class_limit=args.limit,
             cache_dtype=args.cache_dtype,
+            extract_amp=args.extract_amp,
             skip_config_b=args.skip_config_b,
             verbose=not args.quiet,
         )
@@ -79,6 +80,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         epochs=tuple(args.epochs),
         dtypes=tuple(args.dtypes),
         tiers=tuple(args.tiers),
+        extract_amps=tuple(args.extract_amp),
         quick=args.quick,
         max_seq_length=args.max_seq_length,
         per_class_limit=args.limit,
@@ -205,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--full", action="store_true", help="run the naive loop for all epochs (slow)")
     d.add_argument("--max-seq-length", type=int, default=128)
     d.add_argument("--cache-dtype", choices=["fp32", "bf16", "fp16", "int8"], default="fp16")
+    d.add_argument(
+        "--extract-amp",
+        choices=["fp32", "bf16", "auto"],
+        default="auto",
+        help="fastft's frozen pass (default auto: bf16 where the CPU/GPU computes it natively, "
+        "else fp32); the naive loop is timed in fp32 and, where bf16 is native, in bf16 too",
+    )
     d.add_argument("--limit", type=int, default=None, help="articles per class (quick runs)")
     d.add_argument(
         "--skip-config-b", action="store_true", help="skip the configuration with layers removed"
@@ -247,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_csv_of(["host", "disk", "device"]),
         default=["host", "disk"],
         help="comma list of cache tiers (default host,disk)",
+    )
+    b.add_argument(
+        "--extract-amp",
+        type=_csv_of(["fp32", "bf16", "auto"]),
+        default=["auto"],
+        help="comma list of frozen-pass precisions, one fastft run each (default auto: bf16 "
+        "where the CPU/GPU computes it natively, else fp32); e.g. fp32,auto",
     )
     b.add_argument(
         "--max-seq-length",

@@ -9,6 +9,7 @@ import pytest
 
 import fastft
 from fastft.bench import e2e as bench
+from fastft.cache.amp import native_bf16
 from fastft.cli import main
 from fastft.train.engine import Engine
 
@@ -27,7 +28,7 @@ def cnn_rows():
     clock = Clock()  # the test's own record of when what ran: see timed_bounds
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bench, "run_naive", clock.wrap("naive", bench.run_naive))
-        info = lambda task, s, dtype, tier: (dtype, tier)  # noqa: E731
+        info = lambda task, s, dtype, tier, amp="auto": (dtype, tier)  # noqa: E731
         mp.setattr(bench, "run_fastft", clock.wrap("fastft", bench.run_fastft, info))
         mp.setattr(bench, "accuracy", clock.wrap("accuracy", bench.accuracy))
         mp.setattr(bench, "tqdm", clock.loop("batch"))  # the naive loop's batches
@@ -144,7 +145,8 @@ def test_writes_csv_json_and_png(cnn_rows, tmp_path):
     )
     assert paths["png"].read_bytes()[:4] == b"\x89PNG" and paths["png"].stat().st_size > 10_000
     md = bench.table(rows)
-    assert md.count("\n") == len(rows) + 1 and "| cnn | fastft | int8/disk | 2 |" in md
+    assert md.count("\n") == len(rows) + 1 and "| cnn | fastft | int8/disk, fp32 pass | 2 |" in md
+    assert all(r["extract"] == "fp32" for r in rows)  # the suite pins extract_amp="auto" to fp32
 
 
 def test_quick_settings_write_separate_files():
@@ -171,7 +173,8 @@ def test_bad_bench_arguments_are_usage_errors(args, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_bench_cli_on_the_cnn(tmp_path, capsys):
+def test_bench_cli_on_the_cnn(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("FASTFT_EXTRACT_AMP")  # 'auto' as a user's machine has it
     code = main(
         [
             "bench",
@@ -183,6 +186,8 @@ def test_bench_cli_on_the_cnn(tmp_path, capsys):
             "fp16",
             "--tiers",
             "host",
+            "--extract-amp",
+            "fp32,auto",
             "--quiet",
             "--out",
             str(tmp_path),
@@ -190,5 +195,11 @@ def test_bench_cli_on_the_cnn(tmp_path, capsys):
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "| cnn | fastft | fp16/host | 1 |" in out and "e2e.csv" in out
+    auto = "bf16" if native_bf16("cpu")[0] else "fp32"
+    assert "| cnn | fastft | fp16/host, fp32 pass | 1 |" in out and "e2e.csv" in out
+    assert f"| cnn | fastft | fp16/host, {auto} pass | 1 |" in out
+    rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    fastft_rows = [r for r in rows if r["method"] == "fastft"]
+    assert [r["extract"] for r in fastft_rows] == ["fp32", auto]
+    assert all(r["accuracy"] is not None for r in fastft_rows)  # each mode's test accuracy
     assert (tmp_path / "e2e.json").is_file() and (tmp_path / "e2e.png").is_file()

@@ -13,6 +13,8 @@ from fastft.errors import FastFTValueError
 # ---------------------------------------------------------------------------- extract_amp
 @pytest.fixture
 def cpu_flags(monkeypatch):
+    monkeypatch.delenv("FASTFT_EXTRACT_AMP", raising=False)  # the suite pins 'auto' to fp32
+
     def set_flags(*flags):
         monkeypatch.setattr(amp, "_cpu_flags", lambda: frozenset(flags))
 
@@ -43,6 +45,16 @@ def test_explicit_bf16_where_emulated_is_refused_with_the_way_out(cpu_flags):
 def test_explicit_bf16_where_native_is_kept(cpu_flags):
     cpu_flags("avx512_bf16")
     assert amp.resolve_amp("bf16", "cpu") == "bf16"
+
+
+def test_the_environment_says_what_auto_means(cpu_flags, monkeypatch):
+    cpu_flags("avx512_bf16")
+    monkeypatch.setenv("FASTFT_EXTRACT_AMP", "fp32")
+    assert amp.resolve_amp("auto", "cpu") is None
+    assert amp.resolve_amp("bf16", "cpu") == "bf16"  # an explicit choice is kept
+    monkeypatch.setenv("FASTFT_EXTRACT_AMP", "fp8")
+    with pytest.raises(FastFTValueError, match="FASTFT_EXTRACT_AMP must be"):
+        amp.resolve_amp("auto", "cpu")
 
 
 @pytest.mark.parametrize("bad", ["fp16", "BF16", True, "float32"])
@@ -308,3 +320,23 @@ def test_length_sorted_build_resumes_in_the_same_order(tmp_path, monkeypatch):
     (rows,) = cache.gather(torch.arange(len(y)))
     torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-5)
     assert len(prefix.seen_lengths) < 6  # the committed chunks were not run again
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_finetuner_default_is_bf16_only_where_native(native, cpu_flags, tmp_path):
+    import fastft
+
+    cpu_flags(*(("avx512_bf16",) if native else ("avx512f",)))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    X, y = torch.randn(64, 16), torch.randint(0, 3, (64,))
+    ft = fastft.FineTuner(model, num_classes=3, cache="host", cache_dtype="fp32", verbose=False)
+    assert ft.extract_amp == "auto"
+    cache = ft.build_cache((X, y))
+    assert ("bf16 autocast" in cache.parts["dtype"]) == native
+    (rows,) = cache.gather(torch.arange(64))
+    with torch.no_grad():
+        out = ft.prefix.eval()(X)
+    exact = out[0] if isinstance(out, tuple) else out  # the prefix returns its taps
+    error = float((rows - exact).abs().max() / exact.abs().max())
+    assert (error > 1e-6) == native and error < 2e-2  # bf16 rounding, or none at all

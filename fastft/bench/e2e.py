@@ -6,8 +6,10 @@ pretrained on digits 0–4 and transferred to 5–9) and each epoch count E in `
 - **naive**: plain PyTorch frozen fine-tuning, the frozen part (eval mode, no_grad) run on
   every batch of every epoch. One run of max(E) epochs; its cumulative time after each E is
   a row (test evaluations are timed apart and not counted).
-- **fastft**: :class:`fastft.FineTuner` for every cache dtype × tier, each into a fresh
-  cache (so its one frozen pass is really measured): cache build + E head epochs.
+- **fastft**: :class:`fastft.FineTuner` for every cache dtype × tier × extraction mode
+  (``extract_amps``: ``fp32``, ``auto`` = bf16 where the device computes it natively), each
+  into a fresh cache (so its one frozen pass is really measured): cache build + E head
+  epochs; the ``extract`` column says which precision the pass ran in.
 
 Both start from the same seeded head and draw the same batch order, so their accuracies
 differ only by the cache's storage dtype. Each row: task, method, dtype, tier, epochs,
@@ -46,6 +48,7 @@ FIELDS = [
     "method",
     "dtype",
     "tier",
+    "extract",
     "epochs",
     "seconds",
     "forward_passes",
@@ -91,7 +94,9 @@ def run_naive(task: Task, s: BenchSettings) -> dict[int, dict]:
     return out
 
 
-def run_fastft(task: Task, s: BenchSettings, dtype: str, tier: str) -> dict[int, dict]:
+def run_fastft(
+    task: Task, s: BenchSettings, dtype: str, tier: str, amp: str = "auto"
+) -> dict[int, dict]:
     """FineTuner on a fresh cache: {E: seconds (build + E epochs), accuracy after E}."""
     accuracy, eval_seconds = {}, [0.0]
 
@@ -108,6 +113,7 @@ def run_fastft(task: Task, s: BenchSettings, dtype: str, tier: str) -> dict[int,
             cache=tier,
             cache_dtype=dtype,
             cache_dir=cache_dir,
+            extract_amp=amp,
             seed=s.seed,
             verbose=s.verbose,
         )
@@ -119,6 +125,7 @@ def run_fastft(task: Task, s: BenchSettings, dtype: str, tier: str) -> dict[int,
         epoch_seconds = [float(r["seconds"]) for r in history]
         build = total - sum(epoch_seconds)
         tele, nbytes = ft.cache.telemetry, ft.cache.nbytes
+        extract = "bf16" if "bf16 autocast" in ft.cache.parts["dtype"] else "fp32"
     if tele.get("hit"):  # would make the measurement meaningless: say so loudly
         raise fastft.CacheError(
             f"bench: the {dtype}/{tier} cache was reused ({tele.get('reason')}); "
@@ -132,6 +139,7 @@ def run_fastft(task: Task, s: BenchSettings, dtype: str, tier: str) -> dict[int,
             "build_seconds": build,
             "head_epoch_seconds": sum(epoch_seconds) / len(epoch_seconds),
             "cache_bytes": int(nbytes),
+            "extract": extract,
         }
         for e in s.epochs
     }
@@ -158,6 +166,7 @@ def run(s: BenchSettings, log: Callable[[str], None] = print) -> list[dict]:
                     "method": "naive",
                     "dtype": "fp32",
                     "tier": "-",
+                    "extract": "fp32",
                     "epochs": e,
                     "seconds": r["seconds"],
                     "forward_passes": r["forward_passes"],
@@ -165,21 +174,22 @@ def run(s: BenchSettings, log: Callable[[str], None] = print) -> list[dict]:
                     "speedup": 1.0,
                 }
             )
-        for dtype in s.dtypes:
-            for tier in s.tiers:
-                log(f"[{name}] fastft {dtype}/{tier}")
-                for e, r in run_fastft(task, s, dtype, tier).items():
-                    rows.append(
-                        {
-                            "task": name,
-                            "method": "fastft",
-                            "dtype": dtype,
-                            "tier": tier,
-                            "epochs": e,
-                            **r,
-                            "speedup": naive[e]["seconds"] / r["seconds"],
-                        }
-                    )
+        for amp in s.extract_amps:
+            for dtype in s.dtypes:
+                for tier in s.tiers:
+                    log(f"[{name}] fastft {dtype}/{tier}, extract_amp={amp}")
+                    for e, r in run_fastft(task, s, dtype, tier, amp).items():
+                        rows.append(
+                            {
+                                "task": name,
+                                "method": "fastft",
+                                "dtype": dtype,
+                                "tier": tier,
+                                "epochs": e,
+                                **r,
+                                "speedup": naive[e]["seconds"] / r["seconds"],
+                            }
+                        )
     return rows
 
 
@@ -231,11 +241,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         mine = [r for r in rows if r["task"] == task]
-        for key in dict.fromkeys((r["method"], r["dtype"], r["tier"]) for r in mine):
+        for key in dict.fromkeys(
+            (r["method"], r["dtype"], r["tier"], r.get("extract", "fp32")) for r in mine
+        ):
             pts = sorted(
                 (r["epochs"], r["seconds"])
                 for r in mine
-                if (r["method"], r["dtype"], r["tier"]) == key
+                if (r["method"], r["dtype"], r["tier"], r.get("extract", "fp32")) == key
             )
             if key[0] == "naive":
                 ax.plot(
@@ -245,14 +257,14 @@ def plot(rows: list[dict], path: Path) -> None:
                     color="tab:red",
                     label="naive (frozen part every epoch)",
                 )
-            else:  # colour = cache dtype, line style = tier (red is the naive loop's alone)
+            else:  # colour = cache dtype, line style = tier, square markers = a bf16 pass
                 ax.plot(
                     *zip(*pts),
-                    marker="o",
                     lw=1.3,
                     color=DTYPE_COLORS.get(key[1], "tab:gray"),
                     ls="--" if key[2] == "disk" else "-",
-                    label=f"fastft {key[1]} / {key[2]}",
+                    marker="s" if key[3] == "bf16" else "o",
+                    label=f"fastft {key[1]} / {key[2]} ({key[3]} pass)",
                 )
         last = max(r["epochs"] for r in mine)
         best = max(
@@ -282,7 +294,11 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        cache = "-" if r["method"] == "naive" else f"{r['dtype']}/{r['tier']}"
+        cache = (
+            "-"
+            if r["method"] == "naive"
+            else f"{r['dtype']}/{r['tier']}, {r.get('extract', 'fp32')} pass"
+        )
         acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%"
         lines.append(
             f"| {r['task']} | {r['method']} | {cache} | {r['epochs']} | {r['seconds']:.2f} | "

@@ -19,6 +19,8 @@ class BenchSettings:
     epochs: tuple[int, ...] = (1, 3, 10)
     dtypes: tuple[str, ...] = ("fp32", "fp16", "int8")
     tiers: tuple[str, ...] = ("host", "disk")
+    # fastft's frozen pass: each mode is a run (fp32; auto = bf16 where native, else fp32).
+    extract_amps: tuple[str, ...] = ("auto",)
     quick: bool = False
     max_seq_length: int | None = None  # default 128, or 64 with quick
     per_class_limit: int | None = None  # default all articles, or 50 per class with quick

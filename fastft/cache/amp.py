@@ -7,11 +7,16 @@ emulates bf16 by converting every operand and runs slower than fp32, so an expli
 
 CPU support is read from the kernel's CPU flags (``/proc/cpuinfo``): torch's own
 ``mkldnn_bf16`` check is true on any AVX512 CPU, native bf16 or not.
+
+``FASTFT_EXTRACT_AMP`` (``fp32``, ``bf16`` or ``auto``) sets what ``'auto'`` means in a
+process: ``fp32`` pins every default pass to fp32 (fastft's own test suite does, so that its
+oracle comparisons stay exact on any machine).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from pathlib import Path
 
@@ -80,6 +85,10 @@ def resolve_amp(
     emulated is a FastFTValueError that says so.
     """
     check_amp(amp, name)
+    if amp == "auto":
+        pinned = os.environ.get("FASTFT_EXTRACT_AMP", "auto").strip().lower() or "auto"
+        check_amp(pinned, "FASTFT_EXTRACT_AMP")
+        amp = pinned
     if amp in (None, "fp32"):
         return None
     native, why = native_bf16(device)

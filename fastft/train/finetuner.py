@@ -90,8 +90,11 @@ class FineTuner(TunerAttributes):
             goes to disk (default: half of the memory free at build time).
         extract_batch_size: batch size of the one frozen pass (default 256; a DataLoader's
             own batches are used as they are).
-        extract_amp: ``"bf16"`` runs the frozen pass under bf16 autocast (GPUs with bf16
-            tensor cores; the features carry bf16 rounding); default None.
+        extract_amp: the frozen pass's precision. ``"auto"`` (default): bf16 autocast where
+            the device computes bf16 natively (CPUs with AVX512-BF16 or AMX, GPUs with bf16
+            tensor cores), else fp32; ``"bf16"`` insists (refused where it would be
+            emulated); None or ``"fp32"``: fp32. The features then carry bf16 rounding (a
+            different cache key); ``FASTFT_EXTRACT_AMP=fp32`` makes ``"auto"`` mean fp32.
         transform_id: a name for what ``transform`` computes that fastft cannot hash (a file
             it reads, an object without readable state); without it such a transform's
             caches are never reused (see :meth:`FeatureCache.build`). Default None.
@@ -121,7 +124,7 @@ class FineTuner(TunerAttributes):
         cache_dir: str | None = None,
         max_memory: int | None = None,
         extract_batch_size: int = 256,
-        extract_amp: str | None = None,
+        extract_amp: str | None = "auto",
         transform_id: str | None = None,
         verbose: bool = True,
     ):

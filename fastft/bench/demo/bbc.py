@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 import fastft
 from fastft.bench.demo.bbc_data import load_bbc, load_minilm, stratified_split, tokenize
+from fastft.cache.amp import native_bf16
 from fastft.data import index_select
 from fastft.model import surgery
 from fastft.train.metrics import classification_metrics
@@ -49,6 +50,11 @@ class DemoSettings:
     )
     skip_config_b: bool = False
     verbose: bool = True
+    # fastft's frozen pass: 'auto' is bf16 where the CPU/GPU computes it natively, else fp32.
+    extract_amp: str | None = "auto"
+    # Also time the naive loop under bf16 autocast (where bf16 is native), so that the
+    # comparison is fair both ways.
+    naive_bf16: bool = True
 
 
 @dataclass
@@ -78,6 +84,7 @@ def _fastft_run(
         cache_dtype=s.cache_dtype,
         seed=s.seed,
         extract_batch_size=s.extract_batch_size,
+        extract_amp=s.extract_amp,
         verbose=s.verbose,
     )
     t0 = time.perf_counter()
@@ -107,16 +114,26 @@ def _fastft_run(
         notes=(
             f"cache {ft.cache.tier}/{s.cache_dtype}, {ft.cache.nbytes / 2**20:.2f} MiB; "
             f"train cache: {built.get('reason', '')}, "
-            f"{built.get('prefix_seconds', 0):.1f} s in the encoder"
+            f"{built.get('prefix_seconds', 0):.1f} s in the encoder; frozen pass "
+            f"{'bf16' if 'bf16 autocast' in ft.cache.parts['dtype'] else 'fp32'}"
+            + (", length-sorted batches" if "length-sorted" in ft.cache.parts["numerics"] else "")
         ),
     )
     return result, initial_head
 
 
 def _naive_run(
-    name: str, encoder: nn.Module, head: nn.Module, train, test, s: DemoSettings
+    name: str,
+    encoder: nn.Module,
+    head: nn.Module,
+    train,
+    test,
+    s: DemoSettings,
+    bf16: bool = False,
 ) -> RunResult:
-    """Plain PyTorch frozen fine-tuning: the frozen encoder runs for every batch of every epoch."""
+    """Plain PyTorch frozen fine-tuning: the frozen encoder runs for every batch of every epoch
+    (``bf16``: under bf16 autocast, the head in fp32)."""
+    head = copy.deepcopy(head)  # every naive run starts from the same initial weights
     X, y = train
     encoder.eval()
     head.train()
@@ -139,21 +156,21 @@ def _naive_run(
         )
         for start in bar:
             rows = perm[start : start + s.batch_size]
-            with torch.no_grad():
-                emb = encoder(index_select(X, rows))["sentence_embedding"]
+            with torch.no_grad(), _autocast(bf16):
+                emb = encoder(index_select(X, rows))["sentence_embedding"].float()
             opt.zero_grad(set_to_none=True)
             loss_fn(head(emb), y[rows]).backward()
             opt.step()
         epoch_times.append(time.perf_counter() - t0)
     train_seconds = time.perf_counter() - t_start
     t0 = time.perf_counter()
-    accuracy = _accuracy(encoder, head, test, s)
+    accuracy = _accuracy(encoder, head, test, s, bf16)
     test_seconds = time.perf_counter() - t0
     per_epoch = sum(epoch_times) / len(epoch_times)
     total = train_seconds if run_epochs == s.epochs else per_epoch * s.epochs
     return RunResult(
         name=name,
-        method="naive",
+        method="naive bf16" if bf16 else "naive",
         seconds=total,
         forward_passes=s.epochs * n + len(test[1]),
         test_accuracy=accuracy,
@@ -171,14 +188,20 @@ def _naive_run(
     )
 
 
-def _accuracy(encoder: nn.Module, head: nn.Module, data, s: DemoSettings) -> float:
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
+def _accuracy(encoder: nn.Module, head: nn.Module, data, s: DemoSettings, bf16: bool) -> float:
     X, y = data
     head.eval()
     logits = []
     with torch.no_grad():
         for start in range(0, len(y), s.extract_batch_size):
             rows = torch.arange(start, min(start + s.extract_batch_size, len(y)))
-            logits.append(head(encoder(index_select(X, rows))["sentence_embedding"]))
+            with _autocast(bf16):
+                emb = encoder(index_select(X, rows))["sentence_embedding"].float()
+            logits.append(head(emb))
     head.train()
     return classification_metrics(torch.cat(logits), y)["accuracy"]
 
@@ -205,6 +228,12 @@ def run(s: DemoSettings) -> dict:
         f"; fastft after {naive.epochs} epochs: {a.accuracy_by_epoch[naive.epochs - 1]:.4f}"
     )
     runs.append(naive)
+    naive_bf16 = None
+    if s.naive_bf16 and native_bf16("cpu")[0]:
+        naive_bf16 = _naive_run(
+            "A: +hidden 256 +head, all frozen", base, initial_head, train, test, s, bf16=True
+        )
+        runs.append(naive_bf16)
     if config_b_model is not None:
         removed = [f"0.auto_model.encoder.layer.{i}" for i in (4, 5)]
         surgery.remove_layers(config_b_model, removed)
@@ -230,6 +259,10 @@ def run(s: DemoSettings) -> dict:
         "speedup_with_evaluation": (naive.seconds + naive.eval_seconds)
         / (a.seconds + a.eval_seconds),
         "speedup_measured": naive.measured,
+        "speedup_vs_naive_bf16": None if naive_bf16 is None else naive_bf16.seconds / a.seconds,
+        "accuracy_gap_points_bf16": None
+        if naive_bf16 is None
+        else 100 * (a.accuracy_by_epoch[naive_bf16.epochs - 1] - naive_bf16.test_accuracy),
         "ideal_seconds": ideal,
         "fastft_vs_ideal": a.seconds / ideal,
         "accuracy_gap_points": 100 * (a.accuracy_by_epoch[naive.epochs - 1] - naive.test_accuracy),
