@@ -255,3 +255,19 @@ def test_the_command_writes_the_report(tmp_path):
     assert {r["head"] for r in saved["rows"]} == {"linear", "mlp", "logreg", "knn"}
     assert (tmp_path / "out" / "probe_heatmap.png").stat().st_size > 0
     assert "| digits-cnn |" in done.stdout  # the table is printed
+
+
+def test_the_command_reads_its_grids(capsys):
+    from fastft.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["probe", "--lrs", "0.1,0.2", "--Cs", "1", "--ks", "5,7", "--heads", "linear,knn"]
+    )
+    assert (args.lrs, args.Cs, args.ks) == ([0.1, 0.2], [1.0], [5, 7])
+    assert args.heads == ["linear", "knn"]
+    assert args.task == "bbc" and args.cache == "disk" and args.out == "fastft-probe"
+    for bad in (["--lrs", "0.1,x"], ["--ks", "1.5"], ["--heads", "svm"]):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["probe", *bad])
+        assert exc.value.code == 2
+        assert "comma-separated list" in capsys.readouterr().err
