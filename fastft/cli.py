@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--suite",
         action="append",
-        choices=["kernels", "cache", "trainer", "distributed", "gpu"],
+        choices=["kernels", "cache", "trainer", "distributed", "gpu", "probe", "extract"],
         help="run this pytest-benchmark suite instead (repeatable; gpu is skipped without CUDA)",
     )
     b.add_argument(

@@ -340,3 +340,56 @@ def test_finetuner_default_is_bf16_only_where_native(native, cpu_flags, tmp_path
     exact = out[0] if isinstance(out, tuple) else out  # the prefix returns its taps
     error = float((rows - exact).abs().max() / exact.abs().max())
     assert (error > 1e-6) == native and error < 2e-2  # bf16 rounding, or none at all
+
+
+# ---------------------------------------------------------------------------- several processes
+class MaskedMeanEmbedding(torch.nn.Module):
+    """Embeddings averaged over the real tokens: honours the mask, so batches are cut."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(100, 16)
+        self.mix = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        mask = x["attention_mask"].unsqueeze(-1).float()
+        pooled = (self.embed(x["input_ids"]) * mask).sum(1) / mask.sum(1).clamp_min(1)
+        return torch.tanh(self.mix(pooled))
+
+
+def _sharded_rank(rank, init, cache_dir, out):
+    import torch.distributed as dist
+
+    from helpers.spawned import exit_without_finalizing
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        cache = build(MaskedMeanEmbedding(), token_data(n=70), cache_dir, tier="disk")
+        (rows,) = cache.gather(torch.arange(70))
+        torch.save({"rows": rows, "fp": cache.fingerprint}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+    exit_without_finalizing()
+
+
+def test_a_sharded_build_visits_by_length_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(
+        _sharded_rank,
+        args=(str(tmp_path / "init"), str(tmp_path / "shared"), str(tmp_path / "rows")),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    ranks = [torch.load(tmp_path / f"rows.{r}") for r in range(2)]
+    X, _ = token_data(n=70)
+    with torch.no_grad():
+        expected = MaskedMeanEmbedding()(X)
+    assert ranks[0]["fp"] == ranks[1]["fp"]
+    for r in ranks:
+        torch.testing.assert_close(r["rows"], expected, rtol=1e-5, atol=1e-6)
+    single = build(MaskedMeanEmbedding(), token_data(n=70), tmp_path / "single", tier="disk")
+    assert single.fingerprint == ranks[0]["fp"] and "length-sorted" in single.parts["numerics"]

@@ -76,8 +76,9 @@ def markdown(report: dict) -> str:
         "training time: the frozen pass(es) over the training set plus the epochs; the one test "
         "pass, paid by both, is reported apart "
         f"(with it: {report['speedup_with_evaluation']:.1f}×).",
-        "- fastft training time / (one frozen pass over the training set + "
-        f"{report['epochs']} head-only epochs): {report['fastft_vs_ideal']:.2f}.",
+        "- fastft training time / (one frozen pass over the training set, the first epoch of "
+        f"the {report.get('ideal_pass', 'naive')} loop, + {report['epochs']} head-only epochs): "
+        f"{report['fastft_vs_ideal']:.2f}.",
         f"- Test accuracy, fastft minus naive after the same {naive['epochs']} epoch(s): "
         f"{report['accuracy_gap_points']:+.2f} points.",
     ]
