@@ -151,7 +151,8 @@ def test_same_outputs_tolerates_rounding_only():
     assert not lengths.same_outputs([torch.full((2, 2), float("nan"))], [torch.zeros(2, 2)], False)
 
 
-def test_a_masked_bert_gives_the_same_pooled_rows_on_trimmed_batches():
+def tiny_bert():
+    """A 2-layer BERT with random weights (seeded), in eval mode."""
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
         vocab_size=100,
@@ -159,10 +160,14 @@ def test_a_masked_bert_gives_the_same_pooled_rows_on_trimmed_batches():
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
-        max_position_embeddings=16,
+        max_position_embeddings=32,
     )
     torch.manual_seed(0)
-    bert = transformers.BertModel(config).eval()
+    return transformers.BertModel(config).eval()
+
+
+def test_a_masked_bert_gives_the_same_pooled_rows_on_trimmed_batches():
+    bert = tiny_bert()
     inputs = padded([3, 5, 2, 4])
     cut = lengths.trim(inputs, "attention_mask")
     assert cut["input_ids"].shape[1] == 5
@@ -191,17 +196,7 @@ class MaskedEncoder(torch.nn.Module):
 
     def __init__(self, honour_mask=True, per_token=True):
         super().__init__()
-        transformers = pytest.importorskip("transformers")
-        config = transformers.BertConfig(
-            vocab_size=100,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=32,
-        )
-        torch.manual_seed(0)
-        self.bert = transformers.BertModel(config).eval()
+        self.bert = tiny_bert()
         self.honour_mask, self.per_token = honour_mask, per_token
         self.seen_lengths = []
 
@@ -248,14 +243,16 @@ def test_length_sorted_build_holds_the_dataset_order_rows(tier, pool, tmp_path):
     torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-5)
     assert torch.equal(cache.labels, y)
     # Longest first, every batch cut to its longest sample: lengths fall, and most batches
-    # ran shorter than the padded 24 (the first cut batch is also run uncut, once, to check).
+    # ran shorter than the padded 24 (before the first cut, the shortest samples are run
+    # uncut and cut, once, to check).
     seen = prefix.seen_lengths
     assert seen[0] == 24 and min(seen) < 12
+    assert seen[1:3] == [24, min(seen)]
     lens = X["attention_mask"].sum(1)
     order = torch.sort(lens, descending=True, stable=True).indices
-    cut_runs = [L for L in seen if L < 24]
-    assert cut_runs == sorted(cut_runs, reverse=True)
-    assert len(seen) <= len(range(0, 40, 8)) + 1
+    cut_runs = seen[3:]
+    assert cut_runs == sorted(cut_runs, reverse=True) and max(cut_runs) < 24
+    assert len(seen) == len(range(0, 40, 8)) + 2
     assert int(lens[order[:8]].max()) == 24
     assert "length-sorted" in cache.parts["numerics"]
 
@@ -393,3 +390,29 @@ def test_a_sharded_build_visits_by_length_on_every_rank(tmp_path):
         torch.testing.assert_close(r["rows"], expected, rtol=1e-5, atol=1e-6)
     single = build(MaskedMeanEmbedding(), token_data(n=70), tmp_path / "single", tier="disk")
     assert single.fingerprint == ranks[0]["fp"] and "length-sorted" in single.parts["numerics"]
+
+
+class PaddingMean(torch.nn.Module):
+    """Sees the padding only a little: the mean of every position's token id, pads included.
+    On a large offset, cutting one pad of 128 moves it by 2e-5 of its size (within rounding
+    even in fp32); cutting 120 moves it a hundred times more."""
+
+    def forward(self, x):
+        return x["input_ids"].float().mean(1, keepdim=True).expand(-1, 4) + 1000.0
+
+
+@pytest.mark.parametrize("amp_mode", [None, "bf16"])
+def test_a_prefix_barely_changed_by_the_first_cut_is_still_not_cut(amp_mode, tmp_path, cpu_flags):
+    """The first cut batch (longest first) loses one pad; the check must still see that the
+    shortest samples, cut by far more, would get other rows than the dataset-order pass."""
+    cpu_flags("avx512_bf16")
+    n, length = 32, 128
+    lens = torch.full((n,), 8)
+    lens[:8], lens[8:16] = 128, 127
+    mask = (torch.arange(length) < lens[:, None]).long()
+    X = {"input_ids": torch.full((n, length), 3) * mask, "attention_mask": mask}
+    y = torch.zeros(n, dtype=torch.long)
+    expected = PaddingMean()(X)
+    cache = build(PaddingMean(), (X, y), tmp_path, pool="first", amp=amp_mode)
+    (rows,) = cache.gather(torch.arange(n))
+    torch.testing.assert_close(rows - 1000, expected - 1000, rtol=0, atol=1e-3)

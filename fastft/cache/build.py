@@ -57,6 +57,7 @@ from fastft.cache.sharded import build_sharded
 from fastft.cache.store import Store, open_folder
 from fastft.cache.telemetry import Timer, announce, hit_telemetry
 from fastft.cache.writer import Probe, Settings, Writer
+from fastft.data import index_select
 from fastft.data.sources import as_source
 from fastft.errors import CacheCorruptError, CacheError, FastFTValueError
 from fastft.ops import POOLS
@@ -190,6 +191,7 @@ def _build(
     )
     if order is not None:  # longest first, each batch cut to its longest sample
         source.visit_order, job.writer.trim_key = order, s.mask_key
+        job.writer.trim_sample = index_select(source.X, order[-s.batch_size :])
     if key.pending:
         job.pending = Pending(key, source)
     prefix_mode = prefix.training

@@ -8,8 +8,8 @@ the dataset-order pass would write, up to float rounding.
 
 That holds only for a prefix whose outputs at real tokens, pooled without the padding
 (CLS, masked mean, or its own pooling), do not depend on how much padding follows; the
-build checks it once on a real batch (:func:`same_outputs`) and keeps dataset order when
-it does not hold.
+build checks it once, in fp32, on the samples cut the most (:func:`same_outputs`), and
+keeps dataset order when it does not hold.
 """
 
 from __future__ import annotations

@@ -107,6 +107,8 @@ class Writer:
         #: The mask key of length-aware batching (batches cut to their longest sample), or None;
         #: set by the build, cleared here if cutting the padding changes what is cached.
         self.trim_key: str | None = None
+        #: Inputs of the samples cut the most (the shortest), on which the first cut is checked.
+        self.trim_sample: Any = None
         self._trim_checked = False
 
     def probe(self, source: Source) -> Probe:
@@ -140,9 +142,10 @@ class Writer:
 
     def _run_prefix(self, inputs: Any, chunk: Chunk) -> tuple[Any, Any]:
         """(the prefix's output, the inputs it ran on): the batch cut to its longest sample
-        under length-aware batching. The first cut is checked once against the uncut batch:
-        if the cached rows would differ (a prefix that does not honour the mask), batches are
-        no longer cut."""
+        under length-aware batching. At the first cut, the samples cut the most
+        (``trim_sample``, else this batch) are run uncut and cut, in fp32: if their rows differ
+        (a prefix that does not honour the mask), batches are no longer cut. The first cut
+        batch, longest first, may lose a single pad: too little to show a dependence."""
 
         def run(x: Any) -> Any:
             return self._call("the frozen prefix", lambda: self.prefix(x), chunk, x)
@@ -153,25 +156,30 @@ class Writer:
         if cut is inputs or self._trim_checked:
             return run(cut), cut
         self._trim_checked = True
-        full, short = run(inputs), run(cut)
-        if self._same_rows(full, inputs, short, cut):
-            return short, cut
+        sample = inputs
+        if self.trim_sample is not None:
+            sample = fdata.to_device(self.trim_sample, self.s.device)
+        with torch.autocast(self.s.device.type, enabled=False):
+            same = self._same_rows(run(sample), sample, run(lengths.trim(sample, self.trim_key)))
+        if same:
+            return run(cut), cut
         log.info(
             "length-aware batching off: the frozen part's output changes when the padding after "
             "the last token (inputs[%r]) is cut, so every batch runs at full length.",
             self.trim_key,
         )
         self.trim_key = None
-        return full, inputs
+        return run(inputs), inputs
 
-    def _same_rows(self, full: Any, inputs: dict, short: Any, cut: dict) -> bool:
-        """Whether the cut batch gives the rows the full one would cache (up to rounding)."""
-        mask_full, mask_cut = inputs[self.trim_key], cut[self.trim_key]
+    def _same_rows(self, full: Any, inputs: dict, short: Any) -> bool:
+        """Whether the cut batch gives the rows the full one would cache (up to fp32 rounding)."""
+        mask_full = inputs[self.trim_key]
+        mask_cut = lengths.trim(inputs, self.trim_key)[self.trim_key]
         a = [lengths.per_sample(x, self.s.pool, mask_full) for x in taps_of(full, self.prefix)[1]]
         b = [lengths.per_sample(x, self.s.pool, mask_cut) for x in taps_of(short, self.prefix)[1]]
         if any(x is None for x in a + b):
             return False
-        return lengths.same_outputs(a, b, bf16=self.s.amp == "bf16")
+        return lengths.same_outputs(a, b, bf16=False)
 
     def _call(self, what: str, fn: Callable[[], Any], chunk: Chunk, inputs: Any) -> Any:
         """``fn()``; an exception from user code (the prefix, the transform) becomes a DataError
