@@ -44,7 +44,7 @@ def probe(
     taps: str | Sequence[str] | Mapping[str, str | Sequence[str]] = "blocks",
     pooling: str = "auto",
     concat_last: int | None = None,
-    heads: Sequence[str] = HEADS,
+    heads: str | Sequence[str] = HEADS,
     lrs: Sequence[float] = DEFAULT_LRS,
     weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
     epochs: int = 10,
@@ -82,7 +82,8 @@ def probe(
             ``"masked_mean"``.
         concat_last: also probe the concatenation of the last ``n`` taps (DINOv2's "last
             4 blocks"), computed from the cache.
-        heads: which head families: any of ``"linear"``, ``"mlp"``, ``"logreg"``, ``"knn"``.
+        heads: which head families: any of ``"linear"``, ``"mlp"``, ``"logreg"``, ``"knn"``
+            (a list, or one name).
         lrs: the linear heads' learning rates (AdamW); the MLP heads use them too.
         weight_decays: the linear heads' weight decays; the grid is ``lrs × weight_decays``,
             all heads of a tap trained together. The MLP heads use the first one.
@@ -116,9 +117,10 @@ def probe(
     t_start = time.perf_counter()
     if not backbones:
         raise FastFTValueError("probe needs at least one backbone: {name: model}.")
-    unknown = [h for h in heads if h not in HEADS]
-    if unknown or not heads:
-        raise FastFTValueError(f"heads must be among {', '.join(HEADS)}; got {list(heads)}.")
+    heads = [heads] if isinstance(heads, str) else list(heads)
+    _check_grids(heads, lrs=lrs, weight_decays=weight_decays, Cs=Cs, ks=ks)
+    if not temperature > 0:
+        raise FastFTValueError(f"temperature must be positive (DINO's is 0.07); got {temperature}.")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     build = dict(
         dtype=cache_dtype,
@@ -136,8 +138,8 @@ def probe(
         stack = TapStack(backbone, _taps_for(taps, name), pooling)
         train_cache, train_pass = _pass(stack, train, build, dataset_id, "train")
         test_cache, test_pass = _pass(stack, test, build, dataset_id, "test")
-        y_train = train_cache.labels.reshape(-1).long().cpu()
-        y_test = test_cache.labels.reshape(-1).long().cpu()
+        y_train = _class_labels(train_cache, "train")
+        y_test = _class_labels(test_cache, "test")
         if split is None:
             split = make_split(y_train, val_fraction=val_fraction, seed=seed, shots=shots)
         num_classes = int(max(y_train.max(), y_test.max())) + 1
@@ -215,6 +217,39 @@ def probe(
     if out is not None:
         report.write(out)
     return report
+
+
+def _check_grids(heads: list[str], **grids: Sequence[float]) -> None:
+    """Refuse unknown heads, and an empty grid that a chosen head would sweep."""
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown or not heads:
+        raise FastFTValueError(f"heads must be among {', '.join(HEADS)}; got {list(heads)}.")
+    needs = {"linear": ("lrs", "weight_decays"), "mlp": ("lrs", "weight_decays")}
+    needs.update(logreg=("Cs",), knn=("ks",))
+    for head in heads:
+        for grid in needs[head]:
+            if not list(grids[grid]):
+                raise FastFTValueError(
+                    f"{grid} is empty, but the {head} heads sweep it; give it at least one "
+                    f"value or leave {head!r} out of heads."
+                )
+
+
+def _class_labels(cache: FeatureCache, part: str) -> torch.Tensor:
+    """The cache's labels as class indices; refuses what is not a class index."""
+    y = cache.labels.reshape(-1).cpu()
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        raise FastFTValueError(
+            f"the {part} labels are not whole numbers; probe classifies, so labels are class "
+            "indices 0..C-1."
+        )
+    y = y.long()
+    if len(y) and int(y.min()) < 0:
+        raise FastFTValueError(
+            f"the {part} labels include {int(y.min())}; labels are class indices 0..C-1 "
+            "(map them first, e.g. with torch.unique(y, return_inverse=True))."
+        )
+    return y
 
 
 def _taps_for(taps: Any, name: str) -> Any:

@@ -2,8 +2,8 @@
 
 - ``--task bbc`` (default): all-MiniLM-L6-v2 over BBC News (offline: the demo extra), the
   embedding output and all 6 transformer layers, masked-mean pooled;
-- ``--task digits``: the digits demo's CNN, pretrained on digits 0-4, probed on 5-9 at four
-  depths (spatial mean).
+- ``--task digits``: the digits demo's CNN, pretrained on digits 0-4, probed on 5-9 at three
+  depths (spatial mean) and at its 0-4 logits (``fc``).
 
 The grids default to 16 linear configurations (4 learning rates × 4 weight decays), 4 MLP
 heads, 8 values of C and 4 values of k. The report goes to ``--out`` (JSON, CSV, Markdown,
@@ -23,7 +23,9 @@ from fastft.probing.heads import small_ops
 
 __all__ = ["add_probe_parser", "bbc_probe_task", "digits_probe_task"]
 
-DIGITS_TAPS = ["features.2", "features.5", "features.9", "features.11"]
+#: Three depths (spatial mean) and the logits of the 0-4 pretraining task; not ``features.11``
+#: (the pooled output): it equals ``features.9``'s spatial mean, a duplicate row.
+DIGITS_TAPS = ["features.2", "features.5", "features.9", "fc"]
 
 
 def _floats(text: str) -> list[float]:

@@ -91,6 +91,11 @@ def make_split(
     """The protocol's split of a training set with these ``labels`` (see the module docstring)."""
     labels = torch.as_tensor(labels).reshape(-1)
     rest, val = stratified_split(labels, val_fraction, seed)
+    if len(val) == 0:
+        raise FastFTValueError(
+            f"no validation rows: no class of the {len(labels)} training rows has two rows, so "
+            "none can be held out to choose the heads' settings; give more training rows."
+        )
     fit = few_shot(labels, rest, shots, seed) if shots is not None else rest
     classes = sorted(int(c) for c in torch.unique(labels))
     return Split(fit, val, int(seed), float(val_fraction), shots, classes)

@@ -1,0 +1,94 @@
+"""``fastft.probe`` on what a new user passes by mistake: empty grids, labels that are not
+class indices, too little data for a validation split, a zero temperature, one head named
+as a string; and the digits command's taps (each a distinct feature)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import fastft
+from fastft.probing.cli import DIGITS_TAPS
+
+KW = dict(taps=["0", "2"], cache="host", cache_dtype="fp32", progress=False)
+
+
+def _task(n: int = 120, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 6, generator=g)
+    return X, X[:, :3].argmax(1)
+
+
+def _backbone():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16))
+
+
+@pytest.mark.parametrize(
+    "heads, grid", [("logreg", "Cs"), ("knn", "ks"), ("mlp", "lrs"), ("linear", "weight_decays")]
+)
+def test_an_empty_grid_of_a_chosen_head_is_refused(heads, grid):
+    X, y = _task()
+    with pytest.raises(fastft.FastFTValueError, match=f"{grid} is empty, but the {heads} heads"):
+        fastft.probe({"m": _backbone()}, (X, y), (X, y), heads=[heads], **{grid: []}, **KW)
+
+
+def test_an_empty_grid_of_a_head_not_chosen_is_fine():
+    X, y = _task()
+    report = fastft.probe({"m": _backbone()}, (X, y), (X, y), heads=["knn"], Cs=[], lrs=[], **KW)
+    assert {r.head for r in report.rows} == {"knn"}
+
+
+def test_one_head_named_as_a_string():
+    X, y = _task()
+    report = fastft.probe({"m": _backbone()}, (X, y), (X, y), heads="logreg", Cs=[1.0], **KW)
+    assert [r.head for r in report.rows] == ["logreg", "logreg"]
+
+
+def test_labels_that_are_not_class_indices_are_refused():
+    X, y = _task()
+    with pytest.raises(fastft.FastFTValueError, match="labels include -1"):
+        fastft.probe({"m": _backbone()}, (X, y - 1), (X, y), heads="knn", **KW)
+    with pytest.raises(fastft.FastFTValueError, match="test labels are not whole numbers"):
+        fastft.probe({"m": _backbone()}, (X, y), (X, y + 0.5), heads="knn", **KW)
+
+
+def test_sparse_labels_predict_like_contiguous_ones():
+    X, y = _task()
+    Xt, yt = _task(60, seed=1)
+    code = torch.tensor([3, 7, 9])
+    kw = dict(KW, heads=["knn"], ks=[1, 5])
+    dense = fastft.probe({"m": _backbone()}, (X, y), (Xt, yt), **kw)
+    sparse = fastft.probe({"m": _backbone()}, (X, code[y]), (Xt, code[yt]), **kw)
+    assert [r.test_accuracy for r in sparse.rows] == [r.test_accuracy for r in dense.rows]
+    assert [r.chosen for r in sparse.rows] == [r.chosen for r in dense.rows]
+
+
+def test_no_validation_rows_is_refused():
+    X, y = _task()
+    rows = torch.stack([(y == c).nonzero()[0, 0] for c in range(3)])  # one row per class
+    with pytest.raises(fastft.FastFTValueError, match="no validation rows"):
+        fastft.probe({"m": _backbone()}, (X[rows], y[rows]), (X, y), heads="knn", **KW)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.07])
+def test_a_temperature_that_is_not_positive_is_refused(temperature):
+    X, y = _task()
+    with pytest.raises(fastft.FastFTValueError, match="temperature must be positive"):
+        fastft.probe({"m": _backbone()}, (X, y), (X, y), temperature=temperature, **KW)
+
+
+def test_the_digits_taps_are_distinct_features():
+    from fastft.bench.demo.digits import DigitsCNN
+
+    torch.manual_seed(0)
+    model = DigitsCNN(5).eval()
+    with torch.no_grad():
+        out = fastft.TapStack(model, DIGITS_TAPS, "mean")(torch.randn(8, 1, 8, 8))
+    assert list(out) == DIGITS_TAPS
+    for a, b in itertools.combinations(DIGITS_TAPS, 2):
+        same = out[a].shape == out[b].shape and torch.allclose(out[a], out[b], atol=1e-6)
+        assert not same, f"taps {a} and {b} give the same features"
