@@ -416,3 +416,30 @@ def test_a_prefix_barely_changed_by_the_first_cut_is_still_not_cut(amp_mode, tmp
     cache = build(PaddingMean(), (X, y), tmp_path, pool="first", amp=amp_mode)
     (rows,) = cache.gather(torch.arange(n))
     torch.testing.assert_close(rows - 1000, expected - 1000, rtol=0, atol=1e-3)
+
+
+class WithFeatures(torch.nn.Module):
+    """Takes, beside the tokens, a per-sample feature vector as long as the padded sequence."""
+
+    def __init__(self, length):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.proj = torch.nn.Embedding(100, 8), torch.nn.Linear(length, 8)
+
+    def forward(self, x):
+        m = x["attention_mask"].unsqueeze(-1).float()
+        tokens = (self.emb(x["input_ids"]) * m).sum(1) / m.sum(1)
+        return tokens + self.proj(x["features"])
+
+
+def test_a_non_token_tensor_as_long_as_the_mask_keeps_the_build_working(tmp_path):
+    """Cutting every [N, L] tensor also cuts one that only happens to have L columns: the model
+    then fails on the cut batch; the build must keep the full length, not fail."""
+    X, y = token_data(n=16, length=24)
+    X["features"] = torch.randn(16, 24)
+    prefix = WithFeatures(24)
+    with torch.no_grad():
+        expected = prefix(X)
+    cache = build(prefix, (X, y), tmp_path, pool="first")
+    (rows,) = cache.gather(torch.arange(16))
+    torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-5)
