@@ -443,3 +443,12 @@ def test_a_non_token_tensor_as_long_as_the_mask_keeps_the_build_working(tmp_path
     cache = build(prefix, (X, y), tmp_path, pool="first")
     (rows,) = cache.gather(torch.arange(16))
     torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_rebuild_for_another_extract_amp_says_so(tmp_path, cpu_flags):
+    cpu_flags("avx512_bf16")
+    prefix = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    data = (torch.randn(16, 8), torch.zeros(16, dtype=torch.long))
+    build(prefix, data, tmp_path, amp="bf16", tier="disk")
+    cache = build(prefix, data, tmp_path, amp=None, tier="disk")
+    assert "extract_amp" in cache.telemetry["reason"]

@@ -77,7 +77,7 @@ PART_NAMES = {
     "dataset": "the data",
     "transform": "the transform (its code, state, seed or batch size)",
     "views": "the number of views",
-    "dtype": "the storage dtype",
+    "dtype": "the storage dtype or the frozen pass's precision (extract_amp)",
     "numerics": (
         "the device kind or torch's numeric settings (default dtype, matmul precision, TF32, "
         "deterministic algorithms) or length-aware batching"
