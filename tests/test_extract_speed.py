@@ -55,6 +55,10 @@ def test_the_environment_says_what_auto_means(cpu_flags, monkeypatch):
     monkeypatch.setenv("FASTFT_EXTRACT_AMP", "fp8")
     with pytest.raises(FastFTValueError, match="FASTFT_EXTRACT_AMP must be"):
         amp.resolve_amp("auto", "cpu")
+    monkeypatch.setenv("FASTFT_EXTRACT_AMP", "None")  # no environment value is Python's None
+    with pytest.raises(FastFTValueError, match="must be 'fp32', 'bf16' or 'auto'") as err:
+        amp.resolve_amp("auto", "cpu")
+    assert "None or" not in str(err.value)
 
 
 @pytest.mark.parametrize("bad", ["fp16", "BF16", True, "float32"])

@@ -87,7 +87,11 @@ def resolve_amp(
     check_amp(amp, name)
     if amp == "auto":
         pinned = os.environ.get("FASTFT_EXTRACT_AMP", "auto").strip().lower() or "auto"
-        check_amp(pinned, "FASTFT_EXTRACT_AMP")
+        if pinned not in ("fp32", "bf16", "auto"):
+            raise FastFTValueError(
+                f"the environment variable FASTFT_EXTRACT_AMP must be 'fp32', 'bf16' or 'auto' "
+                f"(what extract_amp='auto' means), got {pinned!r}: set one of these or unset it."
+            )
         amp = pinned
     if amp in (None, "fp32"):
         return None
