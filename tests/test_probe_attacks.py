@@ -5,6 +5,7 @@ as a string; and the digits command's taps (each a distinct feature)."""
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -92,3 +93,15 @@ def test_the_digits_taps_are_distinct_features():
     for a, b in itertools.combinations(DIGITS_TAPS, 2):
         same = out[a].shape == out[b].shape and torch.allclose(out[a], out[b], atol=1e-6)
         assert not same, f"taps {a} and {b} give the same features"
+
+
+def test_logistic_regression_warns_when_it_does_not_converge():
+    from fastft.probing.logreg import logreg_path
+
+    X, y = _task(200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # well-conditioned features: solved, no warning
+        logreg_path(X, y, [0.1, 10.0], 3)
+    scaled = X * torch.tensor([1.0, 1e3, 1e-2, 1.0, 3e2, 1.0])  # ill-conditioned
+    with pytest.warns(RuntimeWarning, match=r"did not converge in 20 L-BFGS iterations for C"):
+        logreg_path(scaled, y, [0.1, 10.0], 3, max_iter=20)

@@ -13,6 +13,7 @@ float64 so that the optimum is reached to scikit-learn's precision.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,10 @@ from fastft.errors import FastFTValueError
 from fastft.probing.heads import Features, HeadResult, accuracy, choose, small_ops
 
 __all__ = ["logreg_path", "logreg_head"]
+
+#: scikit-learn's default ``tol``: a solve that stops on its iteration limit with a larger
+#: gradient entry is one scikit-learn would warn about (ConvergenceWarning).
+SK_TOL = 1e-4
 
 
 def logreg_path(
@@ -36,7 +41,9 @@ def logreg_path(
     """``{C: (W [D, K], b [K])}`` minimising the objective of the module docstring for each C.
 
     ``max_iter`` bounds the L-BFGS iterations of one C; ``tol`` is the gradient's largest
-    absolute entry at which a solve stops.
+    absolute entry at which a solve stops. A solve that reaches ``max_iter`` with a gradient
+    entry above ``max(tol, SK_TOL)`` warns (a RuntimeWarning naming the C), as
+    scikit-learn's ConvergenceWarning does.
     """
     if any(c <= 0 for c in Cs):
         raise FastFTValueError(f"every C must be positive; got {list(Cs)}.")
@@ -46,12 +53,14 @@ def logreg_path(
     W = torch.zeros(d, num_classes, dtype=torch.float64, device=X.device, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, device=X.device, requires_grad=True)
     out: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    unconverged: list[float] = []
+    max_eval = max_iter * 5 // 4
     for C in sorted(set(float(c) for c in Cs)):
         opt = torch.optim.LBFGS(
             [W, b],
             lr=1.0,
             max_iter=max_iter,
-            max_eval=max_iter * 5 // 4,
+            max_eval=max_eval,
             tolerance_grad=tol,
             tolerance_change=1e-12,
             history_size=20,
@@ -67,7 +76,22 @@ def logreg_path(
 
         with small_ops(X):
             opt.step(closure)
+            state = opt.state[W]
+            spent = state.get("n_iter", 0) >= max_iter or state.get("func_evals", 0) >= max_eval
+            if spent:
+                closure()  # the gradient where the solve stopped
+                if max(float(W.grad.abs().max()), float(b.grad.abs().max())) > max(tol, SK_TOL):
+                    unconverged.append(C)
         out[C] = (W.detach().clone(), b.detach().clone())
+    if unconverged:
+        warnings.warn(
+            f"logistic regression did not converge in {max_iter} L-BFGS iterations for C in "
+            f"{unconverged} (features of very different scales: the problem is ill-conditioned); "
+            "its accuracy there may differ from scikit-learn's. Standardize the features, or "
+            "raise max_iter.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return out
 
 
