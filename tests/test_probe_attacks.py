@@ -105,3 +105,21 @@ def test_logistic_regression_warns_when_it_does_not_converge():
     scaled = X * torch.tensor([1.0, 1e3, 1e-2, 1.0, 3e2, 1.0])  # ill-conditioned
     with pytest.warns(RuntimeWarning, match=r"did not converge in 20 L-BFGS iterations for C"):
         logreg_path(scaled, y, [0.1, 10.0], 3, max_iter=20)
+
+
+def test_no_stale_heatmap_is_left_beside_a_new_report(tmp_path, monkeypatch):
+    from fastft.probing import report as report_module
+
+    X, y = _task()
+    kw = dict(KW, heads=["knn"], ks=[3])
+    fastft.probe({"m": _backbone()}, (X, y), (X, y), out=tmp_path, **kw)
+    assert (tmp_path / "probe_heatmap.png").exists()
+
+    def no_matplotlib(*args):
+        raise ImportError("no matplotlib")
+
+    monkeypatch.setattr(report_module, "heatmap", no_matplotlib)
+    with pytest.warns(UserWarning, match="no heatmap written"):
+        again = fastft.probe({"m": _backbone()}, (X, y), (X, y), out=tmp_path, **kw)
+    assert "heatmap" not in again.files
+    assert not (tmp_path / "probe_heatmap.png").exists()  # the old one would mislead

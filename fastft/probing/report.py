@@ -132,7 +132,7 @@ class ProbeReport:
         try:
             heatmap(self, paths["heatmap"])
         except ImportError:
-            del paths["heatmap"]
+            paths.pop("heatmap").unlink(missing_ok=True)  # not a stale one from an earlier run
             warnings.warn(
                 "no heatmap written: it needs matplotlib (pip install 'fastft[plot]').",
                 stacklevel=2,
