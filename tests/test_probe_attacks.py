@@ -123,3 +123,13 @@ def test_no_stale_heatmap_is_left_beside_a_new_report(tmp_path, monkeypatch):
         again = fastft.probe({"m": _backbone()}, (X, y), (X, y), out=tmp_path, **kw)
     assert "heatmap" not in again.files
     assert not (tmp_path / "probe_heatmap.png").exists()  # the old one would mislead
+
+
+def test_a_nan_C_or_a_negative_weight_decay_is_refused():
+    X, y = _task()
+    with pytest.raises(fastft.FastFTValueError, match="every C must be positive"):
+        fastft.probe({"m": _backbone()}, (X, y), (X, y), heads="logreg", Cs=[float("nan")], **KW)
+    with pytest.raises(fastft.FastFTValueError, match="weight decays must be finite and >= 0"):
+        fastft.probe(
+            {"m": _backbone()}, (X, y), (X, y), heads="linear", weight_decays=[0.0, -1.0], **KW
+        )

@@ -10,6 +10,7 @@ test set is scored once per chosen configuration (see :mod:`fastft.probing.proto
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -233,6 +234,9 @@ def _check_grids(heads: list[str], **grids: Sequence[float]) -> None:
                     f"{grid} is empty, but the {head} heads sweep it; give it at least one "
                     f"value or leave {head!r} out of heads."
                 )
+    bad = [wd for wd in grids["weight_decays"] if not 0 <= float(wd) < math.inf]
+    if bad and {"linear", "mlp"} & set(heads):
+        raise FastFTValueError(f"weight decays must be finite and >= 0; got {bad}.")
 
 
 def _class_labels(cache: FeatureCache, part: str) -> torch.Tensor:

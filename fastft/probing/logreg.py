@@ -45,7 +45,7 @@ def logreg_path(
     entry above ``max(tol, SK_TOL)`` warns (a RuntimeWarning naming the C), as
     scikit-learn's ConvergenceWarning does.
     """
-    if any(c <= 0 for c in Cs):
+    if any(not float(c) > 0 for c in Cs):  # NaN too
         raise FastFTValueError(f"every C must be positive; got {list(Cs)}.")
     X = X.to(torch.float64)
     y = y.to(X.device, torch.long)
