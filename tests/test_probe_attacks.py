@@ -133,3 +133,16 @@ def test_a_nan_C_or_a_negative_weight_decay_is_refused():
         fastft.probe(
             {"m": _backbone()}, (X, y), (X, y), heads="linear", weight_decays=[0.0, -1.0], **KW
         )
+
+
+def test_the_markdown_report_states_the_protocol(tmp_path):
+    X, y = _task(150)
+    kw = dict(KW, heads=["knn"], ks=[3])
+    report = fastft.probe({"m": _backbone()}, (X, y), (X[:40], y[:40]), shots=4, seed=3, **kw)
+    files = report.write(tmp_path)
+    text = open(files["markdown"]).read()
+    p = report.protocol
+    assert p["n_fit"] == 12 and p["n_train"] == 150 and p["n_test"] == 40
+    assert "heads fit on 12 of 150 training rows, 4 per class (few-shot)" in text
+    assert f"chosen on {p['n_val']} validation rows (val_fraction 0.2, seed 3)" in text
+    assert "40 test rows scored once" in text

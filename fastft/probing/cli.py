@@ -135,6 +135,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(report.table())
+    print("\n" + report.protocol_line())
     for name, info in report.backbones.items():
         best = report.best(name)
         print(

@@ -98,6 +98,17 @@ class ProbeReport:
             )
         return "\n".join(lines)
 
+    def protocol_line(self) -> str:
+        """The protocol in one sentence (rows of each part, seed, few-shot sample)."""
+        p = self.protocol
+        shots = f", {p['shots']} per class (few-shot)" if p.get("shots") else ""
+        return (
+            f"Protocol: heads fit on {p.get('n_fit')} of {p.get('n_train')} training rows"
+            f"{shots}; settings chosen on {p.get('n_val')} validation rows (val_fraction "
+            f"{p.get('val_fraction')}, seed {p.get('seed')}); {p.get('n_test')} test rows "
+            "scored once per chosen setting."
+        )
+
     def to_dict(self) -> dict:
         """Everything in the report, JSON-ready."""
         return {
@@ -128,7 +139,7 @@ class ProbeReport:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(r.flat() for r in self.rows)
-        paths["markdown"].write_text(self.table() + "\n")
+        paths["markdown"].write_text(self.table() + "\n\n" + self.protocol_line() + "\n")
         try:
             heatmap(self, paths["heatmap"])
         except ImportError:
