@@ -81,6 +81,13 @@ def _cache_ls(cache, args: argparse.Namespace) -> int:
     return 0
 
 
+def _precision(info: dict) -> str:
+    """The autocast the frozen pass ran under (extract_amp), from the key's dtype part."""
+    part = str((info.get("parts") or {}).get("dtype", ""))
+    _, _, under = part.partition(",prefix under ")
+    return under or "fp32"
+
+
 def _cache_info(cache, args: argparse.Namespace) -> int:
     info = cache.info(args.cache, args.cache_dir)
     if args.json:
@@ -104,6 +111,7 @@ def _cache_info(cache, args: argparse.Namespace) -> int:
         ),
         ("reusable", "yes" if info["reusable"] else "no (built for one use only)"),
         ("dtype", info["dtype"]),
+        ("frozen pass", _precision(info)),
         ("pool", info["pool"]),
         ("rows x dims", _shapes(info)),
         *(

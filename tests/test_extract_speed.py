@@ -456,3 +456,16 @@ def test_a_rebuild_for_another_extract_amp_says_so(tmp_path, cpu_flags):
     build(prefix, data, tmp_path, amp="bf16", tier="disk")
     cache = build(prefix, data, tmp_path, amp=None, tier="disk")
     assert "extract_amp" in cache.telemetry["reason"]
+
+
+def test_cache_info_says_which_precision_the_pass_ran_in(tmp_path, cpu_flags, capsys):
+    from fastft.cli import main
+
+    cpu_flags("avx512_bf16")
+    prefix = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    data = (torch.randn(16, 8), torch.zeros(16, dtype=torch.long))
+    for amp_mode, words in (("bf16", "bf16 autocast"), (None, "fp32")):
+        cache = build(prefix, data, tmp_path, amp=amp_mode, tier="disk")
+        capsys.readouterr()
+        main(["cache", "info", cache.fingerprint, "--cache-dir", str(tmp_path)])
+        assert f"frozen pass: {words}\n" in capsys.readouterr().out
