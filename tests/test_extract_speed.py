@@ -469,3 +469,14 @@ def test_cache_info_says_which_precision_the_pass_ran_in(tmp_path, cpu_flags, ca
         capsys.readouterr()
         main(["cache", "info", cache.fingerprint, "--cache-dir", str(tmp_path)])
         assert f"frozen pass: {words}\n" in capsys.readouterr().out
+
+
+def test_finetuner_refuses_emulated_bf16_at_construction_by_its_own_name(cpu_flags):
+    """fit(amp=) is the training autocast: the refusal must name extract_amp, and come when
+    the FineTuner is made, not at the first fit."""
+    import fastft
+
+    cpu_flags("avx512f")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(FastFTValueError, match=r"extract_amp='bf16' on cpu.*Leave extract_amp"):
+        fastft.FineTuner(model, num_classes=2, extract_amp="bf16", device="cpu")

@@ -54,8 +54,8 @@ def tuner_options(s: Mapping[str, Any]) -> tuple[HeadOptions, CacheOptions]:
     """The option objects of FineTuner's keywords ``s`` (those of :data:`INIT_SETTINGS`),
     checked: FastFTValueError naming the first setting out of range."""
     check_head_settings(s["num_classes"], s["head"])
-    check_cache_settings(s["cache_dtype"], s["views"], s["transform"], s["extract_amp"])
     device = training_device(s["device"])
+    check_cache_settings(s["cache_dtype"], s["views"], s["transform"], s["extract_amp"], device)
     head = HeadOptions(
         num_classes=None if s["num_classes"] is None else int(s["num_classes"]),
         hidden=list(s["hidden"] or []),

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fastft.cache.amp import resolve_amp
 from fastft.cache.build import check_amp, check_views
 from fastft.cache.layout import DTYPES
 from fastft.errors import FastFTValueError
@@ -80,15 +81,22 @@ def check_head_settings(num_classes: int | None, head: nn.Module | None) -> None
 
 
 def check_cache_settings(
-    cache_dtype: str, views: int, transform: Callable | None, extract_amp: str | None
+    cache_dtype: str,
+    views: int,
+    transform: Callable | None,
+    extract_amp: str | None,
+    device: torch.device | None = None,
 ) -> None:
-    """FastFTValueError naming the first of the cache settings out of range."""
+    """FastFTValueError naming the first of the cache settings out of range (``device``:
+    where the frozen pass runs; ``extract_amp='bf16'`` is refused where it is emulated)."""
     if cache_dtype not in DTYPES:  # the canonical names only (dtype_name also takes aliases)
         raise FastFTValueError(
             f"unknown cache_dtype {cache_dtype!r}; use one of {', '.join(DTYPES)}."
         )
     check_views(views, transform)
     check_amp(extract_amp, "extract_amp")
+    if extract_amp == "bf16" and device is not None:
+        resolve_amp(extract_amp, device, "extract_amp")
 
 
 def training_device(device: str | torch.device | None) -> torch.device:
