@@ -480,3 +480,17 @@ def test_finetuner_refuses_emulated_bf16_at_construction_by_its_own_name(cpu_fla
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     with pytest.raises(FastFTValueError, match=r"extract_amp='bf16' on cpu.*Leave extract_amp"):
         fastft.FineTuner(model, num_classes=2, extract_amp="bf16", device="cpu")
+
+
+def test_a_cache_of_another_model_and_data_is_new_not_rebuilt(tmp_path):
+    """The cache folder holds a cache of another model on other data: nothing was rebuilt."""
+    torch.manual_seed(0)
+    build(
+        torch.nn.Sequential(torch.nn.Linear(8, 4)),
+        (torch.randn(16, 8), torch.zeros(16)),
+        tmp_path,
+        tier="disk",
+    )
+    other = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    cache = build(other, (torch.randn(16, 8), torch.zeros(16)), tmp_path, tier="disk")
+    assert cache.telemetry["reason"].startswith("new: "), cache.telemetry["reason"]

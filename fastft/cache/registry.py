@@ -84,6 +84,8 @@ def explain(parts: dict, root: Path) -> str:
             best = changed
     if best is None or len(best) == len(PARTS):
         return "new: no cache with this key"
+    if "weights" in best and "dataset" in best:  # the nearest is of another model and data
+        return "new: no cache of this model and data"
     return f"rebuilt: {describe_changes(best)} changed"
 
 
