@@ -146,3 +146,52 @@ def test_the_markdown_report_states_the_protocol(tmp_path):
     assert "heads fit on 12 of 150 training rows, 4 per class (few-shot)" in text
     assert f"chosen on {p['n_val']} validation rows (val_fraction 0.2, seed 3)" in text
     assert "40 test rows scored once" in text
+
+
+class Shared(nn.Module):
+    """One layer applied at three depths (ALBERT shares its layer's weights this way)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.layer = nn.Linear(6, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+
+    def forward(self, x):
+        h = self.inp(x)
+        for _ in range(3):
+            h = self.layer(h)
+        return h
+
+
+def test_a_tap_that_runs_several_times_per_forward_is_refused():
+    X, y = _task()
+    stack = fastft.TapStack(Shared(), ["inp"])
+    assert stack(X[:4])["inp"].shape == (4, 8)  # runs once: fine
+    with pytest.raises(fastft.FastFTValueError, match=r"\{'layer': 3\} run more than once"):
+        fastft.TapStack(Shared(), ["inp", "layer"])(X[:4])
+    with pytest.raises(fastft.FastFTValueError, match="run more than once"):
+        fastft.probe({"m": Shared()}, (X, y), (X, y), **dict(KW, taps=["layer"], heads="knn"))
+
+
+def test_a_tap_that_returns_a_model_output_counts_by_its_first_tensor():
+    class Outputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 8)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return {"note": "not a tensor", "last_hidden_state": h, "pooled": h[:, 0]}
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.fc = Outputs(), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.body(x)["last_hidden_state"].mean(1))
+
+    model = Classifier()
+    x = torch.randn(4, 5, 6)
+    out = fastft.TapStack(model, ["body"], "mean")(x)["body"]
+    torch.testing.assert_close(out, model.body.lin(x).mean(1))

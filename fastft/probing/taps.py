@@ -16,7 +16,9 @@ Pooling reduces a layer's positions to one vector per sample:
 - ``"auto"``: ``masked_mean`` when the input is a dict with an ``attention_mask``, else ``mean``.
 
 A ``[B, D]`` output is kept as it is; a tuple output (a Hugging Face layer's
-``(hidden_states, ...)``) counts by its first tensor.
+``(hidden_states, ...)``) counts by its first tensor, a dict output (a Hugging Face model's
+``ModelOutput``, as when tapping ``bert`` inside a classifier) by its first tensor entry
+(``last_hidden_state``).
 """
 
 from __future__ import annotations
@@ -64,12 +66,14 @@ def default_taps(backbone: nn.Module) -> list[str]:
 
 def pool(x: Any, how: str, mask: torch.Tensor | None, name: str) -> torch.Tensor:
     """One tap's output ``x`` pooled to ``[B, D]`` (see the module docstring)."""
+    if isinstance(x, Mapping):  # a Hugging Face ModelOutput: its first entry
+        x = next((v for v in x.values() if isinstance(v, torch.Tensor)), x)
     if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
         x = x[0]
     if not isinstance(x, torch.Tensor):
         raise FastFTValueError(
             f"tap {name!r} returned {type(x).__name__}, not a tensor; tap a module that "
-            "returns a tensor (or a tuple whose first item is one)."
+            "returns a tensor (or a tuple or dict whose first item is one)."
         )
     if x.dim() == 2:
         return x
@@ -113,8 +117,12 @@ class TapStack(nn.Module):
         mask_key: the entry of a dict input that holds the attention mask.
 
     The forward hooks live only for the duration of a call, and the backbone stops as soon as
-    every tap has been seen (the layers above the highest tap do not run).
+    every tap has been seen (the layers above the highest tap do not run), except in the
+    first call: it runs to the end, to refuse a tap that runs more than once per forward.
     """
+
+    #: Not part of what the stack computes (the cache key leaves it out).
+    fastft_key_ignore = ("_runs_checked",)
 
     def __init__(
         self,
@@ -146,6 +154,7 @@ class TapStack(nn.Module):
         self.tap_list = tuple(str(n) for n in names)
         self.pooling = str(pooling)
         self.mask_key = str(mask_key)
+        self._runs_checked = False  # see forward: the first call runs the whole backbone
 
     def forward(self, inputs: Any) -> dict[str, torch.Tensor]:
         """``{tap name: [B, D]}`` from one call of the backbone.
@@ -156,12 +165,15 @@ class TapStack(nn.Module):
         mask = inputs.get(self.mask_key) if isinstance(inputs, Mapping) else None
         modules = dict(self.backbone.named_modules())
         seen: dict[str, torch.Tensor] = {}
+        runs = dict.fromkeys(self.tap_list, 0)
+        stop_early = self._runs_checked  # the first call counts every tap's runs to the end
 
         def hook_for(name: str):
             def hook(module, args, output):
+                runs[name] += 1
                 if name not in seen:
                     seen[name] = pool(output, self.pooling, mask, name)
-                if len(seen) == len(self.tap_list):
+                if stop_early and len(seen) == len(self.tap_list):
                     raise _AllTapsSeen
 
             return hook
@@ -174,6 +186,14 @@ class TapStack(nn.Module):
         finally:
             for h in handles:
                 h.remove()
+        again = {n: k for n, k in runs.items() if k > 1}
+        if again:
+            raise FastFTValueError(
+                f"taps {again} run more than once in one forward (times shown): a module whose "
+                "weights are shared across depths (ALBERT's layer) has no single output to "
+                "probe; tap modules that run once (see model.named_modules())."
+            )
+        self._runs_checked = True
         if len(seen) != len(self.tap_list):
             never = [n for n in self.tap_list if n not in seen]
             raise FastFTValueError(
