@@ -347,13 +347,17 @@ def test_finetuner_default_is_bf16_only_where_native(native, cpu_flags, tmp_path
 class MaskedMeanEmbedding(torch.nn.Module):
     """Embeddings averaged over the real tokens: honours the mask, so batches are cut."""
 
+    fastft_key_ignore = ("seen_lengths",)
+
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.embed = torch.nn.Embedding(100, 16)
         self.mix = torch.nn.Linear(16, 16)
+        self.seen_lengths = []
 
     def forward(self, x):
+        self.seen_lengths.append(int(x["input_ids"].shape[1]))
         mask = x["attention_mask"].unsqueeze(-1).float()
         pooled = (self.embed(x["input_ids"]) * mask).sum(1) / mask.sum(1).clamp_min(1)
         return torch.tanh(self.mix(pooled))
@@ -367,9 +371,11 @@ def _sharded_rank(rank, init, cache_dir, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     try:
-        cache = build(MaskedMeanEmbedding(), token_data(n=70), cache_dir, tier="disk")
+        prefix = MaskedMeanEmbedding()
+        cache = build(prefix, token_data(n=70), cache_dir, tier="disk")
         (rows,) = cache.gather(torch.arange(70))
-        torch.save({"rows": rows, "fp": cache.fingerprint}, f"{out}.{rank}")
+        seen = prefix.seen_lengths
+        torch.save({"rows": rows, "fp": cache.fingerprint, "seen": seen}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
     exit_without_finalizing()
@@ -392,6 +398,8 @@ def test_a_sharded_build_visits_by_length_on_every_rank(tmp_path):
     assert ranks[0]["fp"] == ranks[1]["fp"]
     for r in ranks:
         torch.testing.assert_close(r["rows"], expected, rtol=1e-5, atol=1e-6)
+    # every rank cut its batches to their longest sample, not only visited them by length
+    assert all(min(r["seen"]) < 12 for r in ranks), [r["seen"] for r in ranks]
     single = build(MaskedMeanEmbedding(), token_data(n=70), tmp_path / "single", tier="disk")
     assert single.fingerprint == ranks[0]["fp"] and "length-sorted" in single.parts["numerics"]
 

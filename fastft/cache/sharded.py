@@ -94,8 +94,10 @@ def build_sharded(job: Job) -> Store:
     ``rows_computed``, seconds), with ``world_size`` and the per-rank lists
     ``prefix_calls_by_rank`` and ``rows_computed_by_rank``; the manifest's counts the whole build.
     """
+    trim = job.writer.trim_key, job.writer.trim_sample  # length-aware batching, if set
     while True:
         job.writer = Writer(job.writer.prefix, job.s, job.n, Timer())
+        job.writer.trim_key, job.writer.trim_sample = trim
         cache = _build_sharded_once(job)
         if cache is not None:
             return cache
