@@ -195,3 +195,15 @@ def test_a_tap_that_returns_a_model_output_counts_by_its_first_tensor():
     x = torch.randn(4, 5, 6)
     out = fastft.TapStack(model, ["body"], "mean")(x)["body"]
     torch.testing.assert_close(out, model.body.lin(x).mean(1))
+
+
+@pytest.mark.parametrize("option", ["--limit", "--shots", "--concat-last", "--epochs"])
+def test_the_command_refuses_counts_below_one(option, capsys):
+    from fastft.cli import build_parser
+
+    args = build_parser().parse_args(["probe", option, "3"])
+    assert getattr(args, option[2:].replace("-", "_")) == 3
+    for bad in ("-3", "0", "x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["probe", option, bad])
+        assert "use a positive integer" in capsys.readouterr().err

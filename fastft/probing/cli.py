@@ -46,6 +46,16 @@ def _ints(text: str) -> list[int]:
         ) from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a positive integer")
+    return value
+
+
 def _heads(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     if not names or any(n not in HEADS for n in names):
@@ -156,7 +166,7 @@ def add_probe_parser(sub: Any) -> None:
         description=__doc__.split("\n\n")[0] + " See docs/probe.md.",
     )
     p.add_argument("--task", choices=["bbc", "digits"], default="bbc")
-    p.add_argument("--limit", type=int, default=None, help="samples per class (quick runs)")
+    p.add_argument("--limit", type=_positive, default=None, help="samples per class (quick runs)")
     p.add_argument("--max-seq-length", type=int, default=128, help="MiniLM tokens (bbc)")
     p.add_argument("--pretrain-epochs", type=int, default=15, help="digits CNN on 0-4")
     p.add_argument("--heads", type=_heads, default=list(HEADS), help="comma list of heads")
@@ -164,10 +174,10 @@ def add_probe_parser(sub: Any) -> None:
     p.add_argument("--weight-decays", type=_floats, default=list(DEFAULT_WEIGHT_DECAYS))
     p.add_argument("--Cs", type=_floats, default=list(DEFAULT_CS), help="logreg C grid")
     p.add_argument("--ks", type=_ints, default=list(DEFAULT_KS), help="kNN k grid")
-    p.add_argument("--epochs", type=int, default=10, help="linear and MLP head epochs")
-    p.add_argument("--concat-last", type=int, default=None, help="also probe the last n taps")
+    p.add_argument("--epochs", type=_positive, default=10, help="linear and MLP head epochs")
+    p.add_argument("--concat-last", type=_positive, default=None, help="also probe the last n taps")
     p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--shots", type=int, default=None, help="few-shot: rows per class")
+    p.add_argument("--shots", type=_positive, default=None, help="few-shot: rows per class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", choices=["disk", "host", "device", "auto"], default="disk")
     p.add_argument("--cache-dtype", choices=["fp32", "bf16", "fp16", "int8"], default="fp16")
