@@ -200,7 +200,7 @@ def test_bad_arguments_are_refused_with_what_to_do():
     with pytest.raises(fastft.FastFTValueError, match="names no taps for backbone 'a'"):
         fastft.probe({"a": Backbone()}, (X, y), (X, y), taps={"b": "blocks"}, progress=False)
     with pytest.raises(fastft.FastFTValueError, match="concat_last=5, but backbone 'a' has 3"):
-        fastft.probe({"a": Backbone()}, (X, y), (X, y), concat_last=5, **SMALL)
+        fastft.probe({"a": Backbone()}, (X, y), (X[:9], y[:9]), concat_last=5, **SMALL)
     with pytest.raises(fastft.FastFTValueError, match="at least one backbone"):
         fastft.probe({}, (X, y), (X, y))
     with pytest.raises(fastft.FastFTValueError, match="val_fraction must be between 0 and 1"):

@@ -34,18 +34,24 @@ def _backbone():
 def test_an_empty_grid_of_a_chosen_head_is_refused(heads, grid):
     X, y = _task()
     with pytest.raises(fastft.FastFTValueError, match=f"{grid} is empty, but the {heads} heads"):
-        fastft.probe({"m": _backbone()}, (X, y), (X, y), heads=[heads], **{grid: []}, **KW)
+        fastft.probe(
+            {"m": _backbone()}, (X, y), (X[:60], y[:60]), heads=[heads], **{grid: []}, **KW
+        )
 
 
 def test_an_empty_grid_of_a_head_not_chosen_is_fine():
     X, y = _task()
-    report = fastft.probe({"m": _backbone()}, (X, y), (X, y), heads=["knn"], Cs=[], lrs=[], **KW)
+    report = fastft.probe(
+        {"m": _backbone()}, (X, y), (X[:60], y[:60]), heads=["knn"], Cs=[], lrs=[], **KW
+    )
     assert {r.head for r in report.rows} == {"knn"}
 
 
 def test_one_head_named_as_a_string():
     X, y = _task()
-    report = fastft.probe({"m": _backbone()}, (X, y), (X, y), heads="logreg", Cs=[1.0], **KW)
+    report = fastft.probe(
+        {"m": _backbone()}, (X, y), (X[:60], y[:60]), heads="logreg", Cs=[1.0], **KW
+    )
     assert [r.head for r in report.rows] == ["logreg", "logreg"]
 
 
@@ -79,7 +85,7 @@ def test_no_validation_rows_is_refused():
 def test_a_temperature_that_is_not_positive_is_refused(temperature):
     X, y = _task()
     with pytest.raises(fastft.FastFTValueError, match="temperature must be positive"):
-        fastft.probe({"m": _backbone()}, (X, y), (X, y), temperature=temperature, **KW)
+        fastft.probe({"m": _backbone()}, (X, y), (X[:60], y[:60]), temperature=temperature, **KW)
 
 
 def test_the_digits_taps_are_distinct_features():
@@ -112,7 +118,7 @@ def test_no_stale_heatmap_is_left_beside_a_new_report(tmp_path, monkeypatch):
 
     X, y = _task()
     kw = dict(KW, heads=["knn"], ks=[3])
-    fastft.probe({"m": _backbone()}, (X, y), (X, y), out=tmp_path, **kw)
+    fastft.probe({"m": _backbone()}, (X, y), (X[:60], y[:60]), out=tmp_path, **kw)
     assert (tmp_path / "probe_heatmap.png").exists()
 
     def no_matplotlib(*args):
@@ -120,7 +126,7 @@ def test_no_stale_heatmap_is_left_beside_a_new_report(tmp_path, monkeypatch):
 
     monkeypatch.setattr(report_module, "heatmap", no_matplotlib)
     with pytest.warns(UserWarning, match="no heatmap written"):
-        again = fastft.probe({"m": _backbone()}, (X, y), (X, y), out=tmp_path, **kw)
+        again = fastft.probe({"m": _backbone()}, (X, y), (X[:60], y[:60]), out=tmp_path, **kw)
     assert "heatmap" not in again.files
     assert not (tmp_path / "probe_heatmap.png").exists()  # the old one would mislead
 
@@ -128,10 +134,17 @@ def test_no_stale_heatmap_is_left_beside_a_new_report(tmp_path, monkeypatch):
 def test_a_nan_C_or_a_negative_weight_decay_is_refused():
     X, y = _task()
     with pytest.raises(fastft.FastFTValueError, match="every C must be positive"):
-        fastft.probe({"m": _backbone()}, (X, y), (X, y), heads="logreg", Cs=[float("nan")], **KW)
+        fastft.probe(
+            {"m": _backbone()}, (X, y), (X[:60], y[:60]), heads="logreg", Cs=[float("nan")], **KW
+        )
     with pytest.raises(fastft.FastFTValueError, match="weight decays must be finite and >= 0"):
         fastft.probe(
-            {"m": _backbone()}, (X, y), (X, y), heads="linear", weight_decays=[0.0, -1.0], **KW
+            {"m": _backbone()},
+            (X, y),
+            (X[:60], y[:60]),
+            heads="linear",
+            weight_decays=[0.0, -1.0],
+            **KW,
         )
 
 
@@ -170,7 +183,9 @@ def test_a_tap_that_runs_several_times_per_forward_is_refused():
     with pytest.raises(fastft.FastFTValueError, match=r"\{'layer': 3\} run more than once"):
         fastft.TapStack(Shared(), ["inp", "layer"])(X[:4])
     with pytest.raises(fastft.FastFTValueError, match="run more than once"):
-        fastft.probe({"m": Shared()}, (X, y), (X, y), **dict(KW, taps=["layer"], heads="knn"))
+        fastft.probe(
+            {"m": Shared()}, (X, y), (X[:60], y[:60]), **dict(KW, taps=["layer"], heads="knn")
+        )
 
 
 def test_a_tap_that_returns_a_model_output_counts_by_its_first_tensor():
@@ -207,3 +222,13 @@ def test_the_command_refuses_counts_below_one(option, capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["probe", option, bad])
         assert "use a positive integer" in capsys.readouterr().err
+
+
+def test_a_test_set_that_is_the_training_set_is_flagged():
+    X, y = _task()
+    kw = dict(KW, heads=["knn"], ks=[1])
+    with pytest.warns(UserWarning, match="the test data are the training data"):
+        fastft.probe({"m": _backbone()}, (X, y), (X.clone(), y.clone()), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastft.probe({"m": _backbone()}, (X, y), (X[:60], y[:60]), **kw)  # a subset: no warning

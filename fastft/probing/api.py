@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -139,6 +140,14 @@ def probe(
         stack = TapStack(backbone, _taps_for(taps, name), pooling)
         train_cache, train_pass = _pass(stack, train, build, dataset_id, "train")
         test_cache, test_pass = _pass(stack, test, build, dataset_id, "test")
+        if train_cache.fingerprint == test_cache.fingerprint:
+            warnings.warn(
+                f"the test data are the training data (backbone {name!r} gives both the same "
+                "cache): the test accuracies are not measured on held-out rows; pass a separate "
+                "test set.",
+                UserWarning,
+                stacklevel=2,
+            )
         y_train = _class_labels(train_cache, "train")
         y_test = _class_labels(test_cache, "test")
         if split is None:
