@@ -67,15 +67,15 @@ def _cache_ls(cache, args: argparse.Namespace) -> int:
     head = ("fingerprint", "dtype", "size", "status", "last used", "rows x dims")
     print("{:<18} {:<5} {:>10} {:<10} {:<14} {}".format(*head))
     for e in entries:
-        status = e.get("status", "?")
+        status = str(e.get("status") or "?")  # a damaged manifest may hold nulls
         if status == "building" and not e.get("being_built"):
             status = "partial"  # an interrupted build: building it again resumes
         if status == "complete" and e.get("reusable") is False:
             status = "once"  # a key that could not see everything: never reused, safe to remove
         shapes = _shapes(e) if "taps" in e else e.get("error", "")
         print(
-            f"{str(e.get('fingerprint', '?'))[:16]:<18} {e.get('dtype', '?'):<5} "
-            f"{_human_bytes(e.get('disk_bytes', 0)):>10} {status:<10} "
+            f"{str(e.get('fingerprint') or '?')[:16]:<18} {str(e.get('dtype') or '?'):<5} "
+            f"{_human_bytes(e.get('disk_bytes') or 0):>10} {status:<10} "
             f"{_human_age(e.get('last_used')):<14} {shapes}"
         )
     return 0
