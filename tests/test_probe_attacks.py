@@ -232,3 +232,26 @@ def test_a_test_set_that_is_the_training_set_is_flagged():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastft.probe({"m": _backbone()}, (X, y), (X[:60], y[:60]), **kw)  # a subset: no warning
+
+
+def test_layers_above_the_taps_may_fail_in_the_first_call():
+    class NeedsLabels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Linear(6, 8)
+
+        def forward(self, x, labels=None):
+            h = self.body(x)
+            if labels is None:
+                raise TypeError("this head needs labels")
+            return h
+
+    X, y = _task()
+    stack = fastft.TapStack(NeedsLabels(), ["body"])
+    first, second = stack(X[:4])["body"], stack(X[:4])["body"]
+    torch.testing.assert_close(first, second)
+    model = NeedsLabels()
+    model.body.register_forward_pre_hook(lambda *a: 1 / 0)  # fails before the tap's output
+    with pytest.raises(ZeroDivisionError):
+        fastft.TapStack(model, ["body"])(X[:4])

@@ -183,6 +183,11 @@ class TapStack(nn.Module):
             call_model(self.backbone, inputs)
         except _AllTapsSeen:
             pass
+        except Exception:
+            if stop_early or len(seen) != len(self.tap_list):
+                raise
+            # the first call ran on past the taps, and what is above them failed (a head that
+            # wants labels, say): the taps are complete, and later calls stop before it
         finally:
             for h in handles:
                 h.remove()
