@@ -255,3 +255,17 @@ def test_layers_above_the_taps_may_fail_in_the_first_call():
     model.body.register_forward_pre_hook(lambda *a: 1 / 0)  # fails before the tap's output
     with pytest.raises(ZeroDivisionError):
         fastft.TapStack(model, ["body"])(X[:4])
+
+
+def test_the_heatmap_axis_keeps_tap_names_distinct():
+    from fastft.probing.report import axis_labels
+
+    assert axis_labels(["bert.encoder.layer.0", "bert.encoder.layer.1", "concat(last 2)"]) == [
+        "layer.0",
+        "layer.1",
+        "concat(last 2)",
+    ]
+    assert axis_labels(["m.encoder.layer.1", "m.decoder.layer.1"]) == [
+        "encoder.layer.1",
+        "decoder.layer.1",
+    ]

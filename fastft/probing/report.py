@@ -179,7 +179,7 @@ def heatmap(report: ProbeReport, path: Path) -> None:
     for ax, (b, layers, grid) in zip(axes[0], panels):
         im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=low, vmax=high)
         ax.set_xticks(range(len(heads)), heads)
-        ax.set_yticks(range(len(layers)), [_label(x) for x in layers])
+        ax.set_yticks(range(len(layers)), axis_labels(layers))
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if v == v:
@@ -198,6 +198,12 @@ def heatmap(report: ProbeReport, path: Path) -> None:
     plt.close(fig)
 
 
-def _label(layer: str) -> str:
-    """A tap's name shortened for an axis: its last two parts."""
-    return ".".join(layer.split(".")[-2:])
+def axis_labels(layers: list[str]) -> list[str]:
+    """Taps' names shortened for an axis: the last two parts of each, or as many more as
+    keep them distinct (``encoder.layer.1`` and ``decoder.layer.1``)."""
+    parts = [layer.split(".") for layer in layers]
+    for n in range(2, max(map(len, parts), default=2) + 1):
+        labels = [".".join(p[-n:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return list(layers)
