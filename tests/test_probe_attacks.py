@@ -269,3 +269,17 @@ def test_the_heatmap_axis_keeps_tap_names_distinct():
         "encoder.layer.1",
         "decoder.layer.1",
     ]
+
+
+def test_a_conv1d_tap_is_pooled_over_time_not_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 4, 3, padding=1), nn.ReLU()
+    )
+    x = torch.randn(5, 2, 11)  # [B, C, L]: 11 time steps
+    out = fastft.TapStack(model, ["0", "2"], "auto")(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out["0"], model[0](x).mean(2))  # [5, 8]: channels kept
+        torch.testing.assert_close(out["2"], model[:3](x).mean(2))
+    with pytest.raises(fastft.FastFTValueError, match="only pooling='mean'"):
+        fastft.TapStack(model, ["0"], "cls")(x)

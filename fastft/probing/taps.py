@@ -10,7 +10,8 @@ Pooling reduces a layer's positions to one vector per sample:
 
 - ``"cls"``: the first position of a ``[B, L, D]`` sequence (a CLS token);
 - ``"mean"``: the mean over positions (``[B, L, D]``) or over the spatial axes of a
-  channel-first map (``[B, C, H, W]``);
+  channel-first map (``[B, C, H, W]``; ``[B, C, L]`` from a tapped Conv1d, BatchNorm1d or
+  1-D pool, or a Sequential ending in one; any other 3-D output is read as ``[B, L, D]``);
 - ``"masked_mean"``: the mean over the positions whose ``attention_mask`` (an entry of a
   dict input) is non-zero, as sentence-transformers pool;
 - ``"auto"``: ``masked_mean`` when the input is a dict with an ``attention_mask``, else ``mean``.
@@ -64,8 +65,31 @@ def default_taps(backbone: nn.Module) -> list[str]:
     return blocks
 
 
-def pool(x: Any, how: str, mask: torch.Tensor | None, name: str) -> torch.Tensor:
-    """One tap's output ``x`` pooled to ``[B, D]`` (see the module docstring)."""
+#: Modules whose 3-D output is a channel-first ``[B, C, L]`` map, not a ``[B, L, D]`` sequence.
+CHANNEL_FIRST_1D = (
+    nn.Conv1d,
+    nn.ConvTranspose1d,
+    nn.BatchNorm1d,
+    nn.InstanceNorm1d,
+    nn.MaxPool1d,
+    nn.AvgPool1d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveMaxPool1d,
+)
+
+
+def is_channel_first_1d(module: nn.Module) -> bool:
+    """Whether ``module`` (or the last layer of a Sequential) is a 1-D conv, norm or pool."""
+    while isinstance(module, nn.Sequential) and len(module):
+        module = module[-1]
+    return isinstance(module, CHANNEL_FIRST_1D)
+
+
+def pool(
+    x: Any, how: str, mask: torch.Tensor | None, name: str, channel_first: bool = False
+) -> torch.Tensor:
+    """One tap's output ``x`` pooled to ``[B, D]`` (see the module docstring);
+    ``channel_first``: a 3-D output is a ``[B, C, L]`` map (a Conv1d's), pooled over L."""
     if isinstance(x, Mapping):  # a Hugging Face ModelOutput: its first entry
         x = next((v for v in x.values() if isinstance(v, torch.Tensor)), x)
     if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
@@ -77,9 +101,10 @@ def pool(x: Any, how: str, mask: torch.Tensor | None, name: str) -> torch.Tensor
         )
     if x.dim() == 2:
         return x
+    channel_first = (channel_first and x.dim() == 3) or x.dim() >= 4
     if how == "auto":
-        how = "masked_mean" if mask is not None and x.dim() == 3 else "mean"
-    if x.dim() >= 4:  # channel-first maps: positions are the spatial axes
+        how = "masked_mean" if mask is not None and not channel_first else "mean"
+    if channel_first:  # channel-first maps: positions are the spatial axes
         if how != "mean":
             raise FastFTValueError(
                 f"tap {name!r} is a {x.dim()}-D map {tuple(x.shape)}: only pooling='mean' "
@@ -154,6 +179,7 @@ class TapStack(nn.Module):
         self.tap_list = tuple(str(n) for n in names)
         self.pooling = str(pooling)
         self.mask_key = str(mask_key)
+        self.channel_first = tuple(n for n in self.tap_list if is_channel_first_1d(modules[n]))
         self._runs_checked = False  # see forward: the first call runs the whole backbone
 
     def forward(self, inputs: Any) -> dict[str, torch.Tensor]:
@@ -172,7 +198,7 @@ class TapStack(nn.Module):
             def hook(module, args, output):
                 runs[name] += 1
                 if name not in seen:
-                    seen[name] = pool(output, self.pooling, mask, name)
+                    seen[name] = pool(output, self.pooling, mask, name, name in self.channel_first)
                 if stop_early and len(seen) == len(self.tap_list):
                     raise _AllTapsSeen
 
