@@ -37,7 +37,6 @@ def _private_cache_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FASTFT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fastft-cache"))
 
 
-
 @pytest.fixture
 def fresh_registry():
     """No caches from earlier tests in this process, and none left for later ones. A module
