@@ -502,3 +502,28 @@ def test_a_cache_of_another_model_and_data_is_new_not_rebuilt(tmp_path):
     other = torch.nn.Sequential(torch.nn.Linear(8, 4))
     cache = build(other, (torch.randn(16, 8), torch.zeros(16)), tmp_path, tier="disk")
     assert cache.telemetry["reason"].startswith("new: "), cache.telemetry["reason"]
+
+
+def test_a_resume_on_features_of_another_precision_is_refused(cpu_flags, tmp_path):
+    import fastft
+
+    cpu_flags("avx512_bf16")  # 'auto' is bf16 here
+    X, y = torch.randn(96, 16), torch.randint(0, 3, (96,))
+    ckpt = str(tmp_path / "run.ckpt")
+
+    def tuner(extract_amp):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3)
+        )
+        return fastft.FineTuner(
+            model, num_classes=3, cache="host", extract_amp=extract_amp, verbose=False
+        )
+
+    tuner("auto").fit((X, y), epochs=2, checkpoint=ckpt)
+    with pytest.raises(
+        FastFTValueError, match=r"bf16 frozen pass.*runs in fp32.*extract_amp='bf16'"
+    ):
+        tuner(None).fit((X, y), epochs=4, checkpoint=ckpt, resume=True)
+    resumed = tuner("bf16").fit((X, y), epochs=4, checkpoint=ckpt, resume=True)  # the same pass
+    assert [r["epoch"] for r in resumed][-2:] == [3, 4]

@@ -44,6 +44,9 @@ class Progress:
     schedule: list | None = None  # the stages of an unfreeze schedule
     early_stopping: dict | None = None
     early_stopped: bool = False
+    # The frozen pass's precision ("bf16" or "fp32"): a resume on features of another
+    # precision is refused (None in checkpoints written before it was recorded).
+    extract: str | None = None
 
 
 @dataclass

@@ -39,7 +39,9 @@ from fastft.train.progress import EpochProgress
 from fastft.train.resume import (
     check_same_blocks,
     check_same_data,
+    check_same_pass,
     find_resumable,
+    pass_precision,
     rng_state,
     set_rng_state,
 )
@@ -127,6 +129,7 @@ class StagedFit:
                 check_same_data(
                     saved, self.checkpoint, lambda: ft.caches.data_key(self.train, self.dataset_id)
                 )
+                check_same_pass(saved, self.checkpoint, pass_precision(ft.extract_amp, ft.device))
                 ft.prepare(example_of(self.train))
                 self._restore_progress(saved)
                 if es is not None and saved.progress.early_stopping:
@@ -263,6 +266,7 @@ class StagedFit:
             rng=rng_state(ft.device),
             data_key=self.data_key,
             backbone=ft.tuned.backbone_digest(record.state),
+            extract=pass_precision(ft.extract_amp, ft.device),
             schedule=schedule_record(self.stages),
             early_stopping=None
             if self.early_stopping is None

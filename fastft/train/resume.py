@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fastft.cache.amp import resolve_amp
 from fastft.errors import FastFTValueError
 from fastft.model.status import warn_user
 from fastft.train.checkpoint import TrainingState
@@ -121,6 +122,26 @@ def check_same_data(saved: TrainingState, path: str, data_key: Callable[[], str]
             f"{path} was written by a fit on other training data than the data given now: "
             "resuming would continue that fit on these data. Resume with the same data (and "
             "dataset_id=), or start a new fit (another checkpoint= path, or resume=False)."
+        )
+
+
+def pass_precision(extract_amp: str | None, device: torch.device) -> str:
+    """ "bf16" or "fp32": the precision a frozen pass with ``extract_amp`` runs in on
+    ``device`` (``"auto"`` resolved as the cache build resolves it)."""
+    return resolve_amp(extract_amp, device, "extract_amp") or "fp32"
+
+
+def check_same_pass(saved: TrainingState, path: str, now: str) -> None:
+    """FastFTValueError when the checkpoint's head was trained on features of a frozen pass in
+    another precision than this fit's (``now``): an ``extract_amp`` changed, or ``"auto"``
+    resolving otherwise on this machine."""
+    before = saved.progress.extract
+    if before is not None and before != now:
+        raise FastFTValueError(
+            f"{path} was written by a fit on features of a {before} frozen pass, this fit's "
+            f"pass runs in {now} (extract_amp='auto' is bf16 only where the device computes "
+            "it natively): resuming would continue on differently rounded features. Resume "
+            f"with extract_amp={before!r} (None for fp32), or start a new fit."
         )
 
 
