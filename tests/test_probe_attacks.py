@@ -133,10 +133,9 @@ def test_no_stale_heatmap_is_left_beside_a_new_report(tmp_path, monkeypatch):
 
 def test_a_nan_C_or_a_negative_weight_decay_is_refused():
     X, y = _task()
-    with pytest.raises(fastft.FastFTValueError, match="every C must be positive"):
-        fastft.probe(
-            {"m": _backbone()}, (X, y), (X[:60], y[:60]), heads="logreg", Cs=[float("nan")], **KW
-        )
+    for C in (float("nan"), float("inf")):  # inf would reach the JSON report as Infinity
+        with pytest.raises(fastft.FastFTValueError, match="every C must be positive and finite"):
+            fastft.probe({"m": _backbone()}, (X, y), (X[:60], y[:60]), heads="logreg", Cs=[C], **KW)
     with pytest.raises(fastft.FastFTValueError, match="weight decays must be finite and >= 0"):
         fastft.probe(
             {"m": _backbone()},

@@ -12,6 +12,7 @@ float64 so that the optimum is reached to scikit-learn's precision.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -45,8 +46,8 @@ def logreg_path(
     entry above ``max(tol, SK_TOL)`` warns (a RuntimeWarning naming the C), as
     scikit-learn's ConvergenceWarning does.
     """
-    if any(not float(c) > 0 for c in Cs):  # NaN too
-        raise FastFTValueError(f"every C must be positive; got {list(Cs)}.")
+    if any(not 0 < float(c) < math.inf for c in Cs):  # NaN too; inf is no regularisation at all
+        raise FastFTValueError(f"every C must be positive and finite; got {list(Cs)}.")
     X = X.to(torch.float64)
     y = y.to(X.device, torch.long)
     n, d = X.shape
