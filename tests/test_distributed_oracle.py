@@ -10,7 +10,7 @@ ranks: one process, the whole edited model run on every global batch (frozen lay
 mode), ``torch.randperm(N, generator=seed)`` per epoch, AdamW. The naive model is built by
 hand (:func:`edited_model`: the pretrained stack with ``new_layers``), not taken from fastft.
 
-One spawn of two ranks (``cache="disk"``, the README's sharded build into one folder) runs
+One spawn of two ranks (``cache="disk"``, the user guide's sharded build into one folder) runs
 every case in turn and writes each rank's weights and history; each test compares one case.
 The last global batch of every epoch is uneven (75 rows, batch 16: 11 rows, 6 + 5 on the
 ranks), so the share weighting of the ranks' losses is exercised. Tolerances: the ranks'

@@ -179,7 +179,7 @@ def test_fit_many_equals_separate_fits_and_the_reference(tmp_path):
     strict=True,
     reason="fit_many trains every head on one batch order, the tuner's seed; a config's "
     "'seed' seeds only its head's initialisation, while its own fit (FineTuner(seed=s)) "
-    "also draws the batch order from s. README: 'each head equals its own fit'.",
+    "also draws the batch order from s. docs/guide.md: 'each head equals its own fit'.",
 )
 def test_fit_many_seed_config_equals_its_own_fit(tmp_path):
     """A config {"seed": 5} against FineTuner(seed=5).fit."""

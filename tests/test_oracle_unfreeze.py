@@ -1,6 +1,6 @@
 """Progressive unfreezing against the naive reference, the blocks unfrozen by hand.
 
-README: ``fit(unfreeze=[(epoch, n)])`` makes the top ``n`` blocks trainable before that
+docs/guide.md: ``fit(unfreeze=[(epoch, n)])`` makes the top ``n`` blocks trainable before that
 (0-based) epoch and ``lr_decay=d`` gives block *k* from the top ``lr * d**k``; BatchNorm in
 an unfrozen block keeps its running statistics unless ``train_bn=True``. The fitting module
 documents the stages: each trains like a fit of its own epochs (fresh optimizer and

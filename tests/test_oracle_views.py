@@ -2,7 +2,7 @@
 
 What is documented, and what the reference does with it:
 
-- **The view draw.** README: "``views=K`` caches K views per sample; each epoch uses one";
+- **The view draw.** docs/guide.md: "``views=K`` caches K views per sample; each epoch uses one";
   the engine draws it per sample: after the epoch's ``randperm(N, generator=g)``, the same
   seeded generator draws ``view = randint(K, (N,))`` and sample ``i`` is read from its view
   ``view[i]`` that epoch. :func:`helpers.naive_reference.batch_order` reproduces both draws.
