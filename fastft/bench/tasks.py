@@ -92,7 +92,7 @@ def bbc_task(s: BenchSettings) -> Task:
 
 def cnn_task(s: BenchSettings) -> Task:
     """The digits demo's CNN pretrained on 0–4; frozen convs, a new Linear head for 5–9."""
-    from fastft.bench.demo.digits import DigitsCNN, load_digits
+    from fastft.bench.demo.digits import DigitsCNN, load_digits, train_plain
 
     X, y = load_digits()
     low, high = y < 5, y >= 5
@@ -100,15 +100,8 @@ def cnn_task(s: BenchSettings) -> Task:
     train, test = split_80_20(X[high], y[high] - 5, s.seed)
     torch.manual_seed(s.seed)
     model = DigitsCNN(5).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(s.seed)
-    for _ in range(15):  # pretraining on 0-4: not part of what is measured
-        perm = torch.randperm(len(ya), generator=g)
-        for start in range(0, len(ya), 32):
-            rows = perm[start : start + 32]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(Xa[rows]), ya[rows]).backward()
-            opt.step()
+    # Pretraining on 0-4: not part of what is measured.
+    train_plain(model, Xa, ya, 15, torch.Generator().manual_seed(s.seed))
     model.eval()
     head = seeded(lambda: nn.Linear(model.fc.in_features, 5), s.seed)
     return Task("cnn", "digits CNN, 0-4 -> 5-9", model, model.features, head, train, test)

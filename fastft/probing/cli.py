@@ -16,7 +16,6 @@ import argparse
 from typing import Any
 
 import torch
-from torch import nn
 
 from fastft.probing.api import DEFAULT_CS, DEFAULT_KS, DEFAULT_LRS, DEFAULT_WEIGHT_DECAYS, HEADS
 from fastft.probing.heads import small_ops
@@ -83,22 +82,15 @@ def bbc_probe_task(limit: int | None, max_seq_length: int, seed: int) -> dict[st
 
 def digits_probe_task(limit: int | None, pretrain_epochs: int, seed: int) -> dict[str, Any]:
     """The digits demo's CNN pretrained on 0-4 (seeded), and digits 5-9 split 80/20."""
-    from fastft.bench.demo.digits import DigitsCNN, load_digits
+    from fastft.bench.demo.digits import DigitsCNN, load_digits, train_plain
 
     X, y = load_digits()
     g = torch.Generator().manual_seed(seed)
     low = (y < 5).nonzero().reshape(-1)
     torch.manual_seed(seed)
     model = DigitsCNN(5).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     with small_ops(X):  # tiny convolutions: a thread pool would slow them down
-        for _ in range(pretrain_epochs):  # pretraining on 0-4: not what the probe measures
-            perm = low[torch.randperm(len(low), generator=g)]
-            for start in range(0, len(perm), 32):
-                rows = perm[start : start + 32]
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(X[rows]), y[rows]).backward()
-                opt.step()
+        train_plain(model, X[low], y[low], pretrain_epochs, g)  # on 0-4: not what is measured
     model.eval()
     high = []
     for c in range(5, 10):
